@@ -1,0 +1,1 @@
+"""samforge ML library: models, preprocessing, predictor, fine-tuning. Knows nothing of gRPC."""

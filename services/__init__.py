@@ -1,0 +1,1 @@
+"""samforge gRPC services and the samforge CLI."""
