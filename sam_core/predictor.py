@@ -1,0 +1,229 @@
+"""Batched predictor: encode images once, decode many prompts per call.
+
+Follows segment-anything's ``SamPredictor`` (same prompt-encoder / mask-decoder calls, same mask
+post-processing) but is stateless: :meth:`Predictor.encode` returns :class:`Embedding` objects that
+carry their identity (model id, preprocessing version, sizes), and :meth:`Predictor.decode` takes an
+embedding plus N prompts and returns N results. Prompts are grouped by signature (box?, number of
+points, mask input?) so each group is one batched decoder call whose outputs equal single decodes:
+no padding points are ever added beyond the one ``PromptEncoder`` itself adds for point-only prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+from .preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
+from .prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
+
+DEFAULT_DECODE_BATCH = 64
+STABILITY_OFFSET = 1.0
+
+
+@dataclass
+class Embedding:
+    """One image's embedding and the facts needed to decode against it.
+
+    features: 1 x C x h x w float32 (C=256, h=w=64 for SAM and LiteMedSAM).
+    original_size: (H, W) of the canonical image; input_size: (h, w) after the resize, before padding.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    model_id: str
+    preprocess_version: str
+    encoder_adapter: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.element_size() * self.features.nelement()
+
+
+@dataclass
+class DecodeResult:
+    """N prompts, M masks each (M = 3 with multimask, else 1).
+
+    masks: N x M x H x W bool; iou_scores / stability_scores: N x M float32;
+    low_res_logits: N x M x L x L float32 (L = 256 for SAM and LiteMedSAM) or None (tiled decode).
+    """
+
+    masks: np.ndarray
+    iou_scores: np.ndarray
+    stability_scores: np.ndarray
+    low_res_logits: np.ndarray | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def stability_score(logits: torch.Tensor, threshold: float, offset: float = STABILITY_OFFSET) -> torch.Tensor:
+    """IoU between the masks thresholded at ``threshold + offset`` and ``threshold - offset``.
+
+    logits: ... x H x W -> ... (same definition as segment_anything.utils.amg).
+    """
+    inter = (logits > (threshold + offset)).sum(dim=(-1, -2), dtype=torch.int64)
+    union = (logits > (threshold - offset)).sum(dim=(-1, -2), dtype=torch.int64)
+    return torch.where(union > 0, inter.float() / union.clamp(min=1).float(), torch.ones_like(inter.float()))
+
+
+class Predictor:
+    """Encode / decode with one loaded model on one device.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the image encoder under autocast; embeddings
+    are always returned as float32. The decoder runs in float32.
+    """
+
+    def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
+                 max_prompts: int = DEFAULT_MAX_PROMPTS, decode_batch: int = DEFAULT_DECODE_BATCH,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.sam = model.sam
+        self.spec = model.spec
+        self.device = torch.device(device) if device is not None else next(self.sam.parameters()).device
+        self.sam.to(self.device).eval()
+        self.max_prompts = max_prompts
+        self.decode_batch = decode_batch
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    # ------------------------------------------------------------------ encode
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S preprocessed input -> B x C x h x w float32 features."""
+        with self._autocast():
+            features = self.sam.image_encoder(batch.to(self.device))
+        return features.float()
+
+    def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1,
+               encoder_adapter: str | None = None) -> list[Embedding]:
+        """Encode canonical images (each H x W x 3 uint8 RGB), ``batch_size`` at a time."""
+        embeddings: list[Embedding] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            inputs, sizes = zip(*(preprocess(img, self.spec) for img in chunk), strict=True)
+            features = self.encode_tensor(torch.cat(inputs))
+            for i, img in enumerate(chunk):
+                embeddings.append(Embedding(
+                    features=features[i:i + 1].cpu(),
+                    original_size=(int(img.shape[0]), int(img.shape[1])),
+                    input_size=sizes[i],
+                    model_id=self.model_id,
+                    preprocess_version=self.spec.preprocess_version,
+                    encoder_adapter=encoder_adapter,
+                ))
+        return embeddings
+
+    def encode_one(self, image: np.ndarray, *, encoder_adapter: str | None = None) -> Embedding:
+        return self.encode([image], encoder_adapter=encoder_adapter)[0]
+
+    # ------------------------------------------------------------------ decode
+    def check_embedding(self, embedding: Embedding) -> None:
+        """Refuse an embedding computed by another model or preprocessing version."""
+        from .errors import InvalidInput
+
+        if embedding.model_id != self.model_id or embedding.preprocess_version != self.spec.preprocess_version:
+            raise InvalidInput(
+                f"embedding was computed by {embedding.model_id}/{embedding.preprocess_version}, "
+                f"this predictor is {self.model_id}/{self.spec.preprocess_version}",
+                field="embedding",
+            )
+
+    @torch.inference_mode()
+    def _decode_group(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
+                      multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts of one signature -> (B x M x L x L low-res logits, B x M IoU predictions)."""
+        size = self.spec.img_size
+        first = prompts[0]
+        points = boxes = masks = None
+        if first.point_coords is not None:
+            coords = np.stack([transform_coords(p.point_coords, original_size, size) for p in prompts])
+            labels = np.stack([p.point_labels for p in prompts])
+            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device),
+                      torch.as_tensor(labels, dtype=torch.int, device=self.device))
+        if first.box is not None:
+            box_array = transform_boxes(np.stack([p.box for p in prompts]), original_size, size)
+            boxes = torch.as_tensor(box_array, dtype=torch.float, device=self.device)
+        if first.mask_input is not None:
+            masks = torch.as_tensor(np.stack([p.mask_input for p in prompts]), dtype=torch.float,
+                                    device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return low_res, iou
+
+    @torch.inference_mode()
+    def decode_low_res(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
+                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated prompts -> (N x M x L x L low-res logits, N x M IoU) in input order.
+
+        features: 1 x C x h x w. Groups prompts by signature and decodes each group in chunks of
+        ``decode_batch``.
+        """
+        features = features.to(self.device)
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt.signature(), []).append(i)
+        m = 3 if multimask else 1
+        low_side = self.spec.low_res_size
+        low_res = torch.empty((len(prompts), m, low_side, low_side), device=self.device)
+        iou = torch.empty((len(prompts), m), device=self.device)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.decode_batch):
+                chunk = indices[start:start + self.decode_batch]
+                lr, sc = self._decode_group(features, [prompts[i] for i in chunk], original_size, multimask)
+                index = torch.as_tensor(chunk, device=self.device)
+                low_res[index] = lr
+                iou[index] = sc
+        return low_res, iou
+
+    def upscale(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
+        """N x M x L x L -> N x M x H x W logits in the embedding's original frame."""
+        return upscale_logits(low_res, self.spec.img_size, embedding.input_size, embedding.original_size)
+
+    def decode(self, embedding: Embedding, prompts: Sequence[Prompt], *, multimask: bool = False,
+               threshold: float = 0.0, return_low_res: bool = True) -> DecodeResult:
+        """Decode N prompts against one embedding.
+
+        ``threshold`` is in logit space (0.0 = probability 0.5, SAM's ``mask_threshold``).
+        Masks are post-processed ``decode_batch`` prompts at a time so memory stays bounded by
+        decode_batch x M x H x W floats however many prompts arrive.
+        """
+        self.check_embedding(embedding)
+        valid = validate_prompts(prompts, embedding.original_size, self.spec.low_res_size, self.max_prompts)
+        t0 = time.perf_counter()
+        low_res, iou = self.decode_low_res(embedding.features, valid, embedding.original_size, multimask)
+        t1 = time.perf_counter()
+        h, w = embedding.original_size
+        masks = np.empty((len(valid), low_res.shape[1], h, w), dtype=bool)
+        stability = torch.empty(iou.shape)
+        with torch.inference_mode():
+            for start in range(0, len(valid), self.decode_batch):
+                logits = self.upscale(low_res[start:start + self.decode_batch], embedding)
+                masks[start:start + len(logits)] = (logits > threshold).cpu().numpy()
+                stability[start:start + len(logits)] = stability_score(logits, threshold).cpu()
+        t2 = time.perf_counter()
+        return DecodeResult(
+            masks=masks,
+            iou_scores=iou.float().cpu().numpy(),
+            stability_scores=stability.numpy(),
+            low_res_logits=low_res.float().cpu().numpy() if return_low_res else None,
+            timings_ms={"decode": 1e3 * (t1 - t0), "postprocess": 1e3 * (t2 - t1)},
+        )

@@ -1,0 +1,83 @@
+"""Per-model preprocessing: resize the longest side, normalise, pad; coordinate and mask transforms.
+
+All functions take the canonical image from :mod:`sam_core.image_io` (H x W x 3 uint8 RGB).
+
+- SAM (``imagenet``): ``ResizeLongestSide.apply_image`` (PIL bilinear, exactly what
+  ``SamPredictor.set_image`` does), then (x - mean) / std, then zero padding to ``img_size``.
+- LiteMedSAM (``minmax``): ``cv2.resize(INTER_AREA)`` as the LiteMedSAM reference inference does,
+  per-image (x - min) / max(max - min, 1e-8) to [0, 1], then zero padding.
+
+Coordinates use ``ResizeLongestSide.apply_coords`` (per-axis scale), as ``SamPredictor`` does.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .models import ModelSpec
+
+
+def resized_shape(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:
+    """(H, W) after scaling the longest side to ``img_size`` (rounded like segment_anything)."""
+    return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+
+
+def resize_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """H x W x 3 uint8 -> h x w x 3 uint8 with max(h, w) == spec.img_size."""
+    if spec.normalization == "minmax":
+        h, w = resized_shape(image.shape[:2], spec.img_size)
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    return ResizeLongestSide(spec.img_size).apply_image(image)
+
+
+def normalize_and_pad(resized: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """B x 3 x h x w float (0..255) -> B x 3 x S x S normalised and zero-padded (S = img_size)."""
+    x = resized.float()
+    if spec.normalization == "minmax":
+        flat = x.flatten(1)
+        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+        x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+    else:
+        mean = torch.tensor(spec.pixel_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.pixel_std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, spec.img_size - w, 0, spec.img_size - h))
+
+
+def preprocess(image: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, tuple[int, int]]:
+    """H x W x 3 uint8 -> (1 x 3 x S x S model input, input_size (h, w) before padding)."""
+    resized = resize_image(image, spec)
+    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+    return normalize_and_pad(tensor, spec), (resized.shape[0], resized.shape[1])
+
+
+def transform_coords(coords: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:
+    """... x 2 (x, y) in original pixels -> model input frame (float32)."""
+    return ResizeLongestSide(img_size).apply_coords(np.asarray(coords, dtype=np.float64), original_size).astype(
+        np.float32
+    )
+
+
+def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:
+    """N x 4 (x0, y0, x1, y1) original pixels -> model input frame (float32)."""
+    return transform_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size, img_size).reshape(
+        -1, 4
+    )
+
+
+def upscale_logits(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                   original_size: tuple[int, int]) -> torch.Tensor:
+    """B x M x l x l low-res logits -> B x M x H x W logits in the original frame.
+
+    Same operations as ``Sam.postprocess_masks``: bilinear to the padded input, crop the padding,
+    bilinear to the original size.
+    """
+    masks = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

@@ -1,0 +1,40 @@
+"""Shared fixtures. Nothing here reads ../shared: a fresh clone must pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from sam_core.models import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def litemedsam_model():
+    from sam_core.models import load_model
+
+    return load_model("litemedsam")
+
+
+def synthetic_scene(height: int = 240, width: int = 320, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A textured background with a few bright ellipses; returns (H x W x 3 uint8, instance masks)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    image = rng.normal(60, 12, (height, width)).clip(0, 255)
+    masks = []
+    for cx, cy, ax, ay in ((0.3, 0.35, 0.12, 0.08), (0.7, 0.6, 0.09, 0.14), (0.5, 0.8, 0.05, 0.05)):
+        mask = np.zeros((height, width), np.uint8)
+        cv2.ellipse(mask, (int(cx * width), int(cy * height)), (int(ax * width), int(ay * height)), 20, 0, 360, 1, -1)
+        image[mask > 0] = rng.normal(200, 10, int(mask.sum())).clip(0, 255)
+        masks.append(mask.astype(bool))
+    return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), masks
+
+
+@pytest.fixture(scope="session")
+def scene():
+    return synthetic_scene()
