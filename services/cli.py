@@ -1,0 +1,145 @@
+"""The ``samforge`` command line.
+
+``samforge predict`` runs the predictor in-process (no services needed). Heavy imports happen inside
+the sub-command so ``samforge --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sam_core.errors import SamforgeError
+
+
+def _floats(text: str, count: int | tuple[int, ...], what: str) -> list[float]:
+    counts = (count,) if isinstance(count, int) else count
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if len(values) not in counts:
+        raise argparse.ArgumentTypeError(f"{what} needs {' or '.join(map(str, counts))} numbers, got {text!r}")
+    return values
+
+
+def _box(text: str) -> list[float]:
+    return _floats(text, 4, "--box x0,y0,x1,y1")
+
+
+def _point(text: str) -> list[float]:
+    values = _floats(text, (2, 3), "--point x,y[,label]")
+    return values if len(values) == 3 else [*values, 1.0]
+
+
+def build_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]]) -> list:
+    """CLI prompt rules: each --box is one prompt; all --point's form one prompt; with exactly one
+    --box and some --point's, they combine into a single box+points prompt."""
+    import numpy as np
+
+    from sam_core.prompts import Prompt
+
+    coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
+    labels = np.array([int(p[2]) for p in points]) if points else None
+    if len(boxes) == 1 and points:
+        return [Prompt(box=np.asarray(boxes[0], dtype=np.float64), point_coords=coords, point_labels=labels)]
+    prompts = [Prompt.from_box(b) for b in boxes]
+    if points:
+        prompts.append(Prompt(point_coords=coords, point_labels=labels))
+    return prompts
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from sam_core.image_io import load_image
+    from sam_core.mask_encoding import encode_png, mask_bbox
+    from sam_core.models import load_model
+    from sam_core.predictor import Predictor
+    from sam_core.tiling import decode_tiled, encode_tiled
+
+    if not args.box and not args.point:
+        raise SystemExit("samforge predict: give at least one --box or --point")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, args.checkpoint)
+    predictor = Predictor(loaded)
+    t1 = time.perf_counter()
+    image = load_image(args.image)
+    prompts = build_prompts(args.box or [], args.point or [])
+    t2 = time.perf_counter()
+    if args.tile:
+        embedding = encode_tiled(predictor, image, overlap=args.overlap)
+        t3 = time.perf_counter()
+        result = decode_tiled(predictor, embedding, prompts, multimask=args.multimask)
+    else:
+        embedding = predictor.encode_one(image)
+        t3 = time.perf_counter()
+        result = predictor.decode(embedding, prompts, multimask=args.multimask)
+    t4 = time.perf_counter()
+    best = result.iou_scores.argmax(axis=1)
+    masks = result.masks[np.arange(len(prompts)), best]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_png(masks.any(axis=0)))
+    files = [str(out)]
+    if len(prompts) > 1:
+        for i, mask in enumerate(masks):
+            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+            path.write_bytes(encode_png(mask))
+            files.append(str(path))
+    summary = {
+        "model_id": loaded.model_id,
+        "image": str(args.image),
+        "image_size": list(image.shape[:2]),
+        "tiled": bool(args.tile),
+        "prompts": [
+            {"index": i, "iou_score": round(float(result.iou_scores[i, best[i]]), 4),
+             "stability_score": round(float(result.stability_scores[i, best[i]]), 4),
+             "area": int(masks[i].sum()), "bbox": mask_bbox(masks[i])}
+            for i in range(len(prompts))
+        ],
+        "timing_ms": {"load_model": round(1e3 * (t1 - t0), 1), "read_image": round(1e3 * (t2 - t1), 1),
+                      "encode": round(1e3 * (t3 - t2), 1), "decode": round(1e3 * (t4 - t3), 1)},
+        "outputs": files,
+    }
+    print(json.dumps(summary, indent=2, default=lambda v: v if not hasattr(v, "tolist") else v.tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samforge", description="Fine-tune and serve Segment Anything.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="segment an image with box/point prompts (in-process)")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, TIFF, BMP; 8/16-bit; EXIF honoured)")
+    p.add_argument("--box", type=_box, action="append", help="x0,y0,x1,y1 in pixels; repeat for more prompts")
+    p.add_argument("--point", type=_point, action="append",
+                   help="x,y[,label] (label 1 = foreground (default), 0 = background); all points form one prompt")
+    p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), vit_b, vit_l, vit_h, tiny")
+    p.add_argument("--checkpoint", help="weights file for vit_b/vit_l/vit_h (or to override litemedsam)")
+    p.add_argument("--tile", action="store_true", help="embed overlapping native-resolution tiles (small objects)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (with --tile)")
+    p.add_argument("--multimask", action="store_true", help="predict 3 masks per prompt, keep the best scored")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--out", required=True, help="output PNG (union of masks; per-prompt files beside it)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SamforgeError as exc:
+        print(f"samforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
