@@ -113,6 +113,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    summary = run_demo(out_dir=args.out, model=args.model, image_path=args.image)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samforge", description="Fine-tune and serve Segment Anything.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--out", required=True, help="output PNG (union of masks; per-prompt files beside it)")
     p.set_defaults(func=cmd_predict)
+    d = sub.add_parser("demo", help="run the predictor demo on a generated scene (default model)")
+    d.add_argument("--model", default="litemedsam")
+    d.add_argument("--image", help="segment this image instead of the generated scene")
+    d.add_argument("--out", default="out/demo", help="folder for masks and summary.json")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 
