@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -66,11 +67,20 @@ class LoadedModel:
     spec: ModelSpec
     weights_sha256: str
     source: str
+    adapter: Any = None  # sam_core.adapter_artifact.AdapterConfig when an adapter is applied
+    adapter_id: str | None = None
 
     @property
     def model_id(self) -> str:
-        """Stable id: ``<name>-<first 16 hex of the weights sha256>``."""
+        """Stable id of the *base* weights: ``<name>-<first 16 hex of the weights sha256>``."""
         return f"{self.spec.name}-{self.weights_sha256[:16]}"
+
+    @property
+    def encoder_adapter_id(self) -> str | None:
+        """The adapter id when the adapter changes the image encoder (its embeddings differ), else None."""
+        if self.adapter is None or self.adapter.shares_base_embeddings:
+            return None
+        return self.adapter_id
 
 
 SPECS: dict[str, ModelSpec] = {
@@ -263,5 +273,6 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     if name not in MODEL_REGISTRY:
         raise InvalidInput(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}", field="model")
     loaded = MODEL_REGISTRY[name](checkpoint=checkpoint)
+    loaded.sam.requires_grad_(False)  # inference model; training prepares its own trainable copy
     loaded.sam.to(device)
     return loaded

@@ -107,9 +107,12 @@ class Predictor:
             features = self.sam.image_encoder(batch.to(self.device))
         return features.float()
 
-    def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1,
-               encoder_adapter: str | None = None) -> list[Embedding]:
-        """Encode canonical images (each H x W x 3 uint8 RGB), ``batch_size`` at a time."""
+    def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
+        """Encode canonical images (each H x W x 3 uint8 RGB), ``batch_size`` at a time.
+
+        Embeddings record the encoder adapter (None for the base model and decoder-only adapters).
+        """
+        encoder_adapter = self.model.encoder_adapter_id
         embeddings: list[Embedding] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -126,18 +129,19 @@ class Predictor:
                 ))
         return embeddings
 
-    def encode_one(self, image: np.ndarray, *, encoder_adapter: str | None = None) -> Embedding:
-        return self.encode([image], encoder_adapter=encoder_adapter)[0]
+    def encode_one(self, image: np.ndarray) -> Embedding:
+        return self.encode([image])[0]
 
     # ------------------------------------------------------------------ decode
     def check_embedding(self, embedding: Embedding) -> None:
         """Refuse an embedding computed by another model or preprocessing version."""
         from .errors import InvalidInput
 
-        if embedding.model_id != self.model_id or embedding.preprocess_version != self.spec.preprocess_version:
+        theirs = (embedding.model_id, embedding.preprocess_version, embedding.encoder_adapter)
+        ours = (self.model_id, self.spec.preprocess_version, self.model.encoder_adapter_id)
+        if theirs != ours:
             raise InvalidInput(
-                f"embedding was computed by {embedding.model_id}/{embedding.preprocess_version}, "
-                f"this predictor is {self.model_id}/{self.spec.preprocess_version}",
+                f"embedding was computed by {'/'.join(map(str, theirs))}, this predictor is {'/'.join(map(str, ours))}",
                 field="embedding",
             )
 
