@@ -38,3 +38,35 @@ def synthetic_scene(height: int = 240, width: int = 320, seed: int = 0) -> tuple
 @pytest.fixture(scope="session")
 def scene():
     return synthetic_scene()
+
+
+def write_blob_dataset(root, n_images: int = 6, height: int = 96, width: int = 128, seed: int = 0):
+    """Folder data set (images/ + masks/) of bright blobs on noise; returns the root path."""
+    from pathlib import Path
+
+    import cv2
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_images):
+        image = rng.normal(50, 10, (height, width)).clip(0, 255)
+        mask = np.zeros((height, width), np.uint8)
+        for _ in range(1 + i % 2):
+            cx, cy = int(rng.integers(25, width - 25)), int(rng.integers(25, height - 25))
+            blob = np.zeros_like(mask)
+            cv2.ellipse(blob, (cx, cy), (int(rng.integers(8, 18)), int(rng.integers(8, 16))), int(rng.integers(0, 180)),
+                        0, 360, 255, -1)
+            if (blob & mask).any():
+                continue
+            mask |= blob
+        image[mask > 0] = rng.normal(190, 10, int((mask > 0).sum())).clip(0, 255)
+        cv2.imwrite(str(root / "images" / f"img{i:02d}.png"), image.astype(np.uint8))
+        cv2.imwrite(str(root / "masks" / f"img{i:02d}.png"), mask)
+    return root
+
+
+@pytest.fixture(scope="session")
+def blob_dataset_dir(tmp_path_factory):
+    return write_blob_dataset(tmp_path_factory.mktemp("blobs"))
