@@ -326,9 +326,9 @@ def evaluate(predictor: Predictor, dataset: Sequence[Sample], cfg: EvalConfig | 
              progress: ProgressFn | None = None) -> EvalReport:
     """Evaluate a predictor on every instance of ``dataset`` (see the module docstring).
 
-    ``embeddings``: if given, embeddings are looked up under :func:`embedding_key` and stored there, so a
-    second run with the same dict encodes nothing. Share it only between predictors whose image encoders
-    are identical (same model id and no encoder adapter / LoRA): the key does not see encoder changes.
+    ``embeddings``: if given, embeddings are looked up under :func:`eval_cache_key` and stored there, so a
+    second run with the same dict encodes nothing. The key holds the model id and the encoder adapter, so
+    a decoder-only adapter reuses the base model's embeddings and an encoder adapter gets its own.
     """
     cfg = cfg or EvalConfig()
     segmenter = _predictor_segmenter(predictor, cfg, embeddings)

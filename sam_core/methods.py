@@ -173,7 +173,7 @@ def prepare(sam: nn.Module, cfg: MethodConfig) -> None:
 
 def trainable_state(sam: nn.Module) -> dict[str, torch.Tensor]:
     """name -> detached CPU tensor for every parameter with requires_grad (what an artifact stores)."""
-    return {n: p.detach().cpu().contiguous() for n, p in sam.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in sam.named_parameters() if p.requires_grad}
 
 
 def trainable_names(sam: nn.Module) -> set[str]:

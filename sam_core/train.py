@@ -79,8 +79,6 @@ class TrainConfig:
                 raise InvalidInput("must be >= 1", field=name)
         if self.lr <= 0:
             raise InvalidInput("must be > 0", field="lr")
-        if self.method.method == "persam":
-            raise InvalidInput("persam is one-shot: use sam_core.persam.fit_persam", field="method")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -325,24 +323,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ validation
 def validation_dice(predictor: Predictor, data: TrainingData, prompt_cfg: PromptConfig, seed: int,
                     reuse_embeddings: bool) -> float:
-    """Mean per-instance Dice on the validation split with deterministic eval prompts."""
-    from .metrics import dice
-    from .prompts import Prompt
+    """Mean per-instance Dice on the validation split (deterministic eval prompts, :func:`evaluate`).
 
-    scores = []
-    for i in range(len(data.ds)):
-        sample = data.ds[i]
-        if not sample.instances:
-            continue
-        emb = data.embedding(i) if reuse_embeddings else predictor.encode_one(sample.load_image())
-        prompts = []
-        for j, inst in enumerate(sample.instances):
-            p = simulate_prompt(inst.mask, np.random.default_rng([seed, i, j]), prompt_cfg)
-            prompts.append(Prompt(box=None if p["box"] is None else p["box"].astype(np.float64),
-                                  point_coords=p["point_coords"], point_labels=p["point_labels"]))
-        result = predictor.decode(emb, prompts, return_low_res=False)
-        scores += [dice(result.masks[j, 0], inst.mask) for j, inst in enumerate(sample.instances)]
-    return float(np.mean(scores)) if scores else float("nan")
+    With ``reuse_embeddings`` (frozen encoder) the cached embeddings are handed to the evaluation.
+    """
+    from .evaluate import EvalConfig, eval_cache_key, evaluate
+
+    cfg = EvalConfig(prompt=prompt_cfg, seed=seed, keep_worst=0)
+    cache: dict = {}
+    if reuse_embeddings:
+        for i, image_id in enumerate(data.ds.image_ids):
+            cache[eval_cache_key(predictor, image_id, cfg)] = data.embedding(i)
+    return float(evaluate(predictor, data.ds, cfg, label="val", embeddings=cache).summary["dice_mean"])
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -355,6 +347,8 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
     ``out_dir`` holds ``checkpoints/``, ``embeddings/`` (decoder method), ``history.json`` and the
     adapter. With ``resume`` an existing checkpoint of the same config continues exactly.
     """
+    if cfg.method.method == "persam":
+        raise InvalidInput("persam is one-shot: use sam_core.persam.fit_persam", field="method")
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sam_core.errors import SamforgeError
+from services.cli_finetune import add_train_args
 
 
 def _floats(text: str, count: int | tuple[int, ...], what: str) -> list[float]:
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image", help="segment this image instead of the generated scene")
     d.add_argument("--out", default="out/demo", help="folder for masks and summary.json")
     d.set_defaults(func=cmd_demo)
+    add_train_args(sub)
     return parser
 
 

@@ -135,12 +135,30 @@ def test_resume_refuses_a_different_config(tiny_model, splits, tmp_path):
     assert info.value.field == "out"
 
 
+def test_persam_is_not_trained_by_the_loop(tiny_model, splits, tmp_path):
+    with pytest.raises(InvalidInput) as info:
+        train(tiny_model, *splits, TrainConfig(method=MethodConfig("persam")), tmp_path)
+    assert info.value.field == "method"
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(InvalidInput):
         TrainConfig(batch_size=0)
     with pytest.raises(InvalidInput):
-        TrainConfig(method=MethodConfig("persam"))
-    with pytest.raises(InvalidInput):
         MethodConfig("dreambooth")
     assert math.isfinite(get_lr(0, TrainConfig(), 1))
     assert trainable_state(torch.nn.Linear(2, 2)).keys() == {"weight", "bias"}
+
+
+def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_path):
+    """The artifact holds the weights of the best validation, not those of the last step."""
+    from sam_core.evaluate import EvalConfig, evaluate
+
+    train_ds, val_ds = splits
+    cfg = TrainConfig(epochs=6, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=1, checkpoint_every=100)
+    result = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    scores = result.history["val_dice"]
+    assert result.best_val_dice == max(scores)
+    again = evaluate(Predictor(load_adapter(tiny_model, result.adapter_dir)), val_ds,
+                     EvalConfig(prompt=cfg.eval_prompt, seed=cfg.seed))
+    assert again.summary["dice_mean"] == pytest.approx(result.best_val_dice, abs=1e-9)

@@ -1,0 +1,133 @@
+"""One fine-tuning job end to end: load and split the data, train (or fit PerSAM), evaluate zero-shot
+vs fine-tuned on the validation split, write the report and plots, publish the adapter.
+
+This is what ``samforge train`` and the trainer service run; both only translate their inputs into a
+:class:`FinetuneSpec` and forward :class:`~sam_core.train.ProgressEvent` s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapter_artifact import AdapterConfig, read_adapter_config
+from .datasets import SegmentationDataset, load_dataset, split_dataset, split_first_last
+from .errors import InvalidInput
+from .evaluate import EvalConfig, EvalReport, compare, evaluate, evaluate_fn, format_table, write_report
+from .models import LoadedModel
+from .predictor import Predictor
+from .train import ProgressEvent, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to split: ``val_fraction`` + ``seed``, or explicit ``first_last`` = (n_train, n_val) of sorted ids."""
+
+    val_fraction: float = 0.2
+    seed: int = 0
+    first_last: tuple[int, int] | None = None
+    min_area: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    data: str
+    out_dir: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter_name: str | None = None
+    parent: str | None = None
+    persam_steps: int = 200
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    adapter: AdapterConfig
+    reports: list[EvalReport]
+    table: str
+    seconds: float
+    report_files: dict[str, Path]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "adapter_dir": str(self.adapter_dir),
+            "method": self.adapter.method,
+            "n_parameters": self.adapter.n_parameters,
+            "seconds": round(self.seconds, 1),
+            "val": {r.label: {k: r.summary.get(k) for k in ("dice_mean", "iou_mean", "nsd_mean", "n_instances")}
+                    for r in self.reports},
+            "report": str(self.report_files.get("report", "")),
+        }
+
+
+def split(spec: FinetuneSpec) -> tuple[SegmentationDataset, SegmentationDataset]:
+    ds = load_dataset(spec.data, min_area=spec.split.min_area)
+    if spec.split.first_last is not None:
+        return split_first_last(ds, *spec.split.first_last)
+    return split_dataset(ds, val_fraction=spec.split.val_fraction, seed=spec.split.seed)
+
+
+def run_finetune(model: LoadedModel, spec: FinetuneSpec,
+                 callback: Callable[[ProgressEvent], None] | None = None) -> FinetuneResult:
+    """Train ``spec.train.method`` on ``spec.data`` and compare it with the zero-shot model on the val split."""
+    t0 = time.perf_counter()
+    out = Path(spec.out_dir)
+    train_ds, val_ds = split(spec)
+    if len(val_ds) == 0:
+        raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
+    emit = callback or (lambda event: None)
+    base = Predictor(model)
+    cache: dict = {}
+    zero_shot = evaluate(base, val_ds, spec.eval, label="zero-shot", embeddings=cache)
+    if spec.train.method.method == "persam":
+        adapter_dir, tuned, history = _run_persam(model, train_ds, val_ds, spec, zero_shot, emit)
+    else:
+        result = train(model, train_ds, val_ds, spec.train, out, callback=emit, adapter_name=spec.adapter_name,
+                       parent=spec.parent)
+        adapter_dir, history = result.adapter_dir, result.history
+        tuned = evaluate(Predictor(result.model), val_ds, spec.eval, label=f"fine-tuned ({spec.train.method.method})",
+                         embeddings=cache)
+    reports = [zero_shot, tuned]
+    files = write_report(out / "eval", reports, history=history, dataset=val_ds)
+    return FinetuneResult(adapter_dir=adapter_dir, adapter=read_adapter_config(adapter_dir), reports=reports,
+                          table=format_table(compare(reports)), seconds=time.perf_counter() - t0, report_files=files)
+
+
+def _run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset, spec: FinetuneSpec,
+                zero_shot: EvalReport, emit: Callable[[ProgressEvent], None]):
+    """One-shot: the first training image's largest instance is the reference; each val instance is
+    scored against the single prompt-free PerSAM mask of its image."""
+    from .persam import fit_persam, save_persam, segment_persam
+
+    predictor = Predictor(model)
+    sample = train_ds[0]
+    reference = max(sample.instances, key=lambda inst: int(inst.mask.sum()))
+
+    def progress(step: int, loss: float) -> None:
+        emit(ProgressEvent("training", step, spec.persam_steps, 0, loss=loss))
+
+    persam, info = fit_persam(predictor, sample.load_image(), reference.mask, steps=spec.persam_steps,
+                              seed=spec.train.seed, callback=progress)
+
+    def segment(image: np.ndarray, prompts: list[dict]) -> np.ndarray:
+        mask, _ = segment_persam(predictor, persam, image)
+        return np.repeat(mask[None], len(prompts), axis=0)
+
+    tuned = evaluate_fn(segment, val_ds, spec.eval, label="persam (one-shot)", model_id=model.model_id)
+    adapter_dir = Path(spec.out_dir) / "adapter"
+    metrics = {"val_dice": tuned.summary.get("dice_mean"), "zero_shot_val_dice": zero_shot.summary.get("dice_mean"),
+               "reference": sample.image_id}
+    save_persam(adapter_dir, model, persam, metrics=metrics, name=spec.adapter_name)
+    history = {"step": list(range(1, len(info["losses"]) + 1)), "loss": info["losses"], "val_step": [],
+               "val_dice": []}
+    (Path(spec.out_dir) / "history.json").write_text(json.dumps(history))
+    emit(ProgressEvent("done", spec.persam_steps, spec.persam_steps, 0, message=str(adapter_dir)))
+    return adapter_dir, tuned, history

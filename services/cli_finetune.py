@@ -1,0 +1,193 @@
+"""``samforge train``, ``samforge eval`` and ``samforge adapters inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+
+class ProgressBar:
+    """One-line progress (step/total, loss, val Dice, ETA) on a terminal; one line per update otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 28) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self.last_val: float | None = None
+        self.last_print = 0.0
+
+    def __call__(self, event) -> None:
+        if event.val_dice is not None:
+            self.last_val = event.val_dice
+        if event.state in ("embedding", "validating"):
+            if not self.tty and event.state == "validating":
+                print(f"[{event.state}] step {event.step}", file=self.stream, flush=True)
+            return
+        total = max(1, event.total_steps)
+        done = int(self.width * min(event.step, total) / total)
+        bar = "#" * done + "-" * (self.width - done)
+        parts = [f"[{bar}] {event.step}/{total}"]
+        if event.loss is not None:
+            parts.append(f"loss {event.loss:.4f}")
+        if self.last_val is not None:
+            parts.append(f"val Dice {self.last_val:.4f}")
+        if event.eta_seconds is not None:
+            parts.append(f"ETA {event.eta_seconds:5.0f}s")
+        if event.state in ("done", "stopped_early"):
+            parts.append(event.state.replace("_", " "))
+        line = "  ".join(parts)
+        now = time.monotonic()
+        final = event.state in ("done", "stopped_early")
+        if self.tty:
+            print("\r" + line.ljust(100), end="\n" if final else "", file=self.stream, flush=True)
+        elif final or now - self.last_print > 5 or event.val_dice is not None:
+            print(line, file=self.stream, flush=True)
+            self.last_print = now
+
+
+def add_train_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune on a data set and publish an adapter")
+    p.add_argument("--data", required=True,
+                   help="folder (images/ + masks/ or masks_instances/), COCO .json, or npz folder")
+    p.add_argument("--method", default="decoder", choices=["decoder", "lora", "adapter", "full", "persam"])
+    p.add_argument("--out", required=True, help="run folder: checkpoints, embeddings, adapter/, eval/")
+    p.add_argument("--model", default="litemedsam")
+    p.add_argument("--checkpoint", help="base weights for vit_b/vit_l/vit_h")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--adapter-ratio", type=float, default=0.25, help="adapter bottleneck width / dim")
+    p.add_argument("--prompt", default="box", choices=["box", "point", "box+point"], help="training prompts")
+    p.add_argument("--eval-prompt", default="box", choices=["box", "point", "box+point"])
+    p.add_argument("--box-jitter", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--split-first-last", help="N_TRAIN,N_VAL: first/last of the sorted image ids")
+    p.add_argument("--min-area", type=int, default=0, help="drop instances smaller than this (pixels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--patience", type=int, default=0, help="early stopping after N validations without gain")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = each epoch)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--persam-steps", type=int, default=200)
+    p.add_argument("--name", help="adapter name recorded in the artifact")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate the base model (and an adapter) on a data set")
+    e.add_argument("--data", required=True)
+    e.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat to compare several)")
+    e.add_argument("--model", default="litemedsam")
+    e.add_argument("--checkpoint")
+    e.add_argument("--split", default="all", choices=["all", "val"], help="evaluate everything or the val split")
+    e.add_argument("--val-fraction", type=float, default=0.2)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--prompt", default="box", choices=["box", "point", "box+point"])
+    e.add_argument("--tile", action="store_true", help="native-resolution tiles")
+    e.add_argument("--out", default="out/eval")
+    e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("adapters", help="adapter artifacts")
+    asub = a.add_subparsers(dest="adapters_command", required=True)
+    inspect = asub.add_parser("inspect", help="print an adapter's config and verify its tensors")
+    inspect.add_argument("path")
+    inspect.add_argument("--model", help="also check that it loads on this base model")
+    inspect.add_argument("--checkpoint")
+    inspect.set_defaults(func=cmd_adapters_inspect)
+
+
+def _prompt(kind: str, jitter: float = 0.0):
+    from sam_core.prompt_sim import PromptConfig
+
+    return PromptConfig(kind=kind, box_jitter=jitter, box_jitter_max_px=20 if jitter else 0,
+                        point_from_center=jitter == 0.0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sam_core.evaluate import EvalConfig
+    from sam_core.finetune import FinetuneSpec, SplitSpec, run_finetune
+    from sam_core.methods import MethodConfig
+    from sam_core.models import load_model
+    from sam_core.train import TrainConfig
+
+    method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
+    first_last = tuple(int(v) for v in args.split_first_last.split(",")) if args.split_first_last else None
+    train_cfg = TrainConfig(
+        method=method, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, bf16=args.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, patience=args.patience, prompt=_prompt(args.prompt, args.box_jitter),
+        eval_prompt=_prompt(args.eval_prompt),
+    )
+    spec = FinetuneSpec(
+        data=args.data, out_dir=args.out, train=train_cfg,
+        split=SplitSpec(val_fraction=args.val_fraction, seed=args.seed, first_last=first_last,
+                        min_area=args.min_area),
+        eval=EvalConfig(prompt=_prompt(args.eval_prompt), seed=args.seed), adapter_name=args.name,
+        persam_steps=args.persam_steps,
+    )
+    if args.no_resume:
+        import shutil
+
+        shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
+    result = run_finetune(load_model(args.model, args.checkpoint), spec, callback=ProgressBar())
+    print(result.table, file=sys.stderr)
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sam_core.adapter_artifact import load_adapter
+    from sam_core.datasets import load_dataset, split_dataset
+    from sam_core.evaluate import EvalConfig, compare, evaluate, format_table, write_report
+    from sam_core.models import load_model
+    from sam_core.predictor import Predictor
+
+    base = load_model(args.model, args.checkpoint)
+    ds = load_dataset(args.data)
+    if args.split == "val":
+        ds = split_dataset(ds, val_fraction=args.val_fraction, seed=args.seed)[1]
+    cfg = EvalConfig(prompt=_prompt(args.prompt), seed=args.seed, tiled=args.tile)
+    cache: dict = {}
+    reports = [evaluate(Predictor(base), ds, cfg, label="zero-shot", embeddings=cache)]
+    for path in args.adapter:
+        adapted = load_adapter(base, path)
+        reports.append(evaluate(Predictor(adapted), ds, cfg, label=f"{adapted.adapter_id}", embeddings=cache))
+    files = write_report(args.out, reports, dataset=ds)
+    print(format_table(compare(reports)), file=sys.stderr)
+    print(json.dumps({"report": str(files["report"]),
+                      "dice_mean": {r.label: r.summary.get("dice_mean") for r in reports}}, indent=2))
+    return 0
+
+
+def cmd_adapters_inspect(args: argparse.Namespace) -> int:
+    from sam_core.adapter_artifact import read_adapter_config, read_adapter_tensors
+
+    config = read_adapter_config(args.path)
+    tensors = read_adapter_tensors(args.path, config)  # verifies the checksum
+    report = {
+        "path": str(args.path),
+        "config": config.to_json(),
+        "tensors": {"count": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values())),
+                    "checksum": "ok"},
+    }
+    if args.model:
+        from sam_core.adapter_artifact import load_adapter
+        from sam_core.models import load_model
+
+        if config.method == "persam":
+            from sam_core.persam import load_persam
+
+            load_persam(load_model(args.model, args.checkpoint), args.path)
+        else:
+            load_adapter(load_model(args.model, args.checkpoint), args.path)
+        report["loads_on"] = args.model
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
