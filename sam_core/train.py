@@ -72,6 +72,9 @@ class TrainConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval_prompt: PromptConfig = field(default_factory=lambda: PromptConfig(box_jitter=0.0, box_jitter_max_px=0))
     loss: SegLossConfig = field(default_factory=SegLossConfig)
+    # Native-resolution crops (pixels) around each instance instead of the whole resized image: train
+    # the way tiled inference sees small objects. None = whole images.
+    crop: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -184,43 +187,90 @@ def low_res_target(mask: np.ndarray, img_size: int, low_res: int) -> np.ndarray:
     return out
 
 
-@dataclass
+Window = tuple[int, int, int, int]  # y0, x0, y1, x1 in the original image
+
+
+def crop_window(mask: np.ndarray, crop: int | None) -> Window:
+    """A ``crop`` x ``crop`` native-resolution window centred on the instance, clipped to the image.
+
+    The whole image when ``crop`` is None, the image is no larger than the crop, or the instance does
+    not fit in one (those are trained at the whole-image scale).
+    """
+    h, w = mask.shape
+    if crop is None or (h <= crop and w <= crop):
+        return (0, 0, h, w)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if ys[-1] - ys[0] + 1 > crop or xs[-1] - xs[0] + 1 > crop:
+        return (0, 0, h, w)
+
+    def start(lo: int, hi: int, length: int) -> int:
+        if length <= crop:
+            return 0
+        return int(min(max((lo + hi + 1) // 2 - crop // 2, 0), length - crop))
+
+    y0, x0 = start(ys[0], ys[-1], h), start(xs[0], xs[-1], w)
+    return (y0, x0, min(h, y0 + crop), min(w, x0 + crop))
+
+
+@dataclass(frozen=True)
 class _Item:
     sample_index: int
     instance_index: int
+    window: Window
 
 
 class TrainingData:
-    """Images, instances and (for the decoder method) cached embeddings of one data set split."""
+    """Instances of one data set split, each seen through a window (the whole image, or a native-
+    resolution crop around it), with the window's embedding cached for the decoder method."""
 
     def __init__(self, ds: SegmentationDataset, predictor: Predictor, *, cache_embeddings: bool,
-                 store: EmbeddingStore | None) -> None:
+                 store: EmbeddingStore | None, crop: int | None = None) -> None:
         self.ds = ds
         self.predictor = predictor
         self.spec = predictor.spec
-        self.items = [_Item(i, j) for i in range(len(ds)) for j in range(len(ds[i].instances))]
+        self.crop = crop
+        self.items = []
+        for i in range(len(ds)):
+            for j, inst in enumerate(ds[i].instances):
+                self.items.append(_Item(i, j, crop_window(inst.mask, crop)))
         if not self.items:
-            raise InvalidInput("the training split has no instances", field="data")
-        self.embeddings: dict[int, Embedding] = {}
-        self.inputs: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+            raise InvalidInput("the split has no instances", field="data")
+        self.embeddings: dict[tuple[int, Window], Embedding] = {}
+        self.inputs: dict[tuple[int, Window], torch.Tensor] = {}
         self.store = store
         self.cache_embeddings = cache_embeddings
 
-    def embedding(self, index: int) -> Embedding:
-        if index not in self.embeddings:
-            image = self.ds[index].load_image()
+    @property
+    def windows(self) -> list[tuple[int, Window]]:
+        """Distinct (sample, window) pairs: what the decoder method embeds once."""
+        return list(dict.fromkeys((it.sample_index, it.window) for it in self.items))
+
+    def view(self, index: int, window: Window) -> np.ndarray:
+        y0, x0, y1, x1 = window
+        return np.ascontiguousarray(self.ds[index].load_image()[y0:y1, x0:x1])
+
+    def embedding(self, index: int, window: Window) -> Embedding:
+        if (index, window) not in self.embeddings:
+            image = self.view(index, window)
             key = embedding_key(image_content_hash(image), self.predictor.model_id,
                                 self.spec.preprocess_version, None)
             compute = lambda: self.predictor.encode_one(image)  # noqa: E731
-            self.embeddings[index] = self.store.get_or_compute(key, compute) if self.store is not None else compute()
-        return self.embeddings[index]
+            self.embeddings[index, window] = self.store.get_or_compute(key, compute) if self.store is not None \
+                else compute()
+        return self.embeddings[index, window]
 
-    def model_input(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """3 x S x S preprocessed image (kept in memory: the training split is small)."""
-        if index not in self.inputs:
-            tensor, input_size = preprocess(self.ds[index].load_image(), self.spec)
-            self.inputs[index] = (tensor[0], input_size)
-        return self.inputs[index]
+    def model_input(self, index: int, window: Window) -> torch.Tensor:
+        """3 x S x S preprocessed view (kept in memory: training splits are small)."""
+        if (index, window) not in self.inputs:
+            self.inputs[index, window] = preprocess(self.view(index, window), self.spec)[0][0]
+        return self.inputs[index, window]
+
+    def prompt_and_mask(self, item: _Item, rng: np.random.Generator, cfg: PromptConfig, sample=None):
+        """-> (prompt dict in window coordinates, window mask h x w bool)."""
+        sample = sample or self.ds[item.sample_index]
+        y0, x0, y1, x1 = item.window
+        mask = sample.instances[item.instance_index].mask[y0:y1, x0:x1]
+        return simulate_prompt(mask, rng, cfg), mask
 
     def batch(self, items: list[tuple[int, _Item]], rng_seed: list[int], prompt_cfg: PromptConfig,
               device: torch.device):
@@ -232,17 +282,15 @@ class TrainingData:
         samples: dict[int, Any] = {}
         for k, item in items:
             sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
-            mask = sample.instances[item.instance_index].mask
-            original = (sample.height, sample.width)
-            prompt = simulate_prompt(mask, np.random.default_rng([*rng_seed, k]), prompt_cfg)
+            prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
             if self.cache_embeddings:
-                embeds.append(self.embedding(item.sample_index).features[0])
+                embeds.append(self.embedding(item.sample_index, item.window).features[0])
             else:
-                images.append(self.model_input(item.sample_index)[0])
+                images.append(self.model_input(item.sample_index, item.window))
             if prompt["box"] is not None:
-                boxes.append(transform_boxes(prompt["box"][None], original, size)[0])
+                boxes.append(transform_boxes(prompt["box"][None], mask.shape, size)[0])
             if prompt["point_coords"] is not None:
-                coords.append(transform_coords(prompt["point_coords"], original, size))
+                coords.append(transform_coords(prompt["point_coords"], mask.shape, size))
                 labels.append(prompt["point_labels"])
             targets.append(low_res_target(mask, size, low))
         if coords and len({len(c) for c in coords}) > 1:
@@ -323,18 +371,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ validation
 def validation_dice(predictor: Predictor, data: TrainingData, prompt_cfg: PromptConfig, seed: int,
                     reuse_embeddings: bool) -> float:
-    """Mean per-instance Dice on the validation split (deterministic eval prompts, :func:`evaluate`).
+    """Mean per-instance Dice on the validation split with deterministic eval prompts.
 
-    With ``reuse_embeddings`` (frozen encoder) the cached embeddings are handed to the evaluation.
+    Whole-image windows go through :func:`sam_core.evaluate.evaluate` (cached embeddings handed over
+    when the encoder is frozen). With native-resolution crops every instance is decoded in its own
+    window (a proxy for tiled inference, used for model selection).
     """
     from .evaluate import EvalConfig, eval_cache_key, evaluate
+    from .metrics import dice
+    from .prompts import Prompt
 
-    cfg = EvalConfig(prompt=prompt_cfg, seed=seed, keep_worst=0)
-    cache: dict = {}
-    if reuse_embeddings:
-        for i, image_id in enumerate(data.ds.image_ids):
-            cache[eval_cache_key(predictor, image_id, cfg)] = data.embedding(i)
-    return float(evaluate(predictor, data.ds, cfg, label="val", embeddings=cache).summary["dice_mean"])
+    if data.crop is None:
+        cfg = EvalConfig(prompt=prompt_cfg, seed=seed, keep_worst=0)
+        cache: dict = {}
+        if reuse_embeddings:
+            for i, sample in enumerate(data.ds):
+                window = (0, 0, sample.height, sample.width)
+                cache[eval_cache_key(predictor, sample.image_id, cfg)] = data.embedding(i, window)
+        return float(evaluate(predictor, data.ds, cfg, label="val", embeddings=cache).summary["dice_mean"])
+    scores = []
+    for k, item in enumerate(data.items):
+        prompt, mask = data.prompt_and_mask(item, np.random.default_rng([seed, k]), prompt_cfg)
+        emb = data.embedding(item.sample_index, item.window) if reuse_embeddings else \
+            predictor.encode_one(data.view(item.sample_index, item.window))
+        result = predictor.decode(emb, [Prompt(box=None if prompt["box"] is None else prompt["box"].astype(float),
+                                               point_coords=prompt["point_coords"],
+                                               point_labels=prompt["point_labels"])], return_low_res=False)
+        scores.append(dice(result.masks[0, 0], mask))
+    return float(np.mean(scores))
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -373,8 +437,9 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
             EmbeddingStore(out / "embeddings", signature=signature, reset_on_mismatch=True)
         _barrier(info)
         store = EmbeddingStore(out / "embeddings", signature=signature)
-    train_data = TrainingData(train_ds, base_predictor, cache_embeddings=decoder_only, store=store)
-    val_data = TrainingData(val_ds, base_predictor, cache_embeddings=decoder_only, store=store) if val_ds else None
+    train_data = TrainingData(train_ds, base_predictor, cache_embeddings=decoder_only, store=store, crop=cfg.crop)
+    val_data = TrainingData(val_ds, base_predictor, cache_embeddings=decoder_only, store=store,
+                            crop=cfg.crop) if val_ds else None
 
     # drop_last: every step sees a full global batch (so DDP ranks always get equal shares)
     steps_per_epoch = max(1, len(train_data.items) // cfg.batch_size)
@@ -385,8 +450,8 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
 
     if decoder_only:  # embed every image once (rank 0 fills the shared store, the others read it)
         for data in filter(None, (train_data, val_data)):
-            for i in range(len(data.ds)) if info.is_main else ():
-                data.embedding(i)
+            for i, window in data.windows if info.is_main else ():
+                data.embedding(i, window)
                 emit(ProgressEvent("embedding", 0, total_steps, 0, message=f"embedded {data.ds.image_ids[i]}"))
         _barrier(info)
 

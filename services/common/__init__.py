@@ -1,0 +1,1 @@
+"""Shared server plumbing: settings, interceptors (errors, auth, metrics), health, reflection, shutdown."""

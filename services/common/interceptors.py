@@ -1,0 +1,181 @@
+"""Server interceptors: typed errors -> status codes, bearer-token auth -> tenant, per-RPC metrics.
+
+All three wrap the method handlers (unary and streaming) in one place so servicers stay thin: a
+servicer raises ``sam_core.errors`` types and reads the caller's tenant with :func:`current_tenant`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from .metrics import RPC_ERRORS, RPC_LATENCY
+from .status import PermissionDenied, Unauthenticated, status_for
+
+log = logging.getLogger("samforge.rpc")
+_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("samforge_tenant", default=None)
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def current_tenant() -> str | None:
+    """The tenant of the caller's bearer token (None when auth is off)."""
+    return _TENANT.get()
+
+
+def resolve_tenant(requested: str) -> str:
+    """The tenant a request acts for: the token's tenant when auth is on (a different non-empty
+    ``requested`` tenant is PERMISSION_DENIED), else ``requested`` or "default"."""
+    from sam_core.adapter_registry import validate_name
+
+    token_tenant = current_tenant()
+    if token_tenant is not None:
+        if requested and requested != token_tenant:
+            raise PermissionDenied(f"token is not valid for tenant {requested!r}", field="tenant")
+        return token_tenant
+    tenant = requested or "default"
+    validate_name("tenant", tenant)
+    return tenant
+
+
+def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
+    """Rebuild ``handler`` with its behaviour function wrapped by ``around(behaviour, streaming_response)``."""
+    if handler is None:
+        return None
+    for kind, factory in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                          ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                          ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                          ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return factory(around(behaviour, handler.response_streaming),
+                           request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+    return handler
+
+
+def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    code = status_for(exc)
+    if code is None:
+        log.exception("internal error in %s", method)
+        RPC_ERRORS.labels(method=method, code="INTERNAL").inc()
+        context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+    RPC_ERRORS.labels(method=method, code=code.name).inc()
+    context.abort(code, str(exc))
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps typed errors to their status code and anything else to a generic INTERNAL (trace logged)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+
+        def around(behaviour, streaming):
+            if streaming:
+                def stream(request, context):
+                    try:
+                        yield from behaviour(request, context)
+                    except grpc.RpcError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+                        _abort_for(exc, context, method)
+                return stream
+
+            def unary(request, context):
+                try:
+                    return behaviour(request, context)
+                except grpc.RpcError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    _abort_for(exc, context, method)
+            return unary
+
+        return _wrap(continuation(handler_call_details), around)
+
+
+def load_tokens(path: str) -> dict[str, str]:
+    """{token: tenant} from a JSON file (a mounted Secret in Kubernetes)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{path} must hold a JSON object mapping token -> tenant")
+    return data
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """``authorization: Bearer <token>`` -> tenant (in a context variable for the call's duration)."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.tokens = dict(tokens)
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if method.startswith(PUBLIC_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        header = metadata.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        tenant = self.tokens.get(token) if token else None
+
+        def around(behaviour, streaming):
+            def check(context):
+                if tenant is None:
+                    RPC_ERRORS.labels(method=method, code="UNAUTHENTICATED").inc()
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+
+            if streaming:
+                def stream(request, context):
+                    check(context)
+                    reset = _TENANT.set(tenant)
+                    try:
+                        yield from behaviour(request, context)
+                    finally:
+                        _TENANT.reset(reset)
+                return stream
+
+            def unary(request, context):
+                check(context)
+                reset = _TENANT.set(tenant)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    _TENANT.reset(reset)
+            return unary
+
+        return _wrap(handler, around)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Latency histogram per RPC method (streams: time to the end of the stream)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+
+        def around(behaviour, streaming):
+            if streaming:
+                def stream(request, context):
+                    start = time.perf_counter()
+                    try:
+                        yield from behaviour(request, context)
+                    finally:
+                        RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
+                return stream
+
+            def unary(request, context):
+                start = time.perf_counter()
+                try:
+                    return behaviour(request, context)
+                finally:
+                    RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
+            return unary
+
+        return _wrap(continuation(handler_call_details), around)
+
+
+__all__ = ["AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "current_tenant", "load_tokens",
+           "resolve_tenant", "Unauthenticated"]
