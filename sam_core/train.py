@@ -75,6 +75,9 @@ class TrainConfig:
     # Native-resolution crops (pixels) around each instance instead of the whole resized image: train
     # the way tiled inference sees small objects. None = whole images.
     crop: int | None = None
+    # Wall-clock budget: stop (checkpointed, adapter published) once exceeded. Breaks exact
+    # reproducibility, so it is for benchmarks and quick trials, not for resumable production jobs.
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -522,8 +525,9 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
         emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, lr=lr, best_val_dice=best_dice,
                            eta_seconds=rate * (total_steps - step)))
 
+        out_of_time = cfg.max_seconds is not None and _any(time.perf_counter() - t_start > cfg.max_seconds, info)
         stop = False
-        if val_data is not None and (step % eval_every == 0 or step == total_steps):
+        if val_data is not None and (step % eval_every == 0 or step == total_steps or out_of_time):
             if info.is_main:
                 sam.eval()
                 emit(ProgressEvent("validating", step, total_steps, epoch))
@@ -538,15 +542,17 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
                 emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, val_dice=score,
                                    best_val_dice=best_dice))
             stop = _any(stop, info)
-        if info.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps or stop):
+        if info.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps or stop or out_of_time):
             save_checkpoint(out, {
                 "format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "model_id": model.model_id, "step": step,
                 "trainable": trainable_state(sam), "optimizer": optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": history, "best_dice": best_dice,
                 "bad_evals": bad_evals, "best_state": best_state, "zero_shot": zero_shot,
             })
-        if stop:
+        if stop or out_of_time:
             stopped_early = True
+            if out_of_time:
+                log.info("time budget of %.0fs reached at step %d", cfg.max_seconds, step)
             break
 
     adapter_dir, trained = None, None

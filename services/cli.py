@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sam_core.errors import SamforgeError
 from services.cli_finetune import add_train_args
+from services.stack import add_up_args
 
 
 def _floats(text: str, count: int | tuple[int, ...], what: str) -> list[float]:
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="folder for masks and summary.json")
     d.set_defaults(func=cmd_demo)
     add_train_args(sub)
+    add_up_args(sub)
     return parser
 
 

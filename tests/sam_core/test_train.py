@@ -162,3 +162,36 @@ def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_
     again = evaluate(Predictor(load_adapter(tiny_model, result.adapter_dir)), val_ds,
                      EvalConfig(prompt=cfg.eval_prompt, seed=cfg.seed))
     assert again.summary["dice_mean"] == pytest.approx(result.best_val_dice, abs=1e-9)
+
+
+def test_crop_window_centres_and_clips():
+    from sam_core.train import crop_window
+
+    mask = np.zeros((300, 400), bool)
+    mask[10:20, 390:398] = True                       # near the right border
+    assert crop_window(mask, 128) == (0, 272, 128, 400)
+    mask[:] = False
+    mask[140:160, 190:210] = True                     # centred
+    y0, x0, y1, x1 = crop_window(mask, 128)
+    assert (y1 - y0, x1 - x0) == (128, 128) and y0 <= 140 and y1 >= 160 and x0 <= 190 and x1 >= 210
+    assert crop_window(mask, None) == (0, 0, 300, 400)
+    mask[:] = False
+    mask[0:200, 0:10] = True                          # taller than the crop -> whole image
+    assert crop_window(mask, 128) == (0, 0, 300, 400)
+
+
+def test_native_resolution_crop_training(tiny_model, splits, tmp_path):
+    train_ds, val_ds = splits  # 96 x 128 images; 64 px crops keep objects at native resolution
+    cfg = TrainConfig(epochs=4, batch_size=2, lr=2e-3, warmup_steps=1, crop=64, checkpoint_every=100)
+    result = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert np.mean(result.history["loss"][-2:]) < np.mean(result.history["loss"][:2])
+    embedded = list((tmp_path / "run" / "embeddings").rglob("*.safetensors"))
+    assert len(embedded) == train_ds.n_instances + val_ds.n_instances  # one crop per instance
+
+
+def test_time_budget_stops_and_still_publishes(tiny_model, splits, tmp_path):
+    train_ds, val_ds = splits
+    cfg = TrainConfig(epochs=1000, batch_size=2, max_seconds=0.5, checkpoint_every=1000)
+    result = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert result.stopped_early and result.steps < 1000 * 2
+    assert result.history["val_step"][-1] == result.steps and (result.adapter_dir / "adapter_config.json").exists()

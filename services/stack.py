@@ -1,0 +1,208 @@
+"""`samforge up`: the whole local stack on loopback (trainer + registry, encoder, decoder), and the demo client.
+
+Each service runs as its own process (``python -m services.<name>``) with settings passed through the
+environment, exactly as in Kubernetes. ``up`` waits until every service reports SERVING on
+grpc.health.v1, prints the endpoints, and either runs the demo client (``--demo``) and shuts down, or
+stays up until Ctrl-C. Shutdown is graceful (SIGTERM, drain, exit).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SERVICES = ("trainer", "encoder", "decoder")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    processes: dict[str, subprocess.Popen]
+    addresses: dict[str, str]
+    metrics: dict[str, int]
+    var_dir: Path
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        codes = {}
+        for name, proc in self.processes.items():
+            try:
+                codes[name] = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service at {address} exited with {proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)  # readiness poll interval
+    raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s")
+
+
+def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_port: int = 0,
+                extra_env: dict[str, str] | None = None, log_dir: Path | None = None) -> Stack:
+    """Start the three services (ports from ``base_port`` or free ones) and wait until all are SERVING."""
+    var = Path(var_dir).resolve()
+    for sub in ("registry", "data", "jobs", "onnx"):
+        (var / sub).mkdir(parents=True, exist_ok=True)
+    offsets = {"encoder": 0, "decoder": 1, "trainer": 2}  # the settings' default ports from 50051
+    ports = {name: (base_port + offsets[name] if base_port else _free_port()) for name in SERVICES}
+    metrics = {name: _free_port() for name in SERVICES}
+    env = {**os.environ, "SAMFORGE_MODEL": model, "SAMFORGE_REGISTRY_DIR": str(var / "registry"),
+           "SAMFORGE_DATA_DIR": str(var / "data"), "SAMFORGE_JOBS_DIR": str(var / "jobs"),
+           "SAMFORGE_ONNX_CACHE_DIR": str(var / "onnx"), "SAMFORGE_HOST": "127.0.0.1",
+           "SAMFORGE_ENCODER_ADDRESS": f"127.0.0.1:{ports['encoder']}", **(extra_env or {})}
+    for name in SERVICES:
+        env[f"SAMFORGE_{name.upper()}_PORT"] = str(ports[name])
+        env[f"SAMFORGE_{name.upper()}_METRICS_PORT"] = str(metrics[name])
+    log_dir = log_dir or var / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, subprocess.Popen] = {}
+    stack = Stack(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, metrics, var)
+    try:
+        for name in SERVICES:
+            log = open(log_dir / f"{name}.log", "ab")
+            processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=log,
+                                               stderr=subprocess.STDOUT)
+        for name in SERVICES:
+            wait_serving(stack.addresses[name], processes[name])
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+# ---------------------------------------------------------------------------------------------- demo client
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def write_demo_dataset(root: Path, n: int = 8) -> Path:
+    """A small folder data set of generated scenes (images/ + masks_instances/)."""
+    import cv2
+
+    from services.demo import demo_scene
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks_instances").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, masks = demo_scene(height=240, width=320, seed=100 + i)
+        labels = np.zeros(masks[0].shape, np.uint8)
+        for k, m in enumerate(masks, start=1):
+            labels[m] = k
+        cv2.imwrite(str(root / "images" / f"scene{i:02d}.png"), image[..., ::-1])
+        cv2.imwrite(str(root / "masks_instances" / f"scene{i:02d}.png"), labels)
+    return root
+
+
+def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict:
+    """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request."""
+    from sam_core.prompt_sim import box_from_mask
+    from services.client import BoxPrompt, SamforgeClient
+    from services.demo import demo_scene
+
+    image, truth = demo_scene()
+    png = _png(image)
+    boxes = [BoxPrompt(*map(float, box_from_mask(m))) for m in truth]
+    summary: dict = {"endpoints": stack.addresses}
+    with SamforgeClient(encoder=stack.addresses["encoder"], decoder=stack.addresses["decoder"],
+                        trainer=stack.addresses["trainer"]) as client:
+        t0 = time.perf_counter()
+        info = client.embed(png)
+        t1 = time.perf_counter()
+        base = client.segment(boxes, embedding_key=info.key, image=png)
+        t2 = time.perf_counter()
+        summary["base"] = {"embed_ms": round(1e3 * (t1 - t0)), "segment_ms": round(1e3 * (t2 - t1)),
+                           "dice": [round(_dice(m.mask, t), 3) for m, t in zip(base.masks, truth, strict=True)],
+                           "iou_scores": [round(m.iou_score, 3) for m in base.masks]}
+        write_demo_dataset(stack.var_dir / "data" / "default" / "demo-scenes")
+        job = client.create_job(dataset="demo-scenes", method="decoder", adapter_name="demo", promote_to="prod",
+                                epochs=epochs, batch_size=4, lr=1e-4)
+        events = []
+        done = client.wait_job(job.id, timeout=1800, on_event=events.append)
+        summary["training"] = {"job": done.id, "state": int(done.state), "steps": int(done.step),
+                               "adapter_version": int(done.adapter_version), "events": len(events),
+                               "metrics": dict(done.metrics), "error": done.error}
+        if done.adapter_version:
+            tuned = client.segment(boxes, embedding_key=info.key, image=png, adapter="demo@prod")
+            again = client.segment(boxes, embedding_key=info.key, image=png)  # base still served
+            summary["adapter"] = {"adapter": tuned.adapter,
+                                  "dice": [round(_dice(m.mask, t), 3) for m, t in zip(tuned.masks, truth, strict=True)],
+                                  "base_unchanged": [m.iou_score for m in again.masks] ==
+                                  [m.iou_score for m in base.masks]}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "demo_client.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_up(args) -> int:
+    stack = start_stack(args.var, model=args.model, base_port=args.base_port)
+    print(json.dumps({"endpoints": stack.addresses, "metrics": {k: f"http://127.0.0.1:{v}/metrics"
+                                                                  for k, v in stack.metrics.items()}}, indent=2),
+          flush=True)
+    try:
+        if args.demo:
+            summary = run_demo_client(stack, epochs=args.epochs, out=Path(args.var) / "demo")
+            print(json.dumps(summary, indent=2), flush=True)
+            return 0 if summary.get("training", {}).get("adapter_version") else 1
+        print("stack is up; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        codes = stack.stop()
+        print(json.dumps({"stopped": codes}), file=sys.stderr, flush=True)
+
+
+def add_up_args(sub) -> None:
+    p = sub.add_parser("up", help="start the local stack (trainer, encoder, decoder) on loopback")
+    p.add_argument("--model", default="litemedsam")
+    p.add_argument("--var", default="var", help="state folder: registry, data, jobs, logs")
+    p.add_argument("--base-port", type=int, default=50051,
+                   help="encoder port; decoder +1, trainer +2 (0 = free ports)")
+    p.add_argument("--demo", action="store_true", help="run the demo client against the stack, then stop")
+    p.add_argument("--epochs", type=int, default=2, help="demo fine-tuning epochs")
+    p.set_defaults(func=cmd_up)
