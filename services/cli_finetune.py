@@ -76,6 +76,10 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=0, help="early stopping after N validations without gain")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = each epoch)")
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--crop", type=int, default=0,
+                   help="train on native-resolution crops of this size around instances and evaluate on tiles "
+                        "(small objects in large images); 0 = whole images")
+    p.add_argument("--max-seconds", type=float, help="wall-clock training budget (stops, keeps the best state)")
     p.add_argument("--persam-steps", type=int, default=200)
     p.add_argument("--name", help="adapter name recorded in the artifact")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
@@ -124,13 +128,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, bf16=args.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, patience=args.patience, prompt=_prompt(args.prompt, args.box_jitter),
-        eval_prompt=_prompt(args.eval_prompt),
+        eval_prompt=_prompt(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
     )
     spec = FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,
         split=SplitSpec(val_fraction=args.val_fraction, seed=args.seed, first_last=first_last,
                         min_area=args.min_area),
-        eval=EvalConfig(prompt=_prompt(args.eval_prompt), seed=args.seed), adapter_name=args.name,
+        eval=EvalConfig(prompt=_prompt(args.eval_prompt), seed=args.seed, tiled=bool(args.crop)),
+        adapter_name=args.name,
         persam_steps=args.persam_steps,
     )
     if args.no_resume:
