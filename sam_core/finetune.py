@@ -76,22 +76,29 @@ def split(spec: FinetuneSpec) -> tuple[SegmentationDataset, SegmentationDataset]
 
 
 def run_finetune(model: LoadedModel, spec: FinetuneSpec,
-                 callback: Callable[[ProgressEvent], None] | None = None) -> FinetuneResult:
-    """Train ``spec.train.method`` on ``spec.data`` and compare it with the zero-shot model on the val split."""
+                 callback: Callable[[ProgressEvent], None] | None = None) -> FinetuneResult | None:
+    """Train ``spec.train.method`` on ``spec.data`` and compare it with the zero-shot model on the val split.
+
+    Under torchrun every rank trains; only rank 0 evaluates and reports (other ranks return None).
+    """
     t0 = time.perf_counter()
     out = Path(spec.out_dir)
     train_ds, val_ds = split(spec)
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
     emit = callback or (lambda event: None)
-    base = Predictor(model)
-    cache: dict = {}
-    zero_shot = evaluate(base, val_ds, spec.eval, label="zero-shot", embeddings=cache)
-    if spec.train.method.method == "persam":
-        adapter_dir, tuned, history = _run_persam(model, train_ds, val_ds, spec, zero_shot, emit)
-    else:
+    persam = spec.train.method.method == "persam"
+    if not persam:
         result = train(model, train_ds, val_ds, spec.train, out, callback=emit, adapter_name=spec.adapter_name,
                        parent=spec.parent)
+        if result.model is None:  # a non-zero torchrun rank: rank 0 evaluates and publishes
+            return None
+    emit(ProgressEvent("evaluating", 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
+    cache: dict = {}
+    zero_shot = evaluate(Predictor(model), val_ds, spec.eval, label="zero-shot", embeddings=cache)
+    if persam:
+        adapter_dir, tuned, history = _run_persam(model, train_ds, val_ds, spec, zero_shot, emit)
+    else:
         adapter_dir, history = result.adapter_dir, result.history
         tuned = evaluate(Predictor(result.model), val_ds, spec.eval, label=f"fine-tuned ({spec.train.method.method})",
                          embeddings=cache)

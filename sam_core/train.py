@@ -100,7 +100,7 @@ class TrainConfig:
 class ProgressEvent:
     """What a progress callback receives (the trainer service streams these)."""
 
-    state: str  # "embedding" | "training" | "validating" | "done" | "stopped_early"
+    state: str  # "embedding" | "training" | "validating" | "done" | "stopped_early" | "evaluating" (finetune)
     step: int
     total_steps: int
     epoch: int

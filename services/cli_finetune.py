@@ -23,7 +23,7 @@ class ProgressBar:
     def __call__(self, event) -> None:
         if event.val_dice is not None:
             self.last_val = event.val_dice
-        if event.state in ("embedding", "validating"):
+        if event.state in ("embedding", "validating", "evaluating"):
             if not self.tty and event.state == "validating":
                 print(f"[{event.state}] step {event.step}", file=self.stream, flush=True)
             return
@@ -57,6 +57,8 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints, embeddings, adapter/, eval/")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--checkpoint", help="base weights for vit_b/vit_l/vit_h")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (under torchrun, auto = cuda:LOCAL_RANK when CUDA is present)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=4)
@@ -114,6 +116,18 @@ def _prompt(kind: str, jitter: float = 0.0):
                         point_from_center=jitter == 0.0)
 
 
+def _device(name: str) -> str:
+    import os
+
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.evaluate import EvalConfig
     from sam_core.finetune import FinetuneSpec, SplitSpec, run_finetune
@@ -142,7 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
-    result = run_finetune(load_model(args.model, args.checkpoint), spec, callback=ProgressBar())
+    result = run_finetune(load_model(args.model, args.checkpoint, device=_device(args.device)), spec,
+                          callback=ProgressBar())
+    if result is None:  # a non-zero torchrun rank
+        return 0
     print(result.table, file=sys.stderr)
     print(json.dumps(result.summary(), indent=2))
     return 0
