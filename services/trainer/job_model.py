@@ -1,0 +1,156 @@
+"""Jobs as plain data, and their job.json files.
+
+``<jobs_dir>/<tenant>/<job_id>/job.json`` holds everything needed to list a job after a restart and to
+rebuild its FinetuneSpec (the request), its state, latest progress, metrics and a tail of its events. It is
+replaced atomically (temp file, fsync, ``os.replace``), so a crash leaves the old or the new file, never half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .job_spec import Hyperparameters, JobRequest
+
+log = logging.getLogger("samforge.trainer")
+
+JOB_FILE = "job.json"
+JOB_FORMAT_VERSION = 1
+EVENT_TAIL = 20
+JOB_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
+
+
+class JobState(str, Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class Job:
+    """One job's state (mutated only by the JobManager under the job's lock; watchers get copies)."""
+
+    id: str
+    tenant: str
+    request: JobRequest
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    adapter_version: int = 0
+    step: int = 0
+    total_steps: int = 0
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    publishing: bool = False  # set just before publishing: a restart then reuses an identical published version
+    resumes: int = 0  # times the job was picked up again after a restart / shutdown
+    events: list[dict[str, Any]] = field(default_factory=list)  # tail of recent events (for job.json)
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    @property
+    def dataset(self) -> str:
+        return self.request.dataset
+
+    @property
+    def adapter_name(self) -> str:
+        return self.request.adapter_name
+
+    def snapshot(self) -> Job:
+        """A copy for readers (without the event tail)."""
+        return dataclasses.replace(self, metrics=dict(self.metrics), events=[])
+
+    def to_json(self) -> dict[str, Any]:
+        req = self.request
+        return {
+            "format_version": JOB_FORMAT_VERSION, "id": self.id, "tenant": self.tenant, "state": self.state.value,
+            "created_at": self.created_at, "updated_at": time.time(),
+            "request": {"dataset": req.dataset, "method": req.method, "adapter_name": req.adapter_name,
+                        "promote_to": req.promote_to, "hyperparameters": req.hyperparameters.to_json()},
+            "adapter_version": self.adapter_version, "step": self.step, "total_steps": self.total_steps,
+            "error": self.error, "metrics": self.metrics, "publishing": self.publishing, "resumes": self.resumes,
+            "events": self.events[-EVENT_TAIL:],
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Job:
+        req = data["request"]
+        request = JobRequest(tenant=data["tenant"], dataset=req["dataset"], method=req["method"],
+                             adapter_name=req["adapter_name"], promote_to=req.get("promote_to", ""),
+                             hyperparameters=Hyperparameters.from_json(req.get("hyperparameters", {})))
+        return Job(id=data["id"], tenant=data["tenant"], request=request, state=JobState(data["state"]),
+                   created_at=float(data["created_at"]), adapter_version=int(data.get("adapter_version", 0)),
+                   step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0)),
+                   error=str(data.get("error", "")), metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
+                   publishing=bool(data.get("publishing", False)), resumes=int(data.get("resumes", 0)),
+                   events=list(data.get("events", []))[-EVENT_TAIL:])
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One progress event (``job`` is a snapshot taken when it happened; ``seq`` orders a job's events)."""
+
+    job: Job
+    phase: str  # queued | embedding | training | validating | evaluating | publishing | done
+    seq: int = 0
+    loss: float | None = None
+    val_dice: float | None = None
+    best_val_dice: float | None = None
+    eta_seconds: float | None = None
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The compact form kept in job.json's event tail."""
+        data = {"phase": self.phase, "state": self.job.state.value, "step": self.job.step, "time": time.time(),
+                "loss": self.loss, "val_dice": self.val_dice, "message": self.message}
+        return {k: v for k, v in data.items() if v is not None}
+
+
+def job_dir(jobs_dir: Path, tenant: str, job_id: str) -> Path:
+    return jobs_dir / tenant / job_id
+
+
+def write_job(folder: Path, job: Job) -> None:
+    """Atomically replace ``folder/job.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(job.to_json(), indent=1, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{JOB_FILE}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / JOB_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_jobs(jobs_dir: Path) -> list[Job]:
+    """Every readable ``<tenant>/<job_id>/job.json`` under ``jobs_dir`` (unreadable ones are logged, skipped)."""
+    jobs = []
+    for path in sorted(jobs_dir.glob(f"*/*/{JOB_FILE}")):
+        try:
+            job = Job.from_json(json.loads(path.read_text()))
+            if job.id != path.parent.name or job.tenant != path.parent.parent.name or not JOB_ID_RE.fullmatch(job.id):
+                raise ValueError("id / tenant do not match the folder")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("skipping unreadable job file %s: %s", path, exc)
+            continue
+        jobs.append(job)
+    return sorted(jobs, key=lambda j: j.created_at)

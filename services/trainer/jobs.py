@@ -1,0 +1,404 @@
+"""JobManager: queue, run, watch, cancel and recover fine-tuning jobs (no protobuf types here).
+
+- ``create`` validates the request (tenant, method, names, data set path, hyper-parameters), writes job.json
+  and queues the job; ``settings.max_concurrent_jobs`` daemon worker threads run
+  ``sam_core.finetune.run_finetune`` with the job folder as ``out_dir``.
+- The progress callback appends to an in-memory event log guarded by a Condition: ``watch`` first yields the
+  latest event (the job's current state), then live events until a terminal state.
+- ``cancel`` is cooperative: the callback raises :class:`JobCancelled` at the job's next progress event.
+- Success publishes ``<job>/adapter`` into the registry as ``(tenant, adapter_name)`` (and moves
+  ``promote_to`` to it). A typed ``sam_core`` error fails the job with its own message (server paths
+  removed); anything else with a generic message and a logged trace.
+- Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.train`` resumes from the
+  checkpoints in the job folder. ``shutdown`` interrupts running jobs at their next event and leaves them
+  QUEUED on disk, so the next start resumes them. One process owns a jobs folder (``flock`` on ``.lock``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sam_core.adapter_registry import AdapterStore, AdapterVersion, content_sha256
+from sam_core.errors import NotFound, SamforgeError, Unavailable
+from sam_core.finetune import FinetuneResult, run_finetune
+from sam_core.models import LoadedModel
+from sam_core.train import ProgressEvent
+from services.common.interceptors import resolve_tenant
+from services.common.metrics import TRAINING_JOBS, TRAINING_LOSS, TRAINING_STEP, TRAINING_VAL_DICE
+from services.common.settings import TrainerSettings
+
+from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, write_job
+from .job_spec import (
+    JobRequest,
+    build_spec,
+    check_coco_paths,
+    check_request,
+    resolve_dataset,
+    tenant_root,
+    train_config,
+)
+
+log = logging.getLogger("samforge.trainer")
+
+EVENT_LOG = 2000  # in-memory events per job (a watcher that falls further behind skips ahead)
+KEEP_AFTER_END = 50  # events kept in memory once a job has ended
+PERSIST_EVERY = 2.0  # seconds between job.json writes for plain progress events (state changes: always)
+GENERIC_ERROR = "internal error while running the job (logged on the server)"
+_PHASES = {"embedding": "embedding", "training": "training", "validating": "validating",
+           "done": "evaluating", "stopped_early": "evaluating"}
+
+
+class JobCancelled(Exception):
+    """CancelJob asked the job to stop (raised inside its progress callback)."""
+
+
+class _Interrupted(Exception):
+    """The manager is shutting down: the job stops at its next event and stays resumable."""
+
+
+@dataclass
+class _Live:
+    job: Job
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    events: deque[JobEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG))
+    seq: int = 0
+    cancel: bool = False
+    last_write: float = 0.0
+    last_phase: str = ""
+
+
+def numeric_metrics(values: dict) -> dict[str, float]:
+    """Only int / float values (no bools, None or strings) as floats."""
+    return {str(k): float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def result_metrics(result: FinetuneResult) -> dict[str, float]:
+    """zero_shot_* / finetuned_* validation summaries plus the adapter's own metrics."""
+    out = {f"adapter_{k}": v for k, v in numeric_metrics(result.adapter.metrics).items()}
+    out.update(seconds=round(result.seconds, 3), n_parameters=float(result.adapter.n_parameters))
+    for prefix, report in zip(("zero_shot", "finetuned"), result.reports, strict=False):
+        summary = numeric_metrics(report.summary)
+        out.update({f"{prefix}_{k}": summary[k] for k in ("dice_mean", "iou_mean", "nsd_mean", "n_instances")
+                    if k in summary})
+    return out
+
+
+class JobManager:
+    """Fine-tuning jobs of every tenant, persisted under ``settings.jobs_dir`` (see the module docstring)."""
+
+    def __init__(self, settings: TrainerSettings, model: LoadedModel, store: AdapterStore) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        self.jobs_dir = Path(settings.jobs_dir).resolve()
+        self.data_dir = Path(settings.data_dir).resolve()
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = _lock_folder(self.jobs_dir)
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Live] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._recover()
+        self._workers = [threading.Thread(target=self._work, name=f"trainer-job-{i}", daemon=True)
+                         for i in range(settings.max_concurrent_jobs)]
+        for worker in self._workers:
+            worker.start()
+
+    # ------------------------------------------------------------------ API
+    def create(self, request: JobRequest) -> Job:
+        """Validate and queue a job; InvalidInput / NotFound name the offending field."""
+        tenant = resolve_tenant(request.tenant)
+        request = replace(request, tenant=tenant)
+        check_request(request)
+        resolve_dataset(self.data_dir, tenant, request.dataset)
+        train_config(request.method, request.hyperparameters)
+        if self._closing.is_set():
+            raise Unavailable("the trainer is shutting down; retry on the next instance")
+        live = _Live(Job(id=uuid.uuid4().hex, tenant=tenant, request=request))
+        with self._lock:
+            self._jobs[live.job.id] = live
+        self._emit(live, "queued", message="queued", state=JobState.QUEUED)
+        created = live.job.snapshot()  # as queued: a worker may pick it up the moment it is on the queue
+        self._queue.put(created.id)
+        log.info("job %s queued (tenant %s, method %s, adapter %s)", created.id, tenant, request.method,
+                 request.adapter_name)
+        return created
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        live = self._find(resolve_tenant(tenant), job_id)
+        with live.cond:
+            return live.job.snapshot()
+
+    def list(self, tenant: str) -> list[Job]:
+        tenant = resolve_tenant(tenant)
+        with self._lock:
+            mine = [live for live in self._jobs.values() if live.job.tenant == tenant]
+        jobs = []
+        for live in mine:
+            with live.cond:
+                jobs.append(live.job.snapshot())
+        return sorted(jobs, key=lambda j: (j.created_at, j.id))
+
+    def watch(self, tenant: str, job_id: str, *, active: Callable[[], bool] = lambda: True,
+              poll: float = 0.5) -> Iterator[JobEvent]:
+        """The latest event first, then live events until a terminal state (or ``active()`` turns False,
+        or the manager shuts down)."""
+        live = self._find(resolve_tenant(tenant), job_id)
+        with live.cond:
+            first = live.events[-1] if live.events else _state_event(live.job)
+        last = first.seq
+        yield first
+        if first.job.state.terminal:
+            return
+        while True:
+            with live.cond:
+                while live.seq == last and not self._closing.is_set() and active():
+                    live.cond.wait(poll)
+                pending = [e for e in live.events if e.seq > last]
+            if not pending:
+                return
+            for event in pending:
+                yield event
+                last = event.seq
+                if event.job.state.terminal:
+                    return
+
+    def cancel(self, tenant: str, job_id: str, *, wait: float = 5.0) -> Job:
+        """Cancel a queued job at once, a running one at its next event (waits up to ``wait`` s for that).
+
+        Cancelling a finished job (or one already publishing its adapter) changes nothing.
+        """
+        live = self._find(resolve_tenant(tenant), job_id)
+        with live.cond:
+            job = live.job
+            if job.state is JobState.QUEUED:
+                self._finish(live, JobState.CANCELLED, message="cancelled before it started")
+            elif job.state is JobState.RUNNING and not job.publishing:
+                live.cancel = True
+                log.info("job %s: cancel requested", job.id)
+                live.cond.wait_for(lambda: live.job.state.terminal, timeout=wait)
+            return live.job.snapshot()
+
+    def wait(self, tenant: str, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job is in a terminal state (or ``timeout``); returns its latest state."""
+        live = self._find(resolve_tenant(tenant), job_id)
+        with live.cond:
+            live.cond.wait_for(lambda: live.job.state.terminal, timeout=timeout)
+            return live.job.snapshot()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the workers: running jobs stop at their next event and stay QUEUED on disk (resumed at next start)."""
+        self._closing.set()
+        with self._lock:
+            lives = list(self._jobs.values())
+        for live in lives:
+            with live.cond:
+                live.cond.notify_all()
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if any(worker.is_alive() for worker in self._workers):
+            log.warning("jobs still running after %.1fs; they resume from their checkpoints at the next start", timeout)
+        elif self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock: another manager may own the folder now
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ internals
+    def _find(self, tenant: str, job_id: str) -> _Live:
+        with self._lock:
+            live = self._jobs.get(job_id)
+        if live is None or live.job.tenant != tenant:  # another tenant's job looks exactly like a missing one
+            raise NotFound(f"job {job_id[:64]!r} not found", field="id")
+        return live
+
+    def _recover(self) -> None:
+        for job in load_jobs(self.jobs_dir):
+            live = _Live(job)
+            self._jobs[job.id] = live
+            if not job.state.terminal:
+                job.resumes += 1
+                self._emit(live, "queued", message="resuming after a restart", state=JobState.QUEUED)
+                self._queue.put(job.id)
+                log.info("job %s re-queued after a restart (was %s)", job.id, job.state.value)
+        self._update_state_gauge()
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None or self._closing.is_set():
+                return
+            with self._lock:
+                live = self._jobs.get(job_id)
+            try:
+                if live is not None:
+                    self._run(live)
+            except Exception:  # e.g. job.json not writable: keep the worker alive for the other jobs
+                log.exception("job %s: the worker failed", job_id)
+
+    def _run(self, live: _Live) -> None:
+        with live.cond:
+            if live.job.state is not JobState.QUEUED or self._closing.is_set():
+                return  # cancelled while queued
+            live.cancel = False
+            self._emit(live, "evaluating", message="loading the data set; zero-shot evaluation",
+                       state=JobState.RUNNING)
+        job = live.job
+        out = job_dir(self.jobs_dir, job.tenant, job.id)
+        try:
+            data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
+            check_coco_paths(data)
+            spec = build_spec(job.request, data, out)
+            result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
+            self._publish(live, result)
+        except JobCancelled:
+            self._finish(live, JobState.CANCELLED, message="cancelled")
+        except _Interrupted:
+            self._emit(live, "queued", message="interrupted by shutdown; resumes at the next start",
+                       state=JobState.QUEUED)
+        except SamforgeError as exc:
+            log.info("job %s failed: %s", job.id, exc)
+            self._finish(live, JobState.FAILED, error=self._redact(str(exc), job))
+        except Exception:
+            log.exception("job %s failed", job.id)
+            self._finish(live, JobState.FAILED, error=GENERIC_ERROR)
+
+    def _check_flags(self, live: _Live) -> None:
+        if live.cancel:
+            raise JobCancelled()
+        if self._closing.is_set():
+            raise _Interrupted()
+
+    def _on_progress(self, live: _Live, event: ProgressEvent) -> None:
+        self._check_flags(live)
+        phase = _PHASES.get(event.state, event.state)
+        message = event.message
+        if event.state in ("done", "stopped_early"):
+            message = "stopped early; evaluating" if event.state == "stopped_early" else "training finished"
+        with live.cond:
+            job = live.job
+            if event.state in ("training", "done", "stopped_early"):
+                job.step = event.step
+            job.total_steps = event.total_steps or job.total_steps
+            for key, value in (("loss", event.loss), ("val_dice", event.val_dice),
+                               ("best_val_dice", event.best_val_dice)):
+                if value is not None:
+                    job.metrics[key] = float(value)
+            self._emit(live, phase, loss=event.loss, val_dice=event.val_dice, best_val_dice=event.best_val_dice,
+                       eta_seconds=event.eta_seconds, message=message)
+        if event.state == "training":
+            TRAINING_STEP.labels(job=job.id).set(event.step)
+            if event.loss is not None:
+                TRAINING_LOSS.labels(job=job.id).set(event.loss)
+            if event.val_dice is not None:
+                TRAINING_VAL_DICE.labels(job=job.id).set(event.val_dice)
+
+    def _publish(self, live: _Live, result: FinetuneResult) -> None:
+        job = live.job
+        name, alias = job.adapter_name, job.request.promote_to
+        with live.cond:
+            self._check_flags(live)  # a cancel that arrived after the last event still wins
+            retry = job.publishing  # a previous run crashed while publishing
+            job.publishing = True
+            job.metrics.update(result_metrics(result))
+            self._emit(live, "publishing", message=f"publishing {name}")
+        version = self._published_copy(job, result.adapter_dir) if retry else None
+        version = version or self.store.publish(job.tenant, name, result.adapter_dir)
+        with live.cond:
+            job.adapter_version = version.version
+            self._write(live)
+        message = f"published {version.ref}"
+        if alias:
+            self.store.promote(job.tenant, name, alias, version.version)
+            message += f" as {name}@{alias}"
+        with live.cond:
+            job.publishing = False
+        self._finish(live, JobState.SUCCEEDED, message=message)
+
+    def _published_copy(self, job: Job, adapter_dir: Path) -> AdapterVersion | None:
+        """The version an interrupted earlier publish of this very artifact created, if any."""
+        digest = content_sha256(adapter_dir)
+        return next((v for v in self.store.list(job.tenant, job.adapter_name) if v.sha256 == digest), None)
+
+    def _finish(self, live: _Live, state: JobState, *, error: str = "", message: str = "") -> None:
+        job = live.job
+        if state in (JobState.SUCCEEDED, JobState.CANCELLED):  # checkpoints are only needed to resume
+            out = job_dir(self.jobs_dir, job.tenant, job.id)
+            for sub in ("checkpoints", "embeddings"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+        with live.cond:
+            job.error = error
+            self._emit(live, "done", message=message or error, state=state)
+            live.events = deque(list(live.events)[-KEEP_AFTER_END:], maxlen=EVENT_LOG)  # bounded memory per job
+        for gauge in (TRAINING_STEP, TRAINING_LOSS, TRAINING_VAL_DICE):
+            try:
+                gauge.remove(job.id)
+            except KeyError:
+                pass
+        log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
+
+    def _emit(self, live: _Live, phase: str, *, state: JobState | None = None, **values) -> None:
+        """Record an event (and a state change), persist job.json when due, wake the watchers."""
+        with live.cond:
+            if state is not None:
+                live.job.state = state
+            live.seq += 1
+            event = JobEvent(job=live.job.snapshot(), phase=phase, seq=live.seq, **values)
+            live.events.append(event)
+            live.job.events = [*live.job.events[-19:], event.to_json()]
+            due = time.monotonic() - live.last_write > PERSIST_EVERY
+            if state is not None or phase != live.last_phase or due:
+                self._write(live)
+            live.last_phase = phase
+            live.cond.notify_all()
+        if state is not None:
+            self._update_state_gauge()
+
+    def _write(self, live: _Live) -> None:
+        write_job(job_dir(self.jobs_dir, live.job.tenant, live.job.id), live.job)
+        live.last_write = time.monotonic()
+
+    def _update_state_gauge(self) -> None:
+        with self._lock:
+            states = [live.job.state for live in self._jobs.values()]
+        for state in JobState:
+            TRAINING_JOBS.labels(state=state.value.lower()).set(states.count(state))
+
+    def _redact(self, text: str, job: Job) -> str:
+        """Server paths out of an error message: the data set relative to the tenant's folder."""
+        out = str(job_dir(self.jobs_dir, job.tenant, job.id))
+        root = str(tenant_root(self.data_dir, job.tenant))
+        text = text.replace(out + os.sep, "").replace(out, "<job folder>")
+        return text.replace(root + os.sep, "").replace(root, ".")
+
+
+def _state_event(job: Job) -> JobEvent:
+    """An event for a job that has none in memory (loaded from job.json): its last recorded phase."""
+    tail = job.events[-1] if job.events else {}
+    phase = tail.get("phase") or ("done" if job.state.terminal else "queued")
+    return JobEvent(job=job.snapshot(), phase=phase, message=str(tail.get("message", job.error)))
+
+
+def _lock_folder(folder: Path) -> int:
+    """Hold ``folder/.lock`` exclusively for the process lifetime (one trainer per jobs folder)."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Unavailable(f"another trainer owns {folder}; run one trainer per jobs folder",
+                          field="SAMFORGE_JOBS_DIR") from None
+    return fd

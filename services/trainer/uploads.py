@@ -1,0 +1,223 @@
+"""Data set uploads: a tar / zip archive streamed in chunks, extracted safely into the tenant's data folder.
+
+The archive goes to a staging folder next to its destination (``<data>/<tenant>/uploads/.incoming-<id>/``),
+is checked entry by entry *before* anything is extracted — no absolute names, no ``..``, no symbolic or hard
+links, no devices / FIFOs, no duplicate names, at most :data:`MAX_ENTRIES` entries and
+``EXTRACT_RATIO x max_bytes`` bytes once extracted — then extracted by hand (``O_EXCL | O_NOFOLLOW``, sizes
+counted while copying) and renamed to ``uploads/<id>/``. A single wrapping folder (``data/images/...``) is
+unwrapped. Every refusal is InvalidInput (INVALID_ARGUMENT), including an upload over the size limit: the
+caller must send something else, retrying does not help (RESOURCE_EXHAUSTED would suggest it might).
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import lzma
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from sam_core.errors import InvalidInput
+from services.common.interceptors import resolve_tenant
+
+from .job_spec import tenant_root
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+ZIP_SUFFIXES = (".zip",)
+MAX_ENTRIES = 200_000
+EXTRACT_RATIO = 4  # extracted bytes may be at most this many times the upload limit (decompression bombs)
+LAYOUT_NAMES = ("images", "masks", "masks_instances")  # a lone folder with one of these names is the data set
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error,
+                   lzma.LZMAError, gzip.BadGzipFile, NotImplementedError)
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tenant: str
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    id: str  # "uploads/<id>": a data set reference for CreateJob
+    bytes: int  # archive size
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: PurePosixPath
+    is_dir: bool
+    size: int
+    source: object  # TarInfo | ZipInfo
+
+
+def _bad(message: str, field: str = "data") -> InvalidInput:
+    return InvalidInput(message, field=field)
+
+
+def archive_kind(filename: str) -> str:
+    """"tar" or "zip" from the file name (InvalidInput(field="filename") otherwise)."""
+    lower = filename.lower()
+    if lower.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lower.endswith(ZIP_SUFFIXES):
+        return "zip"
+    raise _bad(f"{filename[:80]!r} is not a supported archive; use {', '.join(TAR_SUFFIXES + ZIP_SUFFIXES)}",
+               "filename")
+
+
+def safe_member_path(name: str) -> PurePosixPath | None:
+    """A member name as a relative path inside the destination (None for "." entries), else InvalidInput."""
+    if "\x00" in name:
+        raise _bad(f"archive entry {name[:80]!r} has a NUL byte in its name")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise _bad(f"archive entry {name[:80]!r} has an absolute path")
+    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".")]
+    if ".." in parts:
+        raise _bad(f"archive entry {name[:80]!r} points outside the upload folder ('..')")
+    if not parts or parts[0] == "__MACOSX":
+        return None
+    return PurePosixPath(*parts)
+
+
+def _tar_entries(archive: tarfile.TarFile) -> Iterator[_Entry]:
+    for member in archive:
+        path = safe_member_path(member.name)
+        if member.issym() or member.islnk():
+            raise _bad(f"archive entry {member.name[:80]!r} is a link; links are not accepted")
+        if not (member.isfile() or member.isdir()):
+            raise _bad(f"archive entry {member.name[:80]!r} is a device, FIFO or other special file")
+        if path is not None:
+            yield _Entry(path, member.isdir(), member.size if member.isfile() else 0, member)
+
+
+def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
+    for info in archive.infolist():
+        path = safe_member_path(info.filename)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise _bad(f"archive entry {info.filename[:80]!r} is a link; links are not accepted")
+        if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise _bad(f"archive entry {info.filename[:80]!r} is a device, FIFO or other special file")
+        if path is not None:
+            yield _Entry(path, info.is_dir(), 0 if info.is_dir() else info.file_size, info)
+
+
+def check_entries(entries: Iterable[_Entry], max_bytes: int) -> list[_Entry]:
+    """All entries, after the count / size / duplicate / file-vs-folder checks (nothing extracted yet)."""
+    out: list[_Entry] = []
+    files: set[PurePosixPath] = set()
+    dirs: set[PurePosixPath] = set()
+    total = 0
+    for entry in entries:
+        out.append(entry)
+        if len(out) > MAX_ENTRIES:
+            raise _bad(f"the archive has more than {MAX_ENTRIES} entries")
+        total += entry.size
+        if total > max_bytes:
+            raise _bad(f"the archive extracts to more than {max_bytes} bytes")
+        parents = set(entry.path.parents) - {PurePosixPath(".")}
+        if entry.is_dir:
+            dirs.add(entry.path)
+        elif entry.path in files:
+            raise _bad(f"archive entry {str(entry.path)[:80]!r} appears twice")
+        else:
+            files.add(entry.path)
+        dirs |= parents
+    clash = files & dirs
+    if clash:
+        raise _bad(f"archive entry {str(next(iter(clash)))[:80]!r} is both a file and a folder")
+    return out
+
+
+def _copy(source: IO[bytes], target: Path, budget: list[int]) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        while block := source.read(_BLOCK):
+            budget[0] -= len(block)
+            if budget[0] < 0:  # entries that extract to more than they declared
+                raise _bad("the archive extracts to more bytes than its entries declare")
+            handle.write(block)
+
+
+def extract_archive(archive_path: Path, kind: str, dest: Path, max_bytes: int) -> None:
+    """Check every entry of the archive, then extract it into the new folder ``dest``."""
+    dest.mkdir()
+    budget = [max_bytes]
+    try:
+        opener = tarfile.open(archive_path, "r:*") if kind == "tar" else zipfile.ZipFile(archive_path)
+        with opener as archive:
+            reader = _tar_entries(archive) if kind == "tar" else _zip_entries(archive)
+            for entry in check_entries(reader, max_bytes):
+                target = dest.joinpath(*entry.path.parts)
+                if entry.is_dir:
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if kind == "tar":
+                    source = archive.extractfile(entry.source)
+                    if source is None:
+                        raise _bad(f"archive entry {str(entry.path)[:80]!r} has no data")
+                else:
+                    source = archive.open(entry.source)
+                with source:
+                    _copy(source, target, budget)
+    except _ARCHIVE_ERRORS as exc:
+        raise _bad(f"not a readable {kind} archive ({type(exc).__name__})") from exc
+    except RuntimeError as exc:  # zipfile: encrypted entries
+        raise _bad(f"the {kind} archive cannot be extracted ({exc})") from exc
+
+
+def _unwrap(tree: Path) -> Path:
+    """The data set root: ``tree`` or its only entry if that is a folder not named like a layout part."""
+    entries = list(tree.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() and \
+            entries[0].name not in LAYOUT_NAMES:
+        return entries[0]
+    return tree
+
+
+def receive_dataset(chunks: Iterable[Chunk], data_dir: str | Path, max_bytes: int) -> UploadResult:
+    """Write the streamed archive to a staging file (at most ``max_bytes``), extract it safely and publish it
+    as ``<data_dir>/<tenant>/uploads/<id>/``; returns ``UploadResult("uploads/<id>", size)``."""
+    stream = iter(chunks)
+    first = next(stream, None)
+    if first is None:
+        raise _bad("the upload is empty")
+    tenant = resolve_tenant(first.tenant)
+    kind = archive_kind(first.filename)
+    uploads = tenant_root(data_dir, tenant) / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    upload_id = uuid.uuid4().hex
+    staging = uploads / f".incoming-{upload_id}"
+    staging.mkdir()
+    try:
+        archive = staging / "archive"
+        size = 0
+        with open(archive, "wb") as handle:
+            for chunk in itertools.chain([first], stream):
+                size += len(chunk.data)
+                if size > max_bytes:
+                    raise _bad(f"the upload is larger than the limit of {max_bytes} bytes")
+                handle.write(chunk.data)
+        if size == 0:
+            raise _bad("the upload is empty")
+        extract_archive(archive, kind, staging / "tree", max_bytes * EXTRACT_RATIO)
+        root = _unwrap(staging / "tree")
+        if not any(root.iterdir()):
+            raise _bad("the archive holds no files")
+        os.rename(root, uploads / upload_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return UploadResult(id=f"uploads/{upload_id}", bytes=size)

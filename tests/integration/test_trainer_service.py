@@ -1,0 +1,227 @@
+"""The trainer service as its own process (tiny model): jobs, progress streams, uploads, the adapter registry,
+bad inputs and tenant isolation."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from services._generated.sam.v1 import trainer_pb2, trainer_pb2_grpc
+from tests.conftest import write_blob_dataset
+from tests.integration.conftest import health_status, running
+
+pytestmark = pytest.mark.integration
+
+FAST = trainer_pb2.Hyperparameters(epochs=2, batch_size=2, lr=1e-3)
+TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+@pytest.fixture(scope="module")
+def trainer_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
+    root = tmp_path_factory.mktemp("trainer")
+    write_blob_dataset(root / "data" / "acme" / "blobs")
+    env = {"SAMFORGE_MODEL": "tiny", "SAMFORGE_DATA_DIR": str(root / "data"), "SAMFORGE_JOBS_DIR": str(root / "jobs"),
+           "SAMFORGE_REGISTRY_DIR": str(root / "registry"), "SAMFORGE_MAX_UPLOAD_BYTES": str(2 << 20),
+           "SAMFORGE_GRACE_SECONDS": "5"}
+    return env, root
+
+
+@pytest.fixture(scope="module")
+def trainer(trainer_env):
+    with running("trainer", *trainer_env) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def stubs(trainer):
+    with grpc.insecure_channel(trainer.address) as channel:
+        yield trainer_pb2_grpc.TrainerServiceStub(channel), trainer_pb2_grpc.AdapterRegistryStub(channel)
+
+
+def run_job(jobs, **fields) -> list[trainer_pb2.JobEvent]:
+    request = {"tenant": "acme", "dataset": "blobs", "method": "decoder", "adapter_name": "ships",
+               "hyperparameters": FAST, **fields}
+    job = jobs.CreateJob(trainer_pb2.CreateJobRequest(**request), timeout=30)
+    assert job.state == trainer_pb2.JOB_STATE_QUEUED and len(job.id) == 32
+    return list(jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant=request["tenant"]), timeout=120))
+
+
+@pytest.fixture(scope="module")
+def first_job(stubs):
+    return run_job(stubs[0])
+
+
+def code_of(call, request) -> tuple[grpc.StatusCode, str]:
+    """Status of a failing unary call, or of the first message of a failing stream."""
+    with pytest.raises(grpc.RpcError) as info:
+        reply = call(request, timeout=30)
+        if hasattr(reply, "__next__"):  # a server stream fails on its first message
+            next(reply)
+    return info.value.code(), info.value.details()
+
+
+def test_watch_streams_progress_to_succeeded_and_lists_the_adapter(stubs, first_job):
+    jobs, registry = stubs
+    last = first_job[-1]
+    assert last.job.state == trainer_pb2.JOB_STATE_SUCCEEDED and last.phase == "done", last.job.error
+    assert last.job.adapter_version == 1 and last.job.step == last.job.total_steps > 0
+    assert "finetuned_dice_mean" in last.job.metrics
+    training = [e for e in first_job if e.phase == "training"]
+    assert training and all(e.loss > 0 for e in training if e.val_dice == 0)
+    assert any(e.val_dice > 0 for e in training)
+    steps = [e.job.step for e in first_job]
+    assert steps == sorted(steps)
+    assert [j.id for j in jobs.ListJobs(trainer_pb2.ListJobsRequest(tenant="acme")).jobs] == [last.job.id]
+    adapters = registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="acme")).adapters
+    assert [(a.name, a.version, a.method) for a in adapters] == [("ships", 1, "decoder")]
+    assert adapters[0].shares_base_embeddings and len(adapters[0].sha256) == 64 and adapters[0].n_parameters > 0
+    assert "val_dice" in adapters[0].metrics and "stopped_early" not in adapters[0].metrics
+
+
+def test_tenants_do_not_see_each_other(stubs, first_job):
+    jobs, registry = stubs
+    job_id = first_job[-1].job.id
+    assert code_of(jobs.WatchJob, trainer_pb2.WatchJobRequest(id=job_id, tenant="other"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(jobs.CancelJob, trainer_pb2.CancelJobRequest(id=job_id, tenant="other"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert list(jobs.ListJobs(trainer_pb2.ListJobsRequest(tenant="other")).jobs) == []
+    assert list(registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="other")).adapters) == []
+    assert code_of(registry.GetAdapter, trainer_pb2.GetAdapterRequest(tenant="other", ref="ships"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    # the other tenant's data folder is not reachable either (relative to its own root, "blobs" does not exist)
+    code, details = code_of(jobs.CreateJob, trainer_pb2.CreateJobRequest(
+        tenant="other", dataset="blobs", method="decoder", adapter_name="ships"))
+    assert code == grpc.StatusCode.NOT_FOUND and "dataset" in details
+
+
+def test_promote_rollback_and_delete_move_aliases(stubs, first_job):
+    jobs, registry = stubs
+    second = run_job(jobs, promote_to="prod")[-1]
+    assert second.job.state == trainer_pb2.JOB_STATE_SUCCEEDED and second.job.adapter_version == 2
+    assert "ships@prod" in second.message
+
+    def prod() -> int:
+        return registry.GetAdapter(trainer_pb2.GetAdapterRequest(tenant="acme", ref="ships@prod"), timeout=30).version
+
+    assert prod() == 2
+    moved = registry.Promote(trainer_pb2.PromoteRequest(tenant="acme", name="ships", alias="prod", version=1))
+    assert moved.version == 1 and list(moved.aliases) == ["prod"] and prod() == 1
+    assert registry.Rollback(trainer_pb2.RollbackRequest(tenant="acme", name="ships", alias="prod")).version == 2
+    assert prod() == 2
+    code, details = code_of(registry.Delete, trainer_pb2.DeleteRequest(tenant="acme", name="ships", version=2))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "prod" in details
+    registry.Delete(trainer_pb2.DeleteRequest(tenant="acme", name="ships", version=1), timeout=30)
+    listed = registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="acme", name="ships")).adapters
+    assert [(a.version, list(a.aliases)) for a in listed] == [(2, ["prod"])]
+    assert code_of(registry.GetAdapter, trainer_pb2.GetAdapterRequest(tenant="acme", ref="ships:1"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _chunks(payload: bytes, tenant: str = "acme", filename: str = "data.tar.gz", size: int = 16384):
+    yield trainer_pb2.DatasetChunk(tenant=tenant, filename=filename, data=payload[:size])
+    for start in range(size, len(payload), size):
+        yield trainer_pb2.DatasetChunk(data=payload[start:start + size])
+
+
+def test_upload_a_data_set_and_train_on_it(stubs, tmp_path):
+    jobs, _ = stubs
+    folder = write_blob_dataset(tmp_path / "mine", seed=3)
+    members = {f"mine/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+    payload = _tar_gz(members)
+    ref = jobs.UploadDataset(_chunks(payload), timeout=60)
+    assert ref.id.startswith("uploads/") and ref.bytes == len(payload)
+    events = run_job(jobs, dataset=ref.id, adapter_name="uploaded",
+                     hyperparameters=trainer_pb2.Hyperparameters(epochs=1, batch_size=2))
+    assert events[-1].job.state == trainer_pb2.JOB_STATE_SUCCEEDED, events[-1].job.error
+    assert events[-1].job.dataset == ref.id
+
+
+def test_cancel_stops_a_running_job(stubs):
+    jobs, registry = stubs
+    job = jobs.CreateJob(trainer_pb2.CreateJobRequest(
+        tenant="acme", dataset="blobs", method="decoder", adapter_name="long",
+        hyperparameters=trainer_pb2.Hyperparameters(epochs=500, batch_size=2)), timeout=30)
+    stream = jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant="acme"), timeout=120)
+    next(e for e in stream if e.phase == "training")
+    cancelled = jobs.CancelJob(trainer_pb2.CancelJobRequest(id=job.id, tenant="acme"), timeout=30)
+    assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+    assert [e.job.state for e in stream][-1] == trainer_pb2.JOB_STATE_CANCELLED
+    assert list(registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="acme", name="long")).adapters) == []
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"dataset": "../acme/blobs"}, "dataset"),
+    ({"dataset": "/etc"}, "dataset"),
+    ({"adapter_name": "../../etc"}, "adapter_name"),
+    ({"method": "magic"}, "method"),
+    ({"tenant": "../acme"}, "tenant"),
+    ({"hyperparameters": trainer_pb2.Hyperparameters(val_fraction=1.5)}, "val_fraction"),
+])
+def test_bad_job_requests_are_invalid_argument(stubs, trainer, fields, needle):
+    jobs, _ = stubs
+    request = {"tenant": "acme", "dataset": "blobs", "method": "decoder", "adapter_name": "ships", **fields}
+    code, details = code_of(jobs.CreateJob, trainer_pb2.CreateJobRequest(**request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details
+    assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unknown_jobs_bad_refs_and_malicious_archives_leave_the_service_serving(stubs, trainer):
+    jobs, registry = stubs
+    unknown = trainer_pb2.WatchJobRequest(id="f" * 32, tenant="acme")
+    assert code_of(jobs.WatchJob, unknown)[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(jobs.CancelJob, trainer_pb2.CancelJobRequest(id="../x", tenant="acme"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(registry.GetAdapter, trainer_pb2.GetAdapterRequest(tenant="acme", ref="../x"))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    evil = _tar_gz({"images/a.png": b"x", "../../escaped.txt": b"owned"})
+    code, details = code_of(jobs.UploadDataset, _chunks(evil))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
+    code, details = code_of(jobs.UploadDataset, _chunks(bytes(3 << 20)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
+    assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+# Last on purpose: it stops the module's server and restarts the service on the same folders.
+def test_sigterm_leaves_a_running_job_resumable_and_a_restart_resumes_it(stubs, trainer, trainer_env):
+    env, root = trainer_env
+    jobs, _ = stubs
+    job = jobs.CreateJob(trainer_pb2.CreateJobRequest(
+        tenant="acme", dataset="blobs", method="decoder", adapter_name="long",
+        hyperparameters=trainer_pb2.Hyperparameters(epochs=500, batch_size=2, checkpoint_every=3)), timeout=30)
+    stream = jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant="acme"), timeout=120)
+    next(e for e in stream if e.phase == "training" and e.job.step >= 7)
+    stream.cancel()
+    assert trainer.stop() == 0
+    folder = root / "jobs" / "acme" / job.id
+    saved = json.loads((folder / "job.json").read_text())
+    assert saved["state"] == "QUEUED" and "resumes at the next start" in saved["events"][-1]["message"]
+    resumed_from = int(sorted((folder / "checkpoints").glob("step_*.pt"))[-1].stem.split("_")[1])
+    assert resumed_from >= 6
+    with running("trainer", env, root) as service, grpc.insecure_channel(service.address) as channel:
+        restarted = trainer_pb2_grpc.TrainerServiceStub(channel)
+        stream = restarted.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant="acme"), timeout=120)
+        seen = next(e for e in stream if e.phase == "training")
+        assert resumed_from + 1 <= seen.job.step < seen.job.total_steps
+        stream.cancel()
+        cancelled = restarted.CancelJob(trainer_pb2.CancelJobRequest(id=job.id, tenant="acme"), timeout=30)
+        assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+        listed = restarted.ListJobs(trainer_pb2.ListJobsRequest(tenant="acme"), timeout=30).jobs
+        assert {j.state for j in listed if j.id != job.id} == {trainer_pb2.JOB_STATE_SUCCEEDED,  # kept over restarts
+                                                                trainer_pb2.JOB_STATE_CANCELLED}
