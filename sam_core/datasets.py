@@ -513,11 +513,17 @@ def _decode_rles(rles: tuple[dict, ...], ids: tuple[int, ...]) -> list[Instance]
 
 
 def _coco_image_path(file_name: str, json_path: Path, image_root: Path | None) -> Path | None:
-    if image_root is not None:
-        candidates = [image_root / file_name]
-    else:
-        candidates = [json_path.parent / file_name, json_path.parent / "images" / file_name]
-    return next((c for c in candidates if c.is_file()), None)
+    """The image file for a COCO ``file_name``, which must stay inside its root (no absolute path, no
+    ``..``): an uploaded annotation file must not make the trainer read files outside the data set."""
+    roots = [image_root] if image_root is not None else [json_path.parent, json_path.parent / "images"]
+    relative = Path(file_name)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    for root in roots:
+        candidate = root / relative
+        if candidate.is_file() and candidate.resolve().is_relative_to(root.resolve()):
+            return candidate
+    return None
 
 
 def _group_annotations(data: dict, include_crowd: bool, json_name: str, report: ValidationReport) -> dict:
@@ -574,6 +580,10 @@ def _coco_record(
     file_name = str(img["file_name"])
     image_path = _coco_image_path(file_name, json_path, image_root)
     if image_path is None:
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            report.add(file_name, "unreadable",
+                       "file_name must be relative to the image root (no absolute path, no ..)")
+            return None
         where = image_root if image_root is not None else f"{json_path.parent} or its images/"
         report.add(file_name, "missing_partner", f"image file not found under {where}")
         return None

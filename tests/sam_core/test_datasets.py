@@ -357,3 +357,30 @@ def test_fingerprint_is_stable_and_tracks_mask_bytes(tmp_path: Path) -> None:
     changed[0, 0] = 255
     _save(two / "masks" / "b.png", changed)
     assert dataset_fingerprint(load_dataset(two)) != fp
+
+
+def test_coco_file_names_cannot_escape_the_image_root(tmp_path):
+    import json as _json
+
+    import cv2 as _cv2
+    import numpy as _np
+
+    from sam_core.datasets import load_dataset as _load
+    from sam_core.errors import InvalidInput as _Invalid
+
+    secret = tmp_path / "secret.png"
+    other = tmp_path / "other.png"
+    for path in (secret, other):
+        _cv2.imwrite(str(path), _np.zeros((8, 8), _np.uint8))
+    root = tmp_path / "coco"
+    root.mkdir()
+    seg = [[1, 1, 6, 1, 6, 6, 1, 6]]
+    data = {"images": [{"id": 1, "file_name": "../secret.png", "height": 8, "width": 8},
+                       {"id": 2, "file_name": str(other), "height": 8, "width": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg, "iscrowd": 0},
+                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": seg, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "x"}]}
+    (root / "ann.json").write_text(_json.dumps(data))
+    with pytest.raises(_Invalid) as info:
+        _load(root / "ann.json")
+    assert str(info.value).count("no absolute path") == 2
