@@ -96,6 +96,11 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
+class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raise from a progress callback to stop a run: train() first checkpoints the current step (so the
+    run resumes exactly from there), then re-raises."""
+
+
 @dataclass
 class ProgressEvent:
     """What a progress callback receives (the trainer service streams these)."""
@@ -425,9 +430,9 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
         raise InvalidInput(f"global batch {cfg.batch_size} is not divisible by {info.world} ranks",
                            field="batch_size")
     emit = callback if (callback and info.is_main) else (lambda event: None)
-    torch.manual_seed(cfg.seed)
-
-    sam = adapted_sam(model, cfg.method).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init (LoRA) without touching the process-wide RNG
+        torch.manual_seed(cfg.seed)
+        sam = adapted_sam(model, cfg.method).to(device)
     trainable = [p for p in sam.parameters() if p.requires_grad]
     base_predictor = Predictor(model, device=device)
     decoder_only = not cfg.method.encoder_side
@@ -477,7 +482,6 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
             for name, tensor in state["trainable"].items():
                 params[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
         step, history, best_dice, bad_evals = state["step"], state["history"], state["best_dice"], state["bad_evals"]
         best_state, zero_shot = state["best_state"], state["zero_shot"]
         log.info("resumed %s at step %d", ckpt, step)
@@ -491,69 +495,76 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
             view = dataclasses.replace(view, adapter=_TrainingAdapter(), adapter_id="training")
         return Predictor(view, device=device)
 
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "model_id": model.model_id, "step": step,
+            "trainable": trainable_state(sam), "optimizer": optimizer.state_dict(), "history": history,
+            "best_dice": best_dice, "bad_evals": bad_evals, "best_state": best_state, "zero_shot": zero_shot,
+        }
+
     stopped_early = False
     t_loop = time.perf_counter()
     first_step = step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_data.items))
-        pos = step % steps_per_epoch
-        chosen = [train_data.items[k] for k in order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
-        if len(chosen) % info.world:  # last partial batch: drop the remainder so ranks stay equal
-            chosen = chosen[: len(chosen) - len(chosen) % info.world]
-        local = list(enumerate(chosen))[info.rank::info.world]
-        lr = get_lr(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_mode(sam)
-        images, embeds, points, boxes, targets = train_data.batch(local, [cfg.seed, step], cfg.prompt,
-                                                                  device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits, iou_pred = module(images, embeds, points, boxes)
-        loss, parts = segmentation_loss(logits.float(), targets, iou_pred.float(), cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        loss_value = _mean_across(parts["total"], info)
-        history["step"].append(step)
-        history["loss"].append(loss_value)
-        history["lr"].append(lr)
-        rate = (time.perf_counter() - t_loop) / max(1, step - first_step)
-        emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, lr=lr, best_val_dice=best_dice,
-                           eta_seconds=rate * (total_steps - step)))
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_data.items))
+            pos = step % steps_per_epoch
+            chosen = [train_data.items[k] for k in order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
+            if len(chosen) % info.world:  # last partial batch: drop the remainder so ranks stay equal
+                chosen = chosen[: len(chosen) - len(chosen) % info.world]
+            local = list(enumerate(chosen))[info.rank::info.world]
+            lr = get_lr(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_mode(sam)
+            images, embeds, points, boxes, targets = train_data.batch(local, [cfg.seed, step], cfg.prompt,
+                                                                      device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits, iou_pred = module(images, embeds, points, boxes)
+            loss, parts = segmentation_loss(logits.float(), targets, iou_pred.float(), cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            loss_value = _mean_across(parts["total"], info)
+            history["step"].append(step)
+            history["loss"].append(loss_value)
+            history["lr"].append(lr)
+            rate = (time.perf_counter() - t_loop) / max(1, step - first_step)
+            emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, lr=lr, best_val_dice=best_dice,
+                               eta_seconds=rate * (total_steps - step)))
 
-        out_of_time = cfg.max_seconds is not None and _any(time.perf_counter() - t_start > cfg.max_seconds, info)
-        stop = False
-        if val_data is not None and (step % eval_every == 0 or step == total_steps or out_of_time):
-            if info.is_main:
-                sam.eval()
-                emit(ProgressEvent("validating", step, total_steps, epoch))
-                score = validation_dice(current_predictor(), val_data, cfg.eval_prompt, cfg.seed, decoder_only)
-                history["val_step"].append(step)
-                history["val_dice"].append(score)
-                if best_dice is None or score > best_dice:
-                    best_dice, best_state, bad_evals = score, trainable_state(sam), 0
-                else:
-                    bad_evals += 1
-                stop = cfg.patience > 0 and bad_evals >= cfg.patience
-                emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, val_dice=score,
-                                   best_val_dice=best_dice))
-            stop = _any(stop, info)
-        if info.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps or stop or out_of_time):
-            save_checkpoint(out, {
-                "format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "model_id": model.model_id, "step": step,
-                "trainable": trainable_state(sam), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best_dice": best_dice,
-                "bad_evals": bad_evals, "best_state": best_state, "zero_shot": zero_shot,
-            })
-        if stop or out_of_time:
-            stopped_early = True
-            if out_of_time:
-                log.info("time budget of %.0fs reached at step %d", cfg.max_seconds, step)
-            break
+            out_of_time = cfg.max_seconds is not None and _any(time.perf_counter() - t_start > cfg.max_seconds, info)
+            stop = False
+            if val_data is not None and (step % eval_every == 0 or step == total_steps or out_of_time):
+                if info.is_main:
+                    sam.eval()
+                    emit(ProgressEvent("validating", step, total_steps, epoch))
+                    score = validation_dice(current_predictor(), val_data, cfg.eval_prompt, cfg.seed, decoder_only)
+                    history["val_step"].append(step)
+                    history["val_dice"].append(score)
+                    if best_dice is None or score > best_dice:
+                        best_dice, best_state, bad_evals = score, trainable_state(sam), 0
+                    else:
+                        bad_evals += 1
+                    stop = cfg.patience > 0 and bad_evals >= cfg.patience
+                    emit(ProgressEvent("training", step, total_steps, epoch, loss=loss_value, val_dice=score,
+                                       best_val_dice=best_dice))
+                stop = _any(stop, info)
+            if info.is_main and (step % cfg.checkpoint_every == 0 or step == total_steps or stop or out_of_time):
+                save_checkpoint(out, checkpoint_state())
+            if stop or out_of_time:
+                stopped_early = True
+                if out_of_time:
+                    log.info("time budget of %.0fs reached at step %d", cfg.max_seconds, step)
+                break
+    except StopTraining:
+        if info.is_main and step > first_step:  # resume exactly from the step the run was stopped at
+            save_checkpoint(out, checkpoint_state())
+        raise
 
     adapter_dir, trained = None, None
     if info.is_main:

@@ -33,7 +33,7 @@ from sam_core.adapter_registry import AdapterStore, AdapterVersion, content_sha2
 from sam_core.errors import NotFound, SamforgeError, Unavailable
 from sam_core.finetune import FinetuneResult, run_finetune
 from sam_core.models import LoadedModel
-from sam_core.train import ProgressEvent
+from sam_core.train import ProgressEvent, StopTraining
 from services.common.interceptors import resolve_tenant
 from services.common.metrics import TRAINING_JOBS, TRAINING_LOSS, TRAINING_STEP, TRAINING_VAL_DICE
 from services.common.settings import TrainerSettings
@@ -59,11 +59,11 @@ _PHASES = {"embedding": "embedding", "training": "training", "validating": "vali
            "done": "evaluating", "stopped_early": "evaluating"}
 
 
-class JobCancelled(Exception):
+class JobCancelled(StopTraining):
     """CancelJob asked the job to stop (raised inside its progress callback)."""
 
 
-class _Interrupted(Exception):
+class _Interrupted(StopTraining):
     """The manager is shutting down: the job stops at its next event and stays resumable."""
 
 

@@ -195,3 +195,21 @@ def test_time_budget_stops_and_still_publishes(tiny_model, splits, tmp_path):
     result = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
     assert result.stopped_early and result.steps < 1000 * 2
     assert result.history["val_step"][-1] == result.steps and (result.adapter_dir / "adapter_config.json").exists()
+
+
+def test_stop_training_checkpoints_the_current_step(tiny_model, splits, tmp_path):
+    """A callback that stops the run (cancel, shutdown) leaves a checkpoint at that very step."""
+    from sam_core.train import StopTraining, latest_checkpoint, load_checkpoint
+
+    train_ds, val_ds = splits
+    cfg = TrainConfig(epochs=20, batch_size=2, checkpoint_every=1000)
+
+    def stop_at_5(event):
+        if event.state == "training" and event.step == 5:
+            raise StopTraining()
+
+    with pytest.raises(StopTraining):
+        train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run", callback=stop_at_5)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 5
+    resumed = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert resumed.steps == cfg.epochs * (train_ds.n_instances // 2)
