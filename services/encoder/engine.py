@@ -1,0 +1,341 @@
+"""The encoder service's logic (no protobuf types): keys, caches, single-flight, batching, adapters, tiling.
+
+:meth:`EmbeddingEngine.embed` for one request:
+
+1. decode the image with the byte / pixel limits (errors name the field ``image``);
+2. resolve the adapter for the tenant (:class:`~services.encoder.adapters.AdapterModels`);
+3. key: ``embedding_key(image_content_hash, model_id, preprocess_version, encoder_adapter)`` (the canonical
+   sam_core key) combined by :func:`client_key` with the tenant, the tiling geometry and the encoder
+   precision into the key the client sees. Keys are tenant-scoped: another tenant's key is NOT_FOUND;
+4. L1 (:class:`~sam_core.embedding_store.MemoryEmbeddingLRU`, ``SAMFORGE_CACHE_BYTES``) -> single-flight
+   (concurrent requests for one key share one future) -> L2 (Redis, optional) -> the dynamic batcher.
+
+L1 holds features on the encoder's device: on CUDA the cache budget is GPU memory (features are copied
+back to the GPU after ``Predictor.encode``, which returns CPU tensors, and to the CPU again when streamed);
+on CPU it is host memory. Entries are never shared between tenants, even for identical images, so a
+tenant cannot learn from cache timing what another tenant embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sam_core.adapter_registry import AdapterStore, FileSystemAdapterStore
+from sam_core.embedding_store import MemoryEmbeddingLRU, embedding_key
+from sam_core.errors import InvalidInput, NotFound
+from sam_core.image_io import decode_image, image_content_hash
+from sam_core.models import LoadedModel, load_model
+from sam_core.predictor import Embedding, Predictor
+from sam_core.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
+from services.common import metrics
+from services.common.settings import EncoderSettings
+from services.common.status import Cancelled
+
+from .adapters import AdapterModels, ModelHandle
+from .batcher import DynamicBatcher, EncodeJob
+from .l2 import RedisL2
+
+log = logging.getLogger("samforge.encoder.engine")
+KEY_FORMAT = "samforge-encoder-key-v1"
+MIN_TILE = 32
+MAX_TILES = 64
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+Value = Embedding | TiledEmbedding
+
+
+@dataclass(frozen=True)
+class TilingRequest:
+    """Tiling asked for by a client: 0 means the default (model input size / 64 px overlap)."""
+
+    tile_size: int = 0
+    overlap: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """``source``: "l1" | "l2" | "encoder" (this request's encode) | "shared" (another request's encode)."""
+
+    key: str
+    value: Value
+    cached: bool
+    encode_ms: float
+    source: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Field names match ``sam.v1.StatsResponse``."""
+
+    cache_entries: int
+    cache_bytes: int
+    cache_budget_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    encodes: int
+    queue_depth: int
+    model_id: str
+    device: str
+    loaded_adapters: list[str]
+    l2_hits: int
+
+
+@dataclass
+class CachedEmbedding:
+    """An L1 entry: the value and the tenant that owns it (``nbytes`` is what the byte budget counts)."""
+
+    tenant: str
+    value: Value
+
+    @property
+    def nbytes(self) -> int:
+        return self.value.nbytes
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One in-progress computation of a key; result ``(value, encode_ms, cached)``."""
+
+    future: Future = field(default_factory=Future)
+    waiters: list[Callable[[], bool]] = field(default_factory=list)
+
+    def any_active(self) -> bool:
+        return any(active() for active in list(self.waiters))
+
+
+def client_key(tenant: str, base_key: str, tiling: tuple[int, int] | None, precision: str) -> str:
+    """sha256 of (tenant, canonical embedding_key, (tile_size, overlap) or None, "fp32" | "bf16")."""
+    payload = json.dumps([KEY_FORMAT, tenant, base_key, list(tiling) if tiling else None, precision],
+                         separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; a CUDA device without CUDA is a configuration error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInput(f"{name!r} requested but CUDA is not available", field="SAMFORGE_DEVICE")
+    return name
+
+
+def _always() -> bool:
+    return True
+
+
+class EmbeddingEngine:
+    """Thread-safe embedding service logic over one base model (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel, settings: EncoderSettings, *, device: str = "cpu",
+                 store: AdapterStore | None = None, l2: RedisL2 | None = None, watch_interval: float = 1.0) -> None:
+        self.settings = settings
+        self.device = torch.device(device)
+        self.precision = "bf16" if settings.bf16 else "fp32"
+        autocast = torch.bfloat16 if settings.bf16 else None
+
+        def make_predictor(loaded: LoadedModel) -> Predictor:
+            return Predictor(loaded, device=self.device, autocast_dtype=autocast)
+
+        self.base = make_predictor(model)
+        self.adapters = AdapterModels(self.base, store, settings.adapter_cache, make_predictor,
+                                      watch_interval=watch_interval)
+        self.l1 = MemoryEmbeddingLRU(int(settings.cache_bytes))
+        self.l2 = l2
+        self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
+                                      queue_size=settings.queue_size)
+        self._flights: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+        for cache in ("l1", "l2"):  # export the series at 0 before the first request
+            for counter in (metrics.CACHE_HITS, metrics.CACHE_MISSES, metrics.CACHE_EVICTIONS):
+                counter.labels(cache=cache)
+        metrics.CACHE_BYTES.labels(cache="l1").set(0)
+
+    @property
+    def model_id(self) -> str:
+        return self.base.model_id
+
+    # ------------------------------------------------------------------ public API
+    def embed(self, tenant: str, image: bytes, *, adapter: str = "", tiling: TilingRequest | None = None,
+              is_active: Callable[[], bool] = _always) -> EmbedResult:
+        """Embed an encoded image for ``tenant`` (``tenant`` already validated by the caller).
+
+        ``is_active`` reports whether the caller still waits (gRPC ``context.is_active``); queued work
+        nobody waits for is skipped. Raises InvalidInput (bad image / tiling), NotFound / AdapterInvalid
+        (adapter), Overloaded (queue full), Cancelled (caller gone while waiting).
+        """
+        canonical = decode_image(image, max_bytes=self.settings.max_image_bytes,
+                                 max_pixels=self.settings.max_pixels, field="image")
+        handle = self.adapters.resolve(tenant, adapter)
+        geometry = self._tiling(tiling, canonical.shape[:2])
+        base_key = embedding_key(image_content_hash(canonical), self.base.model_id,
+                                 self.base.spec.preprocess_version, handle.encoder_adapter)
+        key = client_key(tenant, base_key, geometry, self.precision)
+        found = self._l1_get(key, tenant)
+        if found is not None:
+            return EmbedResult(key, found, True, 0.0, "l1")
+        flight, leader = self._join(key, tenant, is_active)
+        if isinstance(flight, CachedEmbedding):  # filled while we took the lock
+            return EmbedResult(key, flight.value, True, 0.0, "l1")
+        if not leader:
+            value, encode_ms, cached = self._wait(flight, is_active)
+            return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "shared")
+        return self._lead(key, tenant, flight, handle, canonical, geometry)
+
+    def get(self, tenant: str, key: str) -> Value:
+        """The cached embedding ``key`` of ``tenant`` (L1, then L2); NotFound if absent or another tenant's."""
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+            raise InvalidInput("expected the 64-character hex key returned by Embed", field="key")
+        found = self._l1_get(key, tenant)
+        if found is None and self.l2 is not None:
+            found = self._l2_get(key, tenant)
+            if found is not None:
+                self._l1_put(key, CachedEmbedding(tenant, self._place(found)))
+        if found is None:
+            raise NotFound(f"embedding {key} is not cached (evicted, expired or never computed); "
+                           "send the image to Embed again", field="key")
+        return found
+
+    def stats(self) -> EngineStats:
+        s = self.l1.stats()
+        return EngineStats(
+            cache_entries=s["entries"], cache_bytes=s["bytes"], cache_budget_bytes=s["max_bytes"], hits=s["hits"],
+            misses=s["misses"], evictions=s["evictions"], encodes=self.batcher.encodes,
+            queue_depth=self.batcher.depth(), model_id=self.model_id, device=str(self.device),
+            loaded_adapters=self.adapters.loaded(), l2_hits=self.l2.hits if self.l2 is not None else 0)
+
+    def close(self) -> None:
+        """Stop the batcher (queued work fails UNAVAILABLE), the registry watch and the Redis client."""
+        self.batcher.close()
+        self.adapters.close()
+        if self.l2 is not None:
+            self.l2.close()
+
+    # ------------------------------------------------------------------ steps
+    def _tiling(self, tiling: TilingRequest | None, size: tuple[int, int]) -> tuple[int, int] | None:
+        """Validated (tile_size, overlap) with defaults applied, or None when not tiled."""
+        if tiling is None:
+            return None
+        if tiling.tile_size < 0 or tiling.overlap < 0:
+            field_name = "tiling.tile_size" if tiling.tile_size < 0 else "tiling.overlap"
+            raise InvalidInput("must be >= 0", field=field_name)
+        tile = tiling.tile_size or self.base.spec.img_size
+        overlap = tiling.overlap or DEFAULT_OVERLAP
+        if tile < MIN_TILE:
+            raise InvalidInput(f"must be >= {MIN_TILE} pixels, got {tile}", field="tiling.tile_size")
+        if overlap >= tile:
+            raise InvalidInput(f"must be smaller than the tile size {tile}, got {overlap}", field="tiling.overlap")
+        count = len(tile_origins(size, tile, overlap))
+        if count > MAX_TILES:
+            raise InvalidInput(f"{size[0]}x{size[1]} pixels in {tile} px tiles with {overlap} px overlap gives "
+                               f"{count} tiles, more than {MAX_TILES}; use larger tiles", field="tiling.tile_size")
+        return tile, overlap
+
+    def _join(self, key: str, tenant: str, is_active: Callable[[], bool]) -> tuple[_Flight | CachedEmbedding, bool]:
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.waiters.append(is_active)
+                return flight, False
+            if key in self.l1:  # completed between our L1 miss and taking the lock
+                found = self._l1_get(key, tenant, count=False)
+                if found is not None:
+                    return CachedEmbedding(tenant, found), False
+            flight = _Flight(waiters=[is_active])
+            self._flights[key] = flight
+            return flight, True
+
+    def _wait(self, flight: _Flight, is_active: Callable[[], bool]) -> tuple[Value, float, bool]:
+        while True:
+            try:
+                return flight.future.result(timeout=0.25)
+            except FutureTimeout:
+                if not is_active():
+                    raise Cancelled("the caller went away (or its deadline passed) while waiting") from None
+
+    def _lead(self, key: str, tenant: str, flight: _Flight, handle: ModelHandle, image: np.ndarray,
+              geometry: tuple[int, int] | None) -> EmbedResult:
+        """Compute ``key`` (L2, else the batcher), publish it to L1 and to the waiting followers."""
+        try:
+            value = self._l2_get(key, tenant) if self.l2 is not None else None
+            cached, encode_ms = value is not None, 0.0
+            if value is None:
+                job = EncodeJob(self.adapters.predictor(handle), image, geometry, flight.any_active)
+                value, encode_ms = self.batcher.submit(job).result()
+            value = self._place(value)
+            self._l1_put(key, CachedEmbedding(tenant, value))
+        except BaseException as exc:
+            self._finish(key, flight, exc=exc)
+            raise
+        self._finish(key, flight, result=(value, encode_ms, cached))
+        if not cached and self.l2 is not None:
+            self.l2.put(key, tenant, value)
+        return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "encoder")
+
+    def _finish(self, key: str, flight: _Flight, *, result: tuple | None = None,
+                exc: BaseException | None = None) -> None:
+        with self._lock:
+            self._flights.pop(key, None)
+        if exc is not None:
+            flight.future.set_exception(exc)
+        else:
+            flight.future.set_result(result)
+
+    def _place(self, value: Value) -> Value:
+        """Move features to the encoder's device for L1 (a no-op on CPU)."""
+        if self.device.type == "cpu":
+            return value
+        parts = [value.whole, *value.tiles] if isinstance(value, TiledEmbedding) else [value]
+        for part in parts:
+            part.features = part.features.to(self.device)
+        return value
+
+    # ------------------------------------------------------------------ caches
+    def _l1_get(self, key: str, tenant: str, *, count: bool = True) -> Value | None:
+        entry = self.l1.get(key)
+        hit = entry is not None and entry.tenant == tenant
+        if count:
+            (metrics.CACHE_HITS if hit else metrics.CACHE_MISSES).labels(cache="l1").inc()
+        return entry.value if hit else None
+
+    def _l1_put(self, key: str, entry: CachedEmbedding) -> None:
+        with self._lock:
+            before = self.l1.evictions
+            self.l1.put(key, entry)
+            evicted = self.l1.evictions - before
+        if evicted:
+            metrics.CACHE_EVICTIONS.labels(cache="l1").inc(evicted)
+        metrics.CACHE_BYTES.labels(cache="l1").set(self.l1.bytes)
+
+    def _l2_get(self, key: str, tenant: str) -> Value | None:
+        value = self.l2.get(key, tenant)
+        (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l2").inc()
+        return value
+
+
+def build_engine(settings: EncoderSettings) -> EmbeddingEngine:
+    """Load the base model (``SAMFORGE_MODEL`` / ``SAMFORGE_CHECKPOINT``) and wire registry, L2 and batcher."""
+    device = resolve_device(settings.device)
+    model = load_model(settings.model, settings.checkpoint or None, device=device)
+    l2 = None
+    if settings.redis_url:
+        try:
+            l2 = RedisL2(settings.redis_url, settings.redis_ttl_seconds)
+        except ValueError as exc:
+            raise InvalidInput(f"not a usable Redis URL ({exc})", field="SAMFORGE_REDIS_URL") from exc
+    engine = EmbeddingEngine(model, settings, device=device, store=FileSystemAdapterStore(settings.registry_dir),
+                             l2=l2)
+    log.info("encoder ready: model %s on %s, cache %d bytes, batch <= %d (wait %.1f ms), queue %d, L2 %s",
+             engine.model_id, device, settings.cache_bytes, settings.max_batch, settings.max_wait_ms,
+             settings.queue_size, "on" if l2 else "off")
+    return engine

@@ -1,0 +1,368 @@
+"""EmbeddingEngine in-process with the tiny model (no gRPC): keys, single-flight, batching, caches, adapters."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_core.adapter_artifact import adapted_sam, save_adapter
+from sam_core.adapter_registry import FileSystemAdapterStore
+from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, InvalidInput, NotFound, Overloaded
+from sam_core.methods import MethodConfig, trainable_state
+from sam_core.models import build_tiny
+from sam_core.predictor import Embedding, Predictor
+from sam_core.tiling import TiledEmbedding
+from services.common.settings import EncoderSettings
+from services.common.status import Cancelled
+from services.encoder import adapters as adapters_module
+from services.encoder.client_codec import MalformedEmbeddingStream, embedding_chunks, embedding_from_chunks
+from services.encoder.engine import EmbeddingEngine, TilingRequest, client_key
+from services.encoder.l2 import RedisL2, decode_entry, encode_entry
+
+TINY_BYTES = 32 * 8 * 8 * 4  # one tiny-model embedding: 1 x 32 x 8 x 8 float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Shared 2-core machines: 2 intra-op threads under load are far slower than 1 for the tiny model."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def png(seed: int, height: int = 48, width: int = 64) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def make_engine(tiny_model, tmp_path):
+    engines: list[EmbeddingEngine] = []
+
+    def make(store=None, l2=None, **env: str) -> EmbeddingEngine:
+        values = {"SAMFORGE_MODEL": "tiny", "SAMFORGE_REGISTRY_DIR": str(tmp_path / "registry"), **env}
+        engine = EmbeddingEngine(tiny_model, EncoderSettings.from_env(values), store=store, l2=l2,
+                                 watch_interval=0.05)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+class Gate:
+    """Wraps a predictor's encode so the test decides when it runs (``entered`` is set once it is called)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._encode = predictor.encode
+        predictor.encode = self
+
+    def __call__(self, images, *, batch_size: int = 1):
+        self.entered.set()
+        assert self.release.wait(30)
+        return self._encode(images, batch_size=batch_size)
+
+
+def run_threads(target, count: int) -> tuple[list, list[threading.Thread]]:
+    results: list = [None] * count
+
+    def work(i: int) -> None:
+        try:
+            results[i] = target(i)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertions
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return results, threads
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_keys_are_tenant_scoped_and_canonical(make_engine, tiny_model):
+    engine = make_engine()
+    a = engine.embed("a", png(0))
+    assert not a.cached and a.source == "encoder" and a.encode_ms > 0
+    again = engine.embed("a", png(0))
+    assert again.cached and again.key == a.key and again.encode_ms == 0.0
+    b = engine.embed("b", png(0))
+    assert b.key != a.key and not b.cached  # no cross-tenant sharing, even for identical pixels
+    with pytest.raises(NotFound) as info:
+        engine.get("b", a.key)
+    assert info.value.field == "key" and "Embed" in str(info.value)
+    assert torch.equal(engine.get("a", a.key).features, a.value.features)
+    reference = Predictor(tiny_model).encode_one(np.asarray(Image.open(io.BytesIO(png(0))).convert("RGB")))
+    assert torch.equal(a.value.features, reference.features)
+    with pytest.raises(InvalidInput):
+        engine.get("a", "../../etc")
+    default_tiles = engine.embed("a", png(0), tiling=TilingRequest())
+    explicit = engine.embed("a", png(0), tiling=TilingRequest(tile_size=128, overlap=64))
+    assert default_tiles.key == explicit.key != a.key and explicit.cached
+    assert engine.stats().encodes == 4  # a, b, tiled (a single tile: whole image + 1 tile)
+    assert client_key("a", "0" * 64, None, "fp32") != client_key("a", "0" * 64, None, "bf16")
+
+
+def test_image_limits_name_the_image_field(make_engine):
+    engine = make_engine(SAMFORGE_MAX_IMAGE_BYTES="2000")
+    with pytest.raises(ImageTooLarge) as info:
+        engine.embed("a", png(1))
+    assert info.value.field == "image"
+    with pytest.raises(ImageDecodeError) as info:
+        engine.embed("a", b"not an image")
+    assert info.value.field == "image"
+    with pytest.raises(InvalidInput) as info:
+        make_engine().embed("a", png(1), tiling=TilingRequest(tile_size=8))
+    assert info.value.field == "tiling.tile_size"
+
+
+# ------------------------------------------------------------------------------------ single-flight
+
+
+def test_concurrent_requests_for_one_key_encode_once(make_engine):
+    engine = make_engine()
+    gate = Gate(engine.base)
+    image = png(2)
+    results, threads = run_threads(lambda i: engine.embed("a", image), 8)
+    wait_for(lambda: engine.l1.misses >= 8)  # all 8 missed L1: each leads or joins the one flight
+    gate.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len({r.key for r in results}) == 1
+    assert sorted(r.source for r in results) == ["encoder"] + ["shared"] * 7
+    assert engine.stats().encodes == 1
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def test_concurrent_images_form_one_batch(make_engine):
+    engine = make_engine(SAMFORGE_MAX_BATCH="4", SAMFORGE_MAX_WAIT_MS="200")
+    barrier = threading.Barrier(4)
+    images = [png(10 + i) for i in range(4)]
+
+    def embed(i: int):
+        barrier.wait()
+        return engine.embed("a", images[i])
+
+    results, threads = run_threads(embed, 4)
+    for thread in threads:
+        thread.join(30)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert list(engine.batcher.batch_sizes) == [4]
+    assert engine.stats().encodes == 4
+    # batched features are copied out of the batch tensor: each entry owns exactly its bytes
+    assert all(r.value.features.untyped_storage().nbytes() == TINY_BYTES for r in results)
+
+
+def test_full_queue_is_overloaded_and_inactive_callers_are_skipped(make_engine):
+    engine = make_engine(SAMFORGE_MAX_BATCH="1", SAMFORGE_MAX_WAIT_MS="0", SAMFORGE_QUEUE_SIZE="1")
+    gate = Gate(engine.base)
+    first, first_threads = run_threads(lambda i: engine.embed("a", png(20)), 1)
+    assert gate.entered.wait(30)  # the batcher is busy with the first image
+    gone, gone_threads = run_threads(lambda i: engine.embed("a", png(21), is_active=lambda: False), 1)
+    wait_for(lambda: engine.batcher.depth() == 1)
+    with pytest.raises(Overloaded):
+        engine.embed("a", png(22))
+    assert engine.stats().queue_depth == 1
+    gate.release.set()
+    for thread in first_threads + gone_threads:
+        thread.join(30)
+    assert not isinstance(first[0], Exception)
+    assert isinstance(gone[0], Cancelled)  # nobody waited for it any more: skipped, not encoded
+    assert engine.stats().encodes == 1
+
+
+# ------------------------------------------------------------------------------------------- caches
+
+
+def test_l1_byte_budget_evicts_least_recently_used(make_engine):
+    engine = make_engine(SAMFORGE_CACHE_BYTES=str(3 * TINY_BYTES))
+    keys = [engine.embed("a", png(30 + i)).key for i in range(4)]
+    stats = engine.stats()
+    assert (stats.cache_entries, stats.cache_bytes, stats.evictions) == (3, 3 * TINY_BYTES, 1)
+    assert stats.cache_budget_bytes == 3 * TINY_BYTES
+    with pytest.raises(NotFound):
+        engine.get("a", keys[0])
+    engine.get("a", keys[1])
+
+
+def test_tiled_entry_is_one_cache_entry_and_streams_back_exactly(make_engine):
+    engine = make_engine()
+    result = engine.embed("a", png(40, 150, 300), tiling=TilingRequest(tile_size=128, overlap=32))
+    value = result.value
+    assert isinstance(value, TiledEmbedding) and len(value.tiles) == 6
+    assert engine.stats().cache_entries == 1 and engine.stats().cache_bytes == 7 * TINY_BYTES == value.nbytes
+    back = embedding_from_chunks(embedding_chunks(result.key, engine.get("a", result.key), chunk_bytes=5000))
+    assert isinstance(back, TiledEmbedding) and back.origins == value.origins
+    for mine, theirs in zip([back.whole, *back.tiles], [value.whole, *value.tiles], strict=True):
+        assert torch.equal(mine.features, theirs.features)
+        assert (mine.original_size, mine.input_size) == (theirs.original_size, theirs.input_size)
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, name):
+        return self.data.get(name)
+
+    def set(self, name, value, ex=None):
+        assert ex == 86400
+        self.data[name] = bytes(value)
+
+    def close(self):
+        pass
+
+
+def test_l2_serves_a_second_engine_without_encoding(make_engine):
+    redis = FakeRedis()
+    first = make_engine(l2=RedisL2(client=redis))
+    computed = first.embed("a", png(50))
+    assert len(redis.data) == 1
+    second = make_engine(l2=RedisL2(client=redis))
+    served = second.embed("a", png(50))
+    assert served.cached and served.source == "l2" and served.key == computed.key
+    assert torch.equal(served.value.features, computed.value.features)
+    assert second.stats().encodes == 0 and second.stats().l2_hits == 1
+    third = make_engine(l2=RedisL2(client=redis))
+    assert torch.equal(third.get("a", computed.key).features, computed.value.features)  # GetEmbedding via L2
+    with pytest.raises(NotFound):
+        third.get("b", computed.key)
+    blob = next(iter(redis.data.values()))
+    with pytest.raises(ValueError):
+        decode_entry(blob, "f" * 64, "a")  # stored under another key: never silently reused
+    assert b"pickle" not in blob[:200] and blob[8:9] == b"{"  # safetensors header, JSON metadata
+
+
+def test_redis_down_is_not_an_error(make_engine):
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    l2 = RedisL2(f"redis://127.0.0.1:{port}/0", 60, timeout=0.5)
+    engine = make_engine(l2=l2)
+    assert not engine.embed("a", png(60)).cached
+    assert engine.embed("a", png(60)).cached
+    assert l2.errors >= 1
+
+
+def test_codec_rejects_malformed_streams(make_engine):
+    engine = make_engine()
+    result = engine.embed("a", png(70))
+    chunks = list(embedding_chunks(result.key, result.value, chunk_bytes=1000))
+    assert len(chunks) == 9 and all(len(c.data) <= 1000 for c in chunks)
+    assert chunks[0].total_bytes == TINY_BYTES and not chunks[1].HasField("info")
+    back = embedding_from_chunks(iter(chunks))
+    assert isinstance(back, Embedding) and torch.equal(back.features, result.value.features)
+    for broken in ([], chunks[1:], chunks[:-1]):
+        with pytest.raises(MalformedEmbeddingStream):
+            embedding_from_chunks(broken)
+    assert len(encode_entry(result.key, "a", result.value)) > TINY_BYTES
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def _artifact(model, method: str, folder, seed: int):
+    cfg = MethodConfig(method)
+    sam = adapted_sam(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in sam.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    save_adapter(folder, model, trainable_state(sam), cfg, name=f"{method}{seed}")
+    return folder
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_model):
+    store = FileSystemAdapterStore(tmp_path / "registry")
+    store.publish("t", "a", _artifact(tiny_model, "lora", tmp_path / "a", 1))
+    store.publish("t", "b", _artifact(tiny_model, "adapter", tmp_path / "b", 2))
+    store.publish("t", "dec", _artifact(tiny_model, "decoder", tmp_path / "dec", 3))
+    return store
+
+
+def test_adapter_lru_evicts_before_loading(make_engine, store, monkeypatch):
+    engine = make_engine(store=store, SAMFORGE_ADAPTER_CACHE="1")
+    resident_at_load: list[int] = []
+    real = adapters_module.load_adapter
+
+    def counting(model, path):
+        resident_at_load.append(len(engine.adapters.loaded()))
+        return real(model, path)
+
+    monkeypatch.setattr(adapters_module, "load_adapter", counting)
+    results = [engine.embed("t", png(80 + i), adapter=ref) for i, ref in enumerate(["a", "b", "a", "b:1"])]
+    assert engine.adapters.loads == 4 and resident_at_load == [0, 0, 0, 0]
+    assert engine.stats().loaded_adapters == ["t/b:1"]
+    ids = {r.value.encoder_adapter for r in results}
+    assert len(ids) == 2 and None not in ids
+    assert engine.embed("t", png(80), adapter="a").cached  # a cache hit never loads the adapter
+    assert engine.adapters.loads == 4
+    base = engine.embed("t", png(80))
+    assert base.key != results[0].key and base.value.encoder_adapter is None
+    # a decoder-only adapter shares the base encoder and the base key; nothing is loaded
+    shared = engine.embed("t", png(80), adapter="dec")
+    assert shared.cached and shared.key == base.key and engine.adapters.loads == 4
+    with pytest.raises(NotFound):
+        engine.embed("t", png(80), adapter="missing")
+    with pytest.raises(NotFound):
+        engine.embed("other", png(80), adapter="a")  # another tenant's adapter does not exist for you
+    with pytest.raises(InvalidInput):
+        engine.embed("t", png(80), adapter="../a")
+
+
+def test_invalid_artifact_fails_while_the_loaded_version_keeps_serving(make_engine, store, tmp_path):
+    engine = make_engine(store=store, SAMFORGE_ADAPTER_CACHE="1")
+    engine.embed("t", png(90), adapter="a:1")
+    v2 = store.publish("t", "a", _artifact(build_tiny(), "lora", tmp_path / "a2", 4))
+    weights = v2.path / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # changed on disk after publishing
+    with pytest.raises(AdapterInvalid):
+        engine.embed("t", png(91), adapter="a:2")
+    other_base = build_tiny(seed=7)  # trained on another base model: rejected before anything is evicted
+    store.publish("t", "w", _artifact(other_base, "lora", tmp_path / "w", 5))
+    with pytest.raises(AdapterInvalid):
+        engine.embed("t", png(91), adapter="w")
+    assert engine.stats().loaded_adapters == ["t/a:1"]
+    assert not engine.embed("t", png(92), adapter="a:1").cached
+    assert engine.adapters.loads == 1
+
+
+def test_alias_moves_are_picked_up_without_restart(make_engine, store, tmp_path, tiny_model):
+    store.publish("t", "a", _artifact(tiny_model, "lora", tmp_path / "a2", 6))
+    store.promote("t", "a", "prod", 1)
+    engine = make_engine(store=store)
+    first = engine.embed("t", png(100), adapter="a@prod").value.encoder_adapter
+    assert first == engine.embed("t", png(101), adapter="a:1").value.encoder_adapter
+    store.promote("t", "a", "prod", 2)
+    second = engine.embed("t", png(102), adapter="a:2").value.encoder_adapter
+    wait_for(lambda: engine.adapters.resolve("t", "a@prod").encoder_adapter == second)
+    moved = engine.embed("t", png(100), adapter="a@prod")
+    assert not moved.cached and moved.value.encoder_adapter == second != first
