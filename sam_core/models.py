@@ -267,6 +267,20 @@ MODEL_REGISTRY: dict[str, Callable[..., LoadedModel]] = {
 }
 
 
+def resolve_device(name: str = "auto") -> str:
+    """"auto" -> "cuda:<LOCAL_RANK>" when CUDA is present (rank 0 outside torchrun), else "cpu".
+
+    An explicit CUDA device without CUDA is an error naming the setting.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInput(f"{name!r} requested but CUDA is not available", field="device")
+    return name
+
+
 def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Build ``name`` from the registry, load its weights and move it to ``device`` (eval mode)."""

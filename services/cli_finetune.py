@@ -116,23 +116,11 @@ def _prompt(kind: str, jitter: float = 0.0):
                         point_from_center=jitter == 0.0)
 
 
-def _device(name: str) -> str:
-    import os
-
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.evaluate import EvalConfig
     from sam_core.finetune import FinetuneSpec, SplitSpec, run_finetune
     from sam_core.methods import MethodConfig
-    from sam_core.models import load_model
+    from sam_core.models import load_model, resolve_device
     from sam_core.train import TrainConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
@@ -156,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
-    result = run_finetune(load_model(args.model, args.checkpoint, device=_device(args.device)), spec,
+    result = run_finetune(load_model(args.model, args.checkpoint, device=resolve_device(args.device)), spec,
                           callback=ProgressBar())
     if result is None:  # a non-zero torchrun rank
         return 0

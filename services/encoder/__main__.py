@@ -8,13 +8,11 @@ SAMFORGE_GRACE_SECONDS, then stop the batcher, the registry watch and the Redis 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import torch
 
 from sam_core.errors import SamforgeError
-from services.common.server import build_server, run_until_signal, setup_logging
+from services.common.server import build_server, exit_now, run_until_signal, setup_logging
 from services.common.settings import EncoderSettings
 
 from .engine import build_engine
@@ -41,19 +39,6 @@ def main() -> int:
     log.info("SERVING %s on port %d", engine.model_id, server.port)
     run_until_signal(server, on_stop=engine.close)
     return 0
-
-
-def exit_now(code: int) -> None:
-    """Flush logs and stdio, then leave without interpreter teardown.
-
-    Everything that needs closing (gRPC server, batcher, registry watch, Redis) is closed by then; with torch
-    loaded the normal teardown of modules and objects takes seconds (5-7 s measured on a loaded 2-core machine)
-    that would come out of the pod's termination grace period.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

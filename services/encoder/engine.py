@@ -35,7 +35,7 @@ from sam_core.adapter_registry import AdapterStore, FileSystemAdapterStore
 from sam_core.embedding_store import MemoryEmbeddingLRU, embedding_key
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.image_io import decode_image, image_content_hash
-from sam_core.models import LoadedModel, load_model
+from sam_core.models import LoadedModel, load_model, resolve_device
 from sam_core.predictor import Embedding, Predictor
 from sam_core.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
 from services.common import metrics
@@ -119,15 +119,6 @@ def client_key(tenant: str, base_key: str, tiling: tuple[int, int] | None, preci
     payload = json.dumps([KEY_FORMAT, tenant, base_key, list(tiling) if tiling else None, precision],
                          separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; a CUDA device without CUDA is a configuration error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInput(f"{name!r} requested but CUDA is not available", field="SAMFORGE_DEVICE")
-    return name
 
 
 def _always() -> bool:

@@ -4,21 +4,12 @@ AdapterRegistry until SIGTERM (running jobs are then interrupted and stay resuma
 from __future__ import annotations
 
 import logging
-import sys
 
 from sam_core.errors import SamforgeError
-from services.common.server import build_server, run_until_signal, setup_logging
+from services.common.server import build_server, exit_now, run_until_signal, setup_logging
 from services.common.settings import TrainerSettings
 
 log = logging.getLogger("samforge.trainer")
-
-
-def _device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main() -> int:
@@ -32,7 +23,7 @@ def main() -> int:
     import torch
 
     from sam_core.adapter_registry import FileSystemAdapterStore
-    from sam_core.models import load_model
+    from sam_core.models import load_model, resolve_device
 
     from .jobs import JobManager
     from .registry import TenantRegistry
@@ -41,7 +32,7 @@ def main() -> int:
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     try:
-        model = load_model(settings.model, settings.checkpoint or None, device=_device(settings.device))
+        model = load_model(settings.model, settings.checkpoint or None, device=resolve_device(settings.device))
         store = FileSystemAdapterStore(settings.registry_dir)
         manager = JobManager(settings, model, store)
     except SamforgeError as exc:
@@ -55,4 +46,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
