@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo demo-local test lint install protos system
 
 $(BIN)/samforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,11 +15,25 @@ $(BIN)/samforge: pyproject.toml
 
 install: $(BIN)/samforge
 
+# system packages the tests use: a real Redis server (shared L2 cache) and tcmalloc (benchmarks)
+system:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server libtcmalloc-minimal4 >/dev/null; }
+
+# main job: the whole local stack (trainer, encoder, decoder) on LiteMedSAM, then the demo client
 demo: install
+	$(BIN)/samforge up --demo --base-port 0 --var out/stack
+
+# the in-process predictor demo (no services)
+demo-local: install
 	$(BIN)/samforge demo --out out/demo
 
-test: install
+protos: install
+	$(BIN)/python protos/generate.py
+
+test: install system
 	$(BIN)/ruff check .
+	$(BIN)/python protos/generate.py --check
 	$(BIN)/pytest -q
 
 lint: install
