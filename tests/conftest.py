@@ -70,3 +70,23 @@ def write_blob_dataset(root, n_images: int = 6, height: int = 96, width: int = 1
 @pytest.fixture(scope="session")
 def blob_dataset_dir(tmp_path_factory):
     return write_blob_dataset(tmp_path_factory.mktemp("blobs"))
+
+
+def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: str | None = None,
+                           metrics: dict | None = None):
+    """Save an adapter artifact of ``method`` whose trainable tensors were moved away from the base
+    (seeded), so it predicts differently from the base model; returns the folder."""
+    import torch
+
+    from sam_core.adapter_artifact import adapted_sam, save_adapter
+    from sam_core.methods import MethodConfig, trainable_state
+
+    cfg = MethodConfig(method)
+    sam = adapted_sam(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in sam.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    save_adapter(folder, model, trainable_state(sam), cfg, name=name, metrics=metrics)
+    return folder

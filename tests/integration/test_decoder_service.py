@@ -21,17 +21,15 @@ import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from sam_core.adapter_artifact import adapted_sam, save_adapter
 from sam_core.adapter_registry import FileSystemAdapterStore
 from sam_core.image_io import decode_image
 from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
-from sam_core.methods import MethodConfig, trainable_state
 from sam_core.predictor import Predictor
 from sam_core.prompt_sim import box_from_mask
 from sam_core.prompts import Prompt
 from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from services.encoder.client_codec import embedding_from_chunks
-from tests.conftest import synthetic_scene
+from tests.conftest import save_perturbed_adapter, synthetic_scene
 from tests.integration.conftest import ServiceProcess, free_port, health_status, start_service, wait_serving
 from tests.sam_core.test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
 
@@ -270,15 +268,7 @@ def test_segment_everything_on_the_synthetic_scene(stack):
 
 def publish(store: FileSystemAdapterStore, model, tenant: str, name: str, method: str, seed: int, folder: Path):
     """A perturbed artifact of ``method`` on the tiny model, published as the next version of ``name``."""
-    cfg = MethodConfig(method)
-    sam = adapted_sam(model, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in sam.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    save_adapter(folder, model, trainable_state(sam), cfg, name=name)
-    return store.publish(tenant, name, folder)
+    return store.publish(tenant, name, save_perturbed_adapter(model, method, folder, seed=seed, name=name))
 
 
 def segment_tiny(decoder, adapter: str = "", **fields) -> decoder_pb2.SegmentResponse:

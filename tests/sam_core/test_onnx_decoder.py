@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.adapter_artifact import adapted_sam, load_adapter, save_adapter
-from sam_core.methods import MethodConfig, trainable_state
+from sam_core.adapter_artifact import load_adapter
 from sam_core.onnx_decoder import (
     OUTPUT_NAMES,
     OnnxDecoder,
@@ -22,6 +21,7 @@ from sam_core.onnx_decoder import (
 )
 from sam_core.predictor import DecodeResult, Predictor
 from sam_core.prompts import Prompt
+from tests.conftest import save_perturbed_adapter
 
 from .test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
 
@@ -163,14 +163,7 @@ def test_export_is_cached(tiny_model, tiny_onnx):
 
 def test_adapted_decoder_exports_and_matches_its_pytorch_decode(tiny_model, tiny_onnx, tiny_embedding, scene,
                                                                 tmp_path):
-    cfg = MethodConfig("decoder")
-    sam = adapted_sam(tiny_model, cfg)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in sam.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    save_adapter(tmp_path / "ships", tiny_model, trainable_state(sam), cfg, name="ships")
+    save_perturbed_adapter(tiny_model, "decoder", tmp_path / "ships", name="ships")
     adapted = load_adapter(tiny_model, tmp_path / "ships")
     base_predictor, cache = tiny_onnx
     predictor = make_onnx_predictor(adapted, cache_dir=cache, threads=1)

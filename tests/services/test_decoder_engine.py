@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapter_artifact import adapted_sam, load_adapter, save_adapter
+from sam_core.adapter_artifact import load_adapter
 from sam_core.adapter_registry import FileSystemAdapterStore
 from sam_core.errors import (
     AdapterInvalid,
@@ -32,7 +32,6 @@ from sam_core.errors import (
 )
 from sam_core.image_io import decode_image
 from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
-from sam_core.methods import MethodConfig, trainable_state
 from sam_core.predictor import Embedding, Predictor
 from sam_core.prompts import Prompt
 from sam_core.tiling import encode_tiled
@@ -49,7 +48,7 @@ from services.decoder.masks import describe
 from services.decoder.runtime import select_runtime
 from services.encoder import adapters as encoder_adapters
 from services.encoder.engine import TilingRequest
-from tests.conftest import synthetic_scene
+from tests.conftest import save_perturbed_adapter, synthetic_scene
 from tests.sam_core.test_parity import SCORE_TOL, assert_masks_match
 
 
@@ -422,15 +421,7 @@ def test_segment_everything_through_the_engine(make_engine):
 
 
 def _artifact(model, method: str, folder, seed: int):
-    cfg = MethodConfig(method)
-    sam = adapted_sam(model, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in sam.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    save_adapter(folder, model, trainable_state(sam), cfg, name=f"{method}{seed}")
-    return folder
+    return save_perturbed_adapter(model, method, folder, seed=seed, name=f"{method}{seed}")
 
 
 @pytest.fixture()

@@ -12,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapter_artifact import adapted_sam, save_adapter
 from sam_core.adapter_registry import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, InvalidInput, NotFound, Overloaded
-from sam_core.methods import MethodConfig, trainable_state
 from sam_core.models import build_tiny
 from sam_core.predictor import Embedding, Predictor
 from sam_core.tiling import TiledEmbedding
@@ -25,6 +23,7 @@ from services.encoder import adapters as adapters_module
 from services.encoder.client_codec import MalformedEmbeddingStream, embedding_chunks, embedding_from_chunks
 from services.encoder.engine import EmbeddingEngine, TilingRequest, client_key
 from services.encoder.l2 import RedisL2, decode_entry, encode_entry
+from tests.conftest import save_perturbed_adapter
 
 TINY_BYTES = 32 * 8 * 8 * 4  # one tiny-model embedding: 1 x 32 x 8 x 8 float32
 
@@ -287,15 +286,7 @@ def test_codec_rejects_malformed_streams(make_engine):
 
 
 def _artifact(model, method: str, folder, seed: int):
-    cfg = MethodConfig(method)
-    sam = adapted_sam(model, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in sam.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    save_adapter(folder, model, trainable_state(sam), cfg, name=f"{method}{seed}")
-    return folder
+    return save_perturbed_adapter(model, method, folder, seed=seed, name=f"{method}{seed}")
 
 
 @pytest.fixture()
