@@ -1,4 +1,4 @@
-"""Shared fixtures. Nothing here reads ../shared: a fresh clone must pass."""
+"""Shared fixtures. Nothing here reads the workplace data folder: a fresh clone must pass."""
 
 from __future__ import annotations
 
