@@ -191,6 +191,13 @@ class PromptConfig:
         return "point" in self.kind
 
 
+def prompt_config(kind: PromptKind = "box", jitter: float = 0.0) -> PromptConfig:
+    """The CLI's and trainer service's prompts: ``jitter`` > 0 for training (boxes shifted by up to
+    that fraction, capped at 20 px); 0 for evaluation (exact boxes, points from the mask centre)."""
+    return PromptConfig(kind=kind, box_jitter=jitter, box_jitter_max_px=20 if jitter else 0,
+                        point_from_center=jitter == 0.0)
+
+
 def simulate_prompt(mask: np.ndarray, rng: np.random.Generator, cfg: PromptConfig) -> dict:
     """Prompt for one H x W mask.
 

@@ -109,18 +109,12 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_adapters_inspect)
 
 
-def _prompt(kind: str, jitter: float = 0.0):
-    from sam_core.prompt_sim import PromptConfig
-
-    return PromptConfig(kind=kind, box_jitter=jitter, box_jitter_max_px=20 if jitter else 0,
-                        point_from_center=jitter == 0.0)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.evaluate import EvalConfig
     from sam_core.finetune import FinetuneSpec, SplitSpec, run_finetune
     from sam_core.methods import MethodConfig
     from sam_core.models import load_model, resolve_device
+    from sam_core.prompt_sim import prompt_config
     from sam_core.train import TrainConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
@@ -129,14 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=method, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, bf16=args.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, patience=args.patience, prompt=_prompt(args.prompt, args.box_jitter),
-        eval_prompt=_prompt(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
+        eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
+        eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
     )
     spec = FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,
         split=SplitSpec(val_fraction=args.val_fraction, seed=args.seed, first_last=first_last,
                         min_area=args.min_area),
-        eval=EvalConfig(prompt=_prompt(args.eval_prompt), seed=args.seed, tiled=bool(args.crop)),
+        eval=EvalConfig(prompt=prompt_config(args.eval_prompt), seed=args.seed, tiled=bool(args.crop)),
         adapter_name=args.name,
         persam_steps=args.persam_steps,
     )
@@ -159,12 +153,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sam_core.evaluate import EvalConfig, compare, evaluate, format_table, write_report
     from sam_core.models import load_model
     from sam_core.predictor import Predictor
+    from sam_core.prompt_sim import prompt_config
 
     base = load_model(args.model, args.checkpoint)
     ds = load_dataset(args.data)
     if args.split == "val":
         ds = split_dataset(ds, val_fraction=args.val_fraction, seed=args.seed)[1]
-    cfg = EvalConfig(prompt=_prompt(args.prompt), seed=args.seed, tiled=args.tile)
+    cfg = EvalConfig(prompt=prompt_config(args.prompt), seed=args.seed, tiled=args.tile)
     cache: dict = {}
     reports = [evaluate(Predictor(base), ds, cfg, label="zero-shot", embeddings=cache)]
     for path in args.adapter:

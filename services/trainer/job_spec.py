@@ -9,7 +9,6 @@ Hyper-parameters use 0 / "" for "the default" (proto3 scalars cannot be unset).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
@@ -20,7 +19,7 @@ from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluate import EvalConfig
 from sam_core.finetune import FinetuneSpec, SplitSpec
 from sam_core.methods import METHODS, MethodConfig
-from sam_core.prompt_sim import PromptConfig
+from sam_core.prompt_sim import prompt_config
 from sam_core.train import TrainConfig
 
 PROMPT_KINDS = ("box", "point", "box+point")
@@ -126,31 +125,6 @@ def resolve_dataset(data_dir: str | Path, tenant: str, ref: str) -> Path:
     return target
 
 
-def check_coco_paths(data: Path) -> None:
-    """A COCO .json may only name images inside its own folder (no absolute paths, no ``..``).
-
-    ``sam_core.datasets`` opens ``json_folder / file_name`` as given, so without this an uploaded COCO file
-    could read any image the server can see (another tenant's, for instance).
-    """
-    if not (data.is_file() and data.suffix.lower() == ".json"):
-        return
-    try:
-        content = json.loads(data.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return  # sam_core reports unreadable files with its own message
-    images = content.get("images", []) if isinstance(content, dict) else []
-    for image in images if isinstance(images, list) else []:
-        name = str(image.get("file_name", "")) if isinstance(image, dict) else ""
-        if name.startswith(("/", "\\")) or ".." in PurePosixPath(name.replace("\\", "/")).parts:
-            raise InvalidInput(f"image file_name {name[:80]!r} points outside the data set folder", field="dataset")
-
-
-def _prompt(kind: str, jitter: float) -> PromptConfig:
-    # As `samforge train`: jittered boxes for training, exact boxes / centre points for evaluation.
-    return PromptConfig(kind=kind, box_jitter=jitter, box_jitter_max_px=20 if jitter else 0,
-                        point_from_center=jitter == 0.0)
-
-
 def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
     """Hyper-parameters -> TrainConfig (0 = the TrainConfig / MethodConfig default)."""
     base, base_method = TrainConfig(), MethodConfig()
@@ -163,7 +137,7 @@ def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
             batch_size=hp.batch_size or base.batch_size, lr=hp.lr or base.lr,
             warmup_steps=hp.warmup_steps or base.warmup_steps, bf16=hp.bf16, seed=hp.seed,
             checkpoint_every=hp.checkpoint_every or base.checkpoint_every, patience=hp.patience,
-            prompt=_prompt(kind, 0.1), eval_prompt=_prompt(kind, 0.0), crop=hp.crop or None,
+            prompt=prompt_config(kind, 0.1), eval_prompt=prompt_config(kind, 0.0), crop=hp.crop or None,
         )
     except InvalidInput as exc:
         if exc.field == "method":

@@ -42,7 +42,6 @@ from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, write_job
 from .job_spec import (
     JobRequest,
     build_spec,
-    check_coco_paths,
     check_request,
     resolve_dataset,
     tenant_root,
@@ -260,7 +259,6 @@ class JobManager:
         out = job_dir(self.jobs_dir, job.tenant, job.id)
         try:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
-            check_coco_paths(data)
             spec = build_spec(job.request, data, out)
             result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
             self._publish(live, result)
