@@ -50,15 +50,18 @@ class Stack:
         return codes
 
 
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+def wait_serving(address: str, *, proc: subprocess.Popen | None = None, timeout: float = 180.0,
+                 credentials=None) -> None:
+    """Poll grpc.health.v1 until SERVING; fail fast if ``proc`` exits (no fixed sleeps)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"service at {address} exited with {proc.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -66,7 +69,7 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 180.0) -
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.1)  # readiness poll interval
+            time.sleep(0.05)  # readiness poll interval
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s")
 
 
@@ -96,7 +99,7 @@ def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_
             processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=log,
                                                stderr=subprocess.STDOUT)
         for name in SERVICES:
-            wait_serving(stack.addresses[name], processes[name])
+            wait_serving(stack.addresses[name], proc=processes[name])
     except BaseException:
         stack.stop()
         raise

@@ -28,24 +28,10 @@ def free_port() -> int:
 
 def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-    """Poll grpc.health.v1 until SERVING (fails fast if the process died)."""
-    deadline = time.monotonic() + timeout
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)  # poll interval of the readiness probe, not a wait for a fixed duration
-        raise TimeoutError(f"{address} not SERVING after {timeout}s")
-    finally:
-        channel.close()
+    """Poll grpc.health.v1 until SERVING (fails fast if the process died): services.stack's poller."""
+    from services.stack import wait_serving as poll
+
+    poll(address, proc=proc, timeout=timeout, credentials=credentials)
 
 
 def health_status(address: str) -> int:
