@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .fast_decoder import FastMaskDecoder
 from .models import LoadedModel
 from .preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
 from .prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
@@ -75,12 +76,14 @@ class Predictor:
     """Encode / decode with one loaded model on one device.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the image encoder under autocast; embeddings
-    are always returned as float32. The decoder runs in float32.
+    are always returned as float32. The decoder runs in float32, through the re-associated
+    :class:`~sam_core.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
+    ``MaskDecoder``; both give the same logits to float32 rounding).
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
                  max_prompts: int = DEFAULT_MAX_PROMPTS, decode_batch: int = DEFAULT_DECODE_BATCH,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, fast_decoder: bool = True) -> None:
         self.model = model
         self.sam = model.sam
         self.spec = model.spec
@@ -89,6 +92,7 @@ class Predictor:
         self.max_prompts = max_prompts
         self.decode_batch = decode_batch
         self.autocast_dtype = autocast_dtype
+        self.fast_decoder = FastMaskDecoder(self.sam) if fast_decoder else None
 
     @property
     def model_id(self) -> str:
@@ -164,6 +168,9 @@ class Predictor:
             masks = torch.as_tensor(np.stack([p.mask_input for p in prompts]), dtype=torch.float,
                                     device=self.device)
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        if self.fast_decoder is not None:  # without mask inputs every prompt shares one dense embedding
+            return self.fast_decoder(features, self.sam.prompt_encoder.get_dense_pe(), sparse,
+                                     dense[:1] if masks is None else dense, multimask)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=features,
             image_pe=self.sam.prompt_encoder.get_dense_pe(),

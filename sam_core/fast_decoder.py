@@ -1,0 +1,207 @@
+"""SAM's mask decoder re-associated for many prompts on one image embedding.
+
+Same weights and the same mathematics as ``segment_anything.modeling.MaskDecoder`` (outputs agree
+to float32 rounding, see tests/sam_core/test_fast_decoder.py) but about a third of the FLOPs per
+prompt, because SAM's decoder attends between ~7 prompt tokens and 4096 image tokens and the eager
+module pays for the 4096-side projections once per prompt:
+
+* **Shared first layer.** With no mask input every prompt starts from the same image tokens, so the
+  first block's key/value projections (token->image) and query projection (image->token) are
+  computed once per call instead of once per prompt (``repeat_interleave`` in the original).
+* **Re-associated attention** wherever image tokens are per-prompt. For a head h with projections
+  ``W_h``: ``softmax((q W_q,h)(K W_k,h + b_k,h)^T) (K W_v,h + b_v,h)`` equals
+  ``softmax((q W_q,h W_k,h^T) K^T) K W_v,h + b_v,h`` (the key bias shifts every logit of a query
+  equally; softmax rows sum to one), so the 4096 x 256 x 128 projections become products with the
+  7 tokens. Likewise the image->token output projection ``concat_h(P_h V_h) W_o`` becomes
+  ``sum_h P_h (V_h W_o,h)``.
+* **Upscaling as matrix products** in channels-last layout: each 2x2/stride-2 transposed convolution
+  is a Linear to (2, 2, C_out) per pixel; the pixel shuffle happens once, on the final masks only.
+
+Per prompt at 64 x 64 tokens this is ~1.6 GFLOP against ~3.6 GFLOP eager (see
+``../shared/ARCHITECTURE.md`` for the floor). Training keeps the eager module (autograd, adapters);
+this path is inference-only and rebuilt when the decoder weights change (it reads them live).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CHUNK = 16  # prompts per pass: bounds memory (per prompt ~4 MB per image-token tensor at 64 x 64)
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """B x T x (H*d) -> H x (B*T) x d (prompt batch folded into the rows of each head's matrix)."""
+    b, t, c = x.shape
+    return x.reshape(b * t, n_heads, c // n_heads).transpose(0, 1)
+
+
+def _unheads(x: torch.Tensor, b: int) -> torch.Tensor:
+    """H x (B*T) x d -> B x T x (H*d)."""
+    h, bt, d = x.shape
+    return x.transpose(0, 1).reshape(b, bt // b, h * d)
+
+
+def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   kv_shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """segment_anything ``Attention`` with few queries and many keys.
+
+    q: B x T x C (tokens); k, v: Bk x N x C image tokens, Bk = 1 (shared by all B prompts) or B.
+    ``kv_shared``: :func:`shared_kv` of (k, v) when Bk = 1, precomputed once per call.
+    Returns B x T x C.
+    """
+    n_heads = attn.num_heads
+    b, t, c = q.shape
+    qp = attn.q_proj(q)  # B x T x H*d
+    d = qp.shape[-1] // n_heads
+    if k.shape[0] == 1:  # shared image tokens: projected once per call (the eager module: once per prompt)
+        kt, vh = kv_shared if kv_shared is not None else shared_kv(attn, k, v)  # H x d x N, H x N x d
+        logits = torch.bmm(_heads(qp / math.sqrt(d), n_heads), kt)  # H x B*T x N
+        out = torch.bmm(torch.softmax(logits, dim=-1), vh)  # H x B*T x d
+        return attn.out_proj(_unheads(out, b))
+    wk = attn.k_proj.weight.reshape(n_heads, d, c)  # H x d x C
+    wv = attn.v_proj.weight.reshape(n_heads, d, c)
+    qk = torch.einsum("bthd,hdc->bhtc", qp.reshape(b, t, n_heads, d) / math.sqrt(d), wk).reshape(b, n_heads * t, c)
+    logits = torch.bmm(qk, k.transpose(1, 2))  # B x H*T x N; the key bias cancels in softmax
+    pk = torch.bmm(torch.softmax(logits, dim=-1), v)  # B x H*T x C
+    out = torch.einsum("bhtc,hdc->bthd", pk.reshape(b, n_heads, t, c), wv).reshape(b, t, n_heads * d)
+    return attn.out_proj(out + attn.v_proj.bias)
+
+
+def shared_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected shared image tokens for :func:`token_to_image`: 1 x N x C -> (H x d x N keys, H x N x d values)."""
+    n_heads = attn.num_heads
+    kt = _heads(attn.k_proj(k), n_heads).transpose(1, 2).contiguous()
+    return kt, _heads(attn.v_proj(v), n_heads).contiguous()
+
+
+def shared_q(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+    """Projected shared image tokens for :func:`image_to_token`: 1 x N x C -> H x d x N."""
+    return _heads(attn.q_proj(q), attn.num_heads).transpose(1, 2).contiguous()
+
+
+def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+                   q_shared: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + Attention(q, k, v)`` for many queries (image tokens) and few keys (prompt tokens).
+
+    q, residual: Bq x N x C image tokens (Bq = 1 shared by all prompts, or B); k, v: B x T x C tokens.
+    ``q_shared`` is :func:`shared_q` of q when Bq = 1, precomputed once per call. Returns B x N x C.
+
+    Logits are laid out B x H x T x N so the softmax runs over a non-innermost axis of length T
+    (vectorised along N; a softmax over an innermost axis of 7 is ~7x slower on CPU). The output
+    projection is re-associated per head (``P_h (V_h W_o,h)``) and its bias folded into those rows
+    (each head's probabilities sum to one); the residual add happens inside the final GEMM.
+    """
+    n_heads = attn.num_heads
+    b, t, c = k.shape
+    n = q.shape[1]
+    kp = attn.k_proj(k)  # B x T x H*d
+    d = kp.shape[-1] // n_heads
+    kh = kp.reshape(b, t, n_heads, d) / math.sqrt(d)
+    if q.shape[0] == 1:
+        qt = q_shared if q_shared is not None else shared_q(attn, q)  # H x d x N
+        logits = torch.bmm(kh.permute(2, 0, 1, 3).reshape(n_heads, b * t, d), qt)  # H x B*T x N
+        p = torch.softmax(logits.reshape(n_heads, b, t, n), dim=2).transpose(0, 1).reshape(b, n_heads * t, n)
+    else:
+        wq = attn.q_proj.weight.reshape(n_heads, d, c)  # H x d x C
+        m = torch.einsum("hdc,bthd->bhtc", wq, kh).reshape(b, n_heads * t, c)
+        bias = torch.einsum("hd,bthd->bht", attn.q_proj.bias.reshape(n_heads, d), kh).reshape(b, n_heads * t, 1)
+        logits = torch.baddbmm(bias, m, q.transpose(1, 2))  # B x H*T x N
+        p = torch.softmax(logits.reshape(b, n_heads, t, n), dim=2).reshape(b, n_heads * t, n)
+    wo = attn.out_proj.weight.reshape(c, n_heads, d)  # C x H x d
+    u = torch.einsum("bthd,chd->bhtc", attn.v_proj(v).reshape(b, t, n_heads, d), wo)
+    u = (u + attn.out_proj.bias / n_heads).reshape(b, n_heads * t, c)
+    return torch.baddbmm(residual, p.transpose(1, 2), u)
+
+
+class FastMaskDecoder:
+    """Inference-only re-associated view of a ``Sam``'s mask decoder (reads its weights live).
+
+    ``__call__(features, image_pe, sparse, dense, multimask)`` takes what ``MaskDecoder.forward``
+    takes, except that ``dense`` may be 1 x C x h x w (no mask input: shared by every prompt):
+    features: 1 x C x h x w; image_pe: 1 x C x h x w; sparse: B x P x C; dense: 1 or B x C x h x w.
+    Returns (B x M x 4h x 4w low-res logits, B x M IoU predictions), M = 3 if multimask else 1.
+    """
+
+    def __init__(self, sam: nn.Module, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.decoder = sam.mask_decoder
+        self.transformer = self.decoder.transformer
+        self.chunk = chunk
+        ups = self.decoder.output_upscaling
+        if len(ups) != 5 or not isinstance(ups[0], nn.ConvTranspose2d) or not isinstance(ups[3], nn.ConvTranspose2d):
+            raise TypeError("FastMaskDecoder expects SAM's ConvT-LN-act-ConvT-act output_upscaling")
+
+    @staticmethod
+    def _conv_t_as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cin x Cout x 2 x 2 transposed conv -> (Cin x (2*2*Cout) weight, bias) ordered (ki, kj, cout)."""
+        w = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
+        return w, conv.bias.repeat(4)
+
+    @torch.inference_mode()
+    def __call__(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.transformer.layers[0]
+        pe = image_pe.flatten(2).transpose(1, 2)  # 1 x N x C
+        shared = dense.shape[0] == 1
+        keys0 = (features + dense).flatten(2).transpose(1, 2)  # 1 or B x N x C
+        cache: dict[str, torch.Tensor] = {}
+        if shared:  # per-call work on the shared image tokens (first block)
+            cache["k0"] = k0 = keys0 + pe
+            cache["i2t_q"] = shared_q(first.cross_attn_image_to_token, k0)
+            cache["t2i_kv"] = shared_kv(first.cross_attn_token_to_image, k0, keys0)
+        outputs = [self._chunk(sparse[s:s + self.chunk], keys0 if shared else keys0[s:s + self.chunk], pe,
+                               cache, multimask, features.shape[-2:])
+                   for s in range(0, sparse.shape[0], self.chunk)]
+        masks, iou = zip(*outputs, strict=True)
+        return torch.cat(masks), torch.cat(iou)
+
+    def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: dict[str, torch.Tensor],
+               multimask: bool, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        dec, tr = self.decoder, self.transformer
+        b = sparse.shape[0]
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        queries, query_pe = tokens, tokens
+        for layer in tr.layers:
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            first = keys.shape[0] == 1 and layer is tr.layers[0] and "k0" in cache
+            k = cache["k0"] if first else keys + pe
+            t2i = token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys,
+                                 cache.get("t2i_kv") if first else None)
+            queries = layer.norm2(queries + t2i)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            q = queries + query_pe
+            keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, q, queries, keys,
+                                              cache.get("i2t_q") if first else None))
+        attn_out = token_to_image(tr.final_attn_token_to_image, queries + query_pe, keys + pe, keys)
+        hs = tr.norm_final_attn(queries + attn_out)
+        iou = dec.iou_prediction_head(hs[:, 0, :])
+        sel = slice(1, None) if multimask else slice(0, 1)
+        mask_idx = range(1, dec.num_mask_tokens) if multimask else range(1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in mask_idx], dim=1)  # B x M x c8
+        masks = self._upscale(keys, hyper, hw)
+        return masks, iou[:, sel]
+
+    def _upscale(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """keys: B x N x C (N = h*w), hyper: B x M x C/8 -> B x M x 4h x 4w logits."""
+        ups = self.decoder.output_upscaling
+        conv1, norm, act1, conv2, act2 = ups
+        h, w = hw
+        b, m = hyper.shape[:2]
+        w1, b1 = self._conv_t_as_linear(conv1)
+        w2, b2 = self._conv_t_as_linear(conv2)
+        c1, c2 = conv1.weight.shape[1], conv2.weight.shape[1]
+        x = torch.addmm(b1, keys.reshape(-1, keys.shape[-1]), w1).reshape(-1, c1)  # (B*N*4) x C1
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        x = act2(torch.addmm(b2, x, w2)).reshape(b, -1, c2)  # B x (N*16) x C2, order (i, j, ki, kj, ki2, kj2)
+        masks = torch.bmm(x, hyper.transpose(1, 2))  # B x (N*16) x M
+        masks = masks.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * h, 4 * w)

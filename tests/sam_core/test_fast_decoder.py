@@ -1,0 +1,98 @@
+"""The re-associated mask decoder equals segment_anything's MaskDecoder on every prompt kind."""
+
+import pytest
+import torch
+
+from sam_core.fast_decoder import FastMaskDecoder
+
+
+def _prompts(sam, n: int, kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = sam.prompt_encoder.input_image_size[0]
+    xy = torch.rand(n, 2, generator=g) * size * 0.6
+    boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * size * 0.3], dim=1)
+    coords = torch.rand(n, 3, 2, generator=g) * size
+    labels = torch.randint(0, 2, (n, 3), generator=g)
+    low = sam.prompt_encoder.mask_input_size[0]
+    masks = torch.randn(n, 1, low, low, generator=g) * 4
+    points = (coords, labels) if kind in ("points", "box+points") else None
+    return sam.prompt_encoder(points=points, boxes=boxes if "box" in kind else None,
+                              masks=masks if kind == "box+mask" else None)
+
+
+def _features(sam, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = sam.image_encoder.img_size
+    with torch.inference_mode():
+        return sam.image_encoder(torch.randn(1, 3, size, size, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["box", "points", "box+points", "box+mask"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_matches_eager_mask_decoder(tiny_model, kind, multimask):
+    sam = tiny_model.sam.eval()
+    features = _features(sam)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, 5, kind)
+        ref_masks, ref_iou = sam.mask_decoder(features, pe, sparse, dense, multimask)
+        fast = FastMaskDecoder(sam, chunk=2)  # chunks of 2, 2, 1: exercises the boundaries
+        shared_dense = dense[:1] if kind != "box+mask" else dense
+        masks, iou = fast(features, pe, sparse, shared_dense, multimask)
+    assert masks.shape == ref_masks.shape and iou.shape == ref_iou.shape
+    torch.testing.assert_close(masks, ref_masks, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
+
+
+def test_per_prompt_dense_equals_shared_dense(tiny_model):
+    """The shared-first-layer path and the fully per-prompt path agree."""
+    sam = tiny_model.sam.eval()
+    features = _features(sam, seed=1)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, 4, "box", seed=1)
+        fast = FastMaskDecoder(sam)
+        shared = fast(features, pe, sparse, dense[:1], False)
+        per_prompt = fast(features, pe, sparse, dense.contiguous(), False)
+    torch.testing.assert_close(shared[0], per_prompt[0], atol=1e-5, rtol=1e-4)
+
+
+def test_reads_live_weights(tiny_model):
+    """Weights changed after construction (a loaded adapter, a training step) are used."""
+    import copy
+
+    sam = copy.deepcopy(tiny_model.sam).eval()
+    fast = FastMaskDecoder(sam)
+    features = _features(sam)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, 2, "box")
+        before = fast(features, pe, sparse, dense[:1], False)[0]
+        sam.mask_decoder.output_upscaling[0].bias.add_(0.5)
+        after = fast(features, pe, sparse, dense[:1], False)[0]
+        ref = sam.mask_decoder(features, pe, sparse, dense, False)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_refuses_unknown_upscaling(tiny_model):
+    import copy
+
+    sam = copy.deepcopy(tiny_model.sam)
+    sam.mask_decoder.output_upscaling = torch.nn.Sequential(torch.nn.Identity())
+    with pytest.raises(TypeError, match="output_upscaling"):
+        FastMaskDecoder(sam)
+
+
+@pytest.mark.integration
+def test_litemedsam_boxes_match_eager(litemedsam_model):
+    sam = litemedsam_model.sam.eval()
+    features = _features(sam)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, 20, "box", seed=3)
+        ref_masks, ref_iou = sam.mask_decoder(features, pe, sparse, dense, False)
+        masks, iou = FastMaskDecoder(sam)(features, pe, sparse, dense[:1], False)
+    scale = ref_masks.abs().amax().item()
+    assert (masks - ref_masks).abs().amax().item() <= 1e-5 * max(scale, 1.0)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
