@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .encoder_opt import optimized_encoder
 from .fast_decoder import FastMaskDecoder
 from .models import LoadedModel
 from .preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
@@ -78,12 +79,15 @@ class Predictor:
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the image encoder under autocast; embeddings
     are always returned as float32. The decoder runs in float32, through the re-associated
     :class:`~sam_core.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
-    ``MaskDecoder``; both give the same logits to float32 rounding).
+    ``MaskDecoder``; both give the same logits to float32 rounding). The image encoder runs as
+    :func:`~sam_core.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
+    the weights at construction) unless ``optimize_encoder=False``.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
                  max_prompts: int = DEFAULT_MAX_PROMPTS, decode_batch: int = DEFAULT_DECODE_BATCH,
-                 autocast_dtype: torch.dtype | None = None, fast_decoder: bool = True) -> None:
+                 autocast_dtype: torch.dtype | None = None, fast_decoder: bool = True,
+                 optimize_encoder: bool = True) -> None:
         self.model = model
         self.sam = model.sam
         self.spec = model.spec
@@ -93,6 +97,7 @@ class Predictor:
         self.decode_batch = decode_batch
         self.autocast_dtype = autocast_dtype
         self.fast_decoder = FastMaskDecoder(self.sam) if fast_decoder else None
+        self.encoder = optimized_encoder(self.sam.image_encoder) if optimize_encoder else self.sam.image_encoder
 
     @property
     def model_id(self) -> str:
@@ -107,8 +112,11 @@ class Predictor:
     @torch.inference_mode()
     def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S preprocessed input -> B x C x h x w float32 features."""
+        batch = batch.to(self.device)
+        if self.encoder is not self.sam.image_encoder:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            features = self.sam.image_encoder(batch.to(self.device))
+            features = self.encoder(batch)
         return features.float()
 
     def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
