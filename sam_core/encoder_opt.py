@@ -14,9 +14,21 @@ them :func:`optimized_encoder` returns the encoder itself (no copy of a 600M-par
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this x86 CPU computes bf16 in hardware (AVX512_BF16 or AMX-BF16).
+
+    Without it PyTorch emulates bf16 matmuls: slower than fp32 (measured here: 22 vs 77 GFLOP/s)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Sequential, int]]:

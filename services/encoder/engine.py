@@ -33,6 +33,7 @@ import torch
 
 from sam_core.adapter_registry import AdapterStore, FileSystemAdapterStore
 from sam_core.embedding_store import MemoryEmbeddingLRU, embedding_key
+from sam_core.encoder_opt import cpu_has_native_bf16
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.image_io import decode_image, image_content_hash
 from sam_core.models import LoadedModel, load_model, resolve_device
@@ -133,6 +134,9 @@ class EmbeddingEngine:
         self.settings = settings
         self.device = torch.device(device)
         self.precision = "bf16" if settings.bf16 else "fp32"
+        if settings.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("SAMFORGE_BF16=true on a CPU without AVX512_BF16/AMX: bf16 is emulated and slower than "
+                        "fp32 here (see bench/speed.py)")
         autocast = torch.bfloat16 if settings.bf16 else None
 
         def make_predictor(loaded: LoadedModel) -> Predictor:
