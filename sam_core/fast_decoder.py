@@ -122,8 +122,11 @@ class FastMaskDecoder:
 
     ``__call__(features, image_pe, sparse, dense, multimask)`` takes what ``MaskDecoder.forward``
     takes, except that ``dense`` may be 1 x C x h x w (no mask input: shared by every prompt):
-    features: 1 x C x h x w; image_pe: 1 x C x h x w; sparse: B x P x C; dense: 1 or B x C x h x w.
+    features: 1 x C x h x w (or B x C x h x w: one embedding per prompt, as in training);
+    image_pe: 1 x C x h x w; sparse: B x P x C; dense: 1 or B x C x h x w.
     Returns (B x M x 4h x 4w low-res logits, B x M IoU predictions), M = 3 if multimask else 1.
+    ``__call__`` runs under inference mode; :meth:`forward` is the same computation with autograd
+    (the decoder fine-tuning step: about half the FLOPs of the eager module, forward and backward).
     """
 
     def __init__(self, sam: nn.Module, *, chunk: int = DEFAULT_CHUNK) -> None:
@@ -143,9 +146,13 @@ class FastMaskDecoder:
     @torch.inference_mode()
     def __call__(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                  dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(features, image_pe, sparse, dense, multimask)
+
+    def forward(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.transformer.layers[0]
         pe = image_pe.flatten(2).transpose(1, 2)  # 1 x N x C
-        shared = dense.shape[0] == 1
+        shared = dense.shape[0] == 1 and features.shape[0] == 1
         keys0 = (features + dense).flatten(2).transpose(1, 2)  # 1 or B x N x C
         cache: dict[str, torch.Tensor] = {}
         if shared:  # per-call work on the shared image tokens (first block)

@@ -114,6 +114,11 @@ def test_ddp_two_gloo_ranks_equal_one_process(blob_dataset_dir, tiny_model, tmp_
     b = load_file(str(tmp_path / "ddp" / "final.safetensors"))
     initial = tiny_model.sam.state_dict()
     for name in a:
+        if name.endswith("k_proj.bias"):
+            # An attention key bias shifts every logit of a query equally: it cancels in the softmax, its
+            # true gradient is 0, and Adam turns float noise in it into arbitrary +-lr steps. No effect on
+            # any output, so DDP and one process may legitimately differ there.
+            continue
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
     assert sum(not torch.allclose(a[n], initial[n]) for n in a) > len(a) // 2  # the runs did train
 
