@@ -106,6 +106,14 @@ def child_encoder(variant: str, repeats: int, device: str) -> dict:
         def run(x):
             with torch.inference_mode():
                 return encoder(x)
+    elif variant == "onnx":
+        from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
+
+        with tempfile.TemporaryDirectory() as folder:
+            session = OnnxEncoder(export_encoder_onnx(model, Path(folder) / "encoder.onnx"))
+
+        def run(x):
+            return session(x)
     else:
         bf16 = variant.endswith("bf16")
         predictor = Predictor(model, device=device, autocast_dtype=torch.bfloat16 if bf16 else None)
@@ -185,7 +193,8 @@ def part_encoder(repeats: int, device: str) -> dict:
     if has_tc:
         variants.append(("eager fp32, tcmalloc", "eager", True))
     variants += [("samforge fold+channels_last fp32", "fold", has_tc),
-                 ("samforge fold+channels_last bf16", "fold-bf16", has_tc)]
+                 ("samforge fold+channels_last bf16", "fold-bf16", has_tc),
+                 ("samforge ONNX Runtime fp32 (export-onnx --part encoder)", "onnx", has_tc)]
     rows = []
     for label, variant, tc in variants:
         row = run_child(["encoder", variant, str(repeats)], tcmalloc=tc)

@@ -123,6 +123,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export the encoder or decoder graph; with --check-image, compare it with PyTorch on that image."""
+    import numpy as np
+
+    from sam_core.models import load_model
+    from sam_core.onnx_decoder import export_decoder_onnx, make_onnx_predictor
+    from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
+    from sam_core.predictor import Embedding, Predictor
+    from sam_core.preprocess import preprocess
+    from sam_core.prompts import Prompt
+
+    loaded = load_model(args.model, args.checkpoint)
+    t0 = time.perf_counter()
+    export = export_encoder_onnx if args.part == "encoder" else export_decoder_onnx
+    path = export(loaded, args.out)
+    summary: dict = {"part": args.part, "model_id": loaded.model_id, "path": str(path), "bytes": path.stat().st_size,
+                     "export_s": round(time.perf_counter() - t0, 2)}
+    if args.check_image:
+        from sam_core.image_io import load_image
+
+        image = load_image(args.check_image)
+        torch_predictor = Predictor(loaded, optimize_encoder=False, fast_decoder=False)
+        ref = torch_predictor.encode_one(image)
+        h, w = image.shape[:2]
+        boxes = [np.array([w * a, h * a, w * (1 - a), h * (1 - a)], np.float32) for a in (0.1, 0.25, 0.4)]
+        prompts = [Prompt(box=b) for b in boxes]
+        if args.part == "encoder":
+            features = OnnxEncoder(path)(preprocess(image, loaded.spec)[0])
+            ours = Embedding(features, ref.original_size, ref.input_size, ref.model_id, ref.preprocess_version,
+                             ref.encoder_adapter)
+            summary["embedding_max_abs_error"] = float((features - ref.features).abs().max())
+            a, b = torch_predictor.decode(ref, prompts).masks, torch_predictor.decode(ours, prompts).masks
+        else:
+            onnx_predictor = make_onnx_predictor(loaded, onnx_path=path)
+            a, b = torch_predictor.decode(ref, prompts).masks, onnx_predictor.decode(ref, prompts).masks
+        ious = [float(np.logical_and(x, y).sum() / max(1, np.logical_or(x, y).sum()))
+                for x, y in zip(a, b, strict=True)]
+        summary["mask_iou_min"] = round(min(ious), 6)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samforge", description="Fine-tune and serve Segment Anything.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image", help="segment this image instead of the generated scene")
     d.add_argument("--out", default="out/demo", help="folder for masks and summary.json")
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("export-onnx", help="export the image encoder or the prompt decoder to ONNX")
+    e.add_argument("--part", choices=("encoder", "decoder"), required=True)
+    e.add_argument("--model", default="litemedsam")
+    e.add_argument("--checkpoint", help="weights file for vit_b/vit_l/vit_h")
+    e.add_argument("--out", required=True, help="output .onnx file (written atomically)")
+    e.add_argument("--check-image", help="compare with PyTorch on this image: embedding error, mask IoU")
+    e.set_defaults(func=cmd_export_onnx)
     add_train_args(sub)
     add_up_args(sub)
     return parser

@@ -49,3 +49,16 @@ def test_bad_input_is_a_clear_error(image_path, tmp_path, capsys):
                  "--out", str(tmp_path / "m.png")]) == 2
     with pytest.raises(SystemExit):
         main(["predict", "--image", str(image_path), "--box", "1,2,3", "--out", "x.png"])
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_export_onnx_checks_against_pytorch(image_path, tmp_path, capsys, part):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / f"{part}.onnx"
+    code = main(["export-onnx", "--part", part, "--model", "tiny", "--out", str(out), "--check-image", str(image_path)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["part"] == part and summary["bytes"] == out.stat().st_size > 0
+    assert summary["mask_iou_min"] >= 0.99
+    if part == "encoder":
+        assert summary["embedding_max_abs_error"] < 1e-4

@@ -1,0 +1,95 @@
+"""ONNX export of the image encoder with a dynamic batch axis, and an ONNX Runtime encoder over it.
+
+Graph: ``images`` B x 3 x S x S float32 (preprocessed, :func:`sam_core.preprocess.preprocess`) ->
+``image_embeddings`` B x C x h x w float32, B dynamic.
+
+LiteMedSAM's TinyViT ``PatchMerging`` reads its batch size as ``B = len(x)``, which the tracer records
+as a constant: a graph exported at batch 1 then fails at any other batch. The export runs on a copy
+whose PatchMerging modules read ``x.shape[0]`` instead (same computation). SAM's ViT needs no change.
+``onnxruntime`` and ``onnx`` are imported lazily (extra ``cpu`` or ``gpu``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import LoadedModel
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "image_embeddings"
+
+
+def _patch_merging_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT PatchMerging.forward with the batch size read from the shape (traceable as dynamic)."""
+    if x.ndim == 3:
+        h, w = self.input_resolution
+        x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    x = self.act(self.conv1(x))
+    x = self.act(self.conv2(x))
+    x = self.conv3(x)
+    return x.flatten(2).transpose(1, 2)
+
+
+def exportable_encoder(encoder: nn.Module) -> nn.Module:
+    """An eval copy of ``encoder`` whose PatchMerging modules keep the batch axis dynamic when traced."""
+    clone = copy.deepcopy(encoder).eval()
+    for module in clone.modules():
+        if type(module).__name__ == "PatchMerging" and hasattr(module, "input_resolution"):
+            module.forward = types.MethodType(_patch_merging_forward, module)
+    return clone
+
+
+def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model``'s image encoder (adapters included) to ``path``; written to a temporary file and
+    renamed, so a partial file is never visible at ``path``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    encoder = exportable_encoder(model.sam.image_encoder)
+    size = model.spec.img_size
+    example = torch.zeros(2, 3, size, size, device=next(encoder.parameters()).device)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts traced as constants
+            torch.onnx.export(encoder, (example,), tmp_name, dynamo=False, export_params=True, opset_version=opset,
+                              do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
+
+
+class OnnxEncoder:
+    """ONNX Runtime session over :func:`export_encoder_onnx`'s graph: B x 3 x S x S -> B x C x h x w."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        from .onnx_decoder import default_providers
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        (features,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+        return torch.from_numpy(features)
