@@ -81,7 +81,8 @@ class Predictor:
     :class:`~sam_core.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
     ``MaskDecoder``; both give the same logits to float32 rounding). The image encoder runs as
     :func:`~sam_core.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
-    the weights at construction) unless ``optimize_encoder=False``.
+    the weights taken at the first encode, so a decode-only predictor never copies the encoder)
+    unless ``optimize_encoder=False``.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
@@ -97,13 +98,22 @@ class Predictor:
         self.decode_batch = decode_batch
         self.autocast_dtype = autocast_dtype
         self.fast_decoder = FastMaskDecoder(self.sam) if fast_decoder else None
-        self.encoder = optimized_encoder(self.sam.image_encoder) if optimize_encoder else self.sam.image_encoder
+        self._optimize_encoder = optimize_encoder
+        self._encoder: torch.nn.Module | None = None
 
     @property
     def model_id(self) -> str:
         return self.model.model_id
 
     # ------------------------------------------------------------------ encode
+    @property
+    def encoder(self) -> torch.nn.Module:
+        """The module :meth:`encode_tensor` runs (built on first use; a race builds it twice, harmlessly)."""
+        if self._encoder is None:
+            self._encoder = optimized_encoder(self.sam.image_encoder) if self._optimize_encoder \
+                else self.sam.image_encoder
+        return self._encoder
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -113,10 +123,11 @@ class Predictor:
     def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S preprocessed input -> B x C x h x w float32 features."""
         batch = batch.to(self.device)
-        if self.encoder is not self.sam.image_encoder:
+        encoder = self.encoder
+        if encoder is not self.sam.image_encoder:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            features = self.encoder(batch)
+            features = encoder(batch)
         return features.float()
 
     def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
