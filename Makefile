@@ -3,7 +3,10 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-local test lint install protos system
+TRITON_VENV := .venv-triton
+TRITON_PY := $(TRITON_VENV)/bin/python
+
+.PHONY: demo demo-local test lint install protos system triton-env
 
 $(BIN)/samforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +23,16 @@ system:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server libtcmalloc-minimal4 >/dev/null; }
 
+# the Triton test environment: a real tritonserver (nvidia-pytriton) for the triton encoder backend's
+# tests and benchmark; separate because pytriton needs numpy<2 and protobuf<7 (see deploy/triton/)
+$(TRITON_VENV)/.installed: deploy/triton/requirements-pytriton.txt
+	test -x $(TRITON_PY) || $(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q -r deploy/triton/requirements-pytriton.txt
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
 # main job: the whole local stack (trainer, encoder, decoder) on LiteMedSAM, then the demo client
 demo: install
 	$(BIN)/samforge up --demo --base-port 0 --var out/stack
@@ -31,10 +44,10 @@ demo-local: install
 protos: install
 	$(BIN)/python protos/generate.py
 
-test: install system
+test: install system triton-env
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
-	$(BIN)/pytest -q
+	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) $(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check .

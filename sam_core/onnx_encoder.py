@@ -12,7 +12,9 @@ whose PatchMerging modules read ``x.shape[0]`` instead (same computation). SAM's
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import re
 import tempfile
 import types
 import warnings
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import LoadedModel
+from .models import LoadedModel, state_dict_sha256
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -74,6 +76,31 @@ def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: i
     return out
 
 
+def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None = None,
+                        opset: int = DEFAULT_OPSET) -> Path:
+    """``<cache_dir>/encoder-<model>-<adapter>-<key16>.onnx``; the key hashes the model and adapter ids,
+    samforge and torch versions, the opset and the image encoder's weights (a changed weight never reuses
+    a file). ``cache_dir`` None: :func:`sam_core.onnx_decoder.default_cache_dir`."""
+    from .onnx_decoder import _package_version, default_cache_dir
+
+    parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(opset),
+             state_dict_sha256(model.sam.image_encoder.state_dict())]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    adapter = re.sub(r"[^A-Za-z0-9._-]", "_", model.adapter_id or "base")
+    return folder / f"encoder-{model.model_id}-{adapter}-{key[:16]}.onnx"
+
+
+def cached_onnx_encoder(model: LoadedModel, *, cache_dir: str | os.PathLike | None = None,
+                        threads: int | None = None, providers: list[str] | None = None) -> OnnxEncoder:
+    """An :class:`OnnxEncoder` for ``model``, exporting the graph first unless the cache has it
+    (replicas sharing the cache volume export once; the write is atomic)."""
+    path = encoder_export_path(model, cache_dir)
+    if not path.is_file():
+        export_encoder_onnx(model, path)
+    return OnnxEncoder(path, threads=threads, providers=providers)
+
+
 class OnnxEncoder:
     """ONNX Runtime session over :func:`export_encoder_onnx`'s graph: B x 3 x S x S -> B x C x h x w."""
 
@@ -83,6 +110,7 @@ class OnnxEncoder:
 
         from .onnx_decoder import default_providers
 
+        self.path = Path(path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

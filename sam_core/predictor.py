@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,13 +82,16 @@ class Predictor:
     ``MaskDecoder``; both give the same logits to float32 rounding). The image encoder runs as
     :func:`~sam_core.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
     the weights taken at the first encode, so a decode-only predictor never copies the encoder)
-    unless ``optimize_encoder=False``.
+    unless ``optimize_encoder=False``. ``encoder_fn`` replaces the image encoder with another runtime
+    of the same weights (``B x 3 x S x S -> B x C x h x w``, e.g. ONNX Runtime or a Triton client);
+    ``autocast_dtype`` and ``optimize_encoder`` then do not apply to the encoder.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
                  max_prompts: int = DEFAULT_MAX_PROMPTS, decode_batch: int = DEFAULT_DECODE_BATCH,
                  autocast_dtype: torch.dtype | None = None, fast_decoder: bool = True,
-                 optimize_encoder: bool = True) -> None:
+                 optimize_encoder: bool = True,
+                 encoder_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
         self.sam = model.sam
         self.spec = model.spec
@@ -100,6 +103,7 @@ class Predictor:
         self.fast_decoder = FastMaskDecoder(self.sam) if fast_decoder else None
         self._optimize_encoder = optimize_encoder
         self._encoder: torch.nn.Module | None = None
+        self.encoder_fn = encoder_fn
 
     @property
     def model_id(self) -> str:
@@ -122,6 +126,8 @@ class Predictor:
     @torch.inference_mode()
     def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S preprocessed input -> B x C x h x w float32 features."""
+        if self.encoder_fn is not None:
+            return self.encoder_fn(batch.float()).to(self.device, torch.float32)
         batch = batch.to(self.device)
         encoder = self.encoder
         if encoder is not self.sam.image_encoder:

@@ -51,7 +51,19 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_REDIS_URL", "", "redis://host:port/db for the shared L2 embedding cache (empty = off)",
         ("encoder",)),
     Var("SAMFORGE_REDIS_TTL_SECONDS", "86400", "L2 entry lifetime", ("encoder",)),
-    Var("SAMFORGE_BF16", "false", "bf16 autocast for the image encoder", ("encoder",)),
+    Var("SAMFORGE_BF16", "false", "bf16 autocast for the image encoder (torch backend only)", ("encoder",)),
+    Var("SAMFORGE_ENCODER_BACKEND", "torch", "what runs the base image encoder: torch (in-process), onnx (in-process "
+        "ONNX Runtime) or triton (Triton Inference Server; encoder-side adapters refused)", ("encoder",)),
+    Var("SAMFORGE_ENCODER_CONCURRENCY", "0", "encoder batches in flight (0 = 1 for torch/onnx, 4 for triton)",
+        ("encoder",)),
+    Var("SAMFORGE_TRITON_URL", "127.0.0.1:8001", "Triton gRPC address (host:port) for the triton backend",
+        ("encoder",)),
+    Var("SAMFORGE_TRITON_MODEL", "sam_encoder", "Triton model serving the image encoder", ("encoder",)),
+    Var("SAMFORGE_TRITON_MODEL_VERSION", "", "Triton model version (empty = the server's version policy)",
+        ("encoder",)),
+    Var("SAMFORGE_TRITON_TIMEOUT_SECONDS", "30", "deadline of one Triton call, retries included", ("encoder",)),
+    Var("SAMFORGE_TRITON_RETRIES", "3", "retries (exponential backoff) when Triton answers UNAVAILABLE",
+        ("encoder",)),
     # --- decoder
     Var("SAMFORGE_DECODER_PORT", "50052", "decoder gRPC port", ("decoder",)),
     Var("SAMFORGE_DECODER_METRICS_PORT", "9102", "decoder Prometheus /metrics port", ("decoder",)),
@@ -60,7 +72,8 @@ ENV: tuple[Var, ...] = (
         ("decoder",)),
     Var("SAMFORGE_DECODER_CACHE_BYTES", "268435456", "decoder's local LRU of fetched embeddings", ("decoder",)),
     Var("SAMFORGE_MAX_PROMPTS", "256", "prompts per Segment call", ("decoder",)),
-    Var("SAMFORGE_ONNX_CACHE_DIR", "./var/onnx", "exported decoder graphs", ("decoder",)),
+    Var("SAMFORGE_ONNX_CACHE_DIR", "./var/onnx", "exported ONNX graphs (decoder runtime onnx, encoder backend onnx)",
+        ("encoder", "decoder")),
     Var("SAMFORGE_ENCODER_TIMEOUT_SECONDS", "30", "deadline of the decoder's calls to the encoder", ("decoder",)),
     # --- trainer
     Var("SAMFORGE_TRAINER_PORT", "50053", "trainer + adapter registry gRPC port", ("trainer",)),
@@ -153,10 +166,27 @@ class EncoderSettings(CommonSettings):
     adapter_cache: int = 4
     max_image_bytes: int = 0
     max_pixels: int = 0
+    backend: str = "torch"
+    concurrency: int = 0
+    onnx_cache_dir: str = ""
+    triton_url: str = ""
+    triton_model: str = "sam_encoder"
+    triton_model_version: str = ""
+    triton_timeout_seconds: float = 30.0
+    triton_retries: int = 3
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> EncoderSettings:
         env = os.environ if env is None else env
+        backend = _get(env, "SAMFORGE_ENCODER_BACKEND")
+        if backend not in ("torch", "onnx", "triton"):
+            raise InvalidInput(f"must be torch, onnx or triton, got {backend!r}", field="SAMFORGE_ENCODER_BACKEND")
+        if backend != "torch" and _bool(env, "SAMFORGE_BF16"):
+            raise InvalidInput(f"bf16 autocast applies to the torch encoder backend only, not {backend}",
+                               field="SAMFORGE_BF16")
+        timeout = _float(env, "SAMFORGE_TRITON_TIMEOUT_SECONDS")
+        if timeout <= 0:
+            raise InvalidInput(f"must be > 0, got {timeout}", field="SAMFORGE_TRITON_TIMEOUT_SECONDS")
         return EncoderSettings(
             **CommonSettings.common(env, "SAMFORGE_ENCODER_PORT", "SAMFORGE_ENCODER_METRICS_PORT"),
             cache_bytes=_int(env, "SAMFORGE_CACHE_BYTES"), max_batch=_int(env, "SAMFORGE_MAX_BATCH", 1),
@@ -164,6 +194,11 @@ class EncoderSettings(CommonSettings):
             redis_url=_get(env, "SAMFORGE_REDIS_URL"), redis_ttl_seconds=_int(env, "SAMFORGE_REDIS_TTL_SECONDS", 1),
             bf16=_bool(env, "SAMFORGE_BF16"), adapter_cache=_int(env, "SAMFORGE_ADAPTER_CACHE", 1),
             max_image_bytes=_int(env, "SAMFORGE_MAX_IMAGE_BYTES", 1), max_pixels=_int(env, "SAMFORGE_MAX_PIXELS", 1),
+            backend=backend, concurrency=_int(env, "SAMFORGE_ENCODER_CONCURRENCY"),
+            onnx_cache_dir=_get(env, "SAMFORGE_ONNX_CACHE_DIR"), triton_url=_get(env, "SAMFORGE_TRITON_URL"),
+            triton_model=_get(env, "SAMFORGE_TRITON_MODEL"),
+            triton_model_version=_get(env, "SAMFORGE_TRITON_MODEL_VERSION"), triton_timeout_seconds=timeout,
+            triton_retries=_int(env, "SAMFORGE_TRITON_RETRIES"),
         )
 
 

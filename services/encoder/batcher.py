@@ -5,6 +5,8 @@ Request threads :meth:`DynamicBatcher.submit` an :class:`EncodeJob` (a full queu
 future. The batcher thread takes the oldest job, waits up to ``max_wait_s`` for up to ``max_batch`` jobs,
 drops jobs nobody waits for any more (client gone or deadline passed: ``is_active()`` false), groups the
 rest by model (the base encoder, each encoder-side adapter) and runs one ``Predictor.encode`` per group.
+With ``concurrency`` > 1 (a remote backend such as Triton) up to that many batches run at once on a small
+thread pool; the batcher takes the next batch only when a slot is free, so the bounded queue still pushes back.
 A tiled job is encoded on its own with :func:`sam_core.tiling.encode_tiled` (whole image + tiles,
 ``max_batch`` images per encoder call). Results are ``(value, encode_ms)``.
 
@@ -20,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,16 +56,25 @@ def _own(embedding: Embedding) -> Embedding:
 
 
 class DynamicBatcher:
-    """Bounded queue + one encoder thread. Counters: ``encodes`` (images), ``batch_sizes`` (recent calls)."""
+    """Bounded queue + one batching thread running up to ``concurrency`` batches at once.
 
-    def __init__(self, *, max_batch: int = 4, max_wait_s: float = 0.005, queue_size: int = 32) -> None:
+    Counters: ``encodes`` (images), ``batch_sizes`` (recent encoder calls).
+    """
+
+    def __init__(self, *, max_batch: int = 4, max_wait_s: float = 0.005, queue_size: int = 32,
+                 concurrency: int = 1) -> None:
         self.max_batch = max(1, int(max_batch))
+        self.concurrency = max(1, int(concurrency))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.queue_size = queue_size
         self.encodes = 0
         self.batch_sizes: deque[int] = deque(maxlen=1024)
         self._queue: queue.Queue[EncodeJob] = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()
+        self._count_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="encoder-batch") \
+            if self.concurrency > 1 else None
         self._thread = threading.Thread(target=self._run, name="encoder-batcher", daemon=True)
         self._thread.start()
 
@@ -83,28 +94,41 @@ class DynamicBatcher:
         return job.future
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish the batch in progress, fail queued jobs with Unavailable, stop the thread."""
+        """Finish the batches in progress, fail queued jobs with Unavailable, stop the threads."""
         self._closed.set()
         self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._fail_queued()
 
     # ------------------------------------------------------------------ thread
     def _run(self) -> None:
         while not self._closed.is_set():
+            if not self._slots.acquire(timeout=0.1):
+                continue
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
+                self._slots.release()
                 continue
             jobs = self._fill([first])
             metrics.QUEUE_DEPTH.set(self.depth())
-            try:
-                self._run_batch(jobs)
-            except BaseException as exc:  # never let the thread die with futures pending
-                log.exception("encoder batch failed")
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            if self._pool is None:
+                self._run_in_slot(jobs)
+            else:
+                self._pool.submit(self._run_in_slot, jobs)
         self._fail_queued()
+
+    def _run_in_slot(self, jobs: list[EncodeJob]) -> None:
+        try:
+            self._run_batch(jobs)
+        except BaseException as exc:  # never let a thread die with futures pending
+            log.exception("encoder batch failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        finally:
+            self._slots.release()
 
     def _fill(self, jobs: list[EncodeJob]) -> list[EncodeJob]:
         deadline = time.monotonic() + self.max_wait_s
@@ -141,12 +165,13 @@ class DynamicBatcher:
             self._encode_tiled(job)
 
     def _record(self, images: int, per_call: int) -> None:
-        self.encodes += images
+        with self._count_lock:
+            self.encodes += images
+            for start in range(0, images, per_call):
+                self.batch_sizes.append(min(per_call, images - start))
         metrics.ENCODES.inc(images)
         for start in range(0, images, per_call):
-            size = min(per_call, images - start)
-            self.batch_sizes.append(size)
-            metrics.BATCH_SIZE.observe(size)
+            metrics.BATCH_SIZE.observe(min(per_call, images - start))
 
     def _encode_group(self, group: list[EncodeJob]) -> None:
         start = time.perf_counter()

@@ -44,6 +44,7 @@ from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
 
 from .adapters import AdapterModels, ModelHandle
+from .backends import EncoderBackend, build_backend
 from .batcher import DynamicBatcher, EncodeJob
 from .l2 import RedisL2
 
@@ -130,8 +131,10 @@ class EmbeddingEngine:
     """Thread-safe embedding service logic over one base model (see the module docstring)."""
 
     def __init__(self, model: LoadedModel, settings: EncoderSettings, *, device: str = "cpu",
-                 store: AdapterStore | None = None, l2: RedisL2 | None = None, watch_interval: float = 1.0) -> None:
+                 store: AdapterStore | None = None, l2: RedisL2 | None = None, watch_interval: float = 1.0,
+                 backend: EncoderBackend | None = None) -> None:
         self.settings = settings
+        self.backend = backend or EncoderBackend("torch")
         self.device = torch.device(device)
         self.precision = "bf16" if settings.bf16 else "fp32"
         if settings.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
@@ -142,13 +145,13 @@ class EmbeddingEngine:
         def make_predictor(loaded: LoadedModel) -> Predictor:
             return Predictor(loaded, device=self.device, autocast_dtype=autocast)
 
-        self.base = make_predictor(model)
+        self.base = Predictor(model, device=self.device, autocast_dtype=autocast, encoder_fn=self.backend.encode)
         self.adapters = AdapterModels(self.base, store, settings.adapter_cache, make_predictor,
                                       watch_interval=watch_interval)
         self.l1 = MemoryEmbeddingLRU(int(settings.cache_bytes))
         self.l2 = l2
         self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
-                                      queue_size=settings.queue_size)
+                                      queue_size=settings.queue_size, concurrency=self.backend.concurrency)
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
         for cache in ("l1", "l2"):  # export the series at 0 before the first request
@@ -172,6 +175,7 @@ class EmbeddingEngine:
         canonical = decode_image(image, max_bytes=self.settings.max_image_bytes,
                                  max_pixels=self.settings.max_pixels, field="image")
         handle = self.adapters.resolve(tenant, adapter)
+        self.backend.check_adapter(handle.encoder_adapter, handle.label)
         geometry = self._tiling(tiling, canonical.shape[:2])
         base_key = embedding_key(image_content_hash(canonical), self.base.model_id,
                                  self.base.spec.preprocess_version, handle.encoder_adapter)
@@ -210,8 +214,9 @@ class EmbeddingEngine:
             loaded_adapters=self.adapters.loaded(), l2_hits=self.l2.hits if self.l2 is not None else 0)
 
     def close(self) -> None:
-        """Stop the batcher (queued work fails UNAVAILABLE), the registry watch and the Redis client."""
+        """Stop the batcher (queued work fails UNAVAILABLE), the backend, the registry watch and the Redis client."""
         self.batcher.close()
+        self.backend.close()
         self.adapters.close()
         if self.l2 is not None:
             self.l2.close()
@@ -328,9 +333,10 @@ def build_engine(settings: EncoderSettings) -> EmbeddingEngine:
             l2 = RedisL2(settings.redis_url, settings.redis_ttl_seconds)
         except ValueError as exc:
             raise InvalidInput(f"not a usable Redis URL ({exc})", field="SAMFORGE_REDIS_URL") from exc
+    backend = build_backend(settings, model)
     engine = EmbeddingEngine(model, settings, device=device, store=FileSystemAdapterStore(settings.registry_dir),
-                             l2=l2)
-    log.info("encoder ready: model %s on %s, cache %d bytes, batch <= %d (wait %.1f ms), queue %d, L2 %s",
-             engine.model_id, device, settings.cache_bytes, settings.max_batch, settings.max_wait_ms,
+                             l2=l2, backend=backend)
+    log.info("encoder ready: model %s on %s (%s backend), cache %d bytes, batch <= %d (wait %.1f ms), queue %d, L2 %s",
+             engine.model_id, device, backend.name, settings.cache_bytes, settings.max_batch, settings.max_wait_ms,
              settings.queue_size, "on" if l2 else "off")
     return engine

@@ -1,0 +1,198 @@
+"""Encoder execution backends: what runs the base image encoder (``SAMFORGE_ENCODER_BACKEND``).
+
+=========  ===================================================================================
+torch      in-process PyTorch (default): BatchNorm folded, channels-last, bf16 with SAMFORGE_BF16
+onnx       in-process ONNX Runtime over the encoder exported once into ``SAMFORGE_ONNX_CACHE_DIR``
+triton     NVIDIA Triton Inference Server (``SAMFORGE_TRITON_URL``, model ``SAMFORGE_TRITON_MODEL``)
+           through ``tritonclient.grpc.aio``: per-call deadline, retries with backoff on UNAVAILABLE
+=========  ===================================================================================
+
+A backend is only ``encode(batch) -> features`` (``B x 3 x S x S`` preprocessed float32 ->
+``B x C x h x w`` float32) for the *base* encoder, plugged into the base ``Predictor`` as
+``encoder_fn``. Keys, caches, single-flight, dynamic batching, tiling and adapter resolution are the
+same for all three. ``concurrency`` is how many batches the service keeps in flight: 1 for in-process
+backends (they use every core), several for Triton, so that Triton's own dynamic batcher sees requests
+from every encoder replica and batch slot at once.
+
+Encoder-side adapters (LoRA / adapter / full): ``torch`` and ``onnx`` run them in-process with PyTorch.
+``triton`` serves only the base encoder and refuses them with FAILED_PRECONDITION rather than silently
+embedding with the base model (decoder-only adapters use base embeddings and work everywhere).
+
+Errors from Triton become the service's typed errors: unreachable / not ready / deadline ->
+:class:`Unavailable` (UNAVAILABLE), queue full -> :class:`Overloaded` (RESOURCE_EXHAUSTED), a model that
+is missing or rejects the tensor layout -> :class:`ModelLoadError` (FAILED_PRECONDITION, a deployment
+error naming ``SAMFORGE_TRITON_MODEL``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from sam_core.errors import AdapterInvalid, ModelLoadError, Overloaded, Unavailable
+from sam_core.models import LoadedModel
+
+if TYPE_CHECKING:
+    from services.common.settings import EncoderSettings
+
+log = logging.getLogger("samforge.encoder.backends")
+BACKENDS = ("torch", "onnx", "triton")
+TRITON_INPUT = "images"
+TRITON_OUTPUT = "image_embeddings"
+# Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes).
+TRITON_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30000),
+]
+
+
+@dataclass(frozen=True)
+class EncoderBackend:
+    """``encode`` None means the Predictor's own PyTorch encoder; ``concurrency`` batches in flight."""
+
+    name: str
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    concurrency: int = 1
+    serves_encoder_adapters: bool = True
+    close: Callable[[], None] = lambda: None
+
+    def check_adapter(self, encoder_adapter: str | None, label: str) -> None:
+        """Refuse an encoder-side adapter this backend cannot run (AdapterInvalid -> FAILED_PRECONDITION)."""
+        if encoder_adapter is not None and not self.serves_encoder_adapters:
+            raise AdapterInvalid(
+                f"{label} changes the image encoder, and the {self.name} encoder backend serves only the base "
+                "encoder; use a decoder-only adapter, or an encoder replica with SAMFORGE_ENCODER_BACKEND=torch",
+                field="adapter")
+
+
+class TritonEncoder:
+    """Synchronous facade over ``tritonclient.grpc.aio`` (its own event-loop thread), safe across threads.
+
+    ``__call__``: B x 3 x S x S float32 -> B x C x h x w float32 (CPU). ``timeout_s`` bounds a whole call,
+    retries included; UNAVAILABLE is retried ``retries`` times with exponential backoff from ``backoff_s``.
+    """
+
+    def __init__(self, url: str, model: str, *, version: str = "", timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05, output_shape: tuple[int, ...] | None = None) -> None:
+        import tritonclient.grpc.aio as triton_aio  # extra "triton"; imported only when selected
+
+        self._triton = triton_aio
+        self.url, self.model, self.version = url, model, version
+        self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
+        self.output_shape = output_shape
+        self.calls = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True)
+        self._thread.start()
+        self._client = self._run(self._connect(), timeout=10.0)
+
+    async def _connect(self):
+        return self._triton.InferenceServerClient(self.url, channel_args=TRITON_CHANNEL_ARGS)
+
+    def _run(self, coroutine, timeout: float):
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout + 1.0)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable(f"Triton at {self.url} did not answer within {timeout:.0f} s") from None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        features = self._run(self._infer(images), timeout=self.timeout_s)
+        expected = (len(images), *self.output_shape) if self.output_shape else None
+        if features.ndim != 4 or features.shape[0] != len(images) or (expected and features.shape != expected):
+            raise ModelLoadError(f"Triton model {self.model!r} returned {TRITON_OUTPUT} of shape {features.shape}, "
+                                 f"expected {expected or ('B', 'C', 'h', 'w')}", field="SAMFORGE_TRITON_MODEL")
+        return torch.from_numpy(features)
+
+    async def _infer(self, images: np.ndarray) -> np.ndarray:
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            request = self._triton.InferInput(TRITON_INPUT, list(images.shape), "FP32")
+            request.set_data_from_numpy(images)
+            try:
+                self.calls += 1
+                result = await self._client.infer(
+                    self.model, [request], model_version=self.version,
+                    outputs=[self._triton.InferRequestedOutput(TRITON_OUTPUT)],
+                    client_timeout=max(0.001, deadline - time.monotonic()))
+                return result.as_numpy(TRITON_OUTPUT)
+            except InferenceServerException as exc:
+                status = str(exc.status() or "")
+                pause = self.backoff_s * (2 ** attempt)
+                if status.endswith("UNAVAILABLE") and attempt < self.retries and time.monotonic() + pause < deadline:
+                    attempt += 1
+                    await asyncio.sleep(pause)
+                    continue
+                raise self._typed(status, exc.message() or str(exc), attempt) from None
+
+    def _typed(self, status: str, message: str, retries: int) -> Exception:
+        where = f"Triton at {self.url} (model {self.model!r})"
+        if status.endswith("RESOURCE_EXHAUSTED"):
+            return Overloaded(f"{where} is overloaded: {message}")
+        if status.endswith("DEADLINE_EXCEEDED"):
+            return Unavailable(f"{where} did not answer within {self.timeout_s:g} s")
+        if status.endswith(("NOT_FOUND", "INVALID_ARGUMENT")):
+            return ModelLoadError(f"{where} cannot serve the image encoder: {message}", field="SAMFORGE_TRITON_MODEL")
+        return Unavailable(f"{where} is unavailable after {retries + 1} attempt(s): {message}")
+
+    def ready(self) -> bool:
+        """Whether Triton reports the model ready (False when unreachable)."""
+        try:
+            return bool(self._run(self._client.is_model_ready(self.model, self.version, client_timeout=2.0), 2.0))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.close(), timeout=5.0)
+        except Exception:  # closing a dead channel must not fail shutdown
+            log.debug("closing the Triton client failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+
+
+def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBackend:
+    """The backend ``settings.backend`` names, for ``model`` (the base model)."""
+    name = settings.backend
+    if name == "torch":
+        return EncoderBackend("torch", concurrency=settings.concurrency or 1)
+    if name == "onnx":
+        from sam_core.onnx_encoder import cached_onnx_encoder
+
+        start = time.perf_counter()
+        encoder = cached_onnx_encoder(model, cache_dir=settings.onnx_cache_dir or None,
+                                      threads=settings.threads or None)
+        log.info("ONNX Runtime encoder %s (%.1f s)", encoder.path, time.perf_counter() - start)
+        return EncoderBackend("onnx", encoder, concurrency=settings.concurrency or 1)
+    if name == "triton":
+        spec = model.spec
+        shape = (int(model.sam.prompt_encoder.embed_dim), *map(int, model.sam.prompt_encoder.image_embedding_size))
+        client = TritonEncoder(settings.triton_url, settings.triton_model, version=settings.triton_model_version,
+                               timeout_s=settings.triton_timeout_seconds, retries=settings.triton_retries,
+                               output_shape=shape)
+        if not client.ready():
+            log.warning("Triton at %s does not report model %r ready yet; encodes fail UNAVAILABLE until it does",
+                        settings.triton_url, settings.triton_model)
+        log.info("Triton encoder backend: %s model %r (input %d px), %d batches in flight", settings.triton_url,
+                 settings.triton_model, spec.img_size, settings.concurrency or 4)
+        return EncoderBackend("triton", client, concurrency=settings.concurrency or 4,
+                              serves_encoder_adapters=False, close=client.close)
+    raise ValueError(f"unknown encoder backend {name!r}")  # settings validate the name first
+

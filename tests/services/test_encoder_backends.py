@@ -1,0 +1,175 @@
+"""Encoder execution backends (torch / onnx / triton) in-process with the tiny model: selection, equality,
+adapter refusal, Triton error mapping against a port nobody listens on, and batches in flight."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_core.adapter_registry import FileSystemAdapterStore
+from sam_core.errors import AdapterInvalid, InvalidInput, Unavailable
+from sam_core.onnx_encoder import encoder_export_path
+from sam_core.predictor import Predictor
+from services.common.settings import EncoderSettings
+from services.encoder.backends import EncoderBackend, TritonEncoder, build_backend
+from services.encoder.batcher import DynamicBatcher, EncodeJob
+from services.encoder.engine import EmbeddingEngine
+from tests.conftest import save_perturbed_adapter
+from tests.services.test_encoder_engine import png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def settings(tmp_path, **env: str) -> EncoderSettings:
+    return EncoderSettings.from_env({"SAMFORGE_MODEL": "tiny", "SAMFORGE_REGISTRY_DIR": str(tmp_path / "registry"),
+                                     "SAMFORGE_ONNX_CACHE_DIR": str(tmp_path / "onnx"), **env})
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # released again: nothing listens there
+
+
+@pytest.mark.parametrize(("env", "field"), [
+    ({"SAMFORGE_ENCODER_BACKEND": "tensorrt"}, "SAMFORGE_ENCODER_BACKEND"),
+    ({"SAMFORGE_ENCODER_BACKEND": "onnx", "SAMFORGE_BF16": "true"}, "SAMFORGE_BF16"),
+    ({"SAMFORGE_ENCODER_BACKEND": "triton", "SAMFORGE_TRITON_TIMEOUT_SECONDS": "0"},
+     "SAMFORGE_TRITON_TIMEOUT_SECONDS"),
+    ({"SAMFORGE_TRITON_RETRIES": "-1"}, "SAMFORGE_TRITON_RETRIES"),
+])
+def test_bad_backend_settings_name_the_variable(tmp_path, env, field):
+    with pytest.raises(InvalidInput) as info:
+        settings(tmp_path, **env)
+    assert info.value.field == field
+
+
+def test_default_backend_is_in_process_torch(tmp_path, tiny_model):
+    backend = build_backend(settings(tmp_path), tiny_model)
+    assert (backend.name, backend.encode, backend.concurrency, backend.serves_encoder_adapters) == \
+        ("torch", None, 1, True)
+
+
+def test_onnx_backend_embeds_like_torch_and_exports_once(tmp_path, tiny_model):
+    cfg = settings(tmp_path, SAMFORGE_ENCODER_BACKEND="onnx")
+    backend = build_backend(cfg, tiny_model)
+    path = encoder_export_path(tiny_model, cfg.onnx_cache_dir)
+    assert backend.name == "onnx" and backend.encode.path == path and path.is_file()
+    exported_at = path.stat().st_mtime_ns
+    assert build_backend(cfg, tiny_model).encode.path == path and path.stat().st_mtime_ns == exported_at
+    onnx_engine = EmbeddingEngine(tiny_model, cfg, backend=backend)
+    torch_engine = EmbeddingEngine(tiny_model, settings(tmp_path))
+    try:
+        for seed in range(3):
+            ours, theirs = onnx_engine.embed("t", png(seed)), torch_engine.embed("t", png(seed))
+            assert ours.key == theirs.key  # same model, same key: replicas on either backend share L2
+            assert torch.allclose(ours.value.features, theirs.value.features, atol=1e-4)
+    finally:
+        onnx_engine.close()
+        torch_engine.close()
+
+
+def test_a_backend_without_encoder_adapters_refuses_them_and_serves_decoder_adapters(tmp_path, tiny_model):
+    store = FileSystemAdapterStore(tmp_path / "registry")
+    store.publish("t", "lora", save_perturbed_adapter(tiny_model, "lora", tmp_path / "lora", seed=1))
+    store.publish("t", "dec", save_perturbed_adapter(tiny_model, "decoder", tmp_path / "dec", seed=2))
+    reference = Predictor(tiny_model)
+    remote = EncoderBackend("triton", reference.encode_tensor, concurrency=2, serves_encoder_adapters=False)
+    engine = EmbeddingEngine(tiny_model, settings(tmp_path), store=store, backend=remote, watch_interval=0.05)
+    try:
+        with pytest.raises(AdapterInvalid) as info:
+            engine.embed("t", png(5), adapter="lora")
+        assert info.value.field == "adapter" and "triton" in str(info.value) and "t/lora:1" in str(info.value)
+        assert engine.adapters.loads == 0  # refused before anything was loaded or encoded
+        shared = engine.embed("t", png(5), adapter="dec")
+        assert shared.value.encoder_adapter is None and engine.stats().encodes == 1
+        assert torch.equal(shared.value.features, reference.encode_one(pixels(5)).features)
+    finally:
+        engine.close()
+
+
+def pixels(seed: int) -> np.ndarray:
+    """png(seed) decoded: H x W x 3 uint8."""
+    return np.asarray(Image.open(io.BytesIO(png(seed))).convert("RGB"))
+
+
+def test_triton_backend_fails_unavailable_promptly_when_nothing_listens(tiny_model):
+    client = TritonEncoder(f"127.0.0.1:{closed_port()}", "sam_encoder", timeout_s=10, retries=2, backoff_s=0.05)
+    try:
+        assert not client.ready()
+        calls = client.calls
+        start = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            client(torch.zeros(1, 3, 32, 32))
+        elapsed = time.monotonic() - start
+        assert client.calls - calls == 3  # the first attempt and two retries
+        assert "3 attempt(s)" in str(info.value) and "127.0.0.1" in str(info.value)
+        assert elapsed < 5.0, elapsed  # far inside the 10 s deadline: refused connections are not waited out
+    finally:
+        client.close()
+
+
+def test_triton_backend_deadline_bounds_the_whole_call_including_retries():
+    listener = socket.socket()  # accepts TCP but never speaks HTTP/2: calls hang until the deadline
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    client = TritonEncoder(f"127.0.0.1:{listener.getsockname()[1]}", "sam_encoder", timeout_s=1.0, retries=5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(Unavailable):
+            client(torch.zeros(1, 3, 32, 32))
+        assert time.monotonic() - start < 4.0
+    finally:
+        client.close()
+        listener.close()
+
+
+class ConcurrencyProbe:
+    """An encoder_fn that records how many calls overlap (each call holds for ``hold_s``)."""
+
+    def __init__(self, predictor: Predictor, hold_s: float = 0.2) -> None:
+        self.predictor, self.hold_s = predictor, hold_s
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(self.hold_s)  # stands in for a remote call's network + queue time
+            return self.predictor.sam.image_encoder(batch)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_batcher_keeps_at_most_concurrency_batches_in_flight(tiny_model, concurrency):
+    probe = ConcurrencyProbe(Predictor(tiny_model))
+    predictor = Predictor(tiny_model, encoder_fn=probe)
+    batcher = DynamicBatcher(max_batch=1, max_wait_s=0.0, queue_size=16, concurrency=concurrency)
+    try:
+        futures = [batcher.submit(EncodeJob(predictor, pixels(i))) for i in range(6)]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert probe.peak == concurrency
+    assert batcher.encodes == 6 and list(batcher.batch_sizes) == [1] * 6
+    reference = Predictor(tiny_model).encode_one(pixels(3)).features
+    assert torch.allclose(results[3][0].features, reference, atol=1e-5)
