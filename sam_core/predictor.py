@@ -66,10 +66,10 @@ class DecodeResult:
 def stability_score(logits: torch.Tensor, threshold: float, offset: float = STABILITY_OFFSET) -> torch.Tensor:
     """IoU between the masks thresholded at ``threshold + offset`` and ``threshold - offset``.
 
-    logits: ... x H x W -> ... (same definition as segment_anything.utils.amg).
+    logits: ... x H x W -> ... (same definition as segment_anything.utils.amg; exact integer counts).
     """
-    inter = (logits > (threshold + offset)).sum(dim=(-1, -2), dtype=torch.int64)
-    union = (logits > (threshold - offset)).sum(dim=(-1, -2), dtype=torch.int64)
+    inter = torch.count_nonzero(logits > (threshold + offset), dim=(-1, -2))
+    union = torch.count_nonzero(logits > (threshold - offset), dim=(-1, -2))
     return torch.where(union > 0, inter.float() / union.clamp(min=1).float(), torch.ones_like(inter.float()))
 
 
@@ -175,6 +175,25 @@ class Predictor:
             )
 
     @torch.inference_mode()
+    def dense_pe(self) -> torch.Tensor:
+        """``prompt_encoder.get_dense_pe()`` (1 x C x h x w), cached while its Gaussian matrix is unchanged.
+
+        The key is the buffer object (``.to(device)`` replaces it) and its in-place version counter
+        (``load_state_dict``, an adapter or a training step that rewrites it in place bump it).
+        """
+        encoder = self.sam.prompt_encoder
+        gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            key = (gauss._version, tuple(encoder.image_embedding_size))
+        except RuntimeError:  # an inference tensor has no version counter: do not cache
+            return encoder.get_dense_pe()
+        cached = getattr(self, "_dense_pe_cache", None)  # (matrix, key, pe): holding the matrix pins its id
+        if cached is None or cached[0] is not gauss or cached[1] != key:
+            cached = (gauss, key, encoder.get_dense_pe())
+            self._dense_pe_cache = cached
+        return cached[2]
+
+    @torch.inference_mode()
     def _decode_group(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
                       multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts of one signature -> (B x M x L x L low-res logits, B x M IoU predictions)."""
@@ -194,11 +213,11 @@ class Predictor:
                                     device=self.device)
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
         if self.fast_decoder is not None:  # without mask inputs every prompt shares one dense embedding
-            return self.fast_decoder(features, self.sam.prompt_encoder.get_dense_pe(), sparse,
-                                     dense[:1] if masks is None else dense, multimask)
+            return self.fast_decoder(features, self.dense_pe(), sparse, dense[:1] if masks is None else dense,
+                                     multimask)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=features,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
@@ -234,6 +253,27 @@ class Predictor:
         """N x M x L x L -> N x M x H x W logits in the embedding's original frame."""
         return upscale_logits(low_res, self.spec.img_size, embedding.input_size, embedding.original_size)
 
+    @torch.inference_mode()
+    def postprocess(self, low_res: torch.Tensor, embedding: Embedding, threshold: float, masks: np.ndarray,
+                    stability: torch.Tensor) -> None:
+        """Fill ``masks`` (N x M x H x W bool) and ``stability`` (N x M float32, CPU) from N x M x L x L logits.
+
+        On CPU one prompt at a time: its M x H x W logits stay in cache for the three thresholded
+        passes, and the mask is written straight into ``masks`` (no bool temporary, no copy).
+        Elsewhere ``decode_batch`` prompts at a time, copied back to the host.
+        """
+        on_cpu = low_res.device.type == "cpu"
+        out = torch.from_numpy(masks)
+        step = 1 if on_cpu else self.decode_batch
+        for start in range(0, len(low_res), step):
+            logits = self.upscale(low_res[start:start + step], embedding)
+            stop = start + len(logits)
+            if on_cpu:
+                torch.gt(logits, threshold, out=out[start:stop])
+            else:
+                out[start:stop] = (logits > threshold).cpu()
+            stability[start:stop] = stability_score(logits, threshold).cpu()
+
     def decode(self, embedding: Embedding, prompts: Sequence[Prompt], *, multimask: bool = False,
                threshold: float = 0.0, return_low_res: bool = True) -> DecodeResult:
         """Decode N prompts against one embedding.
@@ -250,11 +290,7 @@ class Predictor:
         h, w = embedding.original_size
         masks = np.empty((len(valid), low_res.shape[1], h, w), dtype=bool)
         stability = torch.empty(iou.shape)
-        with torch.inference_mode():
-            for start in range(0, len(valid), self.decode_batch):
-                logits = self.upscale(low_res[start:start + self.decode_batch], embedding)
-                masks[start:start + len(logits)] = (logits > threshold).cpu().numpy()
-                stability[start:start + len(logits)] = stability_score(logits, threshold).cpu()
+        self.postprocess(low_res, embedding, threshold, masks, stability)
         t2 = time.perf_counter()
         return DecodeResult(
             masks=masks,

@@ -76,8 +76,15 @@ def upscale_logits(low_res: torch.Tensor, img_size: int, input_size: tuple[int, 
     """B x M x l x l low-res logits -> B x M x H x W logits in the original frame.
 
     Same operations as ``Sam.postprocess_masks``: bilinear to the padded input, crop the padding,
-    bilinear to the original size.
+    bilinear to the original size. A bilinear resize to the same size (align_corners=False: every
+    sample lands on a source pixel with weight exactly 1) is the identity, so it is skipped; that is
+    the first resize for LiteMedSAM (l = img_size = 256) and the second for images already at input size
+    (the result may then be a view of ``low_res``: treat it as read-only).
     """
-    masks = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = low_res
+    if tuple(masks.shape[-2:]) != (img_size, img_size):
+        masks = F.interpolate(masks, (img_size, img_size), mode="bilinear", align_corners=False)
     masks = masks[..., : input_size[0], : input_size[1]]
+    if tuple(masks.shape[-2:]) == tuple(original_size):
+        return masks
     return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
