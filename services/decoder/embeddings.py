@@ -8,7 +8,10 @@
 3. a key the encoder does not know (evicted, expired, the encoder restarted) is re-embedded from the
    request's image when there is one (``re_embedded``), else NOT_FOUND telling the client to send the image;
 4. a request with only an image is embedded (``Embed`` with tenant, encoder-side adapter and tiling) and
-   then fetched by the returned key (a local hit when the decoder already holds it).
+   then fetched by the returned key (a local hit when the decoder already holds it). The key is remembered
+   under the sha256 of the image *bytes* (with tenant, adapter and tiling), so the next request with the
+   same bytes is served from the local LRU without the Embed round trip (the image is not even decoded;
+   identical bytes always give the same key). The memo holds ``MEMO_ENTRIES`` keys, least recent out.
 
 The encoder is reached through an :class:`EmbeddingSource` (gRPC in production, see ``encoder_client``),
 which raises sam_core's typed errors: NotFound for an unknown key, Unavailable when the encoder cannot be
@@ -17,8 +20,10 @@ reached, and the encoder's own errors (InvalidInput for a bad image, ...) otherw
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +37,7 @@ from services.encoder.engine import TilingRequest
 
 Value = Embedding | TiledEmbedding
 CACHE_LABEL = "decoder"
+MEMO_ENTRIES = 4096
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -88,7 +94,8 @@ class Embeddings:
     def __init__(self, source: EmbeddingSource, max_bytes: int) -> None:
         self.source = source
         self.cache = MemoryEmbeddingLRU(int(max_bytes))
-        self._lock = threading.Lock()  # makes the eviction count of one put exact
+        self._memo: OrderedDict[str, str] = OrderedDict()  # (tenant, adapter, tiling, bytes sha256) -> key
+        self._lock = threading.Lock()  # makes the eviction count of one put exact; guards the memo
         for counter in (metrics.CACHE_HITS, metrics.CACHE_MISSES, metrics.CACHE_EVICTIONS):
             counter.labels(cache=CACHE_LABEL)  # export the series at 0
         metrics.CACHE_BYTES.labels(cache=CACHE_LABEL).set(0)
@@ -116,7 +123,19 @@ class Embeddings:
                 re_embed = True
         elif not image:
             raise InvalidInput("give the image, an embedding_key from EncoderService.Embed, or both", field="image")
+        memo_key = _memo_key(tenant, image, adapter, tiling)
+        if not re_embed:
+            with self._lock:
+                known = self._memo.get(memo_key)
+            found = self._local(tenant, known) if known is not None else None
+            if found is not None:
+                return Fetched(known, found, False, "local")
         new_key = self.source.embed(tenant, image, adapter=adapter, tiling=tiling, call=call)
+        with self._lock:
+            self._memo[memo_key] = new_key
+            self._memo.move_to_end(memo_key)
+            while len(self._memo) > MEMO_ENTRIES:
+                self._memo.popitem(last=False)
         found = self._local(tenant, new_key)
         if found is None:
             found = self._remote(tenant, new_key, call)
@@ -140,6 +159,11 @@ class Embeddings:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _memo_key(tenant: str, image: bytes, adapter: str, tiling: TilingRequest | None) -> str:
+    shape = f"{tiling.tile_size}x{tiling.overlap}" if tiling is not None else "-"
+    return f"{tenant}/{adapter}/{shape}/{hashlib.sha256(image).hexdigest()}"
 
 
 def _cache_key(tenant: str, key: str) -> str:

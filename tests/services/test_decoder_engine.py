@@ -287,9 +287,13 @@ def test_keys_are_served_from_the_local_lru_while_the_encoder_is_down(make_engin
     engine, source = make_engine()
     first = engine.segment("t", prompts=mixed_prompts()[:1], image=SCENE_PNG)
     assert (len(source.embeds), source.gets, first.re_embedded) == (1, 1, False)
-    again = engine.segment("t", prompts=mixed_prompts()[:1], image=SCENE_PNG)  # Embed (cache hit there), no fetch
-    assert (len(source.embeds), source.gets, again.embedding_key) == (2, 1, first.embedding_key)
+    again = engine.segment("t", prompts=mixed_prompts()[:1], image=SCENE_PNG)  # same bytes: no Embed, no fetch
+    assert (len(source.embeds), source.gets, again.embedding_key) == (1, 1, first.embedding_key)
+    tiled = engine.segment("t", prompts=mixed_prompts()[:1], image=SCENE_PNG, tiling=TilingRequest())
+    other = engine.segment("u", prompts=mixed_prompts()[:1], image=SCENE_PNG)  # the memo is per tenant
+    assert len(source.embeds) == 3 and len({first.embedding_key, tiled.embedding_key, other.embedding_key}) == 3
     source.down = True
+    assert engine.segment("t", prompts=mixed_prompts()[:1], image=SCENE_PNG).embedding_key == first.embedding_key
     by_key = engine.segment("t", prompts=mixed_prompts()[:1], embedding_key=first.embedding_key)
     assert by_key.results[0].masks[0].rle_counts == first.results[0].masks[0].rle_counts
     with pytest.raises(Unavailable):
