@@ -68,9 +68,25 @@ def stability_score(logits: torch.Tensor, threshold: float, offset: float = STAB
 
     logits: ... x H x W -> ... (same definition as segment_anything.utils.amg; exact integer counts).
     """
-    inter = torch.count_nonzero(logits > (threshold + offset), dim=(-1, -2))
-    union = torch.count_nonzero(logits > (threshold - offset), dim=(-1, -2))
+    inter = count_above(logits, threshold + offset)
+    union = count_above(logits, threshold - offset)
     return torch.where(union > 0, inter.float() / union.clamp(min=1).float(), torch.ones_like(inter.float()))
+
+
+def count_above(logits: torch.Tensor, value: float) -> torch.Tensor:
+    """Number of elements > ``value`` per H x W plane: ... x H x W -> ... int64 (on ``logits.device``).
+
+    For float32 CPU tensors without grad: NumPy's comparison into one reused bool plane and
+    ``np.count_nonzero`` (about 2.5x faster than torch's bool sum, which widens to int64 first). The
+    comparison is in float32 either way (``value`` rounded to float32, as torch rounds a Python scalar).
+    """
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad or logits.dim() < 2:
+        return torch.count_nonzero(logits > value, dim=(-1, -2))
+    planes = logits.detach().numpy().reshape(-1, *logits.shape[-2:])
+    above = np.empty(planes.shape[1:], dtype=bool)
+    v = np.float32(value)
+    counts = [np.count_nonzero(np.greater(plane, v, out=above)) for plane in planes]
+    return torch.tensor(counts, dtype=torch.int64).reshape(logits.shape[:-2])
 
 
 class Predictor:
@@ -258,18 +274,18 @@ class Predictor:
                     stability: torch.Tensor) -> None:
         """Fill ``masks`` (N x M x H x W bool) and ``stability`` (N x M float32, CPU) from N x M x L x L logits.
 
-        On CPU one prompt at a time: its M x H x W logits stay in cache for the three thresholded
-        passes, and the mask is written straight into ``masks`` (no bool temporary, no copy).
-        Elsewhere ``decode_batch`` prompts at a time, copied back to the host.
+        On CPU (float32) one prompt at a time: its M x H x W logits stay in cache for the three
+        thresholded passes, and the mask is written straight into ``masks`` (no bool temporary, no
+        copy). Elsewhere ``decode_batch`` prompts at a time, copied back to the host.
         """
-        on_cpu = low_res.device.type == "cpu"
+        on_cpu = low_res.device.type == "cpu" and low_res.dtype == torch.float32
         out = torch.from_numpy(masks)
         step = 1 if on_cpu else self.decode_batch
         for start in range(0, len(low_res), step):
             logits = self.upscale(low_res[start:start + step], embedding)
             stop = start + len(logits)
-            if on_cpu:
-                torch.gt(logits, threshold, out=out[start:stop])
+            if on_cpu:  # NumPy's float32 comparison: same result as torch.gt, about 2x faster here
+                np.greater(logits.numpy(), np.float32(threshold), out=masks[start:stop])
             else:
                 out[start:stop] = (logits > threshold).cpu()
             stability[start:stop] = stability_score(logits, threshold).cpu()

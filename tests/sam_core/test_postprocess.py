@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_core.predictor import Embedding, Predictor, stability_score
+from sam_core.predictor import Embedding, Predictor, count_above, stability_score
 from sam_core.preprocess import resized_shape, upscale_logits
 
 
@@ -81,3 +81,15 @@ def test_dense_pe_cache_follows_the_weights(tiny_model):
     second = predictor.dense_pe()
     assert not torch.equal(first, second)
     assert torch.equal(second, encoder.get_dense_pe())
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (2, 3, 31, 17), (1, 1, 40, 40)])
+@pytest.mark.parametrize("value", [0.0, 0.7, -1.3])
+def test_count_above_equals_torch(shape, value):
+    g = torch.Generator().manual_seed(len(shape))
+    logits = torch.randn(*shape[:-1], shape[-1] + 5, generator=g)[..., 2:-3]  # a non-contiguous view
+    logits[..., 0, 0] = float("nan")
+    logits[..., 1, 1] = torch.tensor(value, dtype=torch.float32)  # exactly at the (float32) threshold
+    expected = (logits > value).sum(dim=(-1, -2), dtype=torch.int64)
+    assert torch.equal(count_above(logits, value), expected)
+    assert torch.equal(count_above(logits.double(), value), (logits.double() > value).sum(dim=(-1, -2)))
