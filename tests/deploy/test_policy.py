@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -10,6 +11,7 @@ from services.common.settings import ENV, ENV_BY_NAME, DecoderSettings, EncoderS
 
 from .k8s import (
     Endpoint,
+    Workload,
     allowed,
     container_port,
     effective_env,
@@ -45,12 +47,33 @@ def settings_env(objects, container, service) -> dict[str, str]:
 
 
 def config_map(objects) -> dict[str, str]:
-    maps = of_kind(objects, "ConfigMap")
+    """The data of the generated samforge-settings-<hash> ConfigMap."""
+    maps = [m for m in of_kind(objects, "ConfigMap") if m["metadata"]["name"].rsplit("-", 1)[0] == "samforge-settings"]
     assert len(maps) == 1
     return maps[0]["data"]
 
 
+def triton_workload(objects) -> Workload | None:
+    found = [w for w in workloads(objects) if w.labels.get("app.kubernetes.io/component") == "triton"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def arg_value(argv: list[str], flag: str) -> str | None:
+    """``--flag=value`` (or ``--flag value``) from an argument list."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 # ------------------------------------------------------------------------------------------- containers
+# containers (init containers included) per overlay: 4 samforge + redis; gpu adds Triton and its init container
+CONTAINERS = {"cpu": 4, "gpu": 6}
+
+
 def test_every_container_has_probes_resources_and_a_locked_down_security_context(overlay):
     name, objects = overlay
     checked = 0
@@ -58,10 +81,13 @@ def test_every_container_has_probes_resources_and_a_locked_down_security_context
         pod = workload.pod_spec
         pod_sc = pod.get("securityContext", {})
         assert pod.get("automountServiceAccountToken") is False, workload.name
+        init = {c["name"] for c in pod.get("initContainers", []) if c.get("restartPolicy") != "Always"}
         for container in workload.containers():
             where = f"{name}: {workload.name}/{container['name']}"
             for probe in PROBES:
-                assert probe in container, f"{where}: no {probe}"
+                # the API server rejects probes on init containers (they run to completion before the pod starts)
+                assert (probe not in container) if container["name"] in init else (probe in container), \
+                    f"{where}: {probe} {'on an init container' if container['name'] in init else 'missing'}"
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
@@ -82,7 +108,7 @@ def test_every_container_has_probes_resources_and_a_locked_down_security_context
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             assert "/tmp" in mounts or workload.name == "samforge-redis", f"{where}: /tmp not writable"
             checked += 1
-    assert checked == 4
+    assert checked == CONTAINERS[name]
 
 
 def test_image_tags_are_pinned(overlay):
@@ -95,6 +121,9 @@ def test_image_tags_are_pinned(overlay):
             last = image.rsplit("/", 1)[-1]
             assert ":" in last, f"{name}: {workload.name}: {image} has no tag"
             assert last.split(":", 1)[1] != "latest", f"{name}: {workload.name}: {image}"
+            if image.startswith("nvcr.io/nvidia/tritonserver"):
+                assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", image), \
+                    f"{name}: {image}: pin a monthly release (<yy.mm>-py3)"
 
 
 def test_samforge_containers_probe_grpc_health_on_the_settings_port(overlay):
@@ -129,6 +158,43 @@ def test_termination_grace_outlasts_the_drain(overlay):
         sleep = pre_stop.get("sleep", {}).get("seconds", 0)
         period = workload.pod_spec.get("terminationGracePeriodSeconds", 30)
         assert period > sleep + grace, f"{name}: {workload.name}: {period} <= {sleep} + {grace}"
+
+
+def test_triton_probes_ports_metrics_and_shutdown(rendered):
+    objects = rendered["gpu"]
+    workload = triton_workload(objects)
+    container = workload.pod_spec["containers"][0]
+    assert container["name"] == "triton"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert argv[0] == "tritonserver"
+    assert arg_value(argv, "--model-control-mode") == "none"
+    assert arg_value(argv, "--strict-readiness") == "true", "ready must mean the model is loaded"
+    # Triton's default ports are the declared ones: none moved, none of the three endpoints switched off
+    assert not any(a.startswith(("--http-port", "--grpc-port", "--metrics-port")) for a in argv)
+    for endpoint in ("http", "grpc", "metrics"):
+        assert arg_value(argv, f"--allow-{endpoint}") in (None, "true"), endpoint
+    paths = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+             "livenessProbe": "/v2/health/live"}
+    for probe, path in paths.items():
+        http = container[probe]["httpGet"]
+        assert http["path"] == path and container_port(container, http["port"]) == 8000, probe
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
+    assert workload.annotations.get("prometheus.io/scrape") == "true"
+    assert workload.annotations.get("prometheus.io/port") == str(container_port(container, "metrics"))
+    assert workload.annotations.get("prometheus.io/path") == "/metrics"
+    # SIGTERM: Triton waits up to --exit-timeout-secs for in-flight inferences; SIGKILL must not come first
+    sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    exit_timeout = int(arg_value(argv, "--exit-timeout-secs") or 30)  # Triton's default: 30 s
+    assert workload.pod_spec.get("terminationGracePeriodSeconds", 30) > sleep + exit_timeout
+    # the model repository is an emptyDir the init container fills and Triton only reads
+    repo = arg_value(argv, "--model-repository")
+    mount = mount_for(container, repo)
+    assert mount and mount["mountPath"] == repo and mount.get("readOnly") is True
+    assert "emptyDir" in workload.volume(mount["name"])
+    inits = workload.pod_spec["initContainers"]
+    assert len(inits) == 1 and mount_for(inits[0], repo)["name"] == mount["name"]
+    assert not mount_for(inits[0], repo).get("readOnly")
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -219,6 +285,26 @@ def test_decoder_reaches_the_encoder_and_the_encoder_reaches_redis(overlay):
     assert _pods_behind(objects, service, port) == [6379]
 
 
+def test_encoder_reaches_triton_through_a_headless_service(overlay):
+    """gpu: the encoder's triton backend points at the headless samforge-triton Service, whose gRPC port
+    reaches Triton's gRPC port; cpu: the in-process torch backend and no Triton at all."""
+    name, objects = overlay
+    workload, encoder = [(w, c) for w, c, service in samforge_containers(objects) if service == "encoder"][0]
+    env = settings_env(objects, encoder, "encoder")
+    triton = triton_workload(objects)
+    if name == "cpu":
+        assert env["SAMFORGE_ENCODER_BACKEND"] == "torch" and triton is None
+        return
+    assert env["SAMFORGE_ENCODER_BACKEND"] == "triton" and triton is not None
+    target = env["SAMFORGE_TRITON_URL"]
+    assert target.startswith("dns:///"), f"{target}: resolve every Triton pod (dns:/// + headless Service)"
+    service, port = _service_target(objects, target.removeprefix("dns:///"), workload.namespace)
+    assert service["spec"].get("clusterIP") == "None", "a ClusterIP pins each encoder's connection to one pod"
+    assert port["name"] == "grpc" and port.get("appProtocol") == "grpc"
+    grpc_port = container_port(triton.pod_spec["containers"][0], "grpc")
+    assert _pods_behind(objects, service, port) == [grpc_port] == [8001]
+
+
 def test_every_service_selects_pods_that_exist(overlay):
     name, objects = overlay
     for service in of_kind(objects, "Service"):
@@ -266,24 +352,63 @@ def test_autoscaling_signals(overlay):
 
 
 # ------------------------------------------------------------------------------------------------ overlays
-def test_gpu_overlay_puts_encoder_and_trainer_on_gpus(rendered):
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _on_one_gpu(workload: Workload, container: dict) -> None:
+    assert container["resources"]["limits"].get("nvidia.com/gpu") == 1, workload.name
+    assert container["resources"]["requests"].get("nvidia.com/gpu") == 1, workload.name
+    assert workload.pod_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, workload.name
+    assert GPU_TOLERATION in workload.pod_spec["tolerations"], workload.name
+
+
+def test_gpu_overlay_puts_triton_and_trainer_on_gpus_and_the_encoder_on_cpu(rendered):
+    """Triton owns the encoder's GPU work: the trainer and Triton get one GPU each on GPU nodes; the encoder
+    (triton backend) and the decoder run on CPU nodes with SAMFORGE_DEVICE=cpu and ask for no GPU."""
     objects = rendered["gpu"]
+    seen = set()
     for workload, container, service in samforge_containers(objects):
         env = settings_env(objects, container, service)
-        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
-        if service == "decoder":
-            assert gpus is None and env["SAMFORGE_DEVICE"] == "cpu"
-            assert "nodeSelector" not in workload.pod_spec
-        else:
-            assert gpus == 1 and container["resources"]["requests"].get("nvidia.com/gpu") == 1
+        if service == "trainer":
+            _on_one_gpu(workload, container)
             assert env["SAMFORGE_DEVICE"] == "cuda"
-            assert workload.pod_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
-                workload.pod_spec["tolerations"]
+        else:
+            assert "nvidia.com/gpu" not in container["resources"]["limits"], service
+            assert "nvidia.com/gpu" not in container["resources"]["requests"], service
+            assert env["SAMFORGE_DEVICE"] == "cpu", service
+            assert "nodeSelector" not in workload.pod_spec and "tolerations" not in workload.pod_spec, service
+        if service == "encoder":
+            assert env["SAMFORGE_ENCODER_BACKEND"] == "triton"
         assert container["image"].endswith(":0.1.0-gpu")
+        seen.add(service)
+    assert seen == {"encoder", "decoder", "trainer"}
+    triton = triton_workload(objects)
+    _on_one_gpu(triton, triton.pod_spec["containers"][0])
+    # the init container exports on CPU and must not hold a GPU while it runs
+    for init in triton.pod_spec["initContainers"]:
+        assert "nvidia.com/gpu" not in init["resources"].get("limits", {})
+        assert init["image"].endswith(":0.1.0-gpu")
+    # only the trainer and Triton ask for GPUs
+    with_gpus = {w.name for w in workloads(objects) for c in w.containers()
+                 if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})}
+    assert with_gpus == {"samforge-trainer", "samforge-triton"}
     assert int(config_map(objects)["SAMFORGE_CACHE_BYTES"]) > int(config_map(rendered["cpu"])["SAMFORGE_CACHE_BYTES"])
     for claim in of_kind(objects, "PersistentVolumeClaim"):
         assert claim["spec"]["accessModes"] == ["ReadWriteMany"], claim["metadata"]["name"]
+
+
+def test_encoder_memory_holds_its_embedding_cache(overlay):
+    """On CPU (every encoder here: in-process on the cpu overlay, triton backend on gpu) the embedding cache
+    is host memory: the encoder's memory request must cover SAMFORGE_CACHE_BYTES with room for the process."""
+    name, objects = overlay
+    for _, container, service in samforge_containers(objects):
+        if service != "encoder":
+            continue
+        env = settings_env(objects, container, service)
+        assert env["SAMFORGE_DEVICE"] == "cpu", name
+        cache = int(env["SAMFORGE_CACHE_BYTES"])
+        request = quantity(container["resources"]["requests"]["memory"])
+        assert request >= cache + 2**29, f"{name}: memory request {request:.0f} B for a {cache} B cache"
 
 
 def test_cpu_overlay_is_small_and_cpu_only(rendered):
@@ -343,6 +468,18 @@ def test_network_policies_allow_exactly_the_intended_paths(overlay):
     for service, port in metrics.items():
         expected[(prometheus, service, port)] = True
         expected[(client, service, port)] = False
+    if "triton" in pods:
+        # Triton: the encoder on gRPC and Prometheus on metrics, nobody else on any of its ports
+        triton = {"http": 8000, "grpc": 8001, "metrics": 8002}
+        assert {(n, p) for n, p, _ in pods["triton"].ports} == set(triton.items())
+        for source in [client, stranger, prometheus, *(pods[c] for c in pods if c != "triton")]:
+            for port in triton.values():
+                expected[(source, "triton", port)] = (source is pods["encoder"] and port == triton["grpc"]) or \
+                    (source is prometheus and port == triton["metrics"])
+        for component, port in {**grpc, "redis": 6379}.items():
+            expected[(pods["triton"], component, port)] = False  # Triton opens no connections
+    else:
+        assert name == "cpu", f"{name}: no Triton pod"
     wrong = [f"{src.namespace}/{src.labels} -> {dst}:{port} should be {'allowed' if want else 'denied'}"
              for (src, dst, port), want in expected.items() if ok(src, dst, port) is not want]
     assert not wrong, f"{name}:\n" + "\n".join(wrong)
@@ -355,12 +492,26 @@ def test_network_policies_allow_exactly_the_intended_paths(overlay):
         assert not allowed(policies, pod, outside, 443, "TCP", managed), f"{name}: {component} egress is open"
 
 
-@pytest.mark.parametrize("component", ["encoder", "decoder", "trainer"])
+@pytest.mark.parametrize("component", ["encoder", "decoder", "trainer", "redis", "triton"])
 def test_kubelet_probes_hit_ports_the_pods_listen_on(rendered, component):
-    """Probes use numbers (gRPC probes cannot name ports); each must be a declared container port."""
+    """gRPC probes use numbers (they cannot name ports), HTTP and TCP probes a number or a port name; either
+    way each must be a declared container port. Exec probes (redis readiness) open no port."""
+    checked = 0
     for objects in rendered.values():
-        workload = [w for w in workloads(objects) if w.labels.get("app.kubernetes.io/component") == component][0]
-        container = workload.pod_spec["containers"][0]
-        ports = {p["containerPort"] for p in container["ports"]}
+        found = [w for w in workloads(objects) if w.labels.get("app.kubernetes.io/component") == component]
+        if not found:
+            assert component == "triton", f"no {component} pod"  # Triton is in the gpu overlay only
+            continue
+        container = found[0].pod_spec["containers"][0]
         for probe in PROBES:
-            assert container[probe]["grpc"]["port"] in ports
+            handler = container[probe]
+            kinds = [k for k in ("grpc", "httpGet", "tcpSocket", "exec") if k in handler]
+            assert len(kinds) == 1, f"{component} {probe}: {kinds}"
+            if kinds[0] == "exec":
+                continue
+            port = handler[kinds[0]]["port"]
+            if kinds[0] == "grpc":
+                assert isinstance(port, int), f"{component} {probe}: gRPC probes take port numbers"
+            assert container_port(container, port) is not None, f"{component} {probe}: port {port}"
+            checked += 1
+    assert checked

@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
 
 from .k8s import DEPLOY, K8S_VERSIONS, OVERLAYS, kustomize, load_yaml_file, named, of_kind, validation_errors
 
-EXPECTED = {
+_BASE = {
     "Namespace": {"samforge"},
     "Deployment": {"samforge-encoder", "samforge-decoder", "samforge-trainer", "samforge-redis"},
     "Service": {"samforge-encoder", "samforge-decoder", "samforge-trainer", "samforge-redis"},
     "PersistentVolumeClaim": {"samforge-registry", "samforge-data", "samforge-jobs"},
     "HorizontalPodAutoscaler": {"samforge-encoder", "samforge-decoder"},
     "PodDisruptionBudget": {"samforge-encoder", "samforge-decoder", "samforge-trainer", "samforge-redis"},
+    "ConfigMap": {"samforge-settings"},  # generated: names carry a hash suffix, compared without it
 }
+# the gpu overlay adds Triton (deploy/triton): its Deployment, headless Service, budget and model config
+_TRITON = {"Deployment": {"samforge-triton"}, "Service": {"samforge-triton"},
+           "PodDisruptionBudget": {"samforge-triton"}, "ConfigMap": {"samforge-triton-model"}}
+EXPECTED = {
+    "cpu": _BASE,
+    "gpu": {kind: names | _TRITON.get(kind, set()) for kind, names in _BASE.items()},
+}
+GENERATED = ("ConfigMap",)
+
+
+def _names(objects, kind: str) -> set[str]:
+    names = {o["metadata"]["name"] for o in of_kind(objects, kind)}
+    if kind in GENERATED:
+        assert all(re.fullmatch(r"[a-z0-9-]+-[a-z0-9]{10}", n) for n in names), f"{kind} without hash suffix: {names}"
+        return {n.rsplit("-", 1)[0] for n in names}
+    return names
 
 
 def test_overlays_render_the_whole_stack(overlay):
     name, objects = overlay
-    for kind, names in EXPECTED.items():
-        assert {o["metadata"]["name"] for o in of_kind(objects, kind)} == names, (name, kind)
-    assert len(of_kind(objects, "ConfigMap")) == 1
+    assert set(EXPECTED) == set(OVERLAYS)
+    for kind, names in EXPECTED[name].items():
+        assert _names(objects, kind) == names, (name, kind)
+    assert len(of_kind(objects, "ConfigMap")) == len(EXPECTED[name]["ConfigMap"])
     assert of_kind(objects, "NetworkPolicy")
     assert not of_kind(objects, "Secret"), "secrets are referenced, never rendered from the repository"
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
@@ -66,7 +85,8 @@ def _render_with_tls(tmp_path) -> list[dict]:
 
 def test_tls_component(tmp_path):
     objects = _render_with_tls(tmp_path)
-    data = of_kind(objects, "ConfigMap")[0]["data"]
+    (settings,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"].startswith("samforge-settings-")]
+    data = settings["data"]
     assert data["SAMFORGE_TLS_CERT"] == "/etc/samforge/tls/tls.crt"
     assert data["SAMFORGE_TLS_KEY"] == "/etc/samforge/tls/tls.key"
     for name in ("samforge-encoder", "samforge-decoder", "samforge-trainer"):
