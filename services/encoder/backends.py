@@ -47,8 +47,10 @@ log = logging.getLogger("samforge.encoder.backends")
 BACKENDS = ("torch", "onnx", "triton")
 TRITON_INPUT = "images"
 TRITON_OUTPUT = "image_embeddings"
-# Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes).
+# Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes); spread calls over
+# every address a dns:/// target resolves to (a headless Service: one per Triton pod).
 TRITON_CHANNEL_ARGS = [
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.initial_reconnect_backoff_ms", 100),
