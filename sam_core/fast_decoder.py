@@ -16,6 +16,10 @@ module pays for the 4096-side projections once per prompt:
   ``sum_h P_h (V_h W_o,h)``.
 * **Upscaling as matrix products** in channels-last layout: each 2x2/stride-2 transposed convolution
   is a Linear to (2, 2, C_out) per pixel; the pixel shuffle happens once, on the final masks only.
+  At inference it runs per prompt in tiles of image tokens, so its LayerNorm/GELU intermediates stay
+  in cache; and (shared first-layer tokens, >= ``LOWRANK_MIN_PROMPTS`` prompts) its first Linear is
+  unrolled through the blocks' LayerNorms into a per-call product plus a rank-~116 per-prompt part
+  (:meth:`FastMaskDecoder._conv1_factors`).
 
 Per prompt at 64 x 64 tokens this is ~1.6 GFLOP against ~3.6 GFLOP eager (see
 ``../shared/ARCHITECTURE.md`` for the floor). Training keeps the eager module (autograd, adapters);
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_CHUNK = 16  # prompts per pass: bounds memory (per prompt ~4 MB per image-token tensor at 64 x 64)
+LOWRANK_MIN_PROMPTS = 4  # the low-rank first upscaling layer costs one dense N x C x 4C1 product per call
+UPSCALE_TILE = 1024  # image tokens per output-upscaling step (inference): intermediates stay in L2
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -84,11 +90,13 @@ def shared_q(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
 
 
 def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
-                   q_shared: torch.Tensor | None = None) -> torch.Tensor:
+                   q_shared: torch.Tensor | None = None, *, factors: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``residual + Attention(q, k, v)`` for many queries (image tokens) and few keys (prompt tokens).
 
     q, residual: Bq x N x C image tokens (Bq = 1 shared by all prompts, or B); k, v: B x T x C tokens.
-    ``q_shared`` is :func:`shared_q` of q when Bq = 1, precomputed once per call. Returns B x N x C.
+    ``q_shared`` is :func:`shared_q` of q when Bq = 1, precomputed once per call. Returns B x N x C,
+    or with ``factors`` (out, P, U) where out = residual + P^T U, P: B x H*T x N, U: B x H*T x C.
 
     Logits are laid out B x H x T x N so the softmax runs over a non-innermost axis of length T
     (vectorised along N; a softmax over an innermost axis of 7 is ~7x slower on CPU). The output
@@ -114,7 +122,8 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     wo = attn.out_proj.weight.reshape(c, n_heads, d)  # C x H x d
     u = torch.einsum("bthd,chd->bhtc", attn.v_proj(v).reshape(b, t, n_heads, d), wo)
     u = (u + attn.out_proj.bias / n_heads).reshape(b, n_heads * t, c)
-    return torch.baddbmm(residual, p.transpose(1, 2), u)
+    out = torch.baddbmm(residual, p.transpose(1, 2), u)
+    return (out, p, u) if factors else out
 
 
 class FastMaskDecoder:
@@ -159,19 +168,24 @@ class FastMaskDecoder:
             cache["k0"] = k0 = keys0 + pe
             cache["i2t_q"] = shared_q(first.cross_attn_image_to_token, k0)
             cache["t2i_kv"] = shared_kv(first.cross_attn_token_to_image, k0, keys0)
+        lowrank = shared and sparse.shape[0] >= LOWRANK_MIN_PROMPTS and self._lowrank_ok()
         outputs = [self._chunk(sparse[s:s + self.chunk], keys0 if shared else keys0[s:s + self.chunk], pe,
-                               cache, multimask, features.shape[-2:])
+                               cache, multimask, features.shape[-2:], lowrank)
                    for s in range(0, sparse.shape[0], self.chunk)]
         masks, iou = zip(*outputs, strict=True)
         return torch.cat(masks), torch.cat(iou)
 
     def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: dict[str, torch.Tensor],
-               multimask: bool, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask: bool, hw: tuple[int, int], lowrank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         dec, tr = self.decoder, self.transformer
         b = sparse.shape[0]
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
         queries, query_pe = tokens, tokens
+        # inference with shared first-layer image tokens: record each block's P, U and LayerNorm
+        # statistics so the first upscaling layer can skip the dense product (see _conv1_factors)
+        trace: list | None = [] if lowrank else None
+        keys0 = keys
         for layer in tr.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -186,19 +200,138 @@ class FastMaskDecoder:
             queries = layer.norm2(queries + t2i)
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + query_pe
-            keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, q, queries, keys,
-                                              cache.get("i2t_q") if first else None))
+            if trace is None:
+                keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, k, q, queries, keys,
+                                                  cache.get("i2t_q") if first else None))
+            else:
+                z, p, u = image_to_token(layer.cross_attn_image_to_token, k, q, queries, keys,
+                                         cache.get("i2t_q") if first else None, factors=True)
+                norm = layer.norm4
+                keys, mean, rstd = torch.native_layer_norm(z, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                trace.append((p, u, mean, rstd, norm))
         attn_out = token_to_image(tr.final_attn_token_to_image, queries + query_pe, keys + pe, keys)
         hs = tr.norm_final_attn(queries + attn_out)
         iou = dec.iou_prediction_head(hs[:, 0, :])
         sel = slice(1, None) if multimask else slice(0, 1)
         mask_idx = range(1, dec.num_mask_tokens) if multimask else range(1)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in mask_idx], dim=1)  # B x M x c8
-        masks = self._upscale(keys, hyper, hw)
+        if trace is not None:
+            masks = self._upscale_tiled(keys, hyper, hw, factors=self._conv1_factors(keys0, trace, cache))
+        else:
+            masks = self._upscale(keys, hyper, hw)
         return masks, iou[:, sel]
+
+    def _lowrank_ok(self) -> bool:
+        """The :meth:`_conv1_factors` path applies (given shared first-layer tokens): no autograd, LayerNorm blocks."""
+        _, _, act1, _, act2 = self.decoder.output_upscaling
+        return (not torch.is_grad_enabled() and isinstance(act1, nn.GELU) and isinstance(act2, nn.GELU)
+                and all(isinstance(layer.norm4, nn.LayerNorm) and layer.norm4.weight is not None
+                        and len(layer.norm4.normalized_shape) == 1 for layer in self.transformer.layers))
+
+    def _conv1_factors(self, keys0: torch.Tensor, trace: list, cache: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first upscaling layer (a per-token Linear W, bias a) of the transformer's output tokens,
+        as ``scale * S + L R``: S shared by all prompts, L R of rank ~ blocks x (H*T + 2).
+
+        Block l ends with keys_l = LN_l(z_l), z_l = keys_{l-1} + P_l^T U_l (its image->token attention,
+        :func:`image_to_token` with ``factors``), keys_0 = ``keys0`` shared. With per-token mean mu_l,
+        inverse std r_l and affine (g_l, b_l), and W'_l = diag(g_l) W_l, W_{l-1} = W'_l from W_last = W:
+          keys_l W_l = r_l (keys_{l-1} W'_l + P_l^T U_l W'_l) - r_l mu_l (1^T W'_l) + b_l W_l,
+        so with c_l = r_l ... r_last (c after the last block = 1):
+          keys_last W + a = c_1 (keys0 W'_1) + sum_l [c_l P_l^T (U_l W'_l) - c_l mu_l (1^T W'_l) + c_{l+1} b_l W_l] + a.
+        S = keys0 W'_1 (N x 4C1) is computed once per call; per prompt this costs N x K x 4C1 instead of
+        N x C x 4C1 multiply-adds (K = 116 vs C = 256 for SAM's two blocks with 7 tokens) and skips
+        reading the transformer's output tokens.
+
+        Returns (S, scale (B x N), blocks, small, R): L^T of one prompt i is ``[P_l[i] * c_l[i] for
+        (P_l, c_l) in blocks] + [small[i]]`` stacked (K x N; built per prompt, in cache, by
+        :meth:`_upscale_tiled`), small: B x k x N (the mean, bias and constant columns), R: B x K x 4C1.
+        """
+        w, a = self._conv_t_as_linear(self.decoder.output_upscaling[0])
+        b, n = trace[0][0].shape[0], trace[0][0].shape[-1]
+        blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        small: list[torch.Tensor] = []
+        big_rows: list[torch.Tensor] = []
+        small_rows: list[torch.Tensor] = []
+        const = a  # multiplies c after the last block (= 1)
+        c_next = None
+        for p, u, mean, rstd, norm in reversed(trace):
+            wg = norm.weight[:, None] * w
+            c = rstd.squeeze(-1) if c_next is None else rstd.squeeze(-1) * c_next  # B x N
+            if c_next is None:
+                const = const + norm.bias @ w
+            else:
+                small.append(c_next)
+                small_rows.append((norm.bias @ w).expand(b, -1))
+            blocks.append((p, c))
+            big_rows.append(torch.matmul(u, wg))
+            small.append(-c * mean.squeeze(-1))
+            small_rows.append(wg.sum(0).expand(b, -1))
+            w, c_next = wg, c
+        small.append(keys0.new_ones((b, n)))
+        small_rows.append(const.expand(b, -1))
+        if "conv1_s" not in cache:
+            cache["conv1_s"] = torch.mm(keys0[0], w)
+        right = torch.cat([*big_rows, torch.stack(small_rows, dim=1)], dim=1)
+        return cache["conv1_s"], c_next, blocks, torch.stack(small, dim=1), right
 
     def _upscale(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """keys: B x N x C (N = h*w), hyper: B x M x C/8 -> B x M x 4h x 4w logits."""
+        if torch.is_grad_enabled() and (keys.requires_grad or hyper.requires_grad):
+            return self._upscale_vectorised(keys, hyper, hw)
+        return self._upscale_tiled(keys, hyper, hw)
+
+    def _upscale_tiled(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
+                       tile: int | None = None, factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """:meth:`_upscale_vectorised` without autograd, ``tile`` image tokens of one prompt at a time.
+
+        Per tile the intermediates (tile x 4*C1, 4*tile x 4*C2 floats) fit in L2, so the LayerNorm,
+        both GELUs (in place) and the bias adds run from cache instead of streaming B x 16N x C2
+        floats through memory; the buffers are reused across tiles. Same operations per element.
+        ``factors``: :meth:`_conv1_factors`; the first layer is then scale * S + L R.
+        """
+        conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
+        if not (isinstance(act1, nn.GELU) and isinstance(act2, nn.GELU)):
+            return self._upscale_vectorised(keys, hyper, hw)
+        h, w = hw
+        b, n, _ = keys.shape
+        m = hyper.shape[1]
+        w1, b1 = self._conv_t_as_linear(conv1)
+        w2, b2 = self._conv_t_as_linear(conv2)
+        c1, c2 = conv1.weight.shape[1], conv2.weight.shape[1]
+        tile = min(tile or UPSCALE_TILE, n)
+        buf1 = keys.new_empty((tile, w1.shape[1]))  # tile x (2*2*C1)
+        buf2 = keys.new_empty((4 * tile, w2.shape[1]))  # (tile*4) x (2*2*C2)
+        flat = keys.new_empty((b, n * 16, m))  # order (i, j, ki, kj, ki2, kj2)
+        hyper_t = hyper.transpose(1, 2)  # B x C2 x M
+        if factors is not None:
+            shared, scale, blocks, small, right = factors
+            left_t = keys.new_empty((right.shape[1], n))  # one prompt's L^T
+        for i in range(b):
+            if factors is not None:
+                row = 0
+                for p, c in blocks:
+                    torch.mul(p[i], c[i], out=left_t[row:row + p.shape[1]])
+                    row += p.shape[1]
+                left_t[row:].copy_(small[i])
+            for s in range(0, n, tile):
+                r = min(tile, n - s)
+                if factors is None:
+                    x = torch.addmm(b1, keys[i, s:s + r], w1, out=buf1[:r])
+                else:
+                    x = torch.mul(shared[s:s + r], scale[i, s:s + r, None], out=buf1[:r])
+                    x.addmm_(left_t[:, s:s + r].t(), right[i])
+                x = x.view(4 * r, c1)
+                x = F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps)
+                torch.ops.aten.gelu_(x, approximate=act1.approximate)
+                y = torch.addmm(b2, x, w2, out=buf2[:4 * r])
+                torch.ops.aten.gelu_(y, approximate=act2.approximate)
+                torch.mm(y.view(16 * r, c2), hyper_t[i], out=flat[i, 16 * s:16 * (s + r)])
+        masks = flat.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * h, 4 * w)
+
+    def _upscale_vectorised(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """keys: B x N x C (N = h*w), hyper: B x M x C/8 -> B x M x 4h x 4w logits (autograd-friendly)."""
         ups = self.decoder.output_upscaling
         conv1, norm, act1, conv2, act2 = ups
         h, w = hw

@@ -68,7 +68,8 @@ def test_reads_live_weights(tiny_model):
     with torch.inference_mode():
         sparse, dense = _prompts(sam, 2, "box")
         before = fast(features, pe, sparse, dense[:1], False)[0]
-        sam.mask_decoder.output_upscaling[0].bias.add_(0.5)
+        bias = sam.mask_decoder.output_upscaling[0].bias  # not a constant shift: the LayerNorm after it removes one
+        bias.add_(torch.linspace(-0.5, 0.5, bias.numel()))
         after = fast(features, pe, sparse, dense[:1], False)[0]
         ref = sam.mask_decoder(features, pe, sparse, dense, False)[0]
     assert not torch.allclose(before, after)
@@ -96,3 +97,44 @@ def test_litemedsam_boxes_match_eager(litemedsam_model):
     scale = ref_masks.abs().amax().item()
     assert (masks - ref_masks).abs().amax().item() <= 1e-5 * max(scale, 1.0)
     torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_low_rank_upscaling_and_tiles_match_dense(tiny_model, monkeypatch, multimask):
+    """The low-rank first upscaling layer and odd tile sizes change nothing beyond float rounding."""
+    import sam_core.fast_decoder as fd
+
+    sam = tiny_model.sam.eval()
+    features = _features(sam, seed=2)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, 6, "box+points", seed=2)
+        ref_masks, ref_iou = sam.mask_decoder(features, pe, sparse, dense, multimask)
+        fast = FastMaskDecoder(sam, chunk=4)
+        results = {}
+        for name, min_prompts, tile in [("low-rank", 1, 1024), ("dense", 10**6, 1024), ("low-rank, tile 24", 1, 24),
+                                        ("dense, tile 24", 10**6, 24)]:
+            monkeypatch.setattr(fd, "LOWRANK_MIN_PROMPTS", min_prompts)
+            monkeypatch.setattr(fd, "UPSCALE_TILE", tile)
+            results[name] = fast(features, pe, sparse, dense[:1], multimask)
+    for masks, iou in results.values():
+        torch.testing.assert_close(masks, ref_masks, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
+
+
+def test_autograd_forward_matches_inference(tiny_model):
+    """Training calls forward() with autograd (vectorised upscaling): same outputs as inference, and a gradient."""
+    import copy
+
+    sam = copy.deepcopy(tiny_model.sam).eval().requires_grad_(True)
+    features = _features(sam, seed=3)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = _prompts(sam, 5, "box", seed=3)
+    fast = FastMaskDecoder(sam)
+    with torch.inference_mode():
+        ref_masks, _ = fast(features, pe, sparse, dense[:1], False)
+    masks, _ = fast.forward(features.clone(), pe.clone(), sparse.clone(), dense.clone(), False)
+    torch.testing.assert_close(masks.detach(), ref_masks, atol=1e-5, rtol=1e-4)
+    masks.sum().backward()
+    assert sam.mask_decoder.output_upscaling[0].weight.grad is not None
