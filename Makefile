@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TRITON_VENV := .venv-triton
 TRITON_PY := $(TRITON_VENV)/bin/python
 
+# no wheel cache: the pinned torch build is several GB and a cached copy would double it on disk
+export PIP_NO_CACHE_DIR := 1
+
 .PHONY: demo demo-local test lint install protos system triton-env
 
 $(BIN)/samforge: pyproject.toml
