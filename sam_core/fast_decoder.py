@@ -14,6 +14,9 @@ module pays for the 4096-side projections once per prompt:
   equally; softmax rows sum to one), so the 4096 x 256 x 128 projections become products with the
   7 tokens. Likewise the image->token output projection ``concat_h(P_h V_h) W_o`` becomes
   ``sum_h P_h (V_h W_o,h)``.
+* **Final attention for the rows read.** Only the IoU token and the returned mask tokens leave the
+  decoder, and attention, its output projection and the LayerNorm act per query row, so the final
+  token->image attention runs for 2 of the ~7 tokens (4 with multimask).
 * **Upscaling as matrix products** in channels-last layout: each 2x2/stride-2 transposed convolution
   is a Linear to (2, 2, C_out) per pixel; the pixel shuffle happens once, on the final masks only.
   At inference it runs per prompt in tiles of image tokens, so its LayerNorm/GELU intermediates stay
@@ -63,7 +66,10 @@ def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     b, t, c = q.shape
     qp = attn.q_proj(q)  # B x T x H*d
     d = qp.shape[-1] // n_heads
-    if k.shape[0] == 1:  # shared image tokens: projected once per call (the eager module: once per prompt)
+    if k.shape[0] == 1 and (kv_shared is not None or b > 1):
+        # image tokens shared by several prompts: projected once per call (the eager module: once per prompt).
+        # One prompt's own tokens take the re-associated path below: H*T x C products instead of C x C/r
+        # projections, and H*T rows per GEMM (accumulating over N with 2-3 rows is ~5x less accurate here)
         kt, vh = kv_shared if kv_shared is not None else shared_kv(attn, k, v)  # H x d x N, H x N x d
         logits = torch.bmm(_heads(qp / math.sqrt(d), n_heads), kt)  # H x B*T x N
         out = torch.bmm(torch.softmax(logits, dim=-1), vh)  # H x B*T x d
@@ -109,7 +115,7 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     kp = attn.k_proj(k)  # B x T x H*d
     d = kp.shape[-1] // n_heads
     kh = kp.reshape(b, t, n_heads, d) / math.sqrt(d)
-    if q.shape[0] == 1:
+    if q.shape[0] == 1 and (q_shared is not None or b > 1):  # shared image tokens (see token_to_image)
         qt = q_shared if q_shared is not None else shared_q(attn, q)  # H x d x N
         logits = torch.bmm(kh.permute(2, 0, 1, 3).reshape(n_heads, b * t, d), qt)  # H x B*T x N
         p = torch.softmax(logits.reshape(n_heads, b, t, n), dim=2).transpose(0, 1).reshape(b, n_heads * t, n)
@@ -209,12 +215,17 @@ class FastMaskDecoder:
                 norm = layer.norm4
                 keys, mean, rstd = torch.native_layer_norm(z, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
                 trace.append((p, u, mean, rstd, norm))
-        attn_out = token_to_image(tr.final_attn_token_to_image, queries + query_pe, keys + pe, keys)
-        hs = tr.norm_final_attn(queries + attn_out)
+        # the final attention only for the tokens read below (attention, out_proj and the LayerNorm act per
+        # query row): the IoU token and the mask tokens returned, 2 of SAM's T >= 6 rows (4 with multimask)
+        mask_idx = list(range(1, dec.num_mask_tokens)) if multimask else [0]
+        rows = [0, *(1 + i for i in mask_idx)]
+        used = queries[:, rows]
+        attn_out = token_to_image(tr.final_attn_token_to_image, used + query_pe[:, rows], keys + pe, keys)
+        hs = tr.norm_final_attn(used + attn_out)  # B x len(rows) x C
         iou = dec.iou_prediction_head(hs[:, 0, :])
         sel = slice(1, None) if multimask else slice(0, 1)
-        mask_idx = range(1, dec.num_mask_tokens) if multimask else range(1)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in mask_idx], dim=1)  # B x M x c8
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(mask_idx)],
+                            dim=1)  # B x M x c8
         if trace is not None:
             masks = self._upscale_tiled(keys, hyper, hw, factors=self._conv1_factors(keys0, trace, cache))
         else:
@@ -324,7 +335,7 @@ class FastMaskDecoder:
                 x = x.view(4 * r, c1)
                 x = F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps)
                 torch.ops.aten.gelu_(x, approximate=act1.approximate)
-                y = torch.addmm(b2, x, w2, out=buf2[:4 * r])
+                y = torch.mm(x, w2, out=buf2[:4 * r]).add_(b2)
                 torch.ops.aten.gelu_(y, approximate=act2.approximate)
                 torch.mm(y.view(16 * r, c2), hyper_t[i], out=flat[i, 16 * s:16 * (s + r)])
         masks = flat.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
