@@ -14,6 +14,7 @@ import logging
 import torch
 
 from sam_core.errors import SamforgeError
+from services.common import compute
 from services.common.server import build_server, exit_now, run_until_signal, setup_logging
 from services.common.settings import DecoderSettings
 
@@ -38,7 +39,7 @@ def main() -> int:
     server = build_server(settings, register(service))
     client = EncoderClient(open_channel(settings), settings.encoder_timeout_seconds, address=settings.encoder_address)
     try:
-        engine = build_engine(settings, client)
+        engine = compute.shared().run(build_engine, settings, client)  # one OpenMP team: see compute
     except SamforgeError as exc:
         log.error("cannot start the decoder: %s", exc)
         client.close()

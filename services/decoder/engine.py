@@ -11,7 +11,8 @@
    encoder-side adapter's embeddings are requested from the encoder with that exact adapter version;
 4. the prompts validated against the image size, then decoded in chunks that bound the memory of the
    full-resolution masks (``PIXEL_BUDGET``), all prompts of a chunk in one batched call per prompt signature;
-   tiled embeddings go through :func:`sam_core.tiling.decode_tiled`;
+   tiled embeddings go through :func:`sam_core.tiling.decode_tiled`. The model runs on the engine's one
+   compute thread (:mod:`services.common.compute`: one OpenMP team, not one per gRPC worker);
 5. each mask encoded as requested, with its scores, area and box (:mod:`services.decoder.masks`).
 
 :meth:`DecoderEngine.segment_everything` runs automatic mask generation (:mod:`services.decoder.everything`).
@@ -33,7 +34,7 @@ from sam_core.models import LoadedModel, load_model, resolve_device
 from sam_core.predictor import DecodeResult, Embedding
 from sam_core.prompts import Prompt, validate_prompts
 from sam_core.tiling import TiledEmbedding, decode_tiled
-from services.common import metrics
+from services.common import compute, metrics
 from services.common.settings import DecoderSettings
 from services.encoder.engine import TilingRequest
 
@@ -89,6 +90,7 @@ class DecoderEngine:
         self.adapters = DecoderAdapters(self.base, store, settings.adapter_cache, runtime.make,
                                         watch_interval=watch_interval)
         self.embeddings = Embeddings(source, settings.cache_bytes)
+        self.compute = compute.shared()
 
     @property
     def model_id(self) -> str:
@@ -121,9 +123,10 @@ class DecoderEngine:
         outputs: list[PromptOutput] = []
         for chunk in _chunks(valid, value.original_size, 3 if multimask else 1):
             if tiled:
-                result = decode_tiled(predictor, value, chunk, multimask=multimask, threshold=threshold)
+                result = self.compute.run(decode_tiled, predictor, value, chunk, multimask=multimask,
+                                          threshold=threshold)
             else:
-                result = predictor.decode(value, chunk, multimask=multimask, threshold=threshold,
+                result = self.compute.run(predictor.decode, value, chunk, multimask=multimask, threshold=threshold,
                                           return_low_res=want_low_res)
             outputs += _outputs(result, encoding)
         decode_ms = 1e3 * (time.perf_counter() - start)
@@ -143,7 +146,7 @@ class DecoderEngine:
         embedding = _whole(fetched.value)
         predictor = self.adapters.predictor(handle)
         start = time.perf_counter()
-        found = generate(predictor, embedding, resolved)
+        found = self.compute.run(generate, predictor, embedding, resolved)
         masks = [describe(found.masks[i], found.iou_scores[i], found.stability_scores[i], encoding)
                  for i in range(len(found.masks))]
         decode_ms = 1e3 * (time.perf_counter() - start)

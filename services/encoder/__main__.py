@@ -12,6 +12,7 @@ import logging
 import torch
 
 from sam_core.errors import SamforgeError
+from services.common import compute
 from services.common.server import build_server, exit_now, run_until_signal, setup_logging
 from services.common.settings import EncoderSettings
 
@@ -29,7 +30,7 @@ def main() -> int:
     service = EncoderService()
     server = build_server(settings, register(service))
     try:
-        engine = build_engine(settings)
+        engine = compute.shared().run(build_engine, settings)  # one OpenMP team: see compute
     except SamforgeError as exc:
         log.error("cannot start the encoder: %s", exc)
         server.stop(0)

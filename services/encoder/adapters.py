@@ -31,7 +31,7 @@ from sam_core.adapter_registry import AdapterRef, AdapterStore, AdapterVersion
 from sam_core.errors import AdapterInvalid, NotFound
 from sam_core.models import LoadedModel
 from sam_core.predictor import Predictor
-from services.common import metrics
+from services.common import compute, metrics
 
 log = logging.getLogger("samforge.encoder.adapters")
 AdapterKey = tuple[str, str, int, str]  # (tenant, name, version, content sha256)
@@ -148,18 +148,21 @@ class AdapterModels:
                 return found
             self._identity(handle.adapter)  # cheap checks again (cache) before anything is evicted
             self._evict_for_one()
-            try:
-                model = load_adapter(self.base.model, handle.adapter.path)
+            try:  # on the process's compute thread: the loading's tensor ops must not start another OpenMP team
+                model, predictor = compute.shared().run(self._load, handle.adapter)
             except AdapterInvalid:
                 metrics.ADAPTER_LOAD_FAILURES.inc()
                 raise
-            predictor = self.make_predictor(model)
             with self._lock:
                 self._models[key] = (handle.label, predictor)
                 self.loads += 1
                 metrics.LOADED_ADAPTERS.set(len(self._models))
             log.info("loaded encoder adapter %s (%s)", handle.label, model.encoder_adapter_id)
             return predictor
+
+    def _load(self, version: AdapterVersion) -> tuple[LoadedModel, Predictor]:
+        model = load_adapter(self.base.model, version.path)
+        return model, self.make_predictor(model)
 
     def _touch(self, key: AdapterKey) -> Predictor | None:
         with self._lock:

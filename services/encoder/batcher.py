@@ -30,7 +30,7 @@ import numpy as np
 from sam_core.errors import Overloaded, Unavailable
 from sam_core.predictor import Embedding, Predictor
 from sam_core.tiling import TiledEmbedding, encode_tiled
-from services.common import metrics
+from services.common import compute, metrics
 from services.common.status import Cancelled
 
 log = logging.getLogger("samforge.encoder.batcher")
@@ -113,8 +113,8 @@ class DynamicBatcher:
                 continue
             jobs = self._fill([first])
             metrics.QUEUE_DEPTH.set(self.depth())
-            if self._pool is None:
-                self._run_in_slot(jobs)
+            if self._pool is None:  # an in-process model: on the process's one compute thread (see compute)
+                compute.shared().run(self._run_in_slot, jobs)
             else:
                 self._pool.submit(self._run_in_slot, jobs)
         self._fail_queued()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import sys
+import threading
 from dataclasses import replace
 
 import grpc
@@ -36,6 +37,7 @@ from sam_core.predictor import Embedding, Predictor
 from sam_core.prompts import Prompt
 from sam_core.tiling import encode_tiled
 from services._generated.sam.v1 import common_pb2, decoder_pb2
+from services.common import compute
 from services.common.settings import DecoderSettings
 from services.common.status import Cancelled, PermissionDenied
 from services.decoder import codec
@@ -201,6 +203,26 @@ def test_onnx_and_torch_runtimes_give_the_same_masks(make_engine, tiny_model, mu
     assert_masks_match(rle_masks(a), masks_b, full, threshold)
     assert 0.05 < masks_b.mean() < 0.95
     assert source.gets == 2  # one fetch per engine; later calls by key are served from each decoder's LRU
+
+
+def test_the_model_runs_on_the_process_compute_thread(make_engine):
+    """Decoding runs on services.common.compute's thread, not on the calling thread (one OpenMP team per
+    process; see the compute module)."""
+    engine, _ = make_engine("torch")
+    seen: list[int] = []
+    predictor, decode = engine.base, engine.base.decode
+
+    def recording_decode(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return decode(*args, **kwargs)
+
+    predictor.decode = recording_decode
+    try:
+        engine.segment("t", prompts=mixed_prompts()[:2], image=SCENE_PNG)
+    finally:
+        del predictor.decode
+    assert seen and set(seen) == {compute.shared().run(threading.get_ident)}
+    assert threading.get_ident() not in seen
 
 
 def test_chunked_decoding_equals_one_call_and_errors_name_the_real_index(make_engine, monkeypatch):
