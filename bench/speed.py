@@ -374,7 +374,8 @@ def child_decoder(repeats: int, device: str) -> dict:
 # ---------------------------------------------------------------------------------------------- e2e gRPC
 def child_naive_server(port: int) -> None:
     """Baseline server: same DecoderService API, but decodes the image and encodes it on every request
-    (eager fp32 encoder and decoder, no cache, no batching)."""
+    (eager fp32 encoder and decoder, no cache, no batching). Its model runs on one compute thread, as
+    samforge's does, so the baseline does not pay for several OpenMP teams (services/common/compute.py)."""
     from concurrent import futures
 
     import grpc
@@ -384,15 +385,19 @@ def child_naive_server(port: int) -> None:
     from sam_core.models import load_model
     from sam_core.predictor import Predictor
     from services._generated.sam.v1 import decoder_pb2_grpc
+    from services.common import compute
     from services.decoder import codec
     from services.decoder.engine import PromptOutput, SegmentResult
     from services.decoder.masks import describe_batch
 
-    model = load_model("litemedsam")
-    predictor = Predictor(model, fast_decoder=False, optimize_encoder=False)
+    model = compute.shared().run(load_model, "litemedsam")
+    predictor = compute.shared().run(Predictor, model, fast_decoder=False, optimize_encoder=False)
 
     class Naive(decoder_pb2_grpc.DecoderServiceServicer):
         def Segment(self, request, context):
+            return compute.shared().run(self.segment, request)
+
+        def segment(self, request):
             image = decode_image(request.image)
             embedding = predictor.encode_one(image)
             prompts = [codec.prompt_from_proto(p, f"prompts[{i}]") for i, p in enumerate(request.prompts)]
