@@ -205,7 +205,7 @@ class EncoderSettings(CommonSettings):
 @dataclass(frozen=True)
 class DecoderSettings(CommonSettings):
     encoder_address: str = ""
-    runtime: str = "onnx"
+    runtime: str = "torch"
     cache_bytes: int = 0
     max_prompts: int = 256
     onnx_cache_dir: str = ""

@@ -1,4 +1,5 @@
-"""Which runtime decodes: ONNX Runtime (default) or PyTorch (``SAMFORGE_DECODER_RUNTIME=torch``).
+"""Which runtime decodes: PyTorch (default: the re-associated FastMaskDecoder, fastest on CPU) or ONNX Runtime
+(``SAMFORGE_DECODER_RUNTIME=onnx``).
 
 With ``onnx`` every model (the base and each adapted model) gets an :class:`~sam_core.onnx_decoder.OnnxPredictor`
 whose graph is exported once into ``SAMFORGE_ONNX_CACHE_DIR`` under a name keyed by the decoder weights, so
