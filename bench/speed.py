@@ -10,6 +10,8 @@ Parts (each prints JSON lines as it goes):
   allocator is chosen at process start (LD_PRELOAD). Also: the CPU's measured fp32/bf16 matmul peak,
   the encoder's FLOPs (torch's FlopCounterMode) and the fraction of peak reached; and the bf16 mask IoU
   vs fp32 on real images with their ground-truth boxes (../shared/data; skipped when absent).
+* ``int8``     — ONNX Runtime dynamic int8 quantisation of the exported encoder vs its fp32 graph: seconds per
+  image at batch 1 and mask IoU vs the PyTorch encoder's masks on real images (skipped without data).
 * ``decoder``  — per-prompt latency for 1, 16, 64 box prompts on one embedding. Baseline: a loop over
   ``segment_anything.SamPredictor.predict`` on the same model and embedding. samforge: ``Predictor.decode``
   (re-associated decoder), the eager decoder, and ONNX Runtime.
@@ -169,26 +171,84 @@ def child_bf16_iou(device: str) -> dict:
 
     from sam_core.models import load_model
     from sam_core.predictor import Predictor
-    from sam_core.prompts import Prompt
 
     images = sample_images(4)
     if not images:
         return {"bf16_mask_iou": "skipped: no ../shared/data"}
     model = load_model("litemedsam")
     fp32, bf16 = Predictor(model, device=device), Predictor(model, device=device, autocast_dtype=torch.bfloat16)
+    quality = mask_agreement(fp32, images, lambda image: bf16.encode_one(image).features)
+    return {f"bf16_{k}": v for k, v in quality.items()}
+
+
+def mask_agreement(reference, images: list, encode_other) -> dict:
+    """Masks decoded (by ``reference``'s decoder, ground-truth boxes) from ``encode_other(image)``'s features vs
+    from ``reference``'s own embedding: mask IoU min / mean over every instance, embedding relative error."""
+    import dataclasses
+
+    from sam_core.prompts import Prompt
+
     ious, rel = [], []
     for _, image, boxes in images:
         prompts = [Prompt(box=b) for b in boxes]
-        e32, e16 = fp32.encode_one(image), bf16.encode_one(image)
-        rel.append(float((e16.features - e32.features).norm() / e32.features.norm()))
-        m32 = fp32.decode(e32, prompts).masks[:, 0]
-        m16 = fp32.decode(e16, prompts).masks[:, 0]
-        for a, b in zip(m32, m16, strict=True):
+        ref = reference.encode_one(image)
+        other = dataclasses.replace(ref, features=encode_other(image).to(ref.features.dtype))
+        rel.append(float((other.features - ref.features).norm() / ref.features.norm()))
+        m_ref = reference.decode(ref, prompts).masks[:, 0]
+        m_other = reference.decode(other, prompts).masks[:, 0]
+        for a, b in zip(m_ref, m_other, strict=True):
             union = np.logical_or(a, b).sum()
             ious.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
-    return {"bf16_mask_iou_min": round(min(ious), 4), "bf16_mask_iou_mean": round(float(np.mean(ious)), 4),
-            "bf16_mask_iou_n": len(ious), "bf16_images": len(images),
-            "bf16_embedding_rel_error_mean": round(float(np.mean(rel)), 4)}
+    return {"mask_iou_min": round(min(ious), 4), "mask_iou_mean": round(float(np.mean(ious)), 4),
+            "mask_iou_n": len(ious), "images": len(images), "embedding_rel_error_mean": round(float(np.mean(rel)), 4)}
+
+
+def child_int8(repeats: int) -> dict:
+    """ONNX Runtime dynamic int8 quantisation of the exported encoder (``quantize_dynamic``, int8 weights) vs the
+    fp32 graph: seconds per image at batch 1 and mask agreement on real images."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from sam_core.models import load_model
+    from sam_core.onnx_encoder import export_encoder_onnx
+    from sam_core.predictor import Predictor
+    from sam_core.preprocess import preprocess
+
+    images = sample_images(4)
+    if not images:
+        return {"skipped": "no ../shared/data"}
+    model = load_model("litemedsam")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as work:
+        fp32_path = export_encoder_onnx(model, Path(work) / "encoder.onnx")
+        int8_path = Path(work) / "encoder.int8.onnx"
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    for name, path in (("fp32", fp32_path), ("int8", int8_path))}
+    input_name = sessions["fp32"].get_inputs()[0].name
+
+    def run(name: str, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(sessions[name].run(None, {input_name: preprocess(image, model.spec)[0].numpy()})[0])
+
+    image = images[0][1]
+    out = {}
+    for name in sessions:
+        run(name, image)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(name, image)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_batch1_s_per_image"] = round(float(np.median(times)), 4)
+    reference = Predictor(model)
+    fp32_vs_torch = mask_agreement(reference, images, lambda im: run("fp32", im))
+    int8_vs_torch = mask_agreement(reference, images, lambda im: run("int8", im))
+    out.update({f"int8_{k}": v for k, v in int8_vs_torch.items()})
+    out["fp32_onnx_mask_iou_min"] = fp32_vs_torch["mask_iou_min"]
+    out["speedup_int8_vs_fp32_onnx"] = round(out["fp32_batch1_s_per_image"] / out["int8_batch1_s_per_image"], 2)
+    return out
 
 
 def run_child(args: list[str], *, tcmalloc: bool) -> dict:
@@ -560,6 +620,10 @@ def markdown(results: dict) -> str:
                          f"| {fp32_share} / {bf16_share} |")
         lines += ["", f"Peak and FLOPs: {json.dumps(enc['peak'])}", f"bf16 quality: {json.dumps(enc['bf16_quality'])}",
                   ""]
+    int8 = results.get("int8")
+    if int8:
+        lines += ["### Encoder int8 (ONNX Runtime quantize_dynamic, int8 weights) vs the fp32 ONNX graph", "",
+                  json.dumps(int8), ""]
     dec = results.get("decoder")
     if dec:
         keys = [k for k in dec["rows"][0] if k.endswith("ms/prompt")]
@@ -606,7 +670,7 @@ def markdown(results: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="encoder,decoder,e2e,finetune")
+    parser.add_argument("--parts", default="encoder,int8,decoder,e2e,triton,finetune")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30.0, help="load-test duration (e2e)")
     parser.add_argument("--finetune-images", type=int, default=8)
@@ -624,6 +688,7 @@ def main() -> int:
             return 0
         result = {"encoder": lambda: child_encoder(rest[0], int(rest[1]), args.device),
                   "peak": lambda: child_peak(args.device), "bf16-iou": lambda: child_bf16_iou(args.device),
+                  "int8": lambda: child_int8(int(rest[0])),
                   "decoder": lambda: child_decoder(int(rest[0]), args.device),
                   "triton": lambda: child_triton(int(rest[0]), rest[1])}[kind]()
         print(json.dumps(result), flush=True)
@@ -643,6 +708,8 @@ def main() -> int:
         results = {**previous, "machine": results["machine"]}
     if "encoder" in parts:
         results["encoder"] = part_encoder(args.repeats, args.device)
+    if "int8" in parts:
+        results["int8"] = run_child(["int8", str(args.repeats)], tcmalloc=True)
     if "decoder" in parts:
         results["decoder"] = run_child(["decoder", str(args.repeats)], tcmalloc=True)
     if "e2e" in parts:
