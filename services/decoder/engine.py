@@ -11,7 +11,7 @@
    encoder-side adapter's embeddings are requested from the encoder with that exact adapter version;
 4. the prompts validated against the image size, then decoded in chunks that bound the memory of the
    full-resolution masks (``PIXEL_BUDGET``), all prompts of a chunk in one batched call per prompt signature;
-   tiled embeddings go through :func:`sam_core.tiling.decode_tiled`. The model runs on the engine's one
+   tiled embeddings go through :func:`sam_core.tiling.decode_tiled`. The model runs on the process's one
    compute thread (:mod:`services.common.compute`: one OpenMP team, not one per gRPC worker);
 5. each mask encoded as requested, with its scores, area and box (:mod:`services.decoder.masks`).
 
