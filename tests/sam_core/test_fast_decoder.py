@@ -76,6 +76,48 @@ def test_reads_live_weights(tiny_model):
     torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 4])  # 4: the low-rank upscaling, whose per-call product is remembered too
+def test_remembered_first_block_is_reused_only_while_embedding_and_weights_are_unchanged(tiny_model, n):
+    """Consecutive calls on one embedding reuse the first block's shared products; another embedding, another
+    dense prompt or any decoder weight changed in place gives what a fresh decoder gives, never stale values."""
+    import copy
+
+    sam = copy.deepcopy(tiny_model.sam).eval()
+    fast = FastMaskDecoder(sam)
+    pe = sam.prompt_encoder.get_dense_pe()
+    a, b = _features(sam, seed=3), _features(sam, seed=4)
+
+    def fresh(features, sparse, dense):
+        return FastMaskDecoder(sam)(features, pe, sparse, dense, False)
+
+    with torch.inference_mode():
+        sparse, dense = _prompts(sam, n, "box", seed=5)
+        first = fast(a, pe, sparse, dense[:1], False)
+        remembered = fast._memo
+        assert remembered is not None
+        again = fast(a, pe, sparse.flip(0), dense[:1], False)  # other prompts, same embedding
+        assert fast._memo is remembered  # a hit: nothing recomputed or replaced
+        torch.testing.assert_close(again[0], fresh(a, sparse.flip(0), dense[:1])[0], atol=0, rtol=0)
+        other = fast(b, pe, sparse, dense[:1], False)  # another embedding
+        assert fast._memo is not remembered
+        torch.testing.assert_close(other[0], fresh(b, sparse, dense[:1])[0], atol=0, rtol=0)
+        for weight in (sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight,
+                       sam.mask_decoder.output_upscaling[0].weight):
+            before = fast(b, pe, sparse, dense[:1], False)[0]
+            weight.add_(0.05 * torch.randn_like(weight))  # a training step / an adapter loaded in place
+            after = fast(b, pe, sparse, dense[:1], False)[0]
+            assert not torch.allclose(before, after)
+            torch.testing.assert_close(after, fresh(b, sparse, dense[:1])[0], atol=0, rtol=0)
+        changed_dense = dense[:1] + 1.0  # another dense prompt embedding (new storage)
+        torch.testing.assert_close(fast(b, pe, sparse, changed_dense, False)[0],
+                                   fresh(b, sparse, changed_dense)[0], atol=0, rtol=0)
+    assert first[0].shape == again[0].shape
+    with torch.enable_grad():  # autograd (training) never reads or writes the memo
+        memo = fast._memo
+        fast.forward(b, pe, sparse.detach(), dense[:1].detach(), False)
+        assert fast._memo is memo
+
+
 def test_refuses_unknown_upscaling(tiny_model):
     import copy
 
