@@ -173,8 +173,10 @@ class FastMaskDecoder:
         first = self.transformer.layers[0]
         pe = image_pe.flatten(2).transpose(1, 2)  # 1 x N x C
         shared = dense.shape[0] == 1 and features.shape[0] == 1
-        cache = self._remembered(features, image_pe, dense) if shared else None
-        if cache is not None:  # the same embedding, positional encoding and weights as the last call
+        signature = self._signature(features, image_pe, dense) if shared else None
+        memo = self._memo
+        if signature is not None and memo is not None and memo[0] == signature:
+            cache = memo[1]  # the same embedding, dense prompt, positional encoding and weights as the last call
             keys0 = cache["keys0"]
         else:
             keys0 = (features + dense).flatten(2).transpose(1, 2)  # 1 or B x N x C
@@ -184,7 +186,8 @@ class FastMaskDecoder:
                 cache["k0"] = k0 = keys0 + pe
                 cache["i2t_q"] = shared_q(first.cross_attn_image_to_token, k0)
                 cache["t2i_kv"] = shared_kv(first.cross_attn_token_to_image, k0, keys0)
-                self._remember(features, image_pe, dense, cache)
+            if signature is not None:  # holding the tensors and parameters pins what the signature names
+                self._memo = (signature, cache, (features, image_pe, dense, list(self.decoder.parameters())))
         lowrank = shared and sparse.shape[0] >= LOWRANK_MIN_PROMPTS and self._lowrank_ok()
         outputs = [self._chunk(sparse[s:s + self.chunk], keys0 if shared else keys0[s:s + self.chunk], pe,
                                cache, multimask, features.shape[-2:], lowrank)
@@ -194,32 +197,18 @@ class FastMaskDecoder:
 
     def _signature(self, features: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> tuple | None:
         """What the shared first-block products depend on: the embedding and positional encoding (by identity;
-        embeddings are never modified in place), the dense prompt (its storage: the no-mask embedding is a
-        view of a parameter) and every decoder parameter's identity and version (training, load_state_dict).
-        None when they cannot be told apart (autograd on, or an inference tensor among the parameters)."""
+        embeddings are never modified in place), the dense prompt (its storage and version: the no-mask
+        embedding is a view of a parameter) and every decoder parameter's identity and version (training,
+        load_state_dict). None when they cannot be told apart (autograd on, or an inference tensor among them:
+        no version counter), and then nothing is remembered."""
         if torch.is_grad_enabled():
             return None
         try:
             weights = tuple((id(w), w._version) for w in self.decoder.parameters())
+            dense_key = (dense.data_ptr(), dense._version, tuple(dense.stride()), tuple(dense.shape))
         except RuntimeError:  # inference tensors have no version counter
             return None
-        return (id(features), id(image_pe), dense.data_ptr(), tuple(dense.stride()), tuple(dense.shape), weights)
-
-    def _remembered(self, features: torch.Tensor, image_pe: torch.Tensor,
-                    dense: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        memo = self._memo
-        if memo is None:
-            return None
-        signature = self._signature(features, image_pe, dense)
-        return memo[1] if signature is not None and memo[0] == signature else None
-
-    def _remember(self, features: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor,
-                  cache: dict[str, torch.Tensor]) -> None:
-        """Keep this call's shared products for the next call (one entry; holding the tensors and parameters
-        pins the identities and storage the signature names)."""
-        signature = self._signature(features, image_pe, dense)
-        if signature is not None:
-            self._memo = (signature, cache, (features, image_pe, dense, list(self.decoder.parameters())))
+        return id(features), id(image_pe), dense_key, weights
 
     def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: dict[str, torch.Tensor],
                multimask: bool, hw: tuple[int, int], lowrank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,7 +102,8 @@ def test_remembered_first_block_is_reused_only_while_embedding_and_weights_are_u
         assert fast._memo is not remembered
         torch.testing.assert_close(other[0], fresh(b, sparse, dense[:1])[0], atol=0, rtol=0)
         for weight in (sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight,
-                       sam.mask_decoder.output_upscaling[0].weight):
+                       sam.mask_decoder.output_upscaling[0].weight,
+                       sam.prompt_encoder.no_mask_embed.weight):  # dense[:1] is a view of it: same storage
             before = fast(b, pe, sparse, dense[:1], False)[0]
             weight.add_(0.05 * torch.randn_like(weight))  # a training step / an adapter loaded in place
             after = fast(b, pe, sparse, dense[:1], False)[0]
