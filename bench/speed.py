@@ -78,7 +78,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 def sample_images(n: int = 4, seed: int = 0) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
     """(name, H x W x 3 uint8, ground-truth boxes) from the real data sets, or [] when absent."""
-    from sam_core.datasets import load_dataset
+    from sam_core.data.datasets import load_dataset
 
     out = []
     for name in ("hrsid_sar_ships", "isbi2012_em_cells", "ph2_skin_lesions"):
@@ -107,9 +107,9 @@ def synthetic_image(size: int = 256, seed: int = 0) -> np.ndarray:
 def child_encoder(variant: str, repeats: int, device: str) -> dict:
     import torch
 
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
-    from sam_core.preprocess import preprocess
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.preprocess import preprocess
+    from sam_core.modeling.registry import load_model
 
     model = load_model("litemedsam")
     image = sample_images(1)[0][1] if DATA.is_dir() else synthetic_image()
@@ -126,7 +126,7 @@ def child_encoder(variant: str, repeats: int, device: str) -> dict:
             with torch.inference_mode():
                 return encoder(x)
     elif variant == "onnx":
-        from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
+        from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
 
         with tempfile.TemporaryDirectory() as folder:
             session = OnnxEncoder(export_encoder_onnx(model, Path(folder) / "encoder.onnx"))
@@ -151,7 +151,7 @@ def child_peak(device: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sam_core.models import load_model
+    from sam_core.modeling.registry import load_model
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -169,8 +169,8 @@ def child_bf16_iou(device: str) -> dict:
     """Mask IoU of bf16-autocast embeddings vs fp32 on real images, decoding ground-truth boxes."""
     import torch
 
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.registry import load_model
 
     images = sample_images(4)
     if not images:
@@ -186,7 +186,7 @@ def mask_agreement(reference, images: list, encode_other) -> dict:
     from ``reference``'s own embedding: mask IoU min / mean over every instance, embedding relative error."""
     import dataclasses
 
-    from sam_core.prompts import Prompt
+    from sam_core.inference.prompts import Prompt
 
     ious, rel = [], []
     for _, image, boxes in images:
@@ -210,10 +210,10 @@ def child_int8(repeats: int) -> dict:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from sam_core.models import load_model
-    from sam_core.onnx_encoder import export_encoder_onnx
-    from sam_core.predictor import Predictor
-    from sam_core.preprocess import preprocess
+    from sam_core.export.onnx_encoder import export_encoder_onnx
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.preprocess import preprocess
+    from sam_core.modeling.registry import load_model
 
     images = sample_images(4)
     if not images:
@@ -302,10 +302,10 @@ def child_triton(repeats: int, triton_python: str) -> dict:
     """In-process ORT / PyTorch first (Triton not started yet), then the same graph through Triton."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sam_core.models import load_model
-    from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
-    from sam_core.predictor import Predictor
-    from sam_core.preprocess import preprocess
+    from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.preprocess import preprocess
+    from sam_core.modeling.registry import load_model
     from services.encoder.backends import TritonEncoder
     from services.encoder.batcher import DynamicBatcher, EncodeJob
     from services.encoder.pytriton_encoder import PyTritonServer
@@ -381,10 +381,10 @@ def child_decoder(repeats: int, device: str) -> dict:
     import torch
     from segment_anything import SamPredictor
 
-    from sam_core.models import load_model
-    from sam_core.onnx_decoder import make_onnx_predictor
-    from sam_core.predictor import Predictor
-    from sam_core.prompts import Prompt
+    from sam_core.export.onnx_decoder import make_onnx_predictor
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.prompts import Prompt
+    from sam_core.modeling.registry import load_model
 
     model = load_model("litemedsam")
     image = sample_images(1)[0][1] if DATA.is_dir() else synthetic_image()
@@ -441,9 +441,9 @@ def child_naive_server(port: int) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from sam_core.image_io import decode_image
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
+    from sam_core.inference.predictor import Predictor
+    from sam_core.io.images import decode_image
+    from sam_core.modeling.registry import load_model
     from services._generated.sam.v1 import decoder_pb2_grpc
     from services.common import compute
     from services.decoder import codec
@@ -587,8 +587,8 @@ def part_e2e(seconds: float) -> dict:
 # ---------------------------------------------------------------------------------------------- fine-tuning
 def part_finetune(n_images: int) -> dict:
     from bench.finetune_quality import speed_vs_medsam_lite
-    from sam_core.datasets import load_dataset
-    from sam_core.models import load_model
+    from sam_core.data.datasets import load_dataset
+    from sam_core.modeling.registry import load_model
 
     if not (DATA / "hrsid_sar_ships").is_dir():
         return {"skipped": "no ../shared/data/hrsid_sar_ships"}

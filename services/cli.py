@@ -43,7 +43,7 @@ def build_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[fl
     --box and some --point's, they combine into a single box+points prompt."""
     import numpy as np
 
-    from sam_core.prompts import Prompt
+    from sam_core.inference.prompts import Prompt
 
     coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
     labels = np.array([int(p[2]) for p in points]) if points else None
@@ -59,11 +59,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from sam_core.image_io import load_image
-    from sam_core.mask_encoding import encode_png, mask_bbox
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
-    from sam_core.tiling import decode_tiled, encode_tiled
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.tiling import decode_tiled, encode_tiled
+    from sam_core.io.images import load_image
+    from sam_core.io.masks import encode_png, mask_bbox
+    from sam_core.modeling.registry import load_model
 
     if not args.box and not args.point:
         raise SystemExit("samforge predict: give at least one --box or --point")
@@ -127,12 +127,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export the encoder or decoder graph; with --check-image, compare it with PyTorch on that image."""
     import numpy as np
 
-    from sam_core.models import load_model
-    from sam_core.onnx_decoder import export_decoder_onnx, make_onnx_predictor
-    from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
-    from sam_core.predictor import Embedding, Predictor
-    from sam_core.preprocess import preprocess
-    from sam_core.prompts import Prompt
+    from sam_core.export.onnx_decoder import export_decoder_onnx, make_onnx_predictor
+    from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
+    from sam_core.inference.predictor import Embedding, Predictor
+    from sam_core.inference.prompts import Prompt
+    from sam_core.modeling.preprocess import preprocess
+    from sam_core.modeling.registry import load_model
 
     loaded = load_model(args.model, args.checkpoint)
     t0 = time.perf_counter()
@@ -141,7 +141,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     summary: dict = {"part": args.part, "model_id": loaded.model_id, "path": str(path), "bytes": path.stat().st_size,
                      "export_s": round(time.perf_counter() - t0, 2)}
     if args.check_image:
-        from sam_core.image_io import load_image
+        from sam_core.io.images import load_image
 
         image = load_image(args.check_image)
         torch_predictor = Predictor(loaded, optimize_encoder=False, fast_decoder=False)

@@ -110,12 +110,12 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sam_core.evaluate import EvalConfig
-    from sam_core.finetune import FinetuneSpec, SplitSpec, run_finetune
-    from sam_core.methods import MethodConfig
-    from sam_core.models import load_model, resolve_device
-    from sam_core.prompt_sim import prompt_config
-    from sam_core.train import TrainConfig
+    from sam_core.data.prompt_sim import prompt_config
+    from sam_core.evaluation.evaluate import EvalConfig
+    from sam_core.modeling.registry import load_model, resolve_device
+    from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
+    from sam_core.training.loop import TrainConfig
+    from sam_core.training.methods import MethodConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
     first_last = tuple(int(v) for v in args.split_first_last.split(",")) if args.split_first_last else None
@@ -148,12 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sam_core.adapter_artifact import load_adapter
-    from sam_core.datasets import load_dataset, split_dataset
-    from sam_core.evaluate import EvalConfig, compare, evaluate, format_table, write_report
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
-    from sam_core.prompt_sim import prompt_config
+    from sam_core.adapters.artifact import load_adapter
+    from sam_core.data.datasets import load_dataset, split_dataset
+    from sam_core.data.prompt_sim import prompt_config
+    from sam_core.evaluation.evaluate import EvalConfig, compare, evaluate, format_table, write_report
+    from sam_core.inference.predictor import Predictor
+    from sam_core.modeling.registry import load_model
 
     base = load_model(args.model, args.checkpoint)
     ds = load_dataset(args.data)
@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_inspect(args: argparse.Namespace) -> int:
-    from sam_core.adapter_artifact import read_adapter_config, read_adapter_tensors
+    from sam_core.adapters.artifact import read_adapter_config, read_adapter_tensors
 
     config = read_adapter_config(args.path)
     tensors = read_adapter_tensors(args.path, config)  # verifies the checksum
@@ -184,11 +184,11 @@ def cmd_adapters_inspect(args: argparse.Namespace) -> int:
                     "checksum": "ok"},
     }
     if args.model:
-        from sam_core.adapter_artifact import load_adapter
-        from sam_core.models import load_model
+        from sam_core.adapters.artifact import load_adapter
+        from sam_core.modeling.registry import load_model
 
         if config.method == "persam":
-            from sam_core.persam import load_persam
+            from sam_core.training.persam import load_persam
 
             load_persam(load_model(args.model, args.checkpoint), args.path)
         else:

@@ -69,7 +69,7 @@ class MaskResult:
     @property
     def mask(self) -> np.ndarray:
         """H x W bool from whichever encoding was requested (RLE or PNG; polygons are rasterised)."""
-        from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
+        from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 
         if self.rle_counts:
             return decode_rle({"size": [self.height, self.width], "counts": self.rle_counts})

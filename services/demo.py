@@ -35,13 +35,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam", image_path: str | None = None) -> dict:
-    from sam_core.image_io import load_image
-    from sam_core.mask_encoding import encode_png, encode_rle
-    from sam_core.models import load_model
-    from sam_core.predictor import Predictor
-    from sam_core.prompt_sim import box_from_mask, sample_points
-    from sam_core.prompts import Prompt
-    from sam_core.tiling import decode_tiled, encode_tiled
+    from sam_core.data.prompt_sim import box_from_mask, sample_points
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.prompts import Prompt
+    from sam_core.inference.tiling import decode_tiled, encode_tiled
+    from sam_core.io.images import load_image
+    from sam_core.io.masks import encode_png, encode_rle
+    from sam_core.modeling.registry import load_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

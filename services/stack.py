@@ -140,7 +140,7 @@ def write_demo_dataset(root: Path, n: int = 8) -> Path:
 
 def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict:
     """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request."""
-    from sam_core.prompt_sim import box_from_mask
+    from sam_core.data.prompt_sim import box_from_mask
     from services.client import BoxPrompt, SamforgeClient
     from services.demo import demo_scene
 

@@ -8,14 +8,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from sam_core.models import load_model
+    from sam_core.modeling.registry import load_model
 
     return load_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def litemedsam_model():
-    from sam_core.models import load_model
+    from sam_core.modeling.registry import load_model
 
     return load_model("litemedsam")
 
@@ -78,8 +78,8 @@ def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: s
     (seeded), so it predicts differently from the base model; returns the folder."""
     import torch
 
-    from sam_core.adapter_artifact import adapted_sam, save_adapter
-    from sam_core.methods import MethodConfig, trainable_state
+    from sam_core.adapters.artifact import adapted_sam, save_adapter
+    from sam_core.training.methods import MethodConfig, trainable_state
 
     cfg = MethodConfig(method)
     sam = adapted_sam(model, cfg)

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from sam_core.errors import InvalidMaskInput
-from sam_core.prompts import Prompt
+from sam_core.inference.automatic import EverythingOptions
+from sam_core.inference.prompts import Prompt
 from services._generated.sam.v1 import common_pb2, decoder_pb2
 from services.encoder.engine import TilingRequest
 
 from .engine import EverythingResult, SegmentResult
-from .everything import EverythingOptions
 from .masks import MaskOut
 
 ENCODING_NAMES = {

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sam_core.embedding_store import MemoryEmbeddingLRU
 from sam_core.errors import InvalidInput, NotFound
-from sam_core.predictor import Embedding
-from sam_core.tiling import TiledEmbedding
+from sam_core.inference.embedding_store import MemoryEmbeddingLRU
+from sam_core.inference.predictor import Embedding
+from sam_core.inference.tiling import TiledEmbedding
 from services.common import metrics
 from services.encoder.engine import TilingRequest
 

@@ -11,11 +11,11 @@
    encoder-side adapter's embeddings are requested from the encoder with that exact adapter version;
 4. the prompts validated against the image size, then decoded in chunks that bound the memory of the
    full-resolution masks (``PIXEL_BUDGET``), all prompts of a chunk in one batched call per prompt signature;
-   tiled embeddings go through :func:`sam_core.tiling.decode_tiled`. The model runs on the process's one
+   tiled embeddings go through :func:`sam_core.inference.tiling.decode_tiled`. The model runs on the process's one
    compute thread (:mod:`services.common.compute`: one OpenMP team, not one per gRPC worker);
 5. each mask encoded as requested, with its scores, area and box (:mod:`services.decoder.masks`).
 
-:meth:`DecoderEngine.segment_everything` runs automatic mask generation (:mod:`services.decoder.everything`).
+:meth:`DecoderEngine.segment_everything` runs automatic mask generation (:mod:`sam_core.inference.automatic`).
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_core.adapter_registry import AdapterStore, FileSystemAdapterStore
+from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
 from sam_core.errors import InvalidInput, InvalidMaskInput, TooManyPrompts
-from sam_core.models import LoadedModel, load_model, resolve_device
-from sam_core.predictor import DecodeResult, Embedding
-from sam_core.prompts import Prompt, validate_prompts
-from sam_core.tiling import TiledEmbedding, decode_tiled
+from sam_core.inference.automatic import EverythingOptions, generate
+from sam_core.inference.predictor import DecodeResult, Embedding
+from sam_core.inference.prompts import Prompt, validate_prompts
+from sam_core.inference.tiling import TiledEmbedding, decode_tiled
+from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import compute, metrics
 from services.common.settings import DecoderSettings
 from services.encoder.engine import TilingRequest
 
 from .adapters import DecoderAdapters, encoder_ref, served_ref
 from .embeddings import CallOptions, Embeddings, EmbeddingSource, Value
-from .everything import EverythingOptions, generate
 from .masks import MaskOut, check_encoding, describe, describe_batch
 from .runtime import Runtime, select_runtime
 

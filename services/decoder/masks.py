@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sam_core.errors import InvalidInput
-from sam_core.mask_encoding import encode_png, encode_rle, mask_bbox, mask_to_polygons
+from sam_core.io.masks import encode_png, encode_rle, mask_bbox, mask_to_polygons
 
 ENCODINGS = ("rle", "png", "polygons", "none")
 

@@ -1,7 +1,7 @@
 """Which runtime decodes: PyTorch (default: the re-associated FastMaskDecoder, fastest on CPU) or ONNX Runtime
 (``SAMFORGE_DECODER_RUNTIME=onnx``).
 
-With ``onnx`` every model (the base and each adapted model) gets an :class:`~sam_core.onnx_decoder.OnnxPredictor`
+With ``onnx`` every model (the base and each adapted model) gets an :class:`~sam_core.export.onnx_decoder.OnnxPredictor`
 whose graph is exported once into ``SAMFORGE_ONNX_CACHE_DIR`` under a name keyed by the decoder weights, so
 a restart or a second replica on the same volume reuses the file. When ``onnxruntime`` is not installed the
 service falls back to PyTorch (logged), which gives the same masks.
@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sam_core.models import LoadedModel
-from sam_core.predictor import Predictor
+from sam_core.inference.predictor import Predictor
+from sam_core.modeling.registry import LoadedModel
 
 log = logging.getLogger("samforge.decoder.runtime")
 
@@ -43,7 +43,7 @@ def select_runtime(requested: str, *, device: str = "cpu", max_prompts: int = 25
         log.warning("SAMFORGE_DECODER_RUNTIME=onnx but onnxruntime is not installed: decoding with PyTorch")
         requested = "torch"
     if requested == "onnx":
-        from sam_core.onnx_decoder import make_onnx_predictor
+        from sam_core.export.onnx_decoder import make_onnx_predictor
 
         def make_onnx(model: LoadedModel) -> Predictor:
             return make_onnx_predictor(model, cache_dir=cache_dir or None, threads=threads or None, device=device,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from sam_core.errors import AdapterInvalid, ModelLoadError, Overloaded, Unavailable
-from sam_core.models import LoadedModel
+from sam_core.modeling.registry import LoadedModel
 
 if TYPE_CHECKING:
     from services.common.settings import EncoderSettings
@@ -176,7 +176,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
     if name == "torch":
         return EncoderBackend("torch", concurrency=settings.concurrency or 1)
     if name == "onnx":
-        from sam_core.onnx_encoder import cached_onnx_encoder
+        from sam_core.export.onnx_encoder import cached_onnx_encoder
 
         start = time.perf_counter()
         encoder = cached_onnx_encoder(model, cache_dir=settings.onnx_cache_dir or None,

@@ -7,7 +7,7 @@ drops jobs nobody waits for any more (client gone or deadline passed: ``is_activ
 rest by model (the base encoder, each encoder-side adapter) and runs one ``Predictor.encode`` per group.
 With ``concurrency`` > 1 (a remote backend such as Triton) up to that many batches run at once on a small
 thread pool; the batcher takes the next batch only when a slot is free, so the bounded queue still pushes back.
-A tiled job is encoded on its own with :func:`sam_core.tiling.encode_tiled` (whole image + tiles,
+A tiled job is encoded on its own with :func:`sam_core.inference.tiling.encode_tiled` (whole image + tiles,
 ``max_batch`` images per encoder call). Results are ``(value, encode_ms)``.
 
 Batched features are copied out of the batch tensor, so each cached embedding owns exactly its bytes.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sam_core.errors import Overloaded, Unavailable
-from sam_core.predictor import Embedding, Predictor
-from sam_core.tiling import TiledEmbedding, encode_tiled
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.tiling import TiledEmbedding, encode_tiled
 from services.common import compute, metrics
 from services.common.status import Cancelled
 

@@ -19,7 +19,7 @@ Layout (all little-endian float32, row-major):
 
 The reassembled features are bit-identical to the encoder's. A tiled embedding's ``tile_size`` and
 ``overlap`` are not on the wire: they are derived from the tile geometry (the effective tile side and the
-smallest overlap between neighbouring tiles; :func:`sam_core.tiling.decode_tiled` reads neither).
+smallest overlap between neighbouring tiles; :func:`sam_core.inference.tiling.decode_tiled` reads neither).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from sam_core.predictor import Embedding
-from sam_core.tiling import TiledEmbedding
+from sam_core.inference.predictor import Embedding
+from sam_core.inference.tiling import TiledEmbedding
 from services._generated.sam.v1 import common_pb2, encoder_pb2
 
 CHUNK_BYTES = 1 << 20

@@ -22,8 +22,8 @@ def main() -> int:
     setup_logging(settings.log_level)
     import torch
 
-    from sam_core.adapter_registry import FileSystemAdapterStore
-    from sam_core.models import load_model, resolve_device
+    from sam_core.adapters.registry import FileSystemAdapterStore
+    from sam_core.modeling.registry import load_model, resolve_device
 
     from .jobs import JobManager
     from .registry import TenantRegistry

@@ -1,8 +1,8 @@
-"""What a CreateJob request may ask for, and how it becomes a :class:`~sam_core.finetune.FinetuneSpec`.
+"""What a CreateJob request may ask for, and how it becomes a :class:`~sam_core.training.finetune.FinetuneSpec`.
 
 Every check runs before a job is queued (INVALID_ARGUMENT / NOT_FOUND at CreateJob, never a FAILED job for a
 bad request), and :func:`build_spec` is deterministic: a job rebuilt from its job.json after a restart gets
-the same TrainConfig, so ``sam_core.train`` accepts the checkpoints in its folder and resumes.
+the same TrainConfig, so ``sam_core.training.loop`` accepts the checkpoints in its folder and resumes.
 
 Hyper-parameters use 0 / "" for "the default" (proto3 scalars cannot be unset).
 """
@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sam_core.adapter_registry import validate_name
+from sam_core.adapters.registry import validate_name
+from sam_core.data.prompt_sim import prompt_config
 from sam_core.errors import InvalidInput, NotFound
-from sam_core.evaluate import EvalConfig
-from sam_core.finetune import FinetuneSpec, SplitSpec
-from sam_core.methods import METHODS, MethodConfig
-from sam_core.prompt_sim import prompt_config
-from sam_core.train import TrainConfig
+from sam_core.evaluation.evaluate import EvalConfig
+from sam_core.training.finetune import FinetuneSpec, SplitSpec
+from sam_core.training.loop import TrainConfig
+from sam_core.training.methods import METHODS, MethodConfig
 
 PROMPT_KINDS = ("box", "point", "box+point")
 DEFAULT_VAL_FRACTION = 0.2

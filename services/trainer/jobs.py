@@ -2,14 +2,14 @@
 
 - ``create`` validates the request (tenant, method, names, data set path, hyper-parameters), writes job.json
   and queues the job; ``settings.max_concurrent_jobs`` daemon worker threads run
-  ``sam_core.finetune.run_finetune`` with the job folder as ``out_dir``.
+  ``sam_core.training.finetune.run_finetune`` with the job folder as ``out_dir``.
 - The progress callback appends to an in-memory event log guarded by a Condition: ``watch`` first yields the
   latest event (the job's current state), then live events until a terminal state.
 - ``cancel`` is cooperative: the callback raises :class:`JobCancelled` at the job's next progress event.
 - Success publishes ``<job>/adapter`` into the registry as ``(tenant, adapter_name)`` (and moves
   ``promote_to`` to it). A typed ``sam_core`` error fails the job with its own message (server paths
   removed); anything else with a generic message and a logged trace.
-- Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.train`` resumes from the
+- Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.training.loop`` resumes from the
   checkpoints in the job folder. ``shutdown`` interrupts running jobs at their next event and leaves them
   QUEUED on disk, so the next start resumes them. One process owns a jobs folder (``flock`` on ``.lock``).
 """
@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sam_core.adapter_registry import AdapterStore, AdapterVersion, content_sha256
+from sam_core.adapters.registry import AdapterStore, AdapterVersion, content_sha256
 from sam_core.errors import NotFound, SamforgeError, Unavailable
-from sam_core.finetune import FinetuneResult, run_finetune
-from sam_core.models import LoadedModel
-from sam_core.train import ProgressEvent, StopTraining
+from sam_core.modeling.registry import LoadedModel
+from sam_core.training.finetune import FinetuneResult, run_finetune
+from sam_core.training.loop import ProgressEvent, StopTraining
 from services.common.interceptors import resolve_tenant
 from services.common.metrics import TRAINING_JOBS, TRAINING_LOSS, TRAINING_STEP, TRAINING_VAL_DICE
 from services.common.settings import TrainerSettings

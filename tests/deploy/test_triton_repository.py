@@ -14,15 +14,15 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from sam_core.models import SPECS
+from sam_core.modeling.registry import SPECS
 from services.encoder.backends import TRITON_INPUT, TRITON_OUTPUT
 
 from .k8s import DEPLOY, mount_for, of_kind, samforge_containers
 from .test_policy import arg_value, settings_env, triton_workload
 
 CONFIG = DEPLOY / "triton" / "model_repository" / "sam_encoder" / "config.pbtxt"
-# SAM's prompt/mask embedding width: 256 channels for every variant (sam_core.models builds every prompt
-# encoder with embed_dim 256); the spatial sizes come from sam_core.models.SPECS.
+# SAM's prompt/mask embedding width: 256 channels for every variant (sam_core.modeling.registry builds every prompt
+# encoder with embed_dim 256); the spatial sizes come from sam_core.modeling.registry.SPECS.
 EMBED_DIM = 256
 
 

@@ -21,12 +21,12 @@ import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from sam_core.adapter_registry import FileSystemAdapterStore
-from sam_core.image_io import decode_image
-from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
-from sam_core.predictor import Predictor
-from sam_core.prompt_sim import box_from_mask
-from sam_core.prompts import Prompt
+from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.data.prompt_sim import box_from_mask
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.io.images import decode_image
+from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from services.encoder.client_codec import embedding_from_chunks
 from tests.conftest import save_perturbed_adapter, synthetic_scene

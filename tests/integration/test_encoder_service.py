@@ -23,8 +23,8 @@ import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from sam_core.image_io import decode_image
-from sam_core.predictor import Predictor
+from sam_core.inference.predictor import Predictor
+from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 from services.encoder.client_codec import CHUNK_BYTES, embedding_from_chunks
 from tests.conftest import synthetic_scene

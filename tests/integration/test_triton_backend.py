@@ -20,12 +20,12 @@ import torch
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 
-from sam_core.adapter_registry import FileSystemAdapterStore
-from sam_core.image_io import decode_image
-from sam_core.onnx_encoder import export_encoder_onnx
-from sam_core.predictor import Predictor
-from sam_core.prompt_sim import box_from_mask
-from sam_core.prompts import Prompt
+from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.data.prompt_sim import box_from_mask
+from sam_core.export.onnx_encoder import export_encoder_onnx
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, decoder_pb2, encoder_pb2
 from services.encoder.client_codec import embedding_from_chunks
 from services.encoder.pytriton_encoder import MODEL_NAME, PyTritonServer

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sam_core.adapter_artifact import (
+from sam_core.adapters.artifact import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapted_sam,
@@ -19,10 +19,10 @@ from sam_core.adapter_artifact import (
     save_adapter,
 )
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
-from sam_core.methods import MethodConfig, qv_channels, trainable_state
-from sam_core.models import build_tiny
-from sam_core.predictor import Predictor
-from sam_core.prompts import Prompt
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.modeling.registry import build_tiny
+from sam_core.training.methods import MethodConfig, qv_channels, trainable_state
 
 
 def _perturbed(model, method: str):
@@ -115,7 +115,7 @@ def test_tampered_weights_fail_the_checksum(tiny_model, saved):
 
 def _rewrite(out, tensors):
     """Replace the tensor file and update the recorded checksum (so only the tensor check can catch it)."""
-    from sam_core.models import file_sha256
+    from sam_core.modeling.registry import file_sha256
 
     save_file(tensors, str(out / WEIGHTS_NAME))
     config = json.loads((out / CONFIG_NAME).read_text())
@@ -164,7 +164,7 @@ def test_versions_are_immutable_and_no_partial_artifact(tiny_model, saved, monke
     out, _, sam = saved("decoder")
     with pytest.raises(AdapterInvalid, match="immutable"):
         save_adapter(out, tiny_model, trainable_state(sam), MethodConfig("decoder"))
-    import sam_core.adapter_artifact as artifact
+    import sam_core.adapters.artifact as artifact
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -184,7 +184,7 @@ def test_lora_targets_q_and_v_only(tiny_model, litemedsam_model):
         names = [n for n, p in sam.named_parameters() if p.requires_grad and "lora_" in n]
         assert names and all(n.split(".")[-2] in {"lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"} for n in names)
     # TinyViT interleaves q, k, v per head: q and v channel sets are disjoint and k is left out
-    from sam_core.methods import encoder_attentions
+    from sam_core.training.methods import encoder_attentions
 
     _, _, attn = encoder_attentions(litemedsam_model.sam.image_encoder)[0]
     q, v = qv_channels(attn)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_core.adapter_artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, save_adapter
-from sam_core.adapter_registry import (
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, save_adapter
+from sam_core.adapters.registry import (
     AdapterConflict,
     AdapterRef,
     AdapterStore,
@@ -21,7 +21,7 @@ from sam_core.adapter_registry import (
     validate_name,
 )
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
-from sam_core.methods import MethodConfig, trainable_state
+from sam_core.training.methods import MethodConfig, trainable_state
 
 
 @pytest.fixture()
@@ -271,7 +271,7 @@ def test_version_changed_on_disk_is_refused_at_resolve(store, make_artifact):
 
 
 def test_verification_is_cached_until_the_files_change(store, make_artifact, monkeypatch):
-    import sam_core.adapter_registry as registry
+    import sam_core.adapters.registry as registry
 
     v1 = store.publish("acme", "ships", make_artifact(0))
     monkeypatch.setattr(registry, "_RACY_SECONDS", 0.0)  # trust stat signatures at once (normally after 2 s)

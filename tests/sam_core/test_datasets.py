@@ -1,4 +1,4 @@
-"""Tests of sam_core.datasets on small synthetic data sets written to tmp_path."""
+"""Tests of sam_core.data.datasets on small synthetic data sets written to tmp_path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam_core.datasets import (
+from sam_core.data.datasets import (
     Instance,
     Sample,
     dataset_fingerprint,
@@ -365,7 +365,7 @@ def test_coco_file_names_cannot_escape_the_image_root(tmp_path):
     import cv2 as _cv2
     import numpy as _np
 
-    from sam_core.datasets import load_dataset as _load
+    from sam_core.data.datasets import load_dataset as _load
     from sam_core.errors import InvalidInput as _Invalid
 
     secret = tmp_path / "secret.png"

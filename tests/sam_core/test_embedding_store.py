@@ -1,4 +1,4 @@
-"""Tests of sam_core.embedding_store: canonical keys, the on-disk store and the in-memory LRU."""
+"""Tests of sam_core.inference.embedding_store: canonical keys, the on-disk store and the in-memory LRU."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from sam_core.embedding_store import EmbeddingStore, MemoryEmbeddingLRU, embedding_key
 from sam_core.errors import InvalidInput
-from sam_core.image_io import image_content_hash
-from sam_core.predictor import Embedding, Predictor
+from sam_core.inference.embedding_store import EmbeddingStore, MemoryEmbeddingLRU, embedding_key
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.io.images import image_content_hash
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_reset_on_mismatch_wipes_entries(tmp_path: Path, embedding: Embedding, s
     (tmp_path / "notes.txt").write_text("keep me")
     assert len(store) == 2 and store.reset_fields == ()
     other = {**signature, "dataset": "fingerprint-2"}
-    with caplog.at_level("WARNING", logger="sam_core.embedding_store"):
+    with caplog.at_level("WARNING", logger="sam_core.inference.embedding_store"):
         fresh = EmbeddingStore(tmp_path, signature=other, reset_on_mismatch=True)
     assert fresh.reset_fields == ("dataset",) and "dataset" in caplog.text
     assert len(fresh) == 0 and fresh.get(_key(embedding, "a")) is None
@@ -173,7 +173,7 @@ def test_truncated_entry_is_deleted_and_absent(tmp_path: Path, embedding: Embedd
     path = store.path_for(key)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * cut)])
-    with caplog.at_level("WARNING", logger="sam_core.embedding_store"):
+    with caplog.at_level("WARNING", logger="sam_core.inference.embedding_store"):
         assert store.get(key) is None
     assert not path.exists() and key not in store and "corrupt" in caplog.text
 
@@ -246,7 +246,7 @@ def test_failed_write_leaves_no_temp_files(tmp_path: Path, embedding: Embedding,
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("sam_core.embedding_store.os.replace", broken_replace)
+    monkeypatch.setattr("sam_core.inference.embedding_store.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         store.put(key, embedding)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["signature.json"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from sam_core.encoder_opt import fuse_conv_bn, optimized_encoder
-from sam_core.predictor import Predictor
+from sam_core.inference.predictor import Predictor
+from sam_core.modeling.encoder_opt import fuse_conv_bn, optimized_encoder
 
 
 def test_fuse_conv_bn_equals_conv_then_bn():

@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from sam_core.datasets import load_dataset
+from sam_core.data.datasets import load_dataset
+from sam_core.data.prompt_sim import PromptConfig
 from sam_core.errors import InvalidInput
-from sam_core.evaluate import (
+from sam_core.evaluation.evaluate import (
     EvalConfig,
     compare,
     eval_cache_key,
@@ -23,9 +24,8 @@ from sam_core.evaluate import (
     format_table,
     write_report,
 )
-from sam_core.plots import crop_box, plot_training_curves
-from sam_core.predictor import Predictor
-from sam_core.prompt_sim import PromptConfig
+from sam_core.evaluation.plots import crop_box, plot_training_curves
+from sam_core.inference.predictor import Predictor
 
 H, W = 96, 128
 # (cx, cy, rx, ry) per blob; blobs are far apart so their boxes never overlap
@@ -244,9 +244,9 @@ def _top_level_imports(module) -> set[str]:
 
 
 def test_importing_does_not_load_matplotlib():
-    import sam_core.evaluate
-    import sam_core.plots
+    import sam_core.evaluation.evaluate
+    import sam_core.evaluation.plots
 
-    for module in (sam_core.evaluate, sam_core.plots):
+    for module in (sam_core.evaluation.evaluate, sam_core.evaluation.plots):
         imports = _top_level_imports(module)
         assert "numpy" in imports and "matplotlib" not in imports, module.__name__

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sam_core.fast_decoder import FastMaskDecoder
+from sam_core.modeling.fast_decoder import FastMaskDecoder
 
 
 def _prompts(sam, n: int, kind: str, seed: int = 0):
@@ -145,7 +145,7 @@ def test_litemedsam_boxes_match_eager(litemedsam_model):
 @pytest.mark.parametrize("multimask", [False, True])
 def test_low_rank_upscaling_and_tiles_match_dense(tiny_model, monkeypatch, multimask):
     """The low-rank first upscaling layer and odd tile sizes change nothing beyond float rounding."""
-    import sam_core.fast_decoder as fd
+    import sam_core.modeling.fast_decoder as fd
 
     sam = tiny_model.sam.eval()
     features = _features(sam, seed=2)

@@ -1,4 +1,4 @@
-"""Tests for sam_core.image_io: every image is generated in memory."""
+"""Tests for sam_core.io.images: every image is generated in memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from sam_core.errors import ImageDecodeError, ImageTooLarge, InvalidInput, NotFound
-from sam_core.image_io import (
+from sam_core.io.images import (
     DEFAULT_MAX_PIXELS,
     decode_image,
     image_content_hash,

@@ -1,4 +1,4 @@
-"""Tests of sam_core.losses."""
+"""Tests of sam_core.training.losses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sam_core.errors import InvalidInput
-from sam_core.losses import (
+from sam_core.training.losses import (
     SegLossConfig,
     dice_loss,
     focal_loss,

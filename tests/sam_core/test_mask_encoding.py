@@ -1,4 +1,4 @@
-"""Tests for sam_core.mask_encoding: every mask is generated in-test."""
+"""Tests for sam_core.io.masks: every mask is generated in-test."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam_core.errors import ImageDecodeError, ImageTooLarge, InvalidInput
-from sam_core.mask_encoding import (
+from sam_core.io.masks import (
     ENCODINGS,
     decode_png,
     decode_rle,

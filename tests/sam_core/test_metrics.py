@@ -1,4 +1,4 @@
-"""Tests of sam_core.metrics against hand-computed values."""
+"""Tests of sam_core.evaluation.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sam_core.errors import InvalidInput
-from sam_core.metrics import InstanceScore, dice, hd95, iou, nsd, score_instance, summarize
+from sam_core.evaluation.metrics import InstanceScore, dice, hd95, iou, nsd, score_instance, summarize
 
 
 def _square(size: int = 64, top: int = 10, left: int = 10, side: int = 20) -> np.ndarray:

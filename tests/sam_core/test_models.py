@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sam_core.errors import InvalidInput, ModelLoadError
-from sam_core.models import MODEL_REGISTRY, SPECS, load_model
+from sam_core.modeling.registry import MODEL_REGISTRY, SPECS, load_model
 
 
 def test_registry_has_every_model():
@@ -20,7 +20,7 @@ def test_tiny_id_is_stable_and_depends_on_weights(tiny_model):
     again = load_model("tiny")
     assert again.model_id == tiny_model.model_id
     assert tiny_model.model_id.startswith("tiny-") and len(tiny_model.model_id) == len("tiny-") + 16
-    from sam_core.models import build_tiny
+    from sam_core.modeling.registry import build_tiny
 
     assert build_tiny(seed=1).model_id != tiny_model.model_id
 
@@ -28,7 +28,7 @@ def test_tiny_id_is_stable_and_depends_on_weights(tiny_model):
 def test_tiny_loads_from_its_own_checkpoint(tiny_model, tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(tiny_model.sam.state_dict(), path)
-    from sam_core.models import build_tiny
+    from sam_core.modeling.registry import build_tiny
 
     reloaded = build_tiny(checkpoint=path, seed=5)
     assert reloaded.model_id == tiny_model.model_id

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.adapter_artifact import load_adapter
-from sam_core.onnx_decoder import (
+from sam_core.adapters.artifact import load_adapter
+from sam_core.export.onnx_decoder import (
     OUTPUT_NAMES,
     OnnxDecoder,
     OnnxPredictor,
     make_onnx_predictor,
     prompt_arrays,
 )
-from sam_core.predictor import DecodeResult, Predictor
-from sam_core.prompts import Prompt
+from sam_core.inference.predictor import DecodeResult, Predictor
+from sam_core.inference.prompts import Prompt
 from tests.conftest import save_perturbed_adapter
 
 from .test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
 
-pytest.importorskip("onnxruntime")  # sam_core.onnx_decoder imports it lazily; extra "cpu" or "gpu"
+pytest.importorskip("onnxruntime")  # sam_core.export.onnx_decoder imports it lazily; extra "cpu" or "gpu"
 
 
 def _prompts(image_shape: tuple[int, int], low_res: int, seed: int = 0) -> list[Prompt]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sam_core.onnx_encoder import OnnxEncoder, export_encoder_onnx
+from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
 
 pytest.importorskip("onnxruntime")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from sam_core.predictor import Predictor
-from sam_core.preprocess import preprocess, resize_image
-from sam_core.prompts import Prompt
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.modeling.preprocess import preprocess, resize_image
 
 LOGIT_TOL = 1e-4
 # samforge's optimised encoder: its embedding differs from the eager module's by float rounding (~5e-6),

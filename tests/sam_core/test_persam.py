@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.adapter_artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, load_adapter, save_adapter
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, load_adapter, save_adapter
 from sam_core.errors import AdapterInvalid, InvalidInput
-from sam_core.methods import MethodConfig, trainable_state
-from sam_core.metrics import dice
-from sam_core.models import build_tiny
-from sam_core.persam import (
+from sam_core.evaluation.metrics import dice
+from sam_core.inference.predictor import Predictor
+from sam_core.modeling.registry import build_tiny
+from sam_core.training.methods import MethodConfig, trainable_state
+from sam_core.training.persam import (
     ENCODER_ADAPTER_METRIC,
     MASK_WEIGHTS,
     PROMPT_MODE,
@@ -30,7 +31,6 @@ from sam_core.persam import (
     similarity_map,
     target_feature,
 )
-from sam_core.predictor import Predictor
 
 
 def one_object_image(height: int, width: int, center: tuple[int, int], axes: tuple[int, int], angle: int,

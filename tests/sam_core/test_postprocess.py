@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_core.predictor import Embedding, Predictor, count_above, stability_score
-from sam_core.preprocess import resized_shape, upscale_logits
+from sam_core.inference.predictor import Embedding, Predictor, count_above, stability_score
+from sam_core.modeling.preprocess import resized_shape, upscale_logits
 
 
 def _reference_upscale(low_res, img_size, input_size, original_size):

@@ -1,12 +1,11 @@
-"""Tests of sam_core.prompt_sim (pure numpy, seeded generators)."""
+"""Tests of sam_core.data.prompt_sim (pure numpy, seeded generators)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sam_core.errors import InvalidInput
-from sam_core.prompt_sim import (
+from sam_core.data.prompt_sim import (
     PromptConfig,
     box_from_mask,
     correction_point,
@@ -14,6 +13,7 @@ from sam_core.prompt_sim import (
     sample_points,
     simulate_prompt,
 )
+from sam_core.errors import InvalidInput
 
 
 def _rect() -> np.ndarray:

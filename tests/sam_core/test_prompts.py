@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sam_core.errors import InvalidInput, InvalidMaskInput, InvalidPrompt, TooManyPrompts
-from sam_core.predictor import Predictor
-from sam_core.prompts import Prompt, validate_prompts
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt, validate_prompts
 
 SIZE = (100, 200)  # H, W
 LOW = 32
@@ -77,7 +77,7 @@ def test_predictor_rejects_bad_prompts_and_keeps_working(tiny_model, scene):
 
 
 def test_predictor_refuses_foreign_embedding(tiny_model, scene):
-    from sam_core.models import build_tiny
+    from sam_core.modeling.registry import build_tiny
 
     image, _ = scene
     other = Predictor(build_tiny(seed=3))

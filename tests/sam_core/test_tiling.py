@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from sam_core.errors import InvalidInput, InvalidMaskInput
-from sam_core.predictor import Predictor
-from sam_core.prompts import Prompt
-from sam_core.tiling import decode_tiled, encode_tiled, tile_origins, tile_starts
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.inference.tiling import decode_tiled, encode_tiled, tile_origins, tile_starts
 
 
 @pytest.mark.parametrize(("length", "tile", "overlap"), [(800, 256, 64), (257, 256, 0), (1000, 128, 32), (90, 128, 8)])

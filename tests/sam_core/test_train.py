@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam_core.adapter_artifact import load_adapter, read_adapter_config
-from sam_core.datasets import load_dataset, split_dataset
+from sam_core.adapters.artifact import load_adapter, read_adapter_config
+from sam_core.data.datasets import load_dataset, split_dataset
 from sam_core.errors import InvalidInput
-from sam_core.methods import MethodConfig, trainable_state
-from sam_core.predictor import Predictor
-from sam_core.prompts import Prompt
-from sam_core.train import TrainConfig, get_lr, train
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.training.loop import TrainConfig, get_lr, train
+from sam_core.training.methods import MethodConfig, trainable_state
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -157,7 +157,7 @@ def test_bad_config_is_rejected():
 
 def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_path):
     """The artifact holds the weights of the best validation, not those of the last step."""
-    from sam_core.evaluate import EvalConfig, evaluate
+    from sam_core.evaluation.evaluate import EvalConfig, evaluate
 
     train_ds, val_ds = splits
     cfg = TrainConfig(epochs=6, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=1, checkpoint_every=100)
@@ -170,7 +170,7 @@ def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_
 
 
 def test_crop_window_centres_and_clips():
-    from sam_core.train import crop_window
+    from sam_core.training.loop import crop_window
 
     mask = np.zeros((300, 400), bool)
     mask[10:20, 390:398] = True                       # near the right border
@@ -204,7 +204,7 @@ def test_time_budget_stops_and_still_publishes(tiny_model, splits, tmp_path):
 
 def test_stop_training_checkpoints_the_current_step(tiny_model, splits, tmp_path):
     """A callback that stops the run (cancel, shutdown) leaves a checkpoint at that very step."""
-    from sam_core.train import StopTraining, latest_checkpoint, load_checkpoint
+    from sam_core.training.loop import StopTraining, latest_checkpoint, load_checkpoint
 
     train_ds, val_ds = splits
     cfg = TrainConfig(epochs=20, batch_size=2, checkpoint_every=1000)

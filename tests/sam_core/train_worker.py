@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sam_core.datasets import load_dataset, split_dataset
-from sam_core.methods import MethodConfig
-from sam_core.models import load_model
-from sam_core.train import TrainConfig, latest_checkpoint, load_checkpoint, train
+from sam_core.data.datasets import load_dataset, split_dataset
+from sam_core.modeling.registry import load_model
+from sam_core.training.loop import TrainConfig, latest_checkpoint, load_checkpoint, train
+from sam_core.training.methods import MethodConfig
 
 
 def config(method: str, max_steps: int, batch: int) -> TrainConfig:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_core.mask_encoding import decode_png
+from sam_core.io.masks import decode_png
 from services.cli import main
 
 

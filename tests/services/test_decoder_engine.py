@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapter_artifact import load_adapter
-from sam_core.adapter_registry import FileSystemAdapterStore
+from sam_core.adapters.artifact import load_adapter
+from sam_core.adapters.registry import FileSystemAdapterStore
 from sam_core.errors import (
     AdapterInvalid,
     InvalidInput,
@@ -31,11 +31,12 @@ from sam_core.errors import (
     TooManyPrompts,
     Unavailable,
 )
-from sam_core.image_io import decode_image
-from sam_core.mask_encoding import decode_png, decode_rle, polygons_to_mask
-from sam_core.predictor import Embedding, Predictor
-from sam_core.prompts import Prompt
-from sam_core.tiling import encode_tiled
+from sam_core.inference.automatic import EverythingOptions, generate
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.inference.tiling import encode_tiled
+from sam_core.io.images import decode_image
+from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2
 from services.common import compute
 from services.common.settings import DecoderSettings
@@ -45,7 +46,6 @@ from services.decoder import engine as engine_module
 from services.decoder.embeddings import CallOptions
 from services.decoder.encoder_client import EncoderClient, channel_target
 from services.decoder.engine import DecoderEngine
-from services.decoder.everything import EverythingOptions, generate
 from services.decoder.masks import describe
 from services.decoder.runtime import select_runtime
 from services.encoder import adapters as encoder_adapters

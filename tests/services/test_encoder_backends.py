@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapter_registry import FileSystemAdapterStore
+from sam_core.adapters.registry import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, InvalidInput, Unavailable
-from sam_core.onnx_encoder import encoder_export_path
-from sam_core.predictor import Predictor
+from sam_core.export.onnx_encoder import encoder_export_path
+from sam_core.inference.predictor import Predictor
 from services.common.settings import EncoderSettings
 from services.encoder.backends import EncoderBackend, TritonEncoder, build_backend
 from services.encoder.batcher import DynamicBatcher, EncodeJob

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapter_registry import FileSystemAdapterStore
+from sam_core.adapters.registry import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, InvalidInput, NotFound, Overloaded
-from sam_core.models import build_tiny
-from sam_core.predictor import Embedding, Predictor
-from sam_core.tiling import TiledEmbedding
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.tiling import TiledEmbedding
+from sam_core.modeling.registry import build_tiny
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
 from services.encoder import adapters as adapters_module

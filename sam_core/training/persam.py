@@ -32,7 +32,7 @@ The optional cascaded post-refinement (PerSAM's refinement step 1) decodes again
 mask's box and the first stage's low-res logits as mask input (plus the two points in points mode)
 and keeps the output with the best predicted IoU. :func:`fit_persam` with ``prompt_mode="auto"``
 keeps the mode whose :func:`segment_persam` result on the reference image itself has the higher
-Dice. Every decoder call goes through :class:`~sam_core.predictor.Predictor`, so it runs on whatever
+Dice. Every decoder call goes through :class:`~sam_core.inference.predictor.Predictor`, so it runs on whatever
 model (and decoder adapter) the predictor holds.
 
 Deviation from the paper — feature centring: before every cosine similarity (the target feature and
@@ -47,7 +47,7 @@ A concept is tied to the embedding space it was fitted in: the base model id and
 adapter id (None for the base model and decoder-only adapters) are recorded, and
 :func:`segment_persam` refuses a predictor whose model or encoder adapter differs.
 
-Artifacts are ordinary adapter folders (:mod:`sam_core.adapter_artifact`) with method ``persam`` and
+Artifacts are ordinary adapter folders (:mod:`sam_core.adapters.artifact`) with method ``persam`` and
 three tensors, ``persam.target_feat`` (C,) float32, ``persam.mask_weights`` (3,) float32 and
 ``persam.prompt_mode`` (1,) int64 (0 = points, 1 = box); the encoder adapter id is stored in the
 config's metrics under :data:`ENCODER_ADAPTER_METRIC`. Artifacts without the prompt-mode tensor
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter_artifact import (
+from sam_core.adapters.artifact import (
     AdapterConfig,
     check_base,
     check_tensors,
@@ -75,13 +75,13 @@ from .adapter_artifact import (
     read_adapter_tensors,
     save_adapter,
 )
-from .errors import AdapterInvalid, InvalidInput
-from .losses import dice_loss, focal_loss
-from .methods import MethodConfig
-from .metrics import dice
-from .models import LoadedModel
-from .predictor import Embedding, Predictor
-from .prompts import Prompt
+from sam_core.errors import AdapterInvalid, InvalidInput
+from sam_core.evaluation.metrics import dice
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.modeling.registry import LoadedModel
+from sam_core.training.losses import dice_loss, focal_loss
+from sam_core.training.methods import MethodConfig
 
 TARGET_FEAT = "persam.target_feat"
 MASK_WEIGHTS = "persam.mask_weights"
@@ -425,7 +425,7 @@ def load_persam(model: LoadedModel, path: str | os.PathLike) -> PerSamModel:
     config = read_adapter_config(path)
     if config.method != "persam":
         raise AdapterInvalid(f"{source} is a {config.method} artifact, not persam; load it with "
-                             "sam_core.adapter_artifact.load_adapter", field="adapter")
+                             "sam_core.adapters.artifact.load_adapter", field="adapter")
     check_base(config, model, source)
     tensors = read_adapter_tensors(path, config)
     expected = {TARGET_FEAT: torch.Size([_embed_dim(model)]), MASK_WEIGHTS: torch.Size([N_MULTIMASK]),

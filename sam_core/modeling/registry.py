@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .errors import InvalidInput, ModelLoadError
+from sam_core.errors import InvalidInput, ModelLoadError
 
 DEFAULT_MODEL = "litemedsam"
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -67,7 +67,7 @@ class LoadedModel:
     spec: ModelSpec
     weights_sha256: str
     source: str
-    adapter: Any = None  # sam_core.adapter_artifact.AdapterConfig when an adapter is applied
+    adapter: Any = None  # sam_core.adapters.artifact.AdapterConfig when an adapter is applied
     adapter_id: str | None = None
 
     @property

@@ -1,6 +1,6 @@
 """Per-model preprocessing: resize the longest side, normalise, pad; coordinate and mask transforms.
 
-All functions take the canonical image from :mod:`sam_core.image_io` (H x W x 3 uint8 RGB).
+All functions take the canonical image from :mod:`sam_core.io.images` (H x W x 3 uint8 RGB).
 
 - SAM (``imagenet``): ``ResizeLongestSide.apply_image`` (PIL bilinear, exactly what
   ``SamPredictor.set_image`` does), then (x - mean) / std, then zero padding to ``img_size``.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .models import ModelSpec
+from sam_core.modeling.registry import ModelSpec
 
 
 def resized_shape(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:

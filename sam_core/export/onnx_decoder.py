@@ -1,7 +1,7 @@
 """ONNX Runtime decoder: prompt encoder + mask decoder exported as one graph with a prompt-batch axis.
 
 The graph follows segment-anything's ``SamOnnxModel`` (``utils/onnx.py``) with three differences that
-keep it numerically equal to :class:`sam_core.predictor.Predictor`'s PyTorch decode:
+keep it numerically equal to :class:`sam_core.inference.predictor.Predictor`'s PyTorch decode:
 
 - it returns all ``num_mask_tokens`` (4) masks and IoU predictions (``return_single_mask=False``); the
   runtime slices ``0:1`` (single mask) or ``1:4`` (multimask) exactly like ``MaskDecoder.forward``;
@@ -10,7 +10,7 @@ keep it numerically equal to :class:`sam_core.predictor.Predictor`'s PyTorch dec
   box; for box + points the points come first, then the corners (``PromptEncoder``'s concatenation
   order). The official notebook's padding point next to a box changes box masks;
 - it stops at the low-resolution logits (B x 4 x L x L): upscaling to the original image is
-  :func:`sam_core.preprocess.upscale_logits`, shared with the PyTorch path.
+  :func:`sam_core.modeling.preprocess.upscale_logits`, shared with the PyTorch path.
 
 Graph inputs: ``image_embeddings`` 1 x C x h x w, ``point_coords`` B x P x 2 float32 (model input
 frame), ``point_labels`` B x P float32, ``mask_input`` Bm x 1 x L x L, ``has_mask_input`` (Bm,) float32
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import LoadedModel, state_dict_sha256
-from .predictor import DEFAULT_DECODE_BATCH, Predictor
-from .preprocess import transform_boxes, transform_coords
-from .prompts import Prompt
+from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.modeling.preprocess import transform_boxes, transform_coords
+from sam_core.modeling.registry import LoadedModel, state_dict_sha256
 
 EXPORT_FORMAT = 1  # bump when the graph's interface or construction changes (invalidates cached exports)
 DEFAULT_OPSET = 17

@@ -3,7 +3,7 @@
 1. a ``points_per_side`` x ``points_per_side`` grid of foreground points (``build_point_grid``);
 2. batched multimask decoding (3 masks per point) with the service's predictor (ONNX Runtime or PyTorch);
 3. keep masks with predicted IoU > ``pred_iou_thresh`` and stability >= ``stability_score_thresh`` (stability:
-   IoU of the masks thresholded at logit +1 and -1, :func:`sam_core.predictor.stability_score`);
+   IoU of the masks thresholded at logit +1 and -1, :func:`sam_core.inference.predictor.stability_score`);
 4. drop empty masks and masks smaller than ``min_mask_area`` pixels;
 5. box NMS (``torchvision.ops.batched_nms`` over the masks' boxes, scores = predicted IoU, ``box_nms_thresh``);
 6. the ``max_masks`` best by predicted IoU, best first.
@@ -24,8 +24,8 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
 from torchvision.ops import batched_nms
 
 from sam_core.errors import InvalidInput
-from sam_core.predictor import Embedding, Predictor, stability_score
-from sam_core.prompts import Prompt
+from sam_core.inference.predictor import Embedding, Predictor, stability_score
+from sam_core.inference.prompts import Prompt
 
 PIXEL_BUDGET = 1 << 24  # float32 logits upscaled at once: 64 MB
 POINTS_PER_BATCH = 64

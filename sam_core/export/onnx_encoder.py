@@ -1,6 +1,6 @@
 """ONNX export of the image encoder with a dynamic batch axis, and an ONNX Runtime encoder over it.
 
-Graph: ``images`` B x 3 x S x S float32 (preprocessed, :func:`sam_core.preprocess.preprocess`) ->
+Graph: ``images`` B x 3 x S x S float32 (preprocessed, :func:`sam_core.modeling.preprocess.preprocess`) ->
 ``image_embeddings`` B x C x h x w float32, B dynamic.
 
 LiteMedSAM's TinyViT ``PatchMerging`` reads its batch size as ``B = len(x)``, which the tracer records
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import LoadedModel, state_dict_sha256
+from sam_core.modeling.registry import LoadedModel, state_dict_sha256
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -80,8 +80,8 @@ def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None 
                         opset: int = DEFAULT_OPSET) -> Path:
     """``<cache_dir>/encoder-<model>-<adapter>-<key16>.onnx``; the key hashes the model and adapter ids,
     samforge and torch versions, the opset and the image encoder's weights (a changed weight never reuses
-    a file). ``cache_dir`` None: :func:`sam_core.onnx_decoder.default_cache_dir`."""
-    from .onnx_decoder import _package_version, default_cache_dir
+    a file). ``cache_dir`` None: :func:`sam_core.export.onnx_decoder.default_cache_dir`."""
+    from sam_core.export.onnx_decoder import _package_version, default_cache_dir
 
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(opset),
              state_dict_sha256(model.sam.image_encoder.state_dict())]
@@ -108,7 +108,7 @@ class OnnxEncoder:
                  providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
-        from .onnx_decoder import default_providers
+        from sam_core.export.onnx_decoder import default_providers
 
         self.path = Path(path)
         options = ort.SessionOptions()

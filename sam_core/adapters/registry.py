@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .adapter_artifact import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
-from .errors import AdapterInvalid, InvalidInput, NotFound
-from .models import file_sha256
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
+from sam_core.modeling.registry import file_sha256
 
 log = logging.getLogger(__name__)
 

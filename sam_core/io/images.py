@@ -127,7 +127,7 @@ def image_content_hash(image: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# PIL helpers (also used by sam_core.mask_encoding for PNG masks)
+# PIL helpers (also used by sam_core.io.masks for PNG masks)
 
 
 def _open_image(

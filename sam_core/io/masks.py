@@ -23,7 +23,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_core.errors import ImageDecodeError, ImageTooLarge, InvalidInput
-from sam_core.image_io import DEFAULT_MAX_PIXELS, _open_image
+from sam_core.io.images import DEFAULT_MAX_PIXELS, _open_image
 
 ENCODINGS: tuple[str, ...] = ("array", "rle", "png", "polygons")
 

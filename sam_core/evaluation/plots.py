@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InvalidInput
+from sam_core.errors import InvalidInput
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .datasets import Sample
-    from .evaluate import EvalReport, WorstCase
+    from sam_core.data.datasets import Sample
+    from sam_core.evaluation.evaluate import EvalReport, WorstCase
 
 DPI = 100
 GT_COLOR = "lime"

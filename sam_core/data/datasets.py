@@ -39,9 +39,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .errors import ImageDecodeError, InvalidInput, NotFound
-from .image_io import DEFAULT_MAX_PIXELS, to_rgb_uint8
-from .image_io import load_image as _decode_image_file
+from sam_core.errors import ImageDecodeError, InvalidInput, NotFound
+from sam_core.io.images import DEFAULT_MAX_PIXELS, to_rgb_uint8
+from sam_core.io.images import load_image as _decode_image_file
 
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTS: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp")

@@ -32,8 +32,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .errors import InvalidInput
-from .predictor import Embedding
+from sam_core.errors import InvalidInput
+from sam_core.inference.predictor import Embedding
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def embedding_key(image_hash: str, model_id: str, preprocess_version: str, encod
 
     Fields (all hashed, so two keys are equal only if every field is):
 
-    * ``image_hash``: content hash of the canonical image (:func:`sam_core.image_io.image_content_hash`);
+    * ``image_hash``: content hash of the canonical image (:func:`sam_core.io.images.image_content_hash`);
     * ``model_id``: the loaded model's id (``LoadedModel.model_id``, which pins the weights);
     * ``preprocess_version``: ``ModelSpec.preprocess_version`` (resize, normalisation, input size);
     * ``encoder_adapter``: id of the adapter applied to the image encoder, or ``None`` (``""`` is

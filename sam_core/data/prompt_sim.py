@@ -19,7 +19,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from .errors import InvalidInput
+from sam_core.errors import InvalidInput
 
 PromptKind = Literal["box", "point", "box+point"]
 _KINDS: tuple[str, ...] = ("box", "point", "box+point")

@@ -1,7 +1,7 @@
 """Adapter artifacts: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT-like).
 
 A folder holds exactly what a fine-tuning run changed: the trainable tensors of its method (see
-:mod:`sam_core.methods`) or, for ``persam``, the target embedding and mask weights. The config
+:mod:`sam_core.training.methods`) or, for ``persam``, the target embedding and mask weights. The config
 (sorted keys) records the method and its hyper-parameters, the base model id and weights sha256,
 the trained modules, metrics, creation time, the parent version and the sha256 of the tensor file.
 
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterInvalid, NotFound
-from .methods import MethodConfig, prepare, trainable_names
-from .models import LoadedModel, file_sha256
+from sam_core.errors import AdapterInvalid, NotFound
+from sam_core.modeling.registry import LoadedModel, file_sha256
+from sam_core.training.methods import MethodConfig, prepare, trainable_names
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,12 @@ def adapted_sam(model: LoadedModel, method: MethodConfig) -> torch.nn.Module:
 def load_adapter(model: LoadedModel, path: str | os.PathLike) -> LoadedModel:
     """Base model + artifact -> a new LoadedModel serving the adapter (the base is left untouched).
 
-    ``persam`` artifacts are not Sam weights: load them with :func:`sam_core.persam.load_persam`.
+    ``persam`` artifacts are not Sam weights: load them with :func:`sam_core.training.persam.load_persam`.
     """
     source = str(path)
     config = read_adapter_config(path)
     if config.method == "persam":
-        raise AdapterInvalid(f"{source} is a persam artifact; load it with sam_core.persam.load_persam",
+        raise AdapterInvalid(f"{source} is a persam artifact; load it with sam_core.training.persam.load_persam",
                              field="adapter")
     check_base(config, model, source)
     tensors = read_adapter_tensors(path, config)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidMaskInput, InvalidPrompt, TooManyPrompts
+from sam_core.errors import InvalidMaskInput, InvalidPrompt, TooManyPrompts
 
 DEFAULT_MAX_PROMPTS = 256
 MAX_POINTS_PER_PROMPT = 64

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .encoder_opt import optimized_encoder
-from .fast_decoder import FastMaskDecoder
-from .models import LoadedModel
-from .preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
-from .prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
+from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
+from sam_core.modeling.encoder_opt import optimized_encoder
+from sam_core.modeling.fast_decoder import FastMaskDecoder
+from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
+from sam_core.modeling.registry import LoadedModel
 
 DEFAULT_DECODE_BATCH = 64
 STABILITY_OFFSET = 1.0
@@ -94,9 +94,9 @@ class Predictor:
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the image encoder under autocast; embeddings
     are always returned as float32. The decoder runs in float32, through the re-associated
-    :class:`~sam_core.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
+    :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
     ``MaskDecoder``; both give the same logits to float32 rounding). The image encoder runs as
-    :func:`~sam_core.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
+    :func:`~sam_core.modeling.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
     the weights taken at the first encode, so a decode-only predictor never copies the encoder)
     unless ``optimize_encoder=False``. ``encoder_fn`` replaces the image encoder with another runtime
     of the same weights (``B x 3 x S x S -> B x C x h x w``, e.g. ONNX Runtime or a Triton client);
@@ -180,7 +180,7 @@ class Predictor:
     # ------------------------------------------------------------------ decode
     def check_embedding(self, embedding: Embedding) -> None:
         """Refuse an embedding computed by another model or preprocessing version."""
-        from .errors import InvalidInput
+        from sam_core.errors import InvalidInput
 
         theirs = (embedding.model_id, embedding.preprocess_version, embedding.encoder_adapter)
         ours = (self.model_id, self.spec.preprocess_version, self.model.encoder_adapter_id)

@@ -13,7 +13,7 @@ tensors an adapter artifact stores. The prompt encoder is always frozen (as in M
   zero-initialised up-projection so training starts at the base model) on every encoder block's
   attention output, plus the mask decoder.
 - ``full``: image encoder and mask decoder (MedSAM style).
-- ``persam``: one-shot PerSAM-F; trains no Sam weights (see :mod:`sam_core.persam`).
+- ``persam``: one-shot PerSAM-F; trains no Sam weights (see :mod:`sam_core.training.persam`).
 
 Encoder BatchNorm layers (TinyViT) keep their running statistics frozen during training.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvalidInput
+from sam_core.errors import InvalidInput
 
 METHODS = ("decoder", "lora", "adapter", "full", "persam")
 ENCODER_METHODS = ("lora", "adapter", "full")

@@ -2,7 +2,7 @@
 vs fine-tuned on the validation split, write the report and plots, publish the adapter.
 
 This is what ``samforge train`` and the trainer service run; both only translate their inputs into a
-:class:`FinetuneSpec` and forward :class:`~sam_core.train.ProgressEvent` s.
+:class:`FinetuneSpec` and forward :class:`~sam_core.training.loop.ProgressEvent` s.
 """
 
 from __future__ import annotations
@@ -16,13 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from .adapter_artifact import AdapterConfig, read_adapter_config
-from .datasets import SegmentationDataset, load_dataset, split_dataset, split_first_last
-from .errors import InvalidInput
-from .evaluate import EvalConfig, EvalReport, compare, evaluate, evaluate_fn, format_table, write_report
-from .models import LoadedModel
-from .predictor import Predictor
-from .train import ProgressEvent, TrainConfig, train
+from sam_core.adapters.artifact import AdapterConfig, read_adapter_config
+from sam_core.data.datasets import SegmentationDataset, load_dataset, split_dataset, split_first_last
+from sam_core.errors import InvalidInput
+from sam_core.evaluation.evaluate import (
+    EvalConfig,
+    EvalReport,
+    compare,
+    evaluate,
+    evaluate_fn,
+    format_table,
+    write_report,
+)
+from sam_core.inference.predictor import Predictor
+from sam_core.modeling.registry import LoadedModel
+from sam_core.training.loop import ProgressEvent, TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ def _run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
                 zero_shot: EvalReport, emit: Callable[[ProgressEvent], None]):
     """One-shot: the first training image's largest instance is the reference; each val instance is
     scored against the single prompt-free PerSAM mask of its image."""
-    from .persam import fit_persam, save_persam, segment_persam
+    from sam_core.training.persam import fit_persam, save_persam, segment_persam
 
     predictor = Predictor(model)
     sample = train_ds[0]

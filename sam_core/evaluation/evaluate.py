@@ -2,12 +2,12 @@
 
 One scoring loop serves every kind of model:
 
-* :func:`evaluate` runs a :class:`~sam_core.predictor.Predictor` (whole-image or tiled embedding). Each image
+* :func:`evaluate` runs a :class:`~sam_core.inference.predictor.Predictor` (whole-image or tiled embedding). Each image
   is embedded once; pass an ``embeddings`` dict to reuse embeddings across runs (e.g. the zero-shot run's
   embeddings for a decoder-only fine-tune, whose image encoder is unchanged).
 * :func:`evaluate_fn` runs any ``segment(image, prompts) -> N x H x W bool`` callable (e.g. one-shot PerSAM).
 
-Prompts come from :func:`~sam_core.prompt_sim.simulate_prompt` with a generator seeded from
+Prompts come from :func:`~sam_core.data.prompt_sim.simulate_prompt` with a generator seeded from
 ``(cfg.seed, image_id)`` only, so two models (or two runs, or a subset of the data set) see identical
 prompts. Every instance gets one prompt; all instances of an image are decoded in one batched call
 (split only beyond the predictor's ``max_prompts``) and scored with Dice, IoU, HD95 and NSD. Only the
@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import Instance, Sample
-from .errors import InvalidInput
-from .metrics import InstanceScore, score_instance, summarize
-from .predictor import Embedding, Predictor
-from .prompt_sim import PromptConfig, simulate_prompt
-from .prompts import Prompt
-from .tiling import TiledEmbedding, decode_tiled, encode_tiled
+from sam_core.data.datasets import Instance, Sample
+from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.errors import InvalidInput
+from sam_core.evaluation.metrics import InstanceScore, score_instance, summarize
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.prompts import Prompt
+from sam_core.inference.tiling import TiledEmbedding, decode_tiled, encode_tiled
 
 SegmentFn = Callable[[np.ndarray, list[dict]], np.ndarray]
 """``segment(image H x W x 3 uint8, prompts: N simulate_prompt dicts) -> N x H x W bool``."""
@@ -62,7 +62,7 @@ class EvalConfig:
     """How to evaluate.
 
     prompt: how prompts are simulated (default: exact tight box, no jitter). seed: prompt seed (combined
-    with each image id). tiled / tile_overlap: tiled embedding (see :mod:`sam_core.tiling`). multimask:
+    with each image id). tiled / tile_overlap: tiled embedding (see :mod:`sam_core.inference.tiling`). multimask:
     decode 3 masks per prompt and keep the one with the highest predicted IoU. nsd_tolerance: NSD tolerance
     in pixels. keep_worst: number of lowest-Dice cases whose masks are kept. max_instances_per_image: score
     only the first N instances of each image (in the data set's instance order); None = all.
@@ -411,7 +411,7 @@ def write_report(path_dir: str | Path, reports: Sequence[EvalReport], *, history
     training_curves.png (only with ``history``), "worst_cases/<label>" worst_cases_<label>.png per report
     (crops of the images when ``dataset`` is given, masks only otherwise).
     """
-    from . import plots
+    from sam_core.evaluation import plots
 
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)

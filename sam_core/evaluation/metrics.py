@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import InvalidInput
+from sam_core.errors import InvalidInput
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 _METRICS = ("dice", "iou", "hd95", "nsd")

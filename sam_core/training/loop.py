@@ -10,7 +10,7 @@ written atomically (temp file + ``os.replace``).
 ``decoder`` trains on embeddings computed once and cached on disk in an :class:`EmbeddingStore`
 signed by (model id, preprocessing version, data set fingerprint); encoder-side methods (``lora``,
 ``adapter``, ``full``) run the image encoder in every step. ``persam`` is not trained here (see
-:mod:`sam_core.persam`).
+:mod:`sam_core.training.persam`).
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank takes an equal share of every
 global batch and DDP averages the gradients, so N ranks compute the same update as one process
@@ -37,18 +37,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapter_artifact import adapted_model, adapted_sam, read_adapter_config, save_adapter
-from .datasets import SegmentationDataset, dataset_fingerprint
-from .embedding_store import EmbeddingStore, embedding_key
-from .errors import InvalidInput
-from .fast_decoder import FastMaskDecoder
-from .image_io import image_content_hash
-from .losses import SegLossConfig, segmentation_loss
-from .methods import MethodConfig, train_mode, trainable_state
-from .models import LoadedModel
-from .predictor import Embedding, Predictor
-from .preprocess import preprocess, transform_boxes, transform_coords
-from .prompt_sim import PromptConfig, simulate_prompt
+from sam_core.adapters.artifact import adapted_model, adapted_sam, read_adapter_config, save_adapter
+from sam_core.data.datasets import SegmentationDataset, dataset_fingerprint
+from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.errors import InvalidInput
+from sam_core.inference.embedding_store import EmbeddingStore, embedding_key
+from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.io.images import image_content_hash
+from sam_core.modeling.fast_decoder import FastMaskDecoder
+from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords
+from sam_core.modeling.registry import LoadedModel
+from sam_core.training.losses import SegLossConfig, segmentation_loss
+from sam_core.training.methods import MethodConfig, train_mode, trainable_state
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -149,7 +149,7 @@ def decode_per_item(sam: nn.Module, embeddings: torch.Tensor, points: tuple[torc
 
     The official ``MaskDecoder.predict_masks`` repeats one image embedding per prompt; here every
     prompt brings its own (B x C x h x w), so a batch mixes images. Same weights and math, computed by
-    the re-associated :class:`~sam_core.fast_decoder.FastMaskDecoder` (fewer FLOPs forward and backward).
+    the re-associated :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder` (fewer FLOPs forward and backward).
     """
     with torch.no_grad():
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
@@ -368,13 +368,13 @@ def validation_dice(predictor: Predictor, data: TrainingData, prompt_cfg: Prompt
                     reuse_embeddings: bool) -> float:
     """Mean per-instance Dice on the validation split with deterministic eval prompts.
 
-    Whole-image windows go through :func:`sam_core.evaluate.evaluate` (cached embeddings handed over
+    Whole-image windows go through :func:`sam_core.evaluation.evaluate.evaluate` (cached embeddings handed over
     when the encoder is frozen). With native-resolution crops every instance is decoded in its own
     window (a proxy for tiled inference, used for model selection).
     """
-    from .evaluate import EvalConfig, eval_cache_key, evaluate
-    from .metrics import dice
-    from .prompts import Prompt
+    from sam_core.evaluation.evaluate import EvalConfig, eval_cache_key, evaluate
+    from sam_core.evaluation.metrics import dice
+    from sam_core.inference.prompts import Prompt
 
     if data.crop is None:
         cfg = EvalConfig(prompt=prompt_cfg, seed=seed, keep_worst=0)
@@ -407,7 +407,7 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
     adapter. With ``resume`` an existing checkpoint of the same config continues exactly.
     """
     if cfg.method.method == "persam":
-        raise InvalidInput("persam is one-shot: use sam_core.persam.fit_persam", field="method")
+        raise InvalidInput("persam is one-shot: use sam_core.training.persam.fit_persam", field="method")
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import InvalidInput, InvalidMaskInput
-from .predictor import DecodeResult, Embedding, Predictor, stability_score
-from .prompts import Prompt, validate_prompts
+from sam_core.errors import InvalidInput, InvalidMaskInput
+from sam_core.inference.predictor import DecodeResult, Embedding, Predictor, stability_score
+from sam_core.inference.prompts import Prompt, validate_prompts
 
 DEFAULT_OVERLAP = 64
 DEFAULT_MARGIN = 4
