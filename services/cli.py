@@ -129,8 +129,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     from sam_core.export.onnx_decoder import export_decoder_onnx, make_onnx_predictor
     from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
-    from sam_core.inference.predictor import Embedding, Predictor
+    from sam_core.inference.predictor import Predictor
     from sam_core.inference.prompts import Prompt
+    from sam_core.inference.types import Embedding
     from sam_core.modeling.preprocess import preprocess
     from sam_core.modeling.registry import load_model
 

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from sam_core.training.config import Phase, ProgressEvent
+from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
+
 
 class ProgressBar:
     """One-line progress (step/total, loss, val Dice, ETA) on a terminal; one line per update otherwise."""
@@ -20,12 +23,12 @@ class ProgressBar:
         self.last_val: float | None = None
         self.last_print = 0.0
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if event.val_dice is not None:
             self.last_val = event.val_dice
-        if event.state in ("embedding", "validating", "evaluating"):
-            if not self.tty and event.state == "validating":
-                print(f"[{event.state}] step {event.step}", file=self.stream, flush=True)
+        if event.state in (Phase.EMBEDDING, Phase.VALIDATING, Phase.EVALUATING):
+            if not self.tty and event.state is Phase.VALIDATING:
+                print(f"[{event.state.value}] step {event.step}", file=self.stream, flush=True)
             return
         total = max(1, event.total_steps)
         done = int(self.width * min(event.step, total) / total)
@@ -37,11 +40,11 @@ class ProgressBar:
             parts.append(f"val Dice {self.last_val:.4f}")
         if event.eta_seconds is not None:
             parts.append(f"ETA {event.eta_seconds:5.0f}s")
-        if event.state in ("done", "stopped_early"):
-            parts.append(event.state.replace("_", " "))
+        if event.state.final:
+            parts.append(event.state.value.replace("_", " "))
         line = "  ".join(parts)
         now = time.monotonic()
-        final = event.state in ("done", "stopped_early")
+        final = event.state.final
         if self.tty:
             print("\r" + line.ljust(100), end="\n" if final else "", file=self.stream, flush=True)
         elif final or now - self.last_print > 5 or event.val_dice is not None:
@@ -53,7 +56,8 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune on a data set and publish an adapter")
     p.add_argument("--data", required=True,
                    help="folder (images/ + masks/ or masks_instances/), COCO .json, or npz folder")
-    p.add_argument("--method", default="decoder", choices=["decoder", "lora", "adapter", "full", "persam"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
+                   help="; ".join(f"{name}: {get_method(name).summary}" for name in method_names()))
     p.add_argument("--out", required=True, help="run folder: checkpoints, embeddings, adapter/, eval/")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--checkpoint", help="base weights for vit_b/vit_l/vit_h")
@@ -113,8 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.data.prompt_sim import prompt_config
     from sam_core.evaluation.evaluate import EvalConfig
     from sam_core.modeling.registry import load_model, resolve_device
+    from sam_core.training.config import TrainConfig
     from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
-    from sam_core.training.loop import TrainConfig
     from sam_core.training.methods import MethodConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
@@ -187,7 +191,7 @@ def cmd_adapters_inspect(args: argparse.Namespace) -> int:
         from sam_core.adapters.artifact import load_adapter
         from sam_core.modeling.registry import load_model
 
-        if config.method == "persam":
+        if get_method(config.method).one_shot:
             from sam_core.training.persam import load_persam
 
             load_persam(load_model(args.model, args.checkpoint), args.path)

@@ -78,11 +78,11 @@ def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: s
     (seeded), so it predicts differently from the base model; returns the folder."""
     import torch
 
-    from sam_core.adapters.artifact import adapted_sam, save_adapter
+    from sam_core.adapters.artifact import adapted_net, save_adapter
     from sam_core.training.methods import MethodConfig, trainable_state
 
     cfg = MethodConfig(method)
-    sam = adapted_sam(model, cfg)
+    sam = adapted_net(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in sam.parameters():

@@ -1,7 +1,7 @@
 """Adapter artifacts: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT-like).
 
 A folder holds exactly what a fine-tuning run changed: the trainable tensors of its method (see
-:mod:`sam_core.training.methods`) or, for ``persam``, the target embedding and mask weights. The config
+:mod:`sam_core.training.methods`) or, for a one-shot method, its fitted tensors. The config
 (sorted keys) records the method and its hyper-parameters, the base model id and weights sha256,
 the trained modules, metrics, creation time, the parent version and the sha256 of the tensor file.
 
@@ -14,7 +14,6 @@ encoder module and embeddings (``shares_base_embeddings``).
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -30,8 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sam_core.errors import AdapterInvalid, NotFound
+from sam_core.modeling.family import SegmentationModel
 from sam_core.modeling.registry import LoadedModel, file_sha256
-from sam_core.training.methods import MethodConfig, prepare, trainable_names
+from sam_core.training.methods import MethodConfig, get_method, trainable_names
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def save_adapter(out_dir: str | os.PathLike, model: LoadedModel, tensors: dict[s
         config = AdapterConfig(
             method=method.method, base_model=model.spec.name, base_model_id=model.model_id,
             base_weights_sha256=model.weights_sha256, weights_sha256=file_sha256(weights),
-            shares_base_embeddings=not method.encoder_side, rank=method.rank, alpha=method.alpha,
+            shares_base_embeddings=not method.changes_image_encoder, rank=method.rank, alpha=method.alpha,
             adapter_ratio=method.adapter_ratio, trained_modules=_module_prefixes(set(tensors)),
             n_parameters=int(sum(t.numel() for t in tensors.values())), metrics=dict(metrics or {}),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), parent=parent, name=name,
@@ -186,44 +186,32 @@ def check_base(config: AdapterConfig, model: LoadedModel, source: str) -> None:
                              field="adapter")
 
 
-def adapted_sam(model: LoadedModel, method: MethodConfig) -> torch.nn.Module:
-    """A new Sam prepared for ``method``: shares the base encoder (and prompt encoder) for decoder-only."""
-    from segment_anything.modeling import Sam
-
-    if method.encoder_side:
-        sam = copy.deepcopy(model.sam)
-    else:
-        sam = Sam.__new__(Sam)
-        torch.nn.Module.__init__(sam)
-        sam.image_encoder = model.sam.image_encoder
-        sam.prompt_encoder = model.sam.prompt_encoder
-        sam.mask_decoder = copy.deepcopy(model.sam.mask_decoder)
-        sam.register_buffer("pixel_mean", model.sam.pixel_mean.clone(), False)
-        sam.register_buffer("pixel_std", model.sam.pixel_std.clone(), False)
-    prepare(sam, method)
-    return sam
+def adapted_net(model: LoadedModel, method: MethodConfig) -> SegmentationModel:
+    """A new network prepared for ``method`` (shares the base encoders when the method leaves them unchanged)."""
+    return method.plugin.trainable_copy(model.net, method)
 
 
 def load_adapter(model: LoadedModel, path: str | os.PathLike) -> LoadedModel:
     """Base model + artifact -> a new LoadedModel serving the adapter (the base is left untouched).
 
-    ``persam`` artifacts are not Sam weights: load them with :func:`sam_core.training.persam.load_persam`.
+    One-shot artifacts (PerSAM) are not model weights: load them with their method's loader
+    (:func:`sam_core.training.persam.load_persam`).
     """
     source = str(path)
     config = read_adapter_config(path)
-    if config.method == "persam":
-        raise AdapterInvalid(f"{source} is a persam artifact; load it with sam_core.training.persam.load_persam",
-                             field="adapter")
+    if get_method(config.method).one_shot:
+        raise AdapterInvalid(f"{source} is a one-shot {config.method} artifact, not model weights; load it with "
+                             "its method's loader", field="adapter")
     check_base(config, model, source)
     tensors = read_adapter_tensors(path, config)
     method = config.method_config
-    sam = adapted_sam(model, method)
-    params = dict(sam.named_parameters())
-    check_tensors({n: params[n].shape for n in trainable_names(sam)}, tensors, source)
+    net = adapted_net(model, method)
+    params = dict(net.named_parameters())
+    check_tensors({n: params[n].shape for n in trainable_names(net)}, tensors, source)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    return adapted_model(model, sam, config)
+    return adapted_model(model, net, config)
 
 
 def adapter_identity(config: AdapterConfig) -> str:
@@ -232,9 +220,9 @@ def adapter_identity(config: AdapterConfig) -> str:
     return f"{config.name or config.method}-{digest}"
 
 
-def adapted_model(model: LoadedModel, sam: torch.nn.Module, config: AdapterConfig) -> LoadedModel:
-    """Wrap a prepared, weight-loaded Sam as a frozen LoadedModel that records its adapter."""
-    sam.requires_grad_(False)
-    sam.eval()
-    return LoadedModel(sam=sam, spec=model.spec, weights_sha256=model.weights_sha256, source=model.source,
+def adapted_model(model: LoadedModel, net: SegmentationModel, config: AdapterConfig) -> LoadedModel:
+    """Wrap a prepared, weight-loaded network as a frozen LoadedModel that records its adapter."""
+    net.requires_grad_(False)
+    net.eval()
+    return LoadedModel(net=net, spec=model.spec, weights_sha256=model.weights_sha256, source=model.source,
                        adapter=config, adapter_id=adapter_identity(config))

@@ -37,9 +37,10 @@ from sam_core.data.datasets import Instance, Sample
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.metrics import InstanceScore, score_instance, summarize
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.inference.tiling import TiledEmbedding, decode_tiled, encode_tiled
+from sam_core.inference.types import Embedding
 
 SegmentFn = Callable[[np.ndarray, list[dict]], np.ndarray]
 """``segment(image H x W x 3 uint8, prompts: N simulate_prompt dicts) -> N x H x W bool``."""

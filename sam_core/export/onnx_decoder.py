@@ -94,7 +94,7 @@ class DecoderGraph(nn.Module):
 
 def _example_inputs(model: LoadedModel, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Trace inputs with B=2, P=3, Bm=2 (distinct from 1 so no dynamic size is traced as a constant)."""
-    pe = model.sam.prompt_encoder
+    pe = model.net.prompt_encoder
     channels = pe.embed_dim
     h, w = pe.image_embedding_size
     low = model.spec.low_res_size
@@ -118,8 +118,8 @@ def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: i
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = DecoderGraph(model.sam).eval()
-    device = next(model.sam.mask_decoder.parameters()).device
+    graph = DecoderGraph(model.net).eval()
+    device = next(model.net.mask_decoder.parameters()).device
     graph.to(device)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -177,8 +177,8 @@ def default_cache_dir() -> Path:
 def export_cache_key(model: LoadedModel, opset: int = DEFAULT_OPSET) -> str:
     """sha256 over model id, adapter id, samforge/torch versions, export format, opset and the exported
     modules' weights (prompt encoder + mask decoder), so an in-place weight change never reuses a file."""
-    weights = {f"prompt_encoder.{k}": v for k, v in model.sam.prompt_encoder.state_dict().items()}
-    weights.update({f"mask_decoder.{k}": v for k, v in model.sam.mask_decoder.state_dict().items()})
+    weights = {f"prompt_encoder.{k}": v for k, v in model.net.prompt_encoder.state_dict().items()}
+    weights.update({f"mask_decoder.{k}": v for k, v in model.net.mask_decoder.state_dict().items()})
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(EXPORT_FORMAT),
              str(opset), state_dict_sha256(weights)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -246,7 +246,7 @@ class OnnxDecoder:
         self.model_id = model.model_id
         self.adapter_id = model.adapter_id
         self.decode_batch = decode_batch
-        self.num_mask_tokens = int(model.sam.mask_decoder.num_mask_tokens)
+        self.num_mask_tokens = int(model.net.mask_decoder.num_mask_tokens)
         self.exported = False
         if onnx_path is None:
             path = cached_export_path(model, cache_dir, opset)

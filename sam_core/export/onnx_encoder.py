@@ -56,7 +56,7 @@ def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: i
     renamed, so a partial file is never visible at ``path``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    encoder = exportable_encoder(model.sam.image_encoder)
+    encoder = exportable_encoder(model.net.image_encoder)
     size = model.spec.img_size
     example = torch.zeros(2, 3, size, size, device=next(encoder.parameters()).device)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -84,7 +84,7 @@ def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None 
     from sam_core.export.onnx_decoder import _package_version, default_cache_dir
 
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(opset),
-             state_dict_sha256(model.sam.image_encoder.state_dict())]
+             state_dict_sha256(model.net.image_encoder.state_dict())]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     adapter = re.sub(r"[^A-Za-z0-9._-]", "_", model.adapter_id or "base")

@@ -24,8 +24,10 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
 from torchvision.ops import batched_nms
 
 from sam_core.errors import InvalidInput
-from sam_core.inference.predictor import Embedding, Predictor, stability_score
+from sam_core.inference.postprocess import stability_score
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
+from sam_core.inference.types import Embedding
 
 PIXEL_BUDGET = 1 << 24  # float32 logits upscaled at once: 64 MB
 POINTS_PER_BATCH = 64

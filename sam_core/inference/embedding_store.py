@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 
 from sam_core.errors import InvalidInput
-from sam_core.inference.predictor import Embedding
+from sam_core.inference.types import Embedding
 
 logger = logging.getLogger(__name__)
 

@@ -13,94 +13,33 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from sam_core.errors import InvalidInput
+from sam_core.inference.postprocess import stability_score
 from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
-from sam_core.modeling.encoder_opt import optimized_encoder
-from sam_core.modeling.fast_decoder import FastMaskDecoder
+from sam_core.inference.types import DecodeResult, Embedding
+from sam_core.modeling.family import PromptBatch
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
 from sam_core.modeling.registry import LoadedModel
 
 DEFAULT_DECODE_BATCH = 64
-STABILITY_OFFSET = 1.0
-
-
-@dataclass
-class Embedding:
-    """One image's embedding and the facts needed to decode against it.
-
-    features: 1 x C x h x w float32 (C=256, h=w=64 for SAM and LiteMedSAM).
-    original_size: (H, W) of the canonical image; input_size: (h, w) after the resize, before padding.
-    """
-
-    features: torch.Tensor
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-    model_id: str
-    preprocess_version: str
-    encoder_adapter: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.features.element_size() * self.features.nelement()
-
-
-@dataclass
-class DecodeResult:
-    """N prompts, M masks each (M = 3 with multimask, else 1).
-
-    masks: N x M x H x W bool; iou_scores / stability_scores: N x M float32;
-    low_res_logits: N x M x L x L float32 (L = 256 for SAM and LiteMedSAM) or None (tiled decode).
-    """
-
-    masks: np.ndarray
-    iou_scores: np.ndarray
-    stability_scores: np.ndarray
-    low_res_logits: np.ndarray | None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def stability_score(logits: torch.Tensor, threshold: float, offset: float = STABILITY_OFFSET) -> torch.Tensor:
-    """IoU between the masks thresholded at ``threshold + offset`` and ``threshold - offset``.
-
-    logits: ... x H x W -> ... (same definition as segment_anything.utils.amg; exact integer counts).
-    """
-    inter = count_above(logits, threshold + offset)
-    union = count_above(logits, threshold - offset)
-    return torch.where(union > 0, inter.float() / union.clamp(min=1).float(), torch.ones_like(inter.float()))
-
-
-def count_above(logits: torch.Tensor, value: float) -> torch.Tensor:
-    """Number of elements > ``value`` per H x W plane: ... x H x W -> ... int64 (on ``logits.device``).
-
-    For float32 CPU tensors without grad: NumPy's comparison into one reused bool plane and
-    ``np.count_nonzero`` (about 2.5x faster than torch's bool sum, which widens to int64 first). The
-    comparison is in float32 either way (``value`` rounded to float32, as torch rounds a Python scalar).
-    """
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.requires_grad or logits.dim() < 2:
-        return torch.count_nonzero(logits > value, dim=(-1, -2))
-    planes = logits.detach().numpy().reshape(-1, *logits.shape[-2:])
-    above = np.empty(planes.shape[1:], dtype=bool)
-    v = np.float32(value)
-    counts = [np.count_nonzero(np.greater(plane, v, out=above)) for plane in planes]
-    return torch.tensor(counts, dtype=torch.int64).reshape(logits.shape[:-2])
 
 
 class Predictor:
-    """Encode / decode with one loaded model on one device.
+    """Encode / decode with one loaded model on one device, through its family's interface.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the image encoder under autocast; embeddings
-    are always returned as float32. The decoder runs in float32, through the re-associated
-    :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder` unless ``fast_decoder=False`` (the eager
-    ``MaskDecoder``; both give the same logits to float32 rounding). The image encoder runs as
-    :func:`~sam_core.modeling.encoder_opt.optimized_encoder` (BatchNorm folded, channels-last; a snapshot of
-    the weights taken at the first encode, so a decode-only predictor never copies the encoder)
-    unless ``optimize_encoder=False``. ``encoder_fn`` replaces the image encoder with another runtime
-    of the same weights (``B x 3 x S x S -> B x C x h x w``, e.g. ONNX Runtime or a Triton client);
-    ``autocast_dtype`` and ``optimize_encoder`` then do not apply to the encoder.
+    are always returned as float32. The decoder runs in float32, through the family's fast decoder (SAM 1:
+    the re-associated :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder`) unless ``fast_decoder=False``
+    (the eager decoder; both give the same logits to float32 rounding). The image encoder runs as the
+    family's optimised inference encoder (SAM 1: BatchNorm folded, channels-last; a snapshot of the weights
+    taken at the first encode, so a decode-only predictor never copies the encoder) unless
+    ``optimize_encoder=False``. ``encoder_fn`` replaces the image encoder with another runtime of the same
+    weights (``B x 3 x S x S -> B x C x h x w``, e.g. ONNX Runtime or a Triton client); ``autocast_dtype`` and
+    ``optimize_encoder`` then do not apply to the encoder.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
@@ -109,16 +48,17 @@ class Predictor:
                  optimize_encoder: bool = True,
                  encoder_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
-        self.sam = model.sam
+        self.net = model.net
         self.spec = model.spec
-        self.device = torch.device(device) if device is not None else next(self.sam.parameters()).device
-        self.sam.to(self.device).eval()
+        self.device = torch.device(device) if device is not None else next(self.net.parameters()).device
+        self.net.to(self.device).eval()
         self.max_prompts = max_prompts
         self.decode_batch = decode_batch
         self.autocast_dtype = autocast_dtype
-        self.fast_decoder = FastMaskDecoder(self.sam) if fast_decoder else None
+        self.decoding = self.net.mask_decoding(fast=fast_decoder)
         self._optimize_encoder = optimize_encoder
         self._encoder: torch.nn.Module | None = None
+        self._channels_last = False
         self.encoder_fn = encoder_fn
 
     @property
@@ -130,11 +70,12 @@ class Predictor:
     def encoder(self) -> torch.nn.Module:
         """The module :meth:`encode_tensor` runs (built on first use; a race builds it twice, harmlessly)."""
         if self._encoder is None:
-            self._encoder = optimized_encoder(self.sam.image_encoder) if self._optimize_encoder \
-                else self.sam.image_encoder
+            self._encoder = self.net.inference_encoder(self._optimize_encoder)
+            # a rewritten copy runs its convolutions channels-last; the plain encoder keeps its input layout
+            self._channels_last = self._encoder is not self.net.inference_encoder(optimize=False)
         return self._encoder
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -146,7 +87,7 @@ class Predictor:
             return self.encoder_fn(batch.float()).to(self.device, torch.float32)
         batch = batch.to(self.device)
         encoder = self.encoder
-        if encoder is not self.sam.image_encoder:
+        if self._channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             features = encoder(batch)
@@ -180,8 +121,6 @@ class Predictor:
     # ------------------------------------------------------------------ decode
     def check_embedding(self, embedding: Embedding) -> None:
         """Refuse an embedding computed by another model or preprocessing version."""
-        from sam_core.errors import InvalidInput
-
         theirs = (embedding.model_id, embedding.preprocess_version, embedding.encoder_adapter)
         ours = (self.model_id, self.spec.preprocess_version, self.model.encoder_adapter_id)
         if theirs != ours:
@@ -190,29 +129,8 @@ class Predictor:
                 field="embedding",
             )
 
-    @torch.inference_mode()
-    def dense_pe(self) -> torch.Tensor:
-        """``prompt_encoder.get_dense_pe()`` (1 x C x h x w), cached while its Gaussian matrix is unchanged.
-
-        The key is the buffer object (``.to(device)`` replaces it) and its in-place version counter
-        (``load_state_dict``, an adapter or a training step that rewrites it in place bump it).
-        """
-        encoder = self.sam.prompt_encoder
-        gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
-        try:
-            key = (gauss._version, tuple(encoder.image_embedding_size))
-        except RuntimeError:  # an inference tensor has no version counter: do not cache
-            return encoder.get_dense_pe()
-        cached = getattr(self, "_dense_pe_cache", None)  # (matrix, key, pe): holding the matrix pins its id
-        if cached is None or cached[0] is not gauss or cached[1] != key:
-            cached = (gauss, key, encoder.get_dense_pe())
-            self._dense_pe_cache = cached
-        return cached[2]
-
-    @torch.inference_mode()
-    def _decode_group(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
-                      multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts of one signature -> (B x M x L x L low-res logits, B x M IoU predictions)."""
+    def prompt_batch(self, prompts: Sequence[Prompt], original_size: tuple[int, int]) -> PromptBatch:
+        """Validated prompts of one signature -> tensors in the model's input frame on this device."""
         size = self.spec.img_size
         first = prompts[0]
         points = boxes = masks = None
@@ -227,18 +145,7 @@ class Predictor:
         if first.mask_input is not None:
             masks = torch.as_tensor(np.stack([p.mask_input for p in prompts]), dtype=torch.float,
                                     device=self.device)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        if self.fast_decoder is not None:  # without mask inputs every prompt shares one dense embedding
-            return self.fast_decoder(features, self.dense_pe(), sparse, dense[:1] if masks is None else dense,
-                                     multimask)
-        low_res, iou = self.sam.mask_decoder(
-            image_embeddings=features,
-            image_pe=self.dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-        return low_res, iou
+        return PromptBatch(points=points, boxes=boxes, masks=masks)
 
     @torch.inference_mode()
     def decode_low_res(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
@@ -248,18 +155,19 @@ class Predictor:
         features: 1 x C x h x w. Groups prompts by signature and decodes each group in chunks of
         ``decode_batch``.
         """
-        features = features.to(self.device)
+        named = self.net.features_from_encoder(features.to(self.device))
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature(), []).append(i)
-        m = 3 if multimask else 1
+        m = self.net.num_multimask_outputs if multimask else 1
         low_side = self.spec.low_res_size
         low_res = torch.empty((len(prompts), m, low_side, low_side), device=self.device)
         iou = torch.empty((len(prompts), m), device=self.device)
         for indices in groups.values():
             for start in range(0, len(indices), self.decode_batch):
                 chunk = indices[start:start + self.decode_batch]
-                lr, sc = self._decode_group(features, [prompts[i] for i in chunk], original_size, multimask)
+                batch = self.prompt_batch([prompts[i] for i in chunk], original_size)
+                lr, sc = self.decoding(named, batch, multimask)
                 index = torch.as_tensor(chunk, device=self.device)
                 low_res[index] = lr
                 iou[index] = sc

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from sam_core.errors import InvalidInput, InvalidMaskInput
-from sam_core.inference.predictor import DecodeResult, Embedding, Predictor, stability_score
+from sam_core.inference.postprocess import stability_score
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt, validate_prompts
+from sam_core.inference.types import DecodeResult, Embedding
 
 DEFAULT_OVERLAP = 64
 DEFAULT_MARGIN = 4

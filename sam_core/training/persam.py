@@ -77,11 +77,13 @@ from sam_core.adapters.artifact import (
 )
 from sam_core.errors import AdapterInvalid, InvalidInput
 from sam_core.evaluation.metrics import dice
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
+from sam_core.inference.types import Embedding
 from sam_core.modeling.registry import LoadedModel
 from sam_core.training.losses import dice_loss, focal_loss
 from sam_core.training.methods import MethodConfig
+from sam_core.training.methods.persam import PersamMethod
 
 TARGET_FEAT = "persam.target_feat"
 MASK_WEIGHTS = "persam.mask_weights"
@@ -385,7 +387,8 @@ def segment_persam(predictor: Predictor, persam: PerSamModel, image: np.ndarray 
 
 # ------------------------------------------------------------------------------------------ artifacts
 def _embed_dim(model: LoadedModel) -> int:
-    return int(model.sam.prompt_encoder.embed_dim)
+    """Channels of the features PerSAM compares (the family's first, decoder-facing level)."""
+    return next(iter(model.net.feature_shapes().values()))[0]
 
 
 def save_persam(out_dir: str | os.PathLike, model: LoadedModel, persam: PerSamModel, *,
@@ -410,7 +413,7 @@ def save_persam(out_dir: str | os.PathLike, model: LoadedModel, persam: PerSamMo
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise InvalidInput(f"{key} must have shape {shape}, got {tuple(tensors[key].shape)}", field="persam")
-    return save_adapter(out_dir, model, tensors, MethodConfig("persam"), metrics=metrics, name=name)
+    return save_adapter(out_dir, model, tensors, MethodConfig(PersamMethod.name), metrics=metrics, name=name)
 
 
 def load_persam(model: LoadedModel, path: str | os.PathLike) -> PerSamModel:
@@ -423,7 +426,7 @@ def load_persam(model: LoadedModel, path: str | os.PathLike) -> PerSamModel:
     """
     source = str(path)
     config = read_adapter_config(path)
-    if config.method != "persam":
+    if config.method != PersamMethod.name:
         raise AdapterInvalid(f"{source} is a {config.method} artifact, not persam; load it with "
                              "sam_core.adapters.artifact.load_adapter", field="adapter")
     check_base(config, model, source)

@@ -30,8 +30,8 @@ from typing import Protocol
 
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.inference.embedding_store import MemoryEmbeddingLRU
-from sam_core.inference.predictor import Embedding
 from sam_core.inference.tiling import TiledEmbedding
+from sam_core.inference.types import Embedding
 from services.common import metrics
 from services.encoder.engine import TilingRequest
 

@@ -31,9 +31,9 @@ import numpy as np
 from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
 from sam_core.errors import InvalidInput, InvalidMaskInput, TooManyPrompts
 from sam_core.inference.automatic import EverythingOptions, generate
-from sam_core.inference.predictor import DecodeResult, Embedding
 from sam_core.inference.prompts import Prompt, validate_prompts
 from sam_core.inference.tiling import TiledEmbedding, decode_tiled
+from sam_core.inference.types import DecodeResult, Embedding
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import compute, metrics
 from services.common.settings import DecoderSettings

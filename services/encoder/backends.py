@@ -185,7 +185,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
         return EncoderBackend("onnx", encoder, concurrency=settings.concurrency or 1)
     if name == "triton":
         spec = model.spec
-        shape = (int(model.sam.prompt_encoder.embed_dim), *map(int, model.sam.prompt_encoder.image_embedding_size))
+        shape = (int(model.net.prompt_encoder.embed_dim), *map(int, model.net.prompt_encoder.image_embedding_size))
         client = TritonEncoder(settings.triton_url, settings.triton_model, version=settings.triton_model_version,
                                timeout_s=settings.triton_timeout_seconds, retries=settings.triton_retries,
                                output_shape=shape)

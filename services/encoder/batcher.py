@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sam_core.errors import Overloaded, Unavailable
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import TiledEmbedding, encode_tiled
+from sam_core.inference.types import Embedding
 from services.common import compute, metrics
 from services.common.status import Cancelled
 

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from sam_core.inference.predictor import Embedding
 from sam_core.inference.tiling import TiledEmbedding
+from sam_core.inference.types import Embedding
 from services._generated.sam.v1 import common_pb2, encoder_pb2
 
 CHUNK_BYTES = 1 << 20

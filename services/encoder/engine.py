@@ -34,8 +34,9 @@ import torch
 from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.inference.embedding_store import MemoryEmbeddingLRU, embedding_key
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
+from sam_core.inference.types import Embedding
 from sam_core.io.images import decode_image, image_content_hash
 from sam_core.modeling.encoder_opt import cpu_has_native_bf16
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device

@@ -22,8 +22,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from sam_core.inference.predictor import Embedding
 from sam_core.inference.tiling import TiledEmbedding
+from sam_core.inference.types import Embedding
 
 from .client_codec import assemble, parts_of
 

@@ -18,9 +18,9 @@ from sam_core.adapters.registry import validate_name
 from sam_core.data.prompt_sim import prompt_config
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
+from sam_core.training.config import TrainConfig
 from sam_core.training.finetune import FinetuneSpec, SplitSpec
-from sam_core.training.loop import TrainConfig
-from sam_core.training.methods import METHODS, MethodConfig
+from sam_core.training.methods import MethodConfig, get_method
 
 PROMPT_KINDS = ("box", "point", "box+point")
 DEFAULT_VAL_FRACTION = 0.2
@@ -87,8 +87,7 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
 
 def check_request(request: JobRequest) -> None:
     """Method, adapter name, alias and hyper-parameters (InvalidInput naming the field)."""
-    if request.method not in METHODS:
-        raise InvalidInput(f"unknown method {request.method!r}; one of {', '.join(METHODS)}", field="method")
+    get_method(request.method)
     validate_name("adapter_name", request.adapter_name)
     if request.promote_to:
         validate_name("promote_to", request.promote_to)

@@ -32,8 +32,8 @@ from pathlib import Path
 from sam_core.adapters.registry import AdapterStore, AdapterVersion, content_sha256
 from sam_core.errors import NotFound, SamforgeError, Unavailable
 from sam_core.modeling.registry import LoadedModel
+from sam_core.training.config import Phase, ProgressEvent, StopTraining
 from sam_core.training.finetune import FinetuneResult, run_finetune
-from sam_core.training.loop import ProgressEvent, StopTraining
 from services.common.interceptors import resolve_tenant
 from services.common.metrics import TRAINING_JOBS, TRAINING_LOSS, TRAINING_STEP, TRAINING_VAL_DICE
 from services.common.settings import TrainerSettings
@@ -54,8 +54,8 @@ EVENT_LOG = 2000  # in-memory events per job (a watcher that falls further behin
 KEEP_AFTER_END = 50  # events kept in memory once a job has ended
 PERSIST_EVERY = 2.0  # seconds between job.json writes for plain progress events (state changes: always)
 GENERIC_ERROR = "internal error while running the job (logged on the server)"
-_PHASES = {"embedding": "embedding", "training": "training", "validating": "validating",
-           "done": "evaluating", "stopped_early": "evaluating"}
+# the phase a job reports: once training is final the job goes on to evaluate and publish
+_REPORTED_PHASE = {Phase.DONE: Phase.EVALUATING, Phase.STOPPED_EARLY: Phase.EVALUATING}
 
 
 class JobCancelled(StopTraining):
@@ -282,13 +282,13 @@ class JobManager:
 
     def _on_progress(self, live: _Live, event: ProgressEvent) -> None:
         self._check_flags(live)
-        phase = _PHASES.get(event.state, event.state)
+        phase = _REPORTED_PHASE.get(event.state, event.state).value
         message = event.message
-        if event.state in ("done", "stopped_early"):
-            message = "stopped early; evaluating" if event.state == "stopped_early" else "training finished"
+        if event.state.final:
+            message = "stopped early; evaluating" if event.state is Phase.STOPPED_EARLY else "training finished"
         with live.cond:
             job = live.job
-            if event.state in ("training", "done", "stopped_early"):
+            if event.state is Phase.TRAINING or event.state.final:
                 job.step = event.step
             job.total_steps = event.total_steps or job.total_steps
             for key, value in (("loss", event.loss), ("val_dice", event.val_dice),
@@ -297,7 +297,7 @@ class JobManager:
                     job.metrics[key] = float(value)
             self._emit(live, phase, loss=event.loss, val_dice=event.val_dice, best_val_dice=event.best_val_dice,
                        eta_seconds=event.eta_seconds, message=message)
-        if event.state == "training":
+        if event.state is Phase.TRAINING:
             TRAINING_STEP.labels(job=job.id).set(event.step)
             if event.loss is not None:
                 TRAINING_LOSS.labels(job=job.id).set(event.loss)

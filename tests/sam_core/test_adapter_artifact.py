@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from sam_core.adapters.artifact import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    adapted_sam,
+    adapted_net,
     load_adapter,
     read_adapter_config,
     save_adapter,
@@ -22,13 +22,13 @@ from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.modeling.registry import build_tiny
-from sam_core.training.methods import MethodConfig, qv_channels, trainable_state
+from sam_core.training.methods import MethodConfig, trainable_state
 
 
 def _perturbed(model, method: str):
     """A prepared Sam for ``method`` with its trainable tensors moved away from the base."""
     cfg = MethodConfig(method)
-    sam = adapted_sam(model, cfg)
+    sam = adapted_net(model, cfg)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in sam.parameters():
@@ -59,7 +59,7 @@ def test_round_trip_predicts_like_the_saved_model(method, tiny_model, saved, sce
     image = scene[0]
     prompts = [Prompt.from_box([20, 20, 120, 100])]
     a = Predictor(loaded).decode(Predictor(loaded).encode_one(image), prompts)
-    reference = loaded.__class__(sam=sam.eval(), spec=tiny_model.spec, weights_sha256=tiny_model.weights_sha256,
+    reference = loaded.__class__(net=sam.eval(), spec=tiny_model.spec, weights_sha256=tiny_model.weights_sha256,
                                  source="ref", adapter=config, adapter_id=loaded.adapter_id)
     b = Predictor(reference).decode(Predictor(reference).encode_one(image), prompts)
     np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-6)
@@ -69,8 +69,8 @@ def test_decoder_adapter_shares_the_base_encoder_and_embeddings(tiny_model, save
     out, config, _ = saved("decoder")
     assert config.shares_base_embeddings
     loaded = load_adapter(tiny_model, out)
-    assert loaded.sam.image_encoder is tiny_model.sam.image_encoder
-    assert loaded.sam.mask_decoder is not tiny_model.sam.mask_decoder
+    assert loaded.net.image_encoder is tiny_model.net.image_encoder
+    assert loaded.net.mask_decoder is not tiny_model.net.mask_decoder
     assert loaded.encoder_adapter_id is None
     base_embedding = Predictor(tiny_model).encode_one(scene[0])
     Predictor(loaded).decode(base_embedding, [Prompt.from_box([1, 1, 50, 50])])  # accepted
@@ -91,10 +91,10 @@ def test_encoder_adapter_has_its_own_embeddings(tiny_model, saved, scene):
 
 
 def test_base_model_is_never_modified(tiny_model, saved):
-    before = {k: v.clone() for k, v in tiny_model.sam.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny_model.net.state_dict().items()}
     for method in ("decoder", "lora", "adapter", "full"):
         load_adapter(tiny_model, saved(method, name=f"n{method}")[0])
-    after = tiny_model.sam.state_dict()
+    after = tiny_model.net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -180,13 +180,11 @@ def test_versions_are_immutable_and_no_partial_artifact(tiny_model, saved, monke
 def test_lora_targets_q_and_v_only(tiny_model, litemedsam_model):
     for model in (tiny_model, litemedsam_model):
         cfg = MethodConfig("lora", rank=2)
-        sam = adapted_sam(model, cfg)
+        sam = adapted_net(model, cfg)
         names = [n for n, p in sam.named_parameters() if p.requires_grad and "lora_" in n]
         assert names and all(n.split(".")[-2] in {"lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"} for n in names)
     # TinyViT interleaves q, k, v per head: q and v channel sets are disjoint and k is left out
-    from sam_core.training.methods import encoder_attentions
-
-    _, _, attn = encoder_attentions(litemedsam_model.sam.image_encoder)[0]
-    q, v = qv_channels(attn)
+    site = litemedsam_model.net.attention_sites()[0]
+    q, v = site.q_channels, site.v_channels
     assert len(set(q.tolist()) & set(v.tolist())) == 0
-    assert len(q) + len(v) < attn.qkv.out_features
+    assert len(q) + len(v) < site.attn.qkv.out_features

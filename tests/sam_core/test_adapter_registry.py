@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, save_adapter
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_net, save_adapter
 from sam_core.adapters.registry import (
     AdapterConflict,
     AdapterRef,
@@ -31,7 +31,7 @@ def make_artifact(tiny_model, tmp_path):
     counter = iter(range(1000))
 
     def make(seed: int = 0) -> Path:
-        sam = adapted_sam(tiny_model, cfg)
+        sam = adapted_net(tiny_model, cfg)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             param = next(p for p in sam.mask_decoder.parameters() if p.requires_grad)

@@ -14,7 +14,8 @@ import torch
 
 from sam_core.errors import InvalidInput
 from sam_core.inference.embedding_store import EmbeddingStore, MemoryEmbeddingLRU, embedding_key
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.types import Embedding
 from sam_core.io.images import image_content_hash
 
 

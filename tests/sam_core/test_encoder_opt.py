@@ -25,13 +25,13 @@ def test_fuse_conv_bn_equals_conv_then_bn():
 
 
 def test_encoder_without_batchnorm_is_returned_as_is(tiny_model):
-    encoder = tiny_model.sam.image_encoder
+    encoder = tiny_model.net.image_encoder
     assert optimized_encoder(encoder) is encoder
 
 
 @pytest.mark.integration
 def test_litemedsam_folded_encoder_matches_and_leaves_the_original_alone(litemedsam_model):
-    encoder = litemedsam_model.sam.image_encoder.eval()
+    encoder = litemedsam_model.net.image_encoder.eval()
     before = copy.deepcopy(encoder.state_dict())
     fast = optimized_encoder(encoder)
     assert fast is not encoder

@@ -30,7 +30,7 @@ def _features(sam, seed: int = 0):
 @pytest.mark.parametrize("kind", ["box", "points", "box+points", "box+mask"])
 @pytest.mark.parametrize("multimask", [False, True])
 def test_matches_eager_mask_decoder(tiny_model, kind, multimask):
-    sam = tiny_model.sam.eval()
+    sam = tiny_model.net.eval()
     features = _features(sam)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
@@ -46,7 +46,7 @@ def test_matches_eager_mask_decoder(tiny_model, kind, multimask):
 
 def test_per_prompt_dense_equals_shared_dense(tiny_model):
     """The shared-first-layer path and the fully per-prompt path agree."""
-    sam = tiny_model.sam.eval()
+    sam = tiny_model.net.eval()
     features = _features(sam, seed=1)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
@@ -61,7 +61,7 @@ def test_reads_live_weights(tiny_model):
     """Weights changed after construction (a loaded adapter, a training step) are used."""
     import copy
 
-    sam = copy.deepcopy(tiny_model.sam).eval()
+    sam = copy.deepcopy(tiny_model.net).eval()
     fast = FastMaskDecoder(sam)
     features = _features(sam)
     pe = sam.prompt_encoder.get_dense_pe()
@@ -82,7 +82,7 @@ def test_remembered_first_block_is_reused_only_while_embedding_and_weights_are_u
     dense prompt or any decoder weight changed in place gives what a fresh decoder gives, never stale values."""
     import copy
 
-    sam = copy.deepcopy(tiny_model.sam).eval()
+    sam = copy.deepcopy(tiny_model.net).eval()
     fast = FastMaskDecoder(sam)
     pe = sam.prompt_encoder.get_dense_pe()
     a, b = _features(sam, seed=3), _features(sam, seed=4)
@@ -122,7 +122,7 @@ def test_remembered_first_block_is_reused_only_while_embedding_and_weights_are_u
 def test_refuses_unknown_upscaling(tiny_model):
     import copy
 
-    sam = copy.deepcopy(tiny_model.sam)
+    sam = copy.deepcopy(tiny_model.net)
     sam.mask_decoder.output_upscaling = torch.nn.Sequential(torch.nn.Identity())
     with pytest.raises(TypeError, match="output_upscaling"):
         FastMaskDecoder(sam)
@@ -130,7 +130,7 @@ def test_refuses_unknown_upscaling(tiny_model):
 
 @pytest.mark.integration
 def test_litemedsam_boxes_match_eager(litemedsam_model):
-    sam = litemedsam_model.sam.eval()
+    sam = litemedsam_model.net.eval()
     features = _features(sam)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
@@ -147,7 +147,7 @@ def test_low_rank_upscaling_and_tiles_match_dense(tiny_model, monkeypatch, multi
     """The low-rank first upscaling layer and odd tile sizes change nothing beyond float rounding."""
     import sam_core.modeling.fast_decoder as fd
 
-    sam = tiny_model.sam.eval()
+    sam = tiny_model.net.eval()
     features = _features(sam, seed=2)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
@@ -169,7 +169,7 @@ def test_autograd_forward_matches_inference(tiny_model):
     """Training calls forward() with autograd (vectorised upscaling): same outputs as inference, and a gradient."""
     import copy
 
-    sam = copy.deepcopy(tiny_model.sam).eval().requires_grad_(True)
+    sam = copy.deepcopy(tiny_model.net).eval().requires_grad_(True)
     features = _features(sam, seed=3)
     pe = sam.prompt_encoder.get_dense_pe()
     with torch.no_grad():

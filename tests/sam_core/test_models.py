@@ -27,7 +27,7 @@ def test_tiny_id_is_stable_and_depends_on_weights(tiny_model):
 
 def test_tiny_loads_from_its_own_checkpoint(tiny_model, tmp_path):
     path = tmp_path / "tiny.pth"
-    torch.save(tiny_model.sam.state_dict(), path)
+    torch.save(tiny_model.net.state_dict(), path)
     from sam_core.modeling.registry import build_tiny
 
     reloaded = build_tiny(checkpoint=path, seed=5)
@@ -35,7 +35,7 @@ def test_tiny_loads_from_its_own_checkpoint(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
     st = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_model.sam.state_dict().items()}, str(st))
+    save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(st))
     assert build_tiny(checkpoint=st, seed=5).model_id == tiny_model.model_id
 
 
@@ -60,7 +60,7 @@ def test_missing_checkpoint_names_path_and_model(tmp_path):
 
 def test_wrong_weights_name_path_and_model(tiny_model, tmp_path):
     path = tmp_path / "tiny_weights.pth"
-    torch.save(tiny_model.sam.state_dict(), path)
+    torch.save(tiny_model.net.state_dict(), path)
     with pytest.raises(ModelLoadError) as info:
         load_model("vit_b", path)
     message = str(info.value)

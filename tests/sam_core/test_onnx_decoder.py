@@ -19,8 +19,9 @@ from sam_core.export.onnx_decoder import (
     make_onnx_predictor,
     prompt_arrays,
 )
-from sam_core.inference.predictor import DecodeResult, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
+from sam_core.inference.types import DecodeResult
 from tests.conftest import save_perturbed_adapter
 
 from .test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match

@@ -15,7 +15,7 @@ def _check(model, tmp_path, tol):
     size = model.spec.img_size
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = model.sam.image_encoder.eval()(x)
+        ref = model.net.image_encoder.eval()(x)
     for b in (1, 3):  # exported at batch 2: the batch axis is dynamic
         out = encoder(x[:b])
         assert out.shape == ref[:b].shape

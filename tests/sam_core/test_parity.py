@@ -66,7 +66,7 @@ def test_tiny_encode_decode_equal_sam_predictor(tiny_model, scene):
     image, _ = scene
     predictor = Predictor(tiny_model)
     embedding = predictor.encode_one(image)
-    sam_predictor = SamPredictor(tiny_model.sam)
+    sam_predictor = SamPredictor(tiny_model.net)
     sam_predictor.set_image(image)
     torch.testing.assert_close(embedding.features, sam_predictor.features, atol=1e-5, rtol=0)
     _check_against_sam_predictor(predictor, embedding, sam_predictor, _cases(image.shape[:2], 32))
@@ -77,7 +77,7 @@ def test_tiny_masks_equal_at_a_threshold_that_splits_them(tiny_model, scene):
     image, _ = scene
     predictor = Predictor(tiny_model)
     embedding = predictor.encode_one(image)
-    sam_predictor = SamPredictor(tiny_model.sam)
+    sam_predictor = SamPredictor(tiny_model.net)
     sam_predictor.set_image(image)
     case = _cases(image.shape[:2], 32)[0]
     logits, _, _ = sam_predictor.predict(multimask_output=False, return_logits=True, **case)
@@ -99,7 +99,7 @@ def test_litemedsam_equal_sam_predictor(litemedsam_model, scene):
     predictor = Predictor(litemedsam_model, optimize_encoder=False)
     embedding = predictor.encode_one(image)
     model_input, input_size = preprocess(image, litemedsam_model.spec)
-    sam_predictor = SamPredictor(litemedsam_model.sam)
+    sam_predictor = SamPredictor(litemedsam_model.net)
     sam_predictor.set_torch_image(model_input[..., : input_size[0], : input_size[1]], image.shape[:2])
     torch.testing.assert_close(embedding.features, sam_predictor.features, atol=1e-6, rtol=0)
     _check_against_sam_predictor(predictor, embedding, sam_predictor, _cases(image.shape[:2], 256))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_sam, load_adapter, save_adapter
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_net, load_adapter, save_adapter
 from sam_core.errors import AdapterInvalid, InvalidInput
 from sam_core.evaluation.metrics import dice
 from sam_core.inference.predictor import Predictor
@@ -214,7 +214,7 @@ def test_segment_persam_refuses_another_models_concept(fitted, tiny_predictor, s
 def _adapter_model(tiny_model, tmp_path, method: str):
     """The tiny model with a saved-and-loaded ``method`` adapter whose trainable tensors were perturbed."""
     cfg = MethodConfig(method)
-    sam = adapted_sam(tiny_model, cfg)
+    sam = adapted_net(tiny_model, cfg)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in sam.parameters():
@@ -283,7 +283,7 @@ def test_load_persam_refuses_a_wrong_base_model(fitted, tiny_model, tmp_path):
 
 def test_load_persam_refuses_a_decoder_artifact(tiny_model, tmp_path):
     cfg = MethodConfig("decoder")
-    save_adapter(tmp_path / "dec", tiny_model, trainable_state(adapted_sam(tiny_model, cfg)), cfg)
+    save_adapter(tmp_path / "dec", tiny_model, trainable_state(adapted_net(tiny_model, cfg)), cfg)
     with pytest.raises(AdapterInvalid, match="not persam"):
         load_persam(tiny_model, tmp_path / "dec")
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_core.inference.predictor import Embedding, Predictor, count_above, stability_score
+from sam_core.inference.postprocess import count_above, stability_score
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.types import Embedding
 from sam_core.modeling.preprocess import resized_shape, upscale_logits
 
 
@@ -70,15 +72,15 @@ def test_stability_score_counts():
 
 
 def test_dense_pe_cache_follows_the_weights(tiny_model):
-    model = dataclasses.replace(tiny_model, sam=copy.deepcopy(tiny_model.sam))
+    model = dataclasses.replace(tiny_model, net=copy.deepcopy(tiny_model.net))
     predictor = Predictor(model)
-    encoder = model.sam.prompt_encoder
-    first = predictor.dense_pe()
+    encoder = model.net.prompt_encoder
+    first = predictor.decoding.dense_pe()
     assert torch.equal(first, encoder.get_dense_pe())
-    assert predictor.dense_pe() is first  # cached
+    assert predictor.decoding.dense_pe() is first  # cached
     with torch.no_grad():
         encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2.0)
-    second = predictor.dense_pe()
+    second = predictor.decoding.dense_pe()
     assert not torch.equal(first, second)
     assert torch.equal(second, encoder.get_dense_pe())
 

@@ -19,7 +19,8 @@ from sam_core.data.datasets import load_dataset, split_dataset
 from sam_core.errors import InvalidInput
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
-from sam_core.training.loop import TrainConfig, get_lr, train
+from sam_core.training.config import TrainConfig, get_lr
+from sam_core.training.loop import train
 from sam_core.training.methods import MethodConfig, trainable_state
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -44,7 +45,7 @@ def test_get_lr_warmup_then_cosine():
 @pytest.mark.parametrize("method", ["decoder", "lora", "adapter", "full"])
 def test_method_learns_saves_and_reloads_identically(method, tiny_model, splits, tmp_path):
     train_ds, val_ds = splits
-    before = {k: v.clone() for k, v in tiny_model.sam.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny_model.net.state_dict().items()}
     cfg = TrainConfig(method=MethodConfig(method), epochs=10, batch_size=2, lr=2e-3, warmup_steps=2,
                       checkpoint_every=100)
     events = []
@@ -54,7 +55,7 @@ def test_method_learns_saves_and_reloads_identically(method, tiny_model, splits,
     assert result.zero_shot_val_dice is not None and len(result.history["val_dice"]) == 10
     assert events[-1].state == "done" and any(e.state == "validating" for e in events)
     # the base model is untouched
-    assert all(torch.equal(before[k], v) for k, v in tiny_model.sam.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.net.state_dict().items())
     # the artifact reloads into a model that predicts exactly like the trained one
     config = read_adapter_config(result.adapter_dir)
     assert config.method == method and config.base_model_id == tiny_model.model_id
@@ -112,7 +113,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(blob_dataset_dir, tiny_model, tmp_
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = load_file(str(tmp_path / "single" / "final.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "final.safetensors"))
-    initial = tiny_model.sam.state_dict()
+    initial = tiny_model.net.state_dict()
     for name in a:
         if name.endswith("k_proj.bias"):
             # An attention key bias shifts every logit of a query equally: it cancels in the softmax, its
@@ -170,7 +171,7 @@ def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_
 
 
 def test_crop_window_centres_and_clips():
-    from sam_core.training.loop import crop_window
+    from sam_core.training.data import crop_window
 
     mask = np.zeros((300, 400), bool)
     mask[10:20, 390:398] = True                       # near the right border
@@ -204,7 +205,8 @@ def test_time_budget_stops_and_still_publishes(tiny_model, splits, tmp_path):
 
 def test_stop_training_checkpoints_the_current_step(tiny_model, splits, tmp_path):
     """A callback that stops the run (cancel, shutdown) leaves a checkpoint at that very step."""
-    from sam_core.training.loop import StopTraining, latest_checkpoint, load_checkpoint
+    from sam_core.training.checkpoint import latest_checkpoint, load_checkpoint
+    from sam_core.training.config import StopTraining
 
     train_ds, val_ds = splits
     cfg = TrainConfig(epochs=20, batch_size=2, checkpoint_every=1000)

@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 
 from sam_core.data.datasets import load_dataset, split_dataset
 from sam_core.modeling.registry import load_model
-from sam_core.training.loop import TrainConfig, latest_checkpoint, load_checkpoint, train
+from sam_core.training.checkpoint import latest_checkpoint, load_checkpoint
+from sam_core.training.config import TrainConfig
+from sam_core.training.loop import train
 from sam_core.training.methods import MethodConfig
 
 

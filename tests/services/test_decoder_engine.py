@@ -32,9 +32,10 @@ from sam_core.errors import (
     Unavailable,
 )
 from sam_core.inference.automatic import EverythingOptions, generate
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.inference.tiling import encode_tiled
+from sam_core.inference.types import Embedding
 from sam_core.io.images import decode_image
 from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2

@@ -153,7 +153,7 @@ class ConcurrencyProbe:
             self.peak = max(self.peak, self.active)
         try:
             time.sleep(self.hold_s)  # stands in for a remote call's network + queue time
-            return self.predictor.sam.image_encoder(batch)
+            return self.predictor.net.image_encoder(batch)
         finally:
             with self.lock:
                 self.active -= 1

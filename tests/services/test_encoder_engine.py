@@ -14,8 +14,9 @@ from PIL import Image
 
 from sam_core.adapters.registry import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, InvalidInput, NotFound, Overloaded
-from sam_core.inference.predictor import Embedding, Predictor
+from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import TiledEmbedding
+from sam_core.inference.types import Embedding
 from sam_core.modeling.registry import build_tiny
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled

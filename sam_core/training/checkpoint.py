@@ -1,0 +1,39 @@
+"""Training checkpoints: ``<out>/checkpoints/step_<N>.pt`` holding the config, step, trainable tensors,
+optimizer state, history and best-so-far weights; written atomically (temp file, fsync, ``os.replace``), the
+last ``keep`` kept, read with ``torch.load(weights_only=True)`` (never unpickling arbitrary objects)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def _checkpoint_path(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    path = _checkpoint_path(out, state["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

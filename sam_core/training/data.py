@@ -1,0 +1,176 @@
+"""Training data: instances of a data set split, each seen through a window (the whole image or a
+native-resolution crop around it), turned into batches of model inputs or cached embeddings, simulated
+prompts and low-resolution targets.
+
+A prompt depends on (seed, step, position in the global batch) only, so it is the same whichever DDP rank
+draws it; embeddings of the frozen encoder are cached in memory and, when given, in an
+:class:`~sam_core.inference.embedding_store.EmbeddingStore`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from sam_core.data.datasets import Sample, SegmentationDataset
+from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.errors import InvalidInput
+from sam_core.inference.embedding_store import EmbeddingStore, embedding_key
+from sam_core.inference.predictor import Predictor
+from sam_core.inference.types import Embedding
+from sam_core.io.images import image_content_hash
+from sam_core.modeling.family import Features, PromptBatch
+from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords
+
+
+def low_res_target(mask: np.ndarray, img_size: int, low_res: int) -> np.ndarray:
+    """H x W bool -> L x L float32 target in the decoder's low-res frame (resized like the image, padded)."""
+    h, w = mask.shape
+    scale = low_res / max(h, w)
+    th, tw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    small = cv2.resize(mask.astype(np.float32), (tw, th), interpolation=cv2.INTER_AREA) >= 0.5
+    out = np.zeros((low_res, low_res), np.float32)
+    out[:th, :tw] = small
+    return out
+
+
+Window = tuple[int, int, int, int]  # y0, x0, y1, x1 in the original image
+
+
+def crop_window(mask: np.ndarray, crop: int | None) -> Window:
+    """A ``crop`` x ``crop`` native-resolution window centred on the instance, clipped to the image.
+
+    The whole image when ``crop`` is None, the image is no larger than the crop, or the instance does
+    not fit in one (those are trained at the whole-image scale).
+    """
+    h, w = mask.shape
+    if crop is None or (h <= crop and w <= crop):
+        return (0, 0, h, w)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if ys[-1] - ys[0] + 1 > crop or xs[-1] - xs[0] + 1 > crop:
+        return (0, 0, h, w)
+
+    def start(lo: int, hi: int, length: int) -> int:
+        if length <= crop:
+            return 0
+        return int(min(max((lo + hi + 1) // 2 - crop // 2, 0), length - crop))
+
+    y0, x0 = start(ys[0], ys[-1], h), start(xs[0], xs[-1], w)
+    return (y0, x0, min(h, y0 + crop), min(w, x0 + crop))
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    """One instance of the split seen through its window."""
+
+    sample_index: int
+    instance_index: int
+    window: Window
+
+
+class TrainingData:
+    """Instances of one data set split, each seen through a window (the whole image, or a native-
+    resolution crop around it), with the window's embedding cached for the decoder method."""
+
+    def __init__(self, ds: SegmentationDataset, predictor: Predictor, *, cache_embeddings: bool,
+                 store: EmbeddingStore | None, crop: int | None = None) -> None:
+        self.ds = ds
+        self.predictor = predictor
+        self.spec = predictor.spec
+        self.crop = crop
+        self.items: list[TrainingItem] = []
+        for i in range(len(ds)):
+            for j, inst in enumerate(ds[i].instances):
+                self.items.append(TrainingItem(i, j, crop_window(inst.mask, crop)))
+        if not self.items:
+            raise InvalidInput("the split has no instances", field="data")
+        self.embeddings: dict[tuple[int, Window], Embedding] = {}
+        self.inputs: dict[tuple[int, Window], torch.Tensor] = {}
+        self.store = store
+        self.cache_embeddings = cache_embeddings
+
+    @property
+    def windows(self) -> list[tuple[int, Window]]:
+        """Distinct (sample, window) pairs: what the decoder method embeds once."""
+        return list(dict.fromkeys((it.sample_index, it.window) for it in self.items))
+
+    def view(self, index: int, window: Window) -> np.ndarray:
+        y0, x0, y1, x1 = window
+        return np.ascontiguousarray(self.ds[index].load_image()[y0:y1, x0:x1])
+
+    def embedding(self, index: int, window: Window) -> Embedding:
+        if (index, window) not in self.embeddings:
+            image = self.view(index, window)
+            key = embedding_key(image_content_hash(image), self.predictor.model_id,
+                                self.spec.preprocess_version, None)
+            def compute() -> Embedding:
+                return self.predictor.encode_one(image)
+
+            store = self.store
+            self.embeddings[index, window] = compute() if store is None else store.get_or_compute(key, compute)
+        return self.embeddings[index, window]
+
+    def model_input(self, index: int, window: Window) -> torch.Tensor:
+        """3 x S x S preprocessed view (kept in memory: training splits are small)."""
+        if (index, window) not in self.inputs:
+            self.inputs[index, window] = preprocess(self.view(index, window), self.spec)[0][0]
+        return self.inputs[index, window]
+
+    def prompt_and_mask(self, item: TrainingItem, rng: np.random.Generator, cfg: PromptConfig,
+                        sample: Sample | None = None) -> tuple[dict[str, Any], np.ndarray]:
+        """-> (prompt dict in window coordinates, window mask h x w bool)."""
+        sample = sample or self.ds[item.sample_index]
+        y0, x0, y1, x1 = item.window
+        mask = sample.instances[item.instance_index].mask[y0:y1, x0:x1]
+        return simulate_prompt(mask, rng, cfg), mask
+
+    def batch(self, items: list[tuple[int, TrainingItem]], rng_seed: list[int], prompt_cfg: PromptConfig,
+              device: torch.device) -> TrainingBatch:
+        """(position in the global batch, item) pairs -> one :class:`TrainingBatch`. A prompt depends on (seed,
+        step, position) only, so it is the same whichever rank draws it."""
+        size, low = self.spec.img_size, self.spec.low_res_size
+        images, embeds, coords, labels, boxes, targets = [], [], [], [], [], []
+        samples: dict[int, Sample] = {}
+        for k, item in items:
+            sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
+            prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
+            if self.cache_embeddings:
+                embeds.append(self.embedding(item.sample_index, item.window).features[0])
+            else:
+                images.append(self.model_input(item.sample_index, item.window))
+            if prompt["box"] is not None:
+                boxes.append(transform_boxes(prompt["box"][None], mask.shape, size)[0])
+            if prompt["point_coords"] is not None:
+                coords.append(transform_coords(prompt["point_coords"], mask.shape, size))
+                labels.append(prompt["point_labels"])
+            targets.append(low_res_target(mask, size, low))
+        if coords and len({len(c) for c in coords}) > 1:
+            n = max(len(c) for c in coords)  # too little background for all negatives: repeat a point
+            coords = [np.concatenate([c, np.repeat(c[-1:], n - len(c), 0)]) for c in coords]
+            labels = [np.concatenate([lb, np.repeat(lb[-1:], n - len(lb), 0)]) for lb in labels]
+
+        def stacked(arrays: list[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.as_tensor(np.stack(arrays), dtype=dtype, device=device)
+
+        return TrainingBatch(
+            images=stacked(images) if images else None,
+            features=self.predictor.net.features_from_encoder(torch.stack(embeds).to(device)) if embeds else None,
+            prompts=PromptBatch(points=(stacked(coords), stacked(labels, torch.int64)) if coords else None,
+                                boxes=stacked(boxes) if boxes else None),
+            targets=stacked(targets)[:, None],
+        )
+
+
+@dataclass
+class TrainingBatch:
+    """B instances: their preprocessed images (B x 3 x S x S) or, for a frozen encoder, their cached features;
+    one prompt each in the model's input frame; low-res targets B x 1 x L x L."""
+
+    images: torch.Tensor | None
+    features: Features | None
+    prompts: PromptBatch
+    targets: torch.Tensor
