@@ -97,7 +97,7 @@ def _module_prefixes(names: set[str]) -> tuple[str, ...]:
     return tuple(sorted({".".join(n.split(".")[:2]) for n in names}))
 
 
-def save_adapter(out_dir: str | os.PathLike, model: LoadedModel, tensors: dict[str, torch.Tensor],
+def save_adapter(out_dir: str | os.PathLike[str], model: LoadedModel, tensors: dict[str, torch.Tensor],
                  method: MethodConfig, *, metrics: dict[str, Any] | None = None, parent: str | None = None,
                  name: str | None = None) -> AdapterConfig:
     """Write an artifact atomically to ``out_dir`` (which must not exist yet); returns its config."""
@@ -138,7 +138,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
     folder = Path(path)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -152,7 +152,7 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     return AdapterConfig.from_json(data, str(config_path))
 
 
-def read_adapter_tensors(path: str | os.PathLike, config: AdapterConfig) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(path: str | os.PathLike[str], config: AdapterConfig) -> dict[str, torch.Tensor]:
     """Load the tensor file after checking its sha256 against the config (safetensors only)."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
@@ -162,7 +162,8 @@ def read_adapter_tensors(path: str | os.PathLike, config: AdapterConfig) -> dict
         raise AdapterInvalid(f"{weights} checksum {actual[:16]}... does not match the config's "
                              f"{config.weights_sha256[:16]}...", field="adapter")
     try:
-        return load_file(str(weights))
+        tensors: dict[str, torch.Tensor] = load_file(str(weights))
+        return tensors
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise AdapterInvalid(f"{weights} is not a readable safetensors file ({exc})", field="adapter") from exc
 
@@ -191,7 +192,7 @@ def adapted_net(model: LoadedModel, method: MethodConfig) -> SegmentationModel:
     return method.plugin.trainable_copy(model.net, method)
 
 
-def load_adapter(model: LoadedModel, path: str | os.PathLike) -> LoadedModel:
+def load_adapter(model: LoadedModel, path: str | os.PathLike[str]) -> LoadedModel:
     """Base model + artifact -> a new LoadedModel serving the adapter (the base is left untouched).
 
     One-shot artifacts (PerSAM) are not model weights: load them with their method's loader

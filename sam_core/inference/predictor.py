@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class Predictor:
         if self._channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            features = encoder(batch)
+            features: torch.Tensor = encoder(batch)
         return features.float()
 
     def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
@@ -135,15 +135,15 @@ class Predictor:
         first = prompts[0]
         points = boxes = masks = None
         if first.point_coords is not None:
-            coords = np.stack([transform_coords(p.point_coords, original_size, size) for p in prompts])
-            labels = np.stack([p.point_labels for p in prompts])
-            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device),
-                      torch.as_tensor(labels, dtype=torch.int, device=self.device))
+            coords = [transform_coords(c, original_size, size) for c in _every(p.point_coords for p in prompts)]
+            points = (torch.as_tensor(np.stack(coords), dtype=torch.float, device=self.device),
+                      torch.as_tensor(np.stack(_every(p.point_labels for p in prompts)), dtype=torch.int,
+                                      device=self.device))
         if first.box is not None:
-            box_array = transform_boxes(np.stack([p.box for p in prompts]), original_size, size)
+            box_array = transform_boxes(np.stack(_every(p.box for p in prompts)), original_size, size)
             boxes = torch.as_tensor(box_array, dtype=torch.float, device=self.device)
         if first.mask_input is not None:
-            masks = torch.as_tensor(np.stack([p.mask_input for p in prompts]), dtype=torch.float,
+            masks = torch.as_tensor(np.stack(_every(p.mask_input for p in prompts)), dtype=torch.float,
                                     device=self.device)
         return PromptBatch(points=points, boxes=boxes, masks=masks)
 
@@ -223,3 +223,12 @@ class Predictor:
             low_res_logits=low_res.float().cpu().numpy() if return_low_res else None,
             timings_ms={"decode": 1e3 * (t1 - t0), "postprocess": 1e3 * (t2 - t1)},
         )
+
+
+def _every(values: Iterable[np.ndarray | None]) -> list[np.ndarray]:
+    """A prompt field that every prompt of one signature has (prompts were grouped by signature)."""
+    arrays = list(values)
+    present = [v for v in arrays if v is not None]
+    if len(present) != len(arrays):
+        raise ValueError("prompts decoded together must share one signature")
+    return present

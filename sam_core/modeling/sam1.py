@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import Any
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -35,14 +36,20 @@ from sam_core.modeling.fast_decoder import FastMaskDecoder
 FEATURE = "image_embed"
 
 
-class Sam1Model(Sam, SegmentationModel):
+class Sam1Model(Sam, SegmentationModel):  # type: ignore[misc]  # segment_anything ships no type information
     """segment-anything's ``Sam`` behind the family interface (``forward`` stays the official one)."""
 
     feature_names = (FEATURE,)
+    image_encoder: nn.Module  # ImageEncoderViT or TinyViT
+    prompt_encoder: PromptEncoder
+    mask_decoder: MaskDecoder
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     # ------------------------------------------------------------------ encode
     def encode(self, batch: torch.Tensor) -> Features:
-        return {FEATURE: self.image_encoder(batch)}
+        features: torch.Tensor = self.image_encoder(batch)
+        return {FEATURE: features}
 
     def inference_encoder(self, optimize: bool = True) -> nn.Module:
         return optimized_encoder(self.image_encoder) if optimize else self.image_encoder
@@ -61,7 +68,8 @@ class Sam1Model(Sam, SegmentationModel):
 
     def prompt_embeddings(self, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B x P x C sparse, B x C x h x w dense) from the prompt encoder."""
-        return self.prompt_encoder(points=prompts.points, boxes=prompts.boxes, masks=prompts.masks)
+        sparse, dense = self.prompt_encoder(points=prompts.points, boxes=prompts.boxes, masks=prompts.masks)
+        return sparse, dense
 
     def mask_decoding(self, fast: bool = True) -> MaskDecoding:
         return Sam1Decoding(self, fast)
@@ -78,8 +86,8 @@ class Sam1Model(Sam, SegmentationModel):
     # ------------------------------------------------------------------ parameters
     def group_modules(self, group: ParamGroup) -> list[nn.Module]:
         if group is ParamGroup.ENCODER_ATTENTION:
-            return [site.attn.qkv for site in self.attention_sites()]
-        return [getattr(self, group.value)]
+            return [_module(site.attn, "qkv") for site in self.attention_sites()]
+        return [_module(self, group.value)]
 
     def attention_sites(self) -> list[AttentionSite]:
         sites = []
@@ -113,6 +121,7 @@ class Sam1Decoding:
     def __init__(self, model: Sam1Model, fast: bool) -> None:
         self.model = model
         self.fast = FastMaskDecoder(model) if fast else None
+        # (Gaussian matrix, (its version, grid), dense positional encoding)
         self._dense_pe: tuple[torch.Tensor, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
 
     @torch.inference_mode()
@@ -121,12 +130,14 @@ class Sam1Decoding:
         encoder = self.model.prompt_encoder
         gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
         try:
-            key = (gauss._version, tuple(encoder.image_embedding_size))
+            key = (int(gauss._version), tuple(int(v) for v in encoder.image_embedding_size))
         except RuntimeError:  # an inference tensor has no version counter: do not cache
-            return encoder.get_dense_pe()
+            fresh: torch.Tensor = encoder.get_dense_pe()
+            return fresh
         cached = self._dense_pe  # holding the matrix pins its id
         if cached is None or cached[0] is not gauss or cached[1] != key:
-            cached = (gauss, key, encoder.get_dense_pe())
+            pe: torch.Tensor = encoder.get_dense_pe()
+            cached = (gauss, key, pe)
             self._dense_pe = cached
         return cached[2]
 
@@ -137,14 +148,23 @@ class Sam1Decoding:
         if self.fast is not None:  # without mask inputs every prompt shares one dense embedding
             return self.fast(embedding, self.dense_pe(), sparse, dense[:1] if prompts.masks is None else dense,
                              multimask)
+        low_res: torch.Tensor
+        iou: torch.Tensor
         low_res, iou = self.model.mask_decoder(image_embeddings=embedding, image_pe=self.dense_pe(),
                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                                multimask_output=multimask)
         return low_res, iou
 
 
-def _qv_channels(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output channels of ``attn.qkv`` that hold q and v, for SAM ViT and TinyViT layouts."""
+def _module(owner: nn.Module, name: str) -> nn.Module:
+    module = getattr(owner, name)
+    assert isinstance(module, nn.Module), f"{name} is not a module"
+    return module
+
+
+def _qv_channels(attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output channels of ``attn.qkv`` that hold q and v, for SAM ViT and TinyViT layouts (``attn`` is one of
+    their untyped ``Attention`` modules)."""
     qkv = attn.qkv
     out = int(getattr(qkv, "out_features", 0) or qkv.base.out_features)
     if hasattr(attn, "key_dim") and hasattr(attn, "d"):  # TinyViT: per head [q(kd) | k(kd) | v(d)]
@@ -157,7 +177,7 @@ def _qv_channels(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(0, dim), torch.arange(2 * dim, 3 * dim)
 
 
-def _attn_dim(attn: nn.Module) -> int:
+def _attn_dim(attn: Any) -> int:
     proj = getattr(attn, "proj", None)
     if isinstance(proj, nn.Linear):
         return int(proj.out_features)

@@ -36,4 +36,5 @@ def save_checkpoint(out: Path, state: dict[str, Any], keep: int = 2) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state

@@ -68,7 +68,8 @@ class TrainConfig:
             raise InvalidInput("must be > 0", field="lr")
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        data: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> TrainConfig:
@@ -104,7 +105,7 @@ class TrainResult:
 
     adapter_dir: Path | None
     model: LoadedModel | None
-    history: dict[str, list]
+    history: dict[str, list[float]]
     best_val_dice: float | None
     zero_shot_val_dice: float | None
     steps: int

@@ -133,7 +133,12 @@ class TrainingData:
         """(position in the global batch, item) pairs -> one :class:`TrainingBatch`. A prompt depends on (seed,
         step, position) only, so it is the same whichever rank draws it."""
         size, low = self.spec.img_size, self.spec.low_res_size
-        images, embeds, coords, labels, boxes, targets = [], [], [], [], [], []
+        images: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        coords: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        boxes: list[np.ndarray] = []
+        targets: list[np.ndarray] = []
         samples: dict[int, Sample] = {}
         for k, item in items:
             sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
@@ -157,7 +162,7 @@ class TrainingData:
             return torch.as_tensor(np.stack(arrays), dtype=dtype, device=device)
 
         return TrainingBatch(
-            images=stacked(images) if images else None,
+            images=torch.stack(images).to(device, torch.float32) if images else None,
             features=self.predictor.net.features_from_encoder(torch.stack(embeds).to(device)) if embeds else None,
             prompts=PromptBatch(points=(stacked(coords), stacked(labels, torch.int64)) if coords else None,
                                 boxes=stacked(boxes) if boxes else None),

@@ -96,21 +96,22 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
     emit = callback or (lambda event: None)
-    one_shot = spec.train.method.plugin.one_shot
-    if not one_shot:
+    trained: tuple[Path, LoadedModel, dict[str, list[float]]] | None = None
+    if not spec.train.method.plugin.one_shot:
         result = train(model, train_ds, val_ds, spec.train, out, callback=emit, adapter_name=spec.adapter_name,
                        parent=spec.parent)
-        if result.model is None:  # a non-zero torchrun rank: rank 0 evaluates and publishes
+        if result.model is None or result.adapter_dir is None:  # a non-zero torchrun rank: rank 0 publishes
             return None
+        trained = (result.adapter_dir, result.model, result.history)
     emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
     cache: dict[str, Any] = {}
     zero_shot = evaluate(Predictor(model), val_ds, spec.eval, label="zero-shot", embeddings=cache)
-    if one_shot:
+    if trained is None:
         adapter_dir, tuned, history = _fit_one_shot(model, train_ds, val_ds, spec, zero_shot, emit)
     else:
-        adapter_dir, history = result.adapter_dir, result.history
-        tuned = evaluate(Predictor(result.model), val_ds, spec.eval, label=f"fine-tuned ({spec.train.method.method})",
-                         embeddings=cache)
+        adapter_dir, tuned_model, history = trained
+        tuned = evaluate(Predictor(tuned_model), val_ds, spec.eval,
+                         label=f"fine-tuned ({spec.train.method.method})", embeddings=cache)
     reports = [zero_shot, tuned]
     files = write_report(out / "eval", reports, history=history, dataset=val_ds)
     return FinetuneResult(adapter_dir=adapter_dir, adapter=read_adapter_config(adapter_dir), reports=reports,

@@ -279,7 +279,7 @@ def train_step(run: TrainingRun) -> float:
         logits, iou_pred = run.module(batch.images, batch.features, batch.prompts)
     loss, parts = segmentation_loss(logits.float(), batch.targets, iou_pred.float(), cfg.loss)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    torch.autograd.backward(loss)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
     run.optimizer.step()

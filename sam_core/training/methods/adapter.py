@@ -23,7 +23,8 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+        out: torch.Tensor = self.up(self.act(self.down(x)))
+        return out
 
 
 class AttentionWithAdapter(nn.Module):
@@ -35,8 +36,9 @@ class AttentionWithAdapter(nn.Module):
         self.adapter = Bottleneck(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(x)
-        return a + self.adapter(a)
+        a: torch.Tensor = self.attn(x)
+        adapted: torch.Tensor = a + self.adapter(a)
+        return adapted
 
 
 class AdapterMethod(FineTuningMethod):

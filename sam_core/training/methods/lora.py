@@ -46,7 +46,8 @@ class QVLoRA(nn.Module):
         out = self.base(x)
         dq = self.lora_B_q(self.lora_A_q(x)) * self.scale
         dv = self.lora_B_v(self.lora_A_v(x)) * self.scale
-        return out.index_add(-1, self.q_idx, dq).index_add(-1, self.v_idx, dv)
+        updated: torch.Tensor = out.index_add(-1, self.q_idx, dq).index_add(-1, self.v_idx, dv)
+        return updated
 
 
 class LoraMethod(FineTuningMethod):
