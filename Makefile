@@ -9,7 +9,7 @@ TRITON_PY := $(TRITON_VENV)/bin/python
 # no wheel cache: the pinned torch build is several GB and a cached copy would double it on disk
 export PIP_NO_CACHE_DIR := 1
 
-.PHONY: demo demo-local test lint install protos system triton-env
+.PHONY: demo demo-local test test-fast typecheck lint install protos system triton-env
 
 $(BIN)/samforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,10 +47,19 @@ demo-local: install
 protos: install
 	$(BIN)/python protos/generate.py
 
-test: install system triton-env
+test: install system triton-env typecheck
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
 	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) $(BIN)/pytest -q
+
+# the edit loop: lint, types and the tests that need no real weights, servers or training runs (~1 min)
+test-fast: install typecheck
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow and not integration"
+
+# mypy with the pyproject configuration: strict on sam_core, checked on services
+typecheck: install
+	$(BIN)/mypy
 
 lint: install
 	$(BIN)/ruff check .
