@@ -84,7 +84,8 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def run_parts(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Run the parts named in ``args.parts``, in the fixed order, storing each under its name."""
+    """Run the parts named in ``args.parts``, in the fixed order, storing each under its name. A part that was
+    skipped (None: triton without its interpreter) does not replace a result kept by ``--merge``."""
     runners: dict[str, PartRun] = {
         "encoder": lambda: encoder.part_encoder(args.repeats, args.device),
         "int8": lambda: int8.part_int8(args.repeats),
@@ -96,7 +97,9 @@ def run_parts(args: argparse.Namespace, results: dict[str, Any]) -> None:
     wanted = args.parts.split(",")
     for part in PARTS:
         if part in wanted:
-            results[part] = runners[part]()
+            result = runners[part]()
+            if result is not None or results.get(part) is None:
+                results[part] = result
 
 
 def main() -> int:
