@@ -25,7 +25,8 @@ from bench.speedparts.common import benchmark_image, median_time, random_boxes, 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
 
-    from sam_core.inference.predictor import Embedding, Predictor
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.types import Embedding
     from sam_core.modeling.registry import LoadedModel
 
 PROMPT_COUNTS = (1, 16, 64)
@@ -95,7 +96,7 @@ def child_decoder(repeats: int, device: str) -> dict[str, Any]:
     runners = decoder_runners(model, device)
     fast = runners["samforge (re-associated decoder)"]
     embedding = fast.encode_one(image)
-    sam_predictor = SamPredictor(model.sam)
+    sam_predictor = SamPredictor(model.net)
     sam_predictor.set_image(image)
     sam_predictor.features = embedding.features.to(device)  # the same embedding for every runner
     rows = []
