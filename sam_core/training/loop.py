@@ -41,7 +41,8 @@ from sam_core.adapters.artifact import adapted_model, adapted_sam, read_adapter_
 from sam_core.data.datasets import SegmentationDataset, dataset_fingerprint
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
 from sam_core.errors import InvalidInput
-from sam_core.inference.embedding_store import EmbeddingStore, embedding_key
+from sam_core.inference.embedding_cache import embedding_key
+from sam_core.inference.embedding_store import EmbeddingStore
 from sam_core.inference.predictor import Embedding, Predictor
 from sam_core.io.images import image_content_hash
 from sam_core.modeling.fast_decoder import FastMaskDecoder
