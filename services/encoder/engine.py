@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.store import AdapterStore
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
 from sam_core.inference.predictor import Embedding, Predictor
