@@ -34,7 +34,7 @@ LR = {"decoder": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
 
 
 def _subset(ds, n_train: int, n_val: int):
-    from sam_core.data.datasets import split_first_last
+    from sam_core.data.splits import split_first_last
 
     ids = ds.image_ids
     if len(ids) > n_train + n_val:
@@ -136,7 +136,7 @@ def main() -> int:
 
     import torch
 
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
     from sam_core.evaluation.evaluate import EvalConfig, evaluate
     from sam_core.inference.predictor import Predictor
     from sam_core.modeling.registry import load_model

@@ -78,7 +78,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 def sample_images(n: int = 4, seed: int = 0) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
     """(name, H x W x 3 uint8, ground-truth boxes) from the real data sets, or [] when absent."""
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
 
     out = []
     for name in ("hrsid_sar_ships", "isbi2012_em_cells", "ph2_skin_lesions"):
@@ -587,7 +587,7 @@ def part_e2e(seconds: float) -> dict:
 # ---------------------------------------------------------------------------------------------- fine-tuning
 def part_finetune(n_images: int) -> dict:
     from bench.finetune_quality import speed_vs_medsam_lite
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
     from sam_core.modeling.registry import load_model
 
     if not (DATA / "hrsid_sar_ships").is_dir():

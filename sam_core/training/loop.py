@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sam_core.adapters.artifact import adapted_model, adapted_sam, read_adapter_config, save_adapter
-from sam_core.data.datasets import SegmentationDataset, dataset_fingerprint
+from sam_core.data.dataset import SegmentationDataset
+from sam_core.data.fingerprint import dataset_fingerprint
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
 from sam_core.errors import InvalidInput
 from sam_core.inference.embedding_cache import embedding_key
