@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from sam_core.data.datasets import SegmentationDataset
+    from sam_core.data.dataset import SegmentationDataset
     from sam_core.evaluation.evaluate import EmbeddingCache, EvalConfig, EvalReport
     from sam_core.modeling.registry import LoadedModel
 
@@ -41,7 +41,7 @@ LR = {"decoder": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
 
 def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The first ``n_train`` images for training and the last ``n_val`` for validation."""
-    from sam_core.data.datasets import split_first_last
+    from sam_core.data.splits import split_first_last
 
     ids = ds.image_ids
     if len(ids) > n_train + n_val:
@@ -168,7 +168,7 @@ def zero_shot_row(model: LoadedModel, val_ds: SegmentationDataset, eval_cfg: Eva
 
 def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Zero-shot row(s), then every method of ``args.methods`` on data set ``name``; rows printed as they come."""
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
     from sam_core.evaluation.evaluate import EvalConfig
 
     train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])

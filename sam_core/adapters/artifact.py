@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sam_core.errors import AdapterInvalid, NotFound
+from sam_core.files import file_sha256, publish_dir
 from sam_core.modeling.family import SegmentationModel
-from sam_core.modeling.registry import LoadedModel, file_sha256
+from sam_core.modeling.registry import LoadedModel
 from sam_core.training.methods import MethodConfig, get_method, trainable_names
 
 log = logging.getLogger(__name__)
@@ -119,23 +120,11 @@ def save_adapter(out_dir: str | os.PathLike[str], model: LoadedModel, tensors: d
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), parent=parent, name=name,
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
-        for path in (weights, tmp / CONFIG_NAME):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sam_core.data.datasets import Instance, Sample
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.data.samples import Instance, Sample
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.metrics import InstanceScore, score_instance, summarize
 from sam_core.inference.predictor import Predictor

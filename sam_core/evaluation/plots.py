@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from sam_core.data.datasets import Sample
+    from sam_core.data.samples import Sample
     from sam_core.evaluation.evaluate import EvalReport, WorstCase
 
 DPI = 100

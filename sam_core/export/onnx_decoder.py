@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sam_core.files import atomic_output
 from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.modeling.preprocess import transform_boxes, transform_coords
@@ -113,46 +113,38 @@ def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: i
     """Export ``model``'s prompt encoder + mask decoder to ``path`` (see the module docstring for the I/O).
 
     Uses the TorchScript-based exporter (``dynamo=False``); dynamic axes: B (prompt batch), P (points per
-    prompt) and Bm (mask-input batch, B or 1). Written to a temporary file and renamed, so a partial
-    file is never visible at ``path``.
+    prompt) and Bm (mask-input batch, B or 1). Written atomically (:func:`sam_core.files.atomic_output`),
+    so a partial file is never visible at ``path``.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     graph = DecoderGraph(model.net).eval()
     device = next(model.net.mask_decoder.parameters()).device
     graph.to(device)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The legacy exporter is deprecated (the dynamo one needs onnxscript, not a dependency), and
-            # the tracer warns that the attention scale sqrt(C / heads) is traced as a constant: it is one.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                graph,
-                _example_inputs(model, device),
-                tmp_name,
-                dynamo=False,
-                export_params=True,
-                opset_version=opset,
-                do_constant_folding=True,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes={
-                    "point_coords": {0: "batch", 1: "points"},
-                    "point_labels": {0: "batch", 1: "points"},
-                    "mask_input": {0: "mask_batch"},
-                    "has_mask_input": {0: "mask_batch"},
-                    "low_res_logits": {0: "batch"},
-                    "iou_predictions": {0: "batch"},
-                },
-            )
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the export holds nothing secret
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter is deprecated (the dynamo one needs onnxscript, not a dependency), and
+        # the tracer warns that the attention scale sqrt(C / heads) is traced as a constant: it is one.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            graph,
+            _example_inputs(model, device),
+            str(tmp),
+            dynamo=False,
+            export_params=True,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                "point_coords": {0: "batch", 1: "points"},
+                "point_labels": {0: "batch", 1: "points"},
+                "mask_input": {0: "mask_batch"},
+                "has_mask_input": {0: "mask_batch"},
+                "low_res_logits": {0: "batch"},
+                "iou_predictions": {0: "batch"},
+            },
+        )
     return out
 
 

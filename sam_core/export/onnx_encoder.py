@@ -15,7 +15,6 @@ import copy
 import hashlib
 import os
 import re
-import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sam_core.files import atomic_output
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
 
 DEFAULT_OPSET = 17
@@ -52,27 +52,19 @@ def exportable_encoder(encoder: nn.Module) -> nn.Module:
 
 
 def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``model``'s image encoder (adapters included) to ``path``; written to a temporary file and
-    renamed, so a partial file is never visible at ``path``."""
+    """Export ``model``'s image encoder (adapters included) to ``path``; written atomically
+    (:func:`sam_core.files.atomic_output`), so a partial file is never visible at ``path``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     encoder = exportable_encoder(model.net.image_encoder)
     size = model.spec.img_size
     example = torch.zeros(2, 3, size, size, device=next(encoder.parameters()).device)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts traced as constants
-            torch.onnx.export(encoder, (example,), tmp_name, dynamo=False, export_params=True, opset_version=opset,
-                              do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts traced as constants
+        torch.onnx.export(encoder, (example,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
+                          do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return out
 
 

@@ -1,16 +1,15 @@
-"""On-disk and in-memory caches of image embeddings.
+"""On-disk store of image embeddings for training and evaluation.
 
-* :func:`embedding_key` is the one canonical cache key of an embedding (the training store, the
-  encoder service's cache and the decoder service all use it).
-* :class:`EmbeddingStore` keeps embeddings on disk for training and evaluation, one safetensors file
-  per embedding, like micro-sam's embedding files: the store carries a *signature* (model id,
-  preprocessing version, encoder adapter, data set fingerprint, ...) written to ``signature.json``
-  and copied into every entry, and both are checked when the store is opened and when an entry is
-  loaded. A mismatch is an error, never a silent reuse of embeddings computed by something else.
-* :class:`MemoryEmbeddingLRU` is a thread-safe in-memory LRU with a byte budget.
+:class:`EmbeddingStore` keeps one safetensors file per embedding, like micro-sam's embedding files,
+under the canonical key :func:`sam_core.inference.embedding_cache.embedding_key`: the store carries a
+*signature* (model id, preprocessing version, encoder adapter, data set fingerprint, ...) written to
+``signature.json`` and copied into every entry, and both are checked when the store is opened and
+when an entry is loaded. A mismatch is an error, never a silent reuse of embeddings computed by
+something else.
 
-Files are only ever read with safetensors (never pickle) and written atomically (temporary file in
-the same directory, ``fsync``, ``os.replace``), so a crash leaves either the old entry, the new entry
+Files are only ever read with safetensors (never pickle) and written atomically with
+:func:`sam_core.files.atomic_write_bytes` (temporary file in the same directory, ``fsync``,
+``os.replace``, ``fsync`` of the directory), so a crash leaves either the old entry, the new entry
 or nothing, never a half-written file under an entry's name.
 """
 
@@ -22,9 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -33,12 +29,11 @@ import safetensors.torch
 import torch
 
 from sam_core.errors import InvalidInput
+from sam_core.files import atomic_write_bytes, atomic_write_text, is_temporary
+from sam_core.inference.embedding_cache import encoder_adapter_id
 from sam_core.inference.types import Embedding
 
 logger = logging.getLogger(__name__)
-
-KEY_FORMAT = "samforge-embedding-key-v1"
-"""Domain tag hashed into every :func:`embedding_key` (bump it if the key's fields ever change)."""
 
 ENTRY_FORMAT = "samforge-embedding-v1"
 """``format`` value in the safetensors metadata of every stored entry."""
@@ -56,39 +51,6 @@ _EMBEDDING_FIELDS = ("model_id", "preprocess_version", "encoder_adapter")
 _FIELD = "embedding_store"
 
 
-def _adapter_or_none(encoder_adapter: str | None) -> str | None:
-    """``None`` and ``""`` both mean "the base encoder, no adapter"."""
-    return encoder_adapter or None
-
-
-def embedding_key(image_hash: str, model_id: str, preprocess_version: str, encoder_adapter: str | None) -> str:
-    """The canonical cache key of one image's embedding: a 64-character lowercase SHA-256 hex digest.
-
-    Fields (all hashed, so two keys are equal only if every field is):
-
-    * ``image_hash``: content hash of the canonical image (:func:`sam_core.io.images.image_content_hash`);
-    * ``model_id``: the loaded model's id (``LoadedModel.model_id``, which pins the weights);
-    * ``preprocess_version``: ``ModelSpec.preprocess_version`` (resize, normalisation, input size);
-    * ``encoder_adapter``: id of the adapter applied to the image encoder, or ``None`` (``""`` is
-      treated as ``None``) for the base encoder.
-
-    The fields are serialised as a JSON array behind the domain tag :data:`KEY_FORMAT`, so no
-    choice of field values can make two different tuples collide by concatenation (``None`` is JSON
-    ``null``, distinct from any string).
-    """
-    for name, value in (("image_hash", image_hash), ("model_id", model_id), ("preprocess_version", preprocess_version)):
-        if not isinstance(value, str) or not value:
-            raise InvalidInput(f"must be a non-empty string, got {value!r}", field=name)
-    if encoder_adapter is not None and not isinstance(encoder_adapter, str):
-        raise InvalidInput(f"must be a string or None, got {encoder_adapter!r}", field="encoder_adapter")
-    payload = json.dumps(
-        [KEY_FORMAT, image_hash, model_id, preprocess_version, _adapter_or_none(encoder_adapter)],
-        ensure_ascii=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(payload.encode("ascii")).hexdigest()
-
-
 def _check_key(key: object) -> str:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise InvalidInput(f"expected a lowercase hex key of 8 to 128 characters, got {key!r}", field="key")
@@ -98,36 +60,7 @@ def _check_key(key: object) -> str:
 def _features_digest(features: torch.Tensor) -> str:
     """SHA-256 of a contiguous CPU tensor's raw bytes (bfloat16 is viewed as int16 for numpy)."""
     raw = features.view(torch.int16) if features.dtype == torch.bfloat16 else features
-    return hashlib.sha256(memoryview(raw.numpy()).cast("B")).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Best-effort fsync of a directory so a rename survives a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync and os.replace."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
+    return hashlib.sha256(raw.numpy().data.cast("B")).hexdigest()
 
 
 class _CorruptEntry(Exception):
@@ -181,7 +114,7 @@ class EmbeddingStore:
 
     def _write_signature(self) -> None:
         data = json.dumps(self._signature_document(), sort_keys=True, indent=2) + "\n"
-        _atomic_write(self.signature_path, data.encode("utf-8"))
+        atomic_write_text(self.signature_path, data)
 
     def _differences(self) -> tuple[list[str], list[str]]:
         """(differing field names, human-readable descriptions) between signature.json and this store."""
@@ -255,7 +188,7 @@ class EmbeddingStore:
                 continue
             expected, actual = self.signature[name], getattr(embedding, name)
             if name == "encoder_adapter":
-                expected, actual = _adapter_or_none(expected), _adapter_or_none(actual)
+                expected, actual = encoder_adapter_id(expected), encoder_adapter_id(actual)
             if expected != actual:
                 raise InvalidInput(
                     f"embedding has {name}={actual!r} but this store's signature has {expected!r}", field="embedding"
@@ -276,7 +209,7 @@ class EmbeddingStore:
             "input_size": json.dumps([int(v) for v in embedding.input_size]),
             "model_id": embedding.model_id,
             "preprocess_version": embedding.preprocess_version,
-            "encoder_adapter": _adapter_or_none(embedding.encoder_adapter) or "",
+            "encoder_adapter": encoder_adapter_id(embedding.encoder_adapter) or "",
             "features_sha256": _features_digest(stored),
         }
         return stored, safetensors.torch.save({"features": stored}, metadata=metadata)
@@ -295,7 +228,7 @@ class EmbeddingStore:
         self._check_embedding(embedding)
         stored, data = self._encode(key, embedding)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return stored
 
     def _read(self, path: Path) -> tuple[dict[str, str], torch.Tensor]:
@@ -376,7 +309,7 @@ class EmbeddingStore:
             input_size=(int(embedding.input_size[0]), int(embedding.input_size[1])),
             model_id=embedding.model_id,
             preprocess_version=embedding.preprocess_version,
-            encoder_adapter=_adapter_or_none(embedding.encoder_adapter),
+            encoder_adapter=encoder_adapter_id(embedding.encoder_adapter),
         )
 
     def delete(self, key: str) -> bool:
@@ -410,7 +343,7 @@ class EmbeddingStore:
         for shard in list(self._shard_dirs()):
             for path in shard.iterdir():
                 is_entry = path.suffix == ".safetensors" and _KEY_RE.fullmatch(path.stem)
-                is_temp = path.name.startswith(".") and path.name.endswith(".tmp")
+                is_temp = is_temporary(path)
                 if (is_entry or is_temp) and path.is_file():
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
@@ -428,106 +361,3 @@ def _pair(text: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-class MemoryEmbeddingLRU:
-    """Thread-safe in-memory LRU of :class:`Embedding` by key, bounded by ``max_bytes`` of features.
-
-    Sizes are ``Embedding.nbytes``. :meth:`put` evicts least-recently-used entries until the new one
-    fits; an entry larger than the whole budget is not stored (counted in ``rejected``). Counters are
-    plain attributes (``hits``, ``misses``, ``evictions``, ``rejected``, ``bytes``) and are also
-    returned by :meth:`stats`. Embeddings are stored by reference: callers must not mutate them.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.rejected = 0
-        self.bytes = 0
-        self._entries: OrderedDict[str, tuple[Embedding, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Embedding | None:
-        """The embedding for ``key`` (now most recently used), or None; counts a hit or a miss."""
-        with self._lock:
-            item = self._entries.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return item[0]
-
-    def put(self, key: str, embedding: Embedding) -> bool:
-        """Insert or replace ``key`` as most recently used; False (nothing stored) if it exceeds the budget.
-
-        A replaced or rejected key's previous entry is dropped (not counted as an eviction).
-        """
-        size = embedding.nbytes
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            if size > self.max_bytes:
-                self.rejected += 1
-                return False
-            while self._entries and self.bytes + size > self.max_bytes:
-                _, (_, evicted_size) = self._entries.popitem(last=False)
-                self.bytes -= evicted_size
-                self.evictions += 1
-            self._entries[key] = (embedding, size)
-            self.bytes += size
-            return True
-
-    def get_or_compute(self, key: str, compute: Callable[[], Embedding]) -> Embedding:
-        """Cached embedding for ``key``, or ``compute()`` (run outside the lock) cached and returned."""
-        found = self.get(key)
-        if found is not None:
-            return found
-        embedding = compute()
-        self.put(key, embedding)
-        return embedding
-
-    def pop(self, key: str) -> Embedding | None:
-        """Remove and return ``key``'s embedding (None if absent); not counted as hit, miss or eviction."""
-        with self._lock:
-            item = self._entries.pop(key, None)
-            if item is None:
-                return None
-            self.bytes -= item[1]
-            return item[0]
-
-    def clear(self) -> None:
-        """Drop every entry (counters other than ``bytes`` are kept)."""
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
-
-    def keys(self) -> list[str]:
-        """Keys from least to most recently used."""
-        with self._lock:
-            return list(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        """Membership test that neither counts nor refreshes recency."""
-        with self._lock:
-            return key in self._entries
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def stats(self) -> dict[str, int]:
-        """``{"hits", "misses", "evictions", "rejected", "bytes", "entries", "max_bytes"}`` snapshot."""
-        with self._lock:
-            return {
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-                "rejected": self.rejected,
-                "bytes": self.bytes,
-                "entries": len(self._entries),
-                "max_bytes": self.max_bytes,
-            }

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sam_core.errors import InvalidInput, ModelLoadError
+from sam_core.files import file_sha256
 from sam_core.modeling import sam1
 from sam_core.modeling.family import ModelSpec, SegmentationModel
 
@@ -68,14 +69,6 @@ SPECS: dict[str, ModelSpec] = {
     "vit_h": ModelSpec("vit_h", 1024, 64, "imagenet"),
     "tiny": ModelSpec("tiny", 128, 8, "imagenet"),
 }
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -4,11 +4,12 @@ last ``keep`` kept, read with ``torch.load(weights_only=True)`` (never unpicklin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sam_core.files import atomic_output
 
 CHECKPOINT_FORMAT = 1
 
@@ -23,13 +24,11 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as the checkpoint of its step (atomically), then delete all but the newest ``keep``."""
     path = _checkpoint_path(out, state["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
     for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
         old.unlink()
     return path

@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 import torch
 
-from sam_core.data.datasets import Sample, SegmentationDataset
+from sam_core.data.dataset import SegmentationDataset
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.data.samples import Sample
 from sam_core.errors import InvalidInput
-from sam_core.inference.embedding_store import EmbeddingStore, embedding_key
+from sam_core.inference.embedding_cache import embedding_key
+from sam_core.inference.embedding_store import EmbeddingStore
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.types import Embedding
 from sam_core.io.images import image_content_hash

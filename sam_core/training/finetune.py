@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from sam_core.adapters.artifact import AdapterConfig, read_adapter_config
-from sam_core.data.datasets import SegmentationDataset, load_dataset, split_dataset, split_first_last
+from sam_core.data.dataset import SegmentationDataset, load_dataset
+from sam_core.data.splits import split_dataset, split_first_last
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.evaluate import (
     EvalConfig,

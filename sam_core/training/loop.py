@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from sam_core.adapters.artifact import adapted_model, adapted_net, read_adapter_config, save_adapter
-from sam_core.data.datasets import SegmentationDataset, dataset_fingerprint
+from sam_core.data.dataset import SegmentationDataset
+from sam_core.data.fingerprint import dataset_fingerprint
 from sam_core.errors import InvalidInput
 from sam_core.inference.embedding_store import EmbeddingStore
 from sam_core.inference.predictor import Predictor

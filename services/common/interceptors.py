@@ -31,7 +31,7 @@ def current_tenant() -> str | None:
 def resolve_tenant(requested: str) -> str:
     """The tenant a request acts for: the token's tenant when auth is on (a different non-empty
     ``requested`` tenant is PERMISSION_DENIED), else ``requested`` or "default"."""
-    from sam_core.adapters.registry import validate_name
+    from sam_core.adapters.store import validate_name
 
     token_tenant = current_tenant()
     if token_tenant is not None:

@@ -14,7 +14,7 @@ adapter id for encoder-side ones (their embeddings come from the encoder with th
 
 from __future__ import annotations
 
-from sam_core.adapters.registry import AdapterRef
+from sam_core.adapters.store import AdapterRef
 from services.encoder.adapters import BASE, AdapterModels, ModelHandle
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sam_core.errors import InvalidInput, NotFound
-from sam_core.inference.embedding_store import MemoryEmbeddingLRU
+from sam_core.inference.embedding_cache import MemoryEmbeddingLRU
 from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
 from services.common import metrics

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.store import AdapterStore
 from sam_core.errors import InvalidInput, InvalidMaskInput, TooManyPrompts
 from sam_core.inference.automatic import EverythingOptions, generate
 from sam_core.inference.prompts import Prompt, validate_prompts

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sam_core.adapters.artifact import adapter_identity, check_base, load_adapter, read_adapter_config
-from sam_core.adapters.registry import AdapterRef, AdapterStore, AdapterVersion
+from sam_core.adapters.store import AdapterRef, AdapterStore, AdapterVersion
 from sam_core.errors import AdapterInvalid, NotFound
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel

@@ -7,7 +7,7 @@
 3. key: ``embedding_key(image_content_hash, model_id, preprocess_version, encoder_adapter)`` (the canonical
    sam_core key) combined by :func:`client_key` with the tenant, the tiling geometry and the encoder
    precision into the key the client sees. Keys are tenant-scoped: another tenant's key is NOT_FOUND;
-4. L1 (:class:`~sam_core.inference.embedding_store.MemoryEmbeddingLRU`, ``SAMFORGE_CACHE_BYTES``) -> single-flight
+4. L1 (:class:`~sam_core.inference.embedding_cache.MemoryEmbeddingLRU`, ``SAMFORGE_CACHE_BYTES``) -> single-flight
    (concurrent requests for one key share one future) -> L2 (Redis, optional) -> the dynamic batcher.
 
 L1 holds features on the encoder's device: on CUDA the cache budget is GPU memory (features are copied
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sam_core.adapters.registry import AdapterStore, FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.store import AdapterStore
 from sam_core.errors import InvalidInput, NotFound
-from sam_core.inference.embedding_store import MemoryEmbeddingLRU, embedding_key
+from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
 from sam_core.inference.types import Embedding

@@ -22,7 +22,7 @@ def main() -> int:
     setup_logging(settings.log_level)
     import torch
 
-    from sam_core.adapters.registry import FileSystemAdapterStore
+    from sam_core.adapters.filesystem import FileSystemAdapterStore
     from sam_core.modeling.registry import load_model, resolve_device
 
     from .jobs import JobManager

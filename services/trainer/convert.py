@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from sam_core.adapters.registry import AdapterVersion
+from sam_core.adapters.store import AdapterVersion
 from services._generated.sam.v1 import trainer_pb2
 
 from .job_model import Job, JobEvent, JobState

@@ -2,7 +2,8 @@
 
 ``<jobs_dir>/<tenant>/<job_id>/job.json`` holds everything needed to list a job after a restart and to
 rebuild its FinetuneSpec (the request), its state, latest progress, metrics and a tail of its events. It is
-replaced atomically (temp file, fsync, ``os.replace``), so a crash leaves the old or the new file, never half.
+replaced atomically (:func:`sam_core.files.atomic_write_text`: temp file, fsync, ``os.replace``, fsync of the
+folder), so a crash leaves the old or the new file, never half.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from sam_core.files import atomic_write_text
 
 from .job_spec import Hyperparameters, JobRequest
 
@@ -128,17 +129,7 @@ def job_dir(jobs_dir: Path, tenant: str, job_id: str) -> Path:
 def write_job(folder: Path, job: Job) -> None:
     """Atomically replace ``folder/job.json``."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(job.to_json(), indent=1, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{JOB_FILE}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / JOB_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(folder / JOB_FILE, json.dumps(job.to_json(), indent=1, sort_keys=True) + "\n")
 
 
 def load_jobs(jobs_dir: Path) -> list[Job]:

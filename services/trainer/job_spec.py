@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sam_core.adapters.registry import validate_name
+from sam_core.adapters.store import validate_name
 from sam_core.data.prompt_sim import prompt_config
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sam_core.adapters.registry import AdapterStore, AdapterVersion, content_sha256
+from sam_core.adapters.store import AdapterStore, AdapterVersion, content_sha256
 from sam_core.errors import NotFound, SamforgeError, Unavailable
 from sam_core.modeling.registry import LoadedModel
 from sam_core.training.config import Phase, ProgressEvent, StopTraining

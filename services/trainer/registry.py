@@ -7,7 +7,7 @@ history (AdapterConflict -> FAILED_PRECONDITION).
 
 from __future__ import annotations
 
-from sam_core.adapters.registry import AdapterStore, AdapterVersion
+from sam_core.adapters.store import AdapterStore, AdapterVersion
 from sam_core.errors import InvalidInput
 from services.common.interceptors import resolve_tenant
 

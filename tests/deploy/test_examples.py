@@ -42,7 +42,7 @@ def test_job_runs_the_launcher_it_ships():
 @pytest.mark.slow
 def test_launcher_trains_and_publishes(tmp_path, blob_dataset_dir):
     """One process (WORLD_SIZE 1) on the tiny model: same code path as each torchrun rank, then the publish."""
-    from sam_core.adapters.registry import FileSystemAdapterStore  # imports torch: only when this test runs
+    from sam_core.adapters.filesystem import FileSystemAdapterStore  # imports torch: only when this test runs
 
     script = tmp_path / "ddp_train.py"
     script.write_text(launcher_source())

@@ -21,7 +21,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.data.prompt_sim import box_from_mask
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt

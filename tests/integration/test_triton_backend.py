@@ -20,7 +20,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.data.prompt_sim import box_from_mask
 from sam_core.export.onnx_encoder import export_encoder_onnx
 from sam_core.inference.predictor import Predictor

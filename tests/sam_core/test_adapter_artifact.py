@@ -115,7 +115,7 @@ def test_tampered_weights_fail_the_checksum(tiny_model, saved):
 
 def _rewrite(out, tensors):
     """Replace the tensor file and update the recorded checksum (so only the tensor check can catch it)."""
-    from sam_core.modeling.registry import file_sha256
+    from sam_core.files import file_sha256
 
     save_file(tensors, str(out / WEIGHTS_NAME))
     config = json.loads((out / CONFIG_NAME).read_text())

@@ -1,4 +1,4 @@
-"""Adapter registry: versions, aliases, atomic publish, on-disk verification, tenancy, locking, watch."""
+"""FileSystemAdapterStore: versions, aliases, atomic publish, on-disk verification, tenancy, locking, watch."""
 
 from __future__ import annotations
 
@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_net, save_adapter
-from sam_core.adapters.registry import (
-    AdapterConflict,
-    AdapterRef,
-    AdapterStore,
-    FileSystemAdapterStore,
-    content_sha256,
-    validate_name,
-)
+from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.store import AdapterConflict, AdapterRef, AdapterStore, content_sha256
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
 from sam_core.training.methods import MethodConfig, trainable_state
 
@@ -56,42 +50,7 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
 
-# ---------------------------------------------------------------------------------------------- names, refs
-
-
-@pytest.mark.parametrize("value", ["ships", "a", "x" * 63, "ships-v2.1_b", "0abc"])
-def test_valid_names(value):
-    assert validate_name("name", value) == value
-
-
-@pytest.mark.parametrize("value", ["../x", "..", "a/b", ".hidden", "", "x" * 64, "x" * 100, "schiffé", "Ships",
-                                   "a..b", "-a", "a b", "a\n", "a\x00", "\u212aelvin", None, 3])
-@pytest.mark.parametrize("kind", ["tenant", "name", "alias"])
-def test_invalid_names_are_refused_with_the_field(kind, value):
-    with pytest.raises(InvalidInput) as err:
-        validate_name(kind, value)
-    assert err.value.field == kind
-
-
-def test_index_json_is_not_a_tenant():
-    with pytest.raises(InvalidInput):
-        validate_name("tenant", "index.json")
-
-
-def test_parse_refs():
-    assert AdapterRef.parse("ships") == AdapterRef("ships", None, None)
-    assert AdapterRef.parse("ships:3") == AdapterRef("ships", 3, None)
-    assert AdapterRef.parse("ships@prod") == AdapterRef("ships", None, "prod")
-    for text in ("ships", "ships:3", "ships@prod"):
-        assert str(AdapterRef.parse(text)) == text
-
-
-@pytest.mark.parametrize("text", ["", "ships:", "ships:0", "ships:-1", "ships:x", "ships:03", "ships@", "@prod",
-                                  ":3", "ships:3@prod", "ships@prod:3", "ships@a@b", "../x:1", "a/b@prod", None])
-def test_bad_refs_are_invalid_input_on_adapter(text):
-    with pytest.raises(InvalidInput) as err:
-        AdapterRef.parse(text)
-    assert err.value.field == "adapter"
+# ---------------------------------------------------------------------------------------------- names
 
 
 def test_path_traversal_never_reaches_the_file_system(store, make_artifact, tmp_path):
@@ -271,13 +230,13 @@ def test_version_changed_on_disk_is_refused_at_resolve(store, make_artifact):
 
 
 def test_verification_is_cached_until_the_files_change(store, make_artifact, monkeypatch):
-    import sam_core.adapters.registry as registry
+    import sam_core.adapters.filesystem as filesystem
 
     v1 = store.publish("acme", "ships", make_artifact(0))
-    monkeypatch.setattr(registry, "_RACY_SECONDS", 0.0)  # trust stat signatures at once (normally after 2 s)
+    monkeypatch.setattr(filesystem, "_RACY_SECONDS", 0.0)  # trust stat signatures at once (normally after 2 s)
     store.resolve("acme", "ships:1")
-    real, calls = registry.content_sha256, []
-    monkeypatch.setattr(registry, "content_sha256", lambda folder: calls.append(folder) or real(folder))
+    real, calls = filesystem.content_sha256, []
+    monkeypatch.setattr(filesystem, "content_sha256", lambda folder: calls.append(folder) or real(folder))
     assert store.resolve("acme", "ships:1") == v1 and calls == []  # served from the verification cache
     weights = v1.path / WEIGHTS_NAME
     os.chmod(weights, 0o644)
@@ -286,6 +245,29 @@ def test_verification_is_cached_until_the_files_change(store, make_artifact, mon
     with pytest.raises(AdapterInvalid):
         store.resolve("acme", "ships:1")
     assert calls == [v1.path]
+
+
+def test_publish_fsyncs_files_folders_and_index(store, make_artifact, monkeypatch):
+    import sam_core.files as files
+
+    source = make_artifact(0)
+    store.publish("acme", "boats", make_artifact(1))  # the root, the lock and the staging area exist
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    v1 = store.publish("acme", "ships", source)
+    root = store.root.resolve()
+    staged = [Path(p) for p in synced if Path(p).parent.parent == root / ".staging"]
+    assert sorted(p.name for p in staged) == [CONFIG_NAME, WEIGHTS_NAME]  # the copies, before the rename
+    assert str(staged[0].parent) in synced  # the staged folder itself
+    assert str(v1.path.parent.resolve()) in synced  # the rename into acme/ships/
+    index_temp = next(i for i, p in enumerate(synced) if Path(p).name.startswith(".index.json."))
+    assert synced[index_temp + 1] == str(root)  # the index replacement, then its folder
 
 
 def test_orphan_of_a_crashed_publish_is_replaced(store, make_artifact):

@@ -1,4 +1,5 @@
-"""Tests of sam_core.data.datasets on small synthetic data sets written to tmp_path."""
+"""Tests of the sam_core.data package (data set model, folder / COCO / npz readers, splits, fingerprint)
+on small synthetic data sets written to tmp_path."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam_core.data.datasets import (
-    Instance,
-    Sample,
-    dataset_fingerprint,
-    load_dataset,
-    split_by_lists,
-    split_dataset,
-    split_first_last,
-)
+from sam_core.data.dataset import load_dataset
+from sam_core.data.fingerprint import dataset_fingerprint
+from sam_core.data.samples import Instance, Sample
+from sam_core.data.splits import split_by_lists, split_dataset, split_first_last
 from sam_core.errors import InvalidInput, NotFound
 
 H, W = 24, 32
@@ -365,7 +361,7 @@ def test_coco_file_names_cannot_escape_the_image_root(tmp_path):
     import cv2 as _cv2
     import numpy as _np
 
-    from sam_core.data.datasets import load_dataset as _load
+    from sam_core.data.dataset import load_dataset as _load
     from sam_core.errors import InvalidInput as _Invalid
 
     secret = tmp_path / "secret.png"

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sam_core.data.datasets import load_dataset
+from sam_core.data.dataset import load_dataset
 from sam_core.data.prompt_sim import PromptConfig
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.evaluate import (

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sam_core.adapters.artifact import load_adapter, read_adapter_config
-from sam_core.data.datasets import load_dataset, split_dataset
+from sam_core.data.dataset import load_dataset
+from sam_core.data.splits import split_dataset
 from sam_core.errors import InvalidInput
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt

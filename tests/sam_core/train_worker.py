@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sam_core.data.datasets import load_dataset, split_dataset
+from sam_core.data.dataset import load_dataset
+from sam_core.data.splits import split_dataset
 from sam_core.modeling.registry import load_model
 from sam_core.training.checkpoint import latest_checkpoint, load_checkpoint
 from sam_core.training.config import TrainConfig

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from sam_core.adapters.artifact import load_adapter
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import (
     AdapterInvalid,
     InvalidInput,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, InvalidInput, Unavailable
 from sam_core.export.onnx_encoder import encoder_export_path
 from sam_core.inference.predictor import Predictor

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, InvalidInput, NotFound, Overloaded
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import TiledEmbedding

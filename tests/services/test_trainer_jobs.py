@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sam_core.adapters.registry import FileSystemAdapterStore
+from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import InvalidInput, NotFound
 from services.common.settings import TrainerSettings
 from services.trainer import jobs as jobs_module

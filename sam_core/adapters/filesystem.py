@@ -1,13 +1,6 @@
-"""Adapter registry: where published adapters live and how their versions and aliases move.
+"""File-system adapter store: :class:`FileSystemAdapterStore`, the local :class:`AdapterStore`.
 
-Adapters are tenant-scoped and referenced as ``name`` (latest version), ``name:3`` (version 3) or
-``name@prod`` (an alias). Versions are 1-based, immutable and never reused (deleting ``ships:2`` does not
-let a later publish become ``ships:2`` again). ``promote`` points an alias at a version and remembers the
-previous target; ``rollback`` walks that per-alias history back one step at a time.
-
-:class:`AdapterStore` is the resolver interface (vLLM ``lora/`` style) the trainer publishes into and the
-encoder/decoder services resolve from per request; :class:`FileSystemAdapterStore` is the local
-implementation (an object-store one can come later)::
+Layout of the store's root (a local or shared POSIX folder)::
 
     root/index.json                  all versions, aliases, alias history and a revision counter
     root/.lock                       fcntl.flock: one writer at a time, across processes
@@ -15,17 +8,16 @@ implementation (an object-store one can come later)::
     root/<tenant>/<name>/v<N>/       adapter_config.json + adapter_model.safetensors (read-only files)
 
 A publish copies the artifact into ``.staging/tmp-*``, validates the copy (config + tensor checksum), fsyncs
-it and then, under the lock, renames it to ``v<N>`` and atomically replaces ``index.json`` (temp file, fsync,
-``os.replace``): readers, which never take the lock, see a version completely or not at all, and a refused
-publish leaves nothing under ``root/<tenant>``. :meth:`resolve` re-checks a
-version's content sha256 (sorted file names + file sha256s) against the index and refuses a folder that
-was changed on disk with :class:`~sam_core.errors.AdapterInvalid`; a successful check is remembered only
-while the files' stat signature (inode, size, mtime, ctime) is unchanged and older than
-``_RACY_SECONDS`` (git's "racy clean" rule), so a hot path does not re-hash every request.
+it and then, under the lock, renames it to ``v<N>`` and atomically replaces ``index.json``
+(:func:`sam_core.files.atomic_write_text`: temp file, fsync, ``os.replace``, fsync of the folder):
+readers, which never take the lock, see a version completely or not at all, and a refused publish leaves
+nothing under ``root/<tenant>``. :meth:`FileSystemAdapterStore.resolve` re-checks a version's content
+sha256 (:func:`~sam_core.adapters.store.content_sha256`) against the index and refuses a folder that was
+changed on disk with :class:`~sam_core.errors.AdapterInvalid`; a successful check is remembered only while
+the files' stat signature (inode, size, mtime, ctime) is unchanged and older than ``_RACY_SECONDS`` (git's
+"racy clean" rule), so a hot path does not re-hash every request.
 
-Names are validated before they touch a path (``[a-z0-9][a-z0-9._-]{0,62}``, no ``..``): that is the
-path-traversal guard. A tenant only ever sees its own adapters; another tenant's adapter is reported
-exactly like one that does not exist.
+Names, references, versions and the tenancy rules are those of :mod:`sam_core.adapters.store`.
 """
 
 from __future__ import annotations
@@ -33,11 +25,9 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -45,13 +35,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, TypeAlias
 
-from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from sam_core.adapters.artifact import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    read_adapter_config,
+    read_adapter_tensors,
+)
+from sam_core.adapters.store import (
+    AdapterConflict,
+    AdapterRef,
+    AdapterVersion,
+    content_sha256,
+    validate_name,
+    validate_version,
+    watch_revision,
+)
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
-from sam_core.modeling.registry import file_sha256
+from sam_core.files import atomic_write_text, file_sha256, fsync_tree, rename_durably
 
 log = logging.getLogger(__name__)
 
@@ -61,158 +65,22 @@ STAGING_NAME = ".staging"
 _STAGING_MAX_AGE = 24 * 3600.0  # staging folders older than this are leftovers of crashed processes
 INDEX_FORMAT_VERSION = 1
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}", re.ASCII)
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}", re.ASCII)
-_RESERVED_TENANTS = frozenset({INDEX_NAME})  # would collide with root/index.json
 _RACY_SECONDS = 2.0  # stat signatures younger than this are never trusted (coarse fs timestamps)
 
-
-class AdapterConflict(AdapterInvalid):
-    """The registry's state forbids the operation (nothing to roll back, deleting an aliased version).
-
-    A subclass of :class:`AdapterInvalid`, so the error interceptor maps it to FAILED_PRECONDITION.
-    """
-
-
-def validate_name(kind: str, value: object) -> str:
-    """Return ``value`` if it is a safe tenant / adapter / alias name, else ``InvalidInput(field=kind)``.
-
-    Allowed: ``[a-z0-9][a-z0-9._-]{0,62}`` without ``..`` (so no ``/``, no leading dot, no traversal).
-    """
-    if not isinstance(value, str):
-        raise InvalidInput(f"must be a string, got {type(value).__name__}", field=kind)
-    if not _NAME_RE.fullmatch(value) or ".." in value:
-        shown = value if len(value) <= 70 else value[:70] + "..."
-        raise InvalidInput(f"{shown!r} is not a valid {kind} name: use 1-63 characters of a-z 0-9 . _ -, "
-                           "starting with a letter or digit, without '..'", field=kind)
-    if kind == "tenant" and value in _RESERVED_TENANTS:
-        raise InvalidInput(f"{value!r} is a reserved tenant name", field=kind)
-    return value
-
-
-def _validate_version(value: object, field_name: str = "version") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"must be an integer >= 1, got {value!r}", field=field_name)
-    return value
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """``name`` (latest), ``name:3`` (version 3) or ``name@prod`` (alias); at most one of version / alias."""
-
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            validate_name("name", self.name)
-            if self.version is not None:
-                _validate_version(self.version)
-            if self.alias is not None:
-                validate_name("alias", self.alias)
-        except InvalidInput as exc:
-            raise InvalidInput(f"{exc.field}: {exc.detail}", field="adapter") from exc
-        if self.version is not None and self.alias is not None:
-            raise InvalidInput("give a version or an alias, not both", field="adapter")
-
-    @classmethod
-    def parse(cls, text: object) -> AdapterRef:
-        """``"ships"`` -> latest, ``"ships:3"`` -> version 3, ``"ships@prod"`` -> alias; else InvalidInput."""
-        if not isinstance(text, str):
-            raise InvalidInput(f"an adapter reference must be a string, got {type(text).__name__}", field="adapter")
-        if "@" in text:
-            name, alias = text.split("@", 1)
-            if ":" in name:
-                raise InvalidInput(f"{text!r}: use name:version or name@alias, not both", field="adapter")
-            return cls(name, alias=alias)
-        if ":" in text:
-            name, version = text.split(":", 1)
-            if not _VERSION_RE.fullmatch(version):
-                raise InvalidInput(f"{text!r}: the version must be an integer >= 1", field="adapter")
-            return cls(name, version=int(version))
-        return cls(text)
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        if self.alias is not None:
-            return f"{self.name}@{self.alias}"
-        return self.name
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One immutable published version (``aliases``: the aliases pointing at it when it was read)."""
-
-    tenant: str
-    name: str
-    version: int
-    sha256: str  # content digest: sha256 over the sorted file names + file sha256s
-    method: str
-    base_model_id: str
-    shares_base_embeddings: bool
-    created_at: str  # publish time, ISO 8601 UTC
-    parent: str | None  # "name:N" in the same tenant, or None
-    aliases: tuple[str, ...]
-    metrics: dict[str, Any] = field(hash=False)
-    n_parameters: int
-    path: Path
-
-    @property
-    def ref(self) -> str:
-        """``name:N`` — the reference that always means exactly this content."""
-        return f"{self.name}:{self.version}"
-
-
-@runtime_checkable
-class AdapterStore(Protocol):
-    """Where adapters come from. Every call is scoped to one tenant."""
-
-    def publish(self, tenant: str, name: str, source_dir: str | os.PathLike, *,
-                parent: str | AdapterRef | None = None) -> AdapterVersion: ...
-
-    def resolve(self, tenant: str, ref: str | AdapterRef) -> AdapterVersion: ...
-
-    def list(self, tenant: str, name: str | None = None) -> list[AdapterVersion]: ...
-
-    def get(self, tenant: str, name: str, version: int) -> AdapterVersion: ...
-
-    def promote(self, tenant: str, name: str, alias: str, version: int) -> AdapterVersion: ...
-
-    def rollback(self, tenant: str, name: str, alias: str) -> AdapterVersion: ...
-
-    def delete(self, tenant: str, name: str, version: int) -> None: ...
-
-    def path_of(self, version: AdapterVersion) -> Path: ...
-
-    def revision(self) -> int: ...
-
-    def watch(self, callback: Callable[[int], None], *, interval: float = 1.0) -> Callable[[], None]: ...
-
-
-def content_sha256(folder: str | os.PathLike) -> str:
-    """sha256 over ``name\\0sha256(file)\\n`` for every entry of ``folder`` in name order.
-
-    Anything that is not a regular file (a sub-folder, a symlink) enters the digest as a marker, so it
-    never matches a published artifact. Raises FileNotFoundError if the folder is missing.
-    """
-    digest = hashlib.sha256()
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        body = file_sha256(entry.path) if entry.is_file(follow_symlinks=False) else "!not-a-regular-file"
-        digest.update(f"{entry.name}\0{body}\n".encode())
-    return digest.hexdigest()
+StatSignature: TypeAlias = tuple[tuple[str, int, int, int, int], ...]
+"""(name, inode, size, mtime_ns, ctime_ns) of a folder ("" for itself) and of its entries, in name order."""
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each artifact file in ``folder`` (recorded in the index next to the content digest)."""
     return {name: file_sha256(folder / name) for name in ARTIFACT_FILES}
 
 
-def _stat_signature(path: Path) -> tuple | None:
-    """(inode, size, mtime, ctime) of a folder and its entries; None if missing."""
+def _stat_signature(path: Path) -> StatSignature | None:
+    """(inode, size, mtime, ctime) of a file or folder and of a folder's entries; None if missing."""
     try:
         st = os.stat(path)
-        parts: list[tuple] = [("", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
+        parts: list[tuple[str, int, int, int, int]] = [("", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
         if stat.S_ISDIR(st.st_mode):
             for entry in sorted(os.scandir(path), key=lambda e: e.name):
                 est = entry.stat(follow_symlinks=False)
@@ -222,7 +90,7 @@ def _stat_signature(path: Path) -> tuple | None:
     return tuple(parts)
 
 
-def _trusted(signature: tuple | None) -> bool:
+def _trusted(signature: StatSignature | None) -> bool:
     """A signature can vouch for unchanged content only once its newest timestamp is safely in the past."""
     if signature is None:
         return False
@@ -230,21 +98,61 @@ def _trusted(signature: tuple | None) -> bool:
     return time.time_ns() - newest > _RACY_SECONDS * 1e9
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _empty_index() -> dict[str, Any]:
     return {"format_version": INDEX_FORMAT_VERSION, "revision": 0, "tenants": {}}
 
 
 def _not_found(ref: AdapterRef | str) -> NotFound:
-    # The same message whether the tenant, the name or the version is unknown: no existence leak.
+    """The same error whether the tenant, the name or the version is unknown: no existence leak."""
     return NotFound(f"adapter {str(ref)!r} not found", field="adapter")
+
+
+def _parent_ref(parent: str | AdapterRef | None) -> AdapterRef | None:
+    """``parent`` as a reference; a malformed one is InvalidInput on the field ``parent``."""
+    if parent is None or isinstance(parent, AdapterRef):
+        return parent
+    try:
+        return AdapterRef.parse(parent)
+    except InvalidInput as exc:
+        raise InvalidInput(exc.detail, field="parent") from exc
+
+
+def _artifact_source(source: Path) -> Path:
+    """``source`` if it is a folder holding both artifact files (NotFound / AdapterInvalid otherwise)."""
+    if not source.is_dir():
+        raise NotFound(f"{source} is not a folder", field="source_dir")
+    missing = [f for f in ARTIFACT_FILES if not (source / f).is_file()]
+    if missing:
+        raise AdapterInvalid(f"{source} is not a complete adapter artifact: missing {', '.join(missing)}",
+                             field="adapter")
+    return source
+
+
+def _stage_artifact(source: Path, staged: Path) -> dict[str, Any]:
+    """Copy the artifact files into ``staged`` (read-only, fsynced), validate the copy, return its index record.
+
+    Exactly the bytes that will become visible are validated; a broken artifact is AdapterInvalid.
+    """
+    for file_name in ARTIFACT_FILES:
+        shutil.copyfile(source / file_name, staged / file_name)
+        os.chmod(staged / file_name, 0o444)  # immutable by convention; a hint against in-place edits
+    fsync_tree(staged)
+    try:
+        config = read_adapter_config(staged)
+        read_adapter_tensors(staged, config)
+    except NotFound as exc:
+        raise AdapterInvalid(f"{source}: {exc.detail}", field="adapter") from exc
+    return _index_record(staged, config)
+
+
+def _index_record(folder: Path, config: AdapterConfig) -> dict[str, Any]:
+    """What the index stores about one version (``parent`` is filled in at install time)."""
+    return {
+        "sha256": content_sha256(folder), "files": _file_digests(folder), "method": config.method,
+        "base_model_id": config.base_model_id, "shares_base_embeddings": config.shares_base_embeddings,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": dict(config.metrics), "n_parameters": int(config.n_parameters), "parent": None,
+    }
 
 
 class FileSystemAdapterStore:
@@ -254,12 +162,12 @@ class FileSystemAdapterStore:
     ever replaced atomically) and cache the parsed index by its stat signature.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self._index_path = self.root / INDEX_NAME
         self._cache_lock = threading.Lock()
-        self._index_cache: tuple[tuple, dict[str, Any]] | None = None
-        self._verified: dict[Path, tuple[tuple, str]] = {}
+        self._index_cache: tuple[StatSignature, dict[str, Any]] | None = None
+        self._verified: dict[Path, tuple[StatSignature, str]] = {}
 
     def __repr__(self) -> str:
         return f"FileSystemAdapterStore({str(self.root)!r})"
@@ -304,19 +212,7 @@ class FileSystemAdapterStore:
     def _commit(self, index: dict[str, Any]) -> None:
         """Bump the revision and atomically replace index.json (call with the lock held)."""
         index["revision"] = int(index.get("revision", 0)) + 1
-        data = (json.dumps(index, indent=1, sort_keys=True) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.tmp-", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._index_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_path(self.root)
+        atomic_write_text(self._index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
 
     def _staging_dir(self, prefix: str) -> Path:
         """A new private folder in root/.staging (removing leftovers of crashed processes, best effort)."""
@@ -333,7 +229,8 @@ class FileSystemAdapterStore:
 
     @staticmethod
     def _entry(index: dict[str, Any], tenant: str, name: str) -> dict[str, Any] | None:
-        return index["tenants"].get(tenant, {}).get(name)
+        entry: dict[str, Any] | None = index["tenants"].get(tenant, {}).get(name)
+        return entry
 
     def _version_path(self, tenant: str, name: str, version: int) -> Path:
         return self.root / tenant / name / f"v{version}"
@@ -384,7 +281,7 @@ class FileSystemAdapterStore:
                                  field="adapter")
         after = _stat_signature(path)
         with self._cache_lock:
-            if after == before and _trusted(after):
+            if after is not None and after == before and _trusted(after):
                 self._verified[path] = (after, version.sha256)
             else:
                 self._verified.pop(path, None)
@@ -410,7 +307,7 @@ class FileSystemAdapterStore:
         """Metadata of one version (no content check; :meth:`resolve` is the serving path)."""
         validate_name("tenant", tenant)
         validate_name("name", name)
-        _validate_version(version)
+        validate_version(version)
         return self._lookup(self._read_index(), tenant, AdapterRef(name, version=version))
 
     def list(self, tenant: str, name: str | None = None) -> list[AdapterVersion]:
@@ -419,7 +316,7 @@ class FileSystemAdapterStore:
         if name is not None:
             validate_name("name", name)
         entries = self._read_index()["tenants"].get(tenant, {})
-        out = []
+        out: list[AdapterVersion] = []
         for adapter in sorted(entries if name is None else [name] if name in entries else []):
             entry = entries[adapter]
             out.extend(self._to_version(tenant, adapter, v, entry) for v in sorted(int(k) for k in entry["versions"]))
@@ -429,52 +326,19 @@ class FileSystemAdapterStore:
         """The local folder holding ``version``'s artifact (NotFound if it is not there)."""
         validate_name("tenant", version.tenant)
         validate_name("name", version.name)
-        _validate_version(version.version)
+        validate_version(version.version)
         path = self._version_path(version.tenant, version.name, version.version)
         if not path.is_dir():
             raise _not_found(AdapterRef(version.name, version=version.version))
         return path
 
     def watch(self, callback: Callable[[int], None], *, interval: float = 1.0) -> Callable[[], None]:
-        """Poll :meth:`revision` every ``interval`` s in a daemon thread; ``callback(revision)`` on change.
-
-        Returns an idempotent ``stop()`` that ends the thread (and waits for it unless called from the
-        callback). Errors in the callback or while polling are logged, never end the watch.
-        """
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-            raise InvalidInput(f"must be a number > 0, got {interval!r}", field="interval")
-        stopped = threading.Event()
-        last = self.revision()
-
-        def run() -> None:
-            nonlocal last
-            while not stopped.wait(interval):
-                try:
-                    current = self.revision()
-                except Exception:
-                    log.exception("adapter registry %s: reading the revision failed", self.root)
-                    continue
-                if current == last:
-                    continue
-                last = current
-                try:
-                    callback(current)
-                except Exception:
-                    log.exception("adapter registry %s: watch callback failed", self.root)
-
-        thread = threading.Thread(target=run, name="adapter-registry-watch", daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            stopped.set()
-            if threading.current_thread() is not thread:
-                thread.join()
-
-        return stop
+        """Poll :meth:`revision` every ``interval`` s; ``callback(revision)`` on change (see :func:`watch_revision`)."""
+        return watch_revision(self.revision, callback, interval=interval, label=f"adapter registry {self.root}")
 
     # ------------------------------------------------------------------ writing
 
-    def publish(self, tenant: str, name: str, source_dir: str | os.PathLike, *,
+    def publish(self, tenant: str, name: str, source_dir: str | os.PathLike[str], *,
                 parent: str | AdapterRef | None = None) -> AdapterVersion:
         """Copy the artifact in ``source_dir`` into the next version of ``tenant``/``name``.
 
@@ -485,70 +349,56 @@ class FileSystemAdapterStore:
         """
         validate_name("tenant", tenant)
         validate_name("name", name)
-        parent_ref = parent if parent is None or isinstance(parent, AdapterRef) else None
-        if parent is not None and parent_ref is None:
-            try:
-                parent_ref = AdapterRef.parse(parent)
-            except InvalidInput as exc:
-                raise InvalidInput(exc.detail, field="parent") from exc
-        source = Path(source_dir)
-        if not source.is_dir():
-            raise NotFound(f"{source} is not a folder", field="source_dir")
-        missing = [f for f in ARTIFACT_FILES if not (source / f).is_file()]
-        if missing:
-            raise AdapterInvalid(f"{source} is not a complete adapter artifact: missing {', '.join(missing)}",
-                                 field="adapter")
-        tmp = self._staging_dir("tmp-")
-        target: Path | None = None
-        committed = False
+        parent_ref = _parent_ref(parent)
+        source = _artifact_source(Path(source_dir))
+        staged = self._staging_dir("tmp-")
         try:
-            for file_name in ARTIFACT_FILES:
-                shutil.copyfile(source / file_name, tmp / file_name)
-                os.chmod(tmp / file_name, 0o444)  # immutable by convention; a hint against in-place edits
-                _fsync_path(tmp / file_name)
-            _fsync_path(tmp)
-            try:  # validate exactly the bytes that will become visible
-                config = read_adapter_config(tmp)
-                read_adapter_tensors(tmp, config)
-            except NotFound as exc:
-                raise AdapterInvalid(f"{source}: {exc.detail}", field="adapter") from exc
-            digest = content_sha256(tmp)
-            record = {
-                "sha256": digest, "files": _file_digests(tmp), "method": config.method,
-                "base_model_id": config.base_model_id, "shares_base_embeddings": config.shares_base_embeddings,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "metrics": dict(config.metrics), "n_parameters": int(config.n_parameters), "parent": None,
-            }
-            with self._locked():
-                index = self._read_index(fresh=True)
-                if parent_ref is not None:
-                    try:
-                        record["parent"] = self._lookup(index, tenant, parent_ref).ref
-                    except NotFound as exc:
-                        raise NotFound(f"parent {str(parent_ref)!r} not found", field="parent") from exc
-                entry = index["tenants"].setdefault(tenant, {}).setdefault(
-                    name, {"next_version": 1, "versions": {}, "aliases": {}, "alias_history": {}})
-                number = int(entry["next_version"])
-                target = self._version_path(tenant, name, number)
-                name_dir = target.parent
-                name_dir.mkdir(parents=True, exist_ok=True)
-                if target.exists():  # left by a publisher that crashed before its index write: never visible
-                    log.warning("adapter registry: removing orphaned %s", target)
-                    shutil.rmtree(target)
-                os.rename(tmp, target)
-                _fsync_path(name_dir)
+            record = _stage_artifact(source, staged)
+            result = self._install(tenant, name, staged, record, parent_ref)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # already gone once installed
+        log.info("adapter registry: published %s/%s (sha256 %s)", tenant, result.ref, result.sha256[:16])
+        return result
+
+    def _install(self, tenant: str, name: str, staged: Path, record: dict[str, Any],
+                 parent_ref: AdapterRef | None) -> AdapterVersion:
+        """Under the lock: resolve the parent, rename ``staged`` to the next ``v<N>`` and commit the index.
+
+        On any failure the version folder is removed again, so nothing becomes visible.
+        """
+        with self._locked():
+            index = self._read_index(fresh=True)
+            if parent_ref is not None:
+                try:
+                    record["parent"] = self._lookup(index, tenant, parent_ref).ref
+                except NotFound as exc:
+                    raise NotFound(f"parent {str(parent_ref)!r} not found", field="parent") from exc
+            entry = index["tenants"].setdefault(tenant, {}).setdefault(
+                name, {"next_version": 1, "versions": {}, "aliases": {}, "alias_history": {}})
+            number = int(entry["next_version"])
+            target = self._version_path(tenant, name, number)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # left by a publisher that crashed before its index write: never visible
+                log.warning("adapter registry: removing orphaned %s", target)
+                shutil.rmtree(target)
+            try:
+                rename_durably(staged, target)
                 entry["versions"][str(number)] = record
                 entry["next_version"] = number + 1
                 self._commit(index)
-                committed = True
-                result = self._to_version(tenant, name, number, entry)
-        finally:
-            if not committed:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if target is not None and target.exists():
-                    shutil.rmtree(target, ignore_errors=True)
-        log.info("adapter registry: published %s/%s (sha256 %s)", tenant, result.ref, digest[:16])
-        return result
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+            return self._to_version(tenant, name, number, entry)
+
+    def _move_alias(self, index: dict[str, Any], entry: dict[str, Any], tenant: str, name: str, alias: str,
+                    version: int, *, action: str) -> AdapterVersion:
+        """Point ``name@alias`` at ``version`` in ``index``, commit and log it (call with the lock held)."""
+        was = entry["aliases"].get(alias)
+        entry["aliases"][alias] = version
+        self._commit(index)
+        log.info("adapter registry: %s %s/%s@%s: %s -> %s", action, tenant, name, alias, was, version)
+        return self._to_version(tenant, name, version, entry)
 
     def promote(self, tenant: str, name: str, alias: str, version: int) -> AdapterVersion:
         """Point ``name@alias`` at ``version`` (which must verify); the previous target goes on the history.
@@ -558,7 +408,7 @@ class FileSystemAdapterStore:
         validate_name("tenant", tenant)
         validate_name("name", name)
         validate_name("alias", alias)
-        _validate_version(version)
+        validate_version(version)
         self._verify(self._lookup(self._read_index(), tenant, AdapterRef(name, version=version)))
         with self._locked():
             index = self._read_index(fresh=True)
@@ -570,11 +420,7 @@ class FileSystemAdapterStore:
                 return target
             if previous is not None:
                 entry["alias_history"].setdefault(alias, []).append(previous)
-            entry["aliases"][alias] = version
-            self._commit(index)
-            result = self._to_version(tenant, name, version, entry)
-        log.info("adapter registry: %s/%s@%s -> %s (was %s)", tenant, name, alias, version, previous)
-        return result
+            return self._move_alias(index, entry, tenant, name, alias, version, action="promoted")
 
     def rollback(self, tenant: str, name: str, alias: str) -> AdapterVersion:
         """Move ``name@alias`` back to the version it pointed to before its last move.
@@ -594,21 +440,15 @@ class FileSystemAdapterStore:
             if not history:
                 raise AdapterConflict(f"{name}@{alias} has no earlier version to roll back to", field="alias")
             previous = history[-1]
-            target = self._to_version(tenant, name, previous, entry)
-            self._verify(target)
-            current = entry["aliases"][alias]
+            self._verify(self._to_version(tenant, name, previous, entry))
             history.pop()
-            entry["aliases"][alias] = previous
-            self._commit(index)
-            result = self._to_version(tenant, name, previous, entry)
-        log.info("adapter registry: rolled back %s/%s@%s from %s to %s", tenant, name, alias, current, previous)
-        return result
+            return self._move_alias(index, entry, tenant, name, alias, previous, action="rolled back")
 
     def delete(self, tenant: str, name: str, version: int) -> None:
         """Remove one version (its number is never reused). Refused while an alias points at it."""
         validate_name("tenant", tenant)
         validate_name("name", name)
-        _validate_version(version)
+        validate_version(version)
         with self._locked():
             index = self._read_index(fresh=True)
             found = self._lookup(index, tenant, AdapterRef(name, version=version))
