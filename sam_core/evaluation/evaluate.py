@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias, TypedDict, overload
 
 import numpy as np
 
@@ -42,7 +43,9 @@ from sam_core.inference.prompts import Prompt
 from sam_core.inference.tiling import TiledEmbedding, decode_tiled, encode_tiled
 from sam_core.inference.types import Embedding
 
-SegmentFn = Callable[[np.ndarray, list[dict]], np.ndarray]
+PromptDict: TypeAlias = dict[str, np.ndarray | None]
+"""One :func:`~sam_core.data.prompt_sim.simulate_prompt` result: "box", "point_coords", "point_labels" (or None)."""
+SegmentFn = Callable[[np.ndarray, list[PromptDict]], np.ndarray]
 """``segment(image H x W x 3 uint8, prompts: N simulate_prompt dicts) -> N x H x W bool``."""
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, images_total)``, called after every image."""
@@ -51,7 +54,7 @@ EmbeddingCache = MutableMapping[str, "Embedding | TiledEmbedding"]
 COMPARE_KEYS: tuple[str, ...] = (
     "dice_mean", "iou_mean", "hd95_mean", "nsd_mean", "dice_image_mean", "n_instances", "seconds",
 )
-_Segmenter = Callable[[Sample, list[dict]], np.ndarray]
+_Segmenter = Callable[[Sample, list[PromptDict]], np.ndarray]
 
 
 def _eval_prompt_config() -> PromptConfig:
@@ -98,9 +101,9 @@ class WorstCase:
     dice: float
     pred: np.ndarray
     gt: np.ndarray
-    prompt: dict
+    prompt: dict[str, object]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         """Everything but the masks (their areas instead)."""
         return _jsonable({
             "image_id": self.image_id,
@@ -122,19 +125,19 @@ class EvalReport:
     """
 
     scores: list[InstanceScore]
-    summary: dict
-    per_image: dict[str, dict]
+    summary: dict[str, float]
+    per_image: dict[str, dict[str, float]]
     worst: list[WorstCase]
     model_id: str
     label: str
     seconds: float
-    config: dict = field(default_factory=dict)
+    config: dict[str, object] = field(default_factory=dict)
 
     def dice_values(self) -> np.ndarray:
         """(N,) float64 per-instance Dice."""
         return np.array([s.dice for s in self.scores], dtype=np.float64)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         """JSON-serialisable dict (strict JSON: inf / nan -> null)."""
         return _jsonable({
             "label": self.label,
@@ -150,6 +153,23 @@ class EvalReport:
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+class Comparison(TypedDict):
+    """:func:`compare`'s result."""
+
+    baseline: str
+    labels: list[str]
+    rows: dict[str, dict[str, float]]
+    deltas: dict[str, dict[str, float]]
+
+
+@overload
+def _jsonable(value: Mapping[str, object]) -> dict[str, object]: ...
+
+
+@overload
+def _jsonable(value: object) -> object: ...
 
 
 def _jsonable(value: object) -> object:
@@ -175,13 +195,13 @@ def prompt_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def image_prompts(image_id: str, instances: Sequence[Instance], cfg: PromptConfig, seed: int) -> list[dict]:
+def image_prompts(image_id: str, instances: Sequence[Instance], cfg: PromptConfig, seed: int) -> list[PromptDict]:
     """One simulate_prompt dict per instance, drawn from :func:`prompt_rng` in instance order."""
     rng = prompt_rng(seed, image_id)
     return [simulate_prompt(inst.mask, rng, cfg) for inst in instances]
 
 
-def prompt_from_dict(prompt: Mapping) -> Prompt:
+def prompt_from_dict(prompt: Mapping[str, object]) -> Prompt:
     """simulate_prompt dict (box / point_coords / point_labels, each array or None) -> Prompt."""
     def arr(key: str, dtype: type) -> np.ndarray | None:
         value = prompt.get(key)
@@ -220,7 +240,7 @@ class _WorstKeeper:
         self._heap: list[tuple[float, int, WorstCase]] = []  # (-dice, -seq): root = first to evict
         self._seq = 0
 
-    def offer(self, score: InstanceScore, pred: np.ndarray, gt: np.ndarray, prompt: dict) -> None:
+    def offer(self, score: InstanceScore, pred: np.ndarray, gt: np.ndarray, prompt: PromptDict) -> None:
         self._seq += 1
         if self.k == 0 or (len(self._heap) == self.k and score.dice >= -self._heap[0][0]):
             return
@@ -235,7 +255,7 @@ class _WorstKeeper:
         return [case for _, _, case in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
 
 
-def _score_image(sample: Sample, instances: Sequence[Instance], preds: np.ndarray, prompts: Sequence[dict],
+def _score_image(sample: Sample, instances: Sequence[Instance], preds: np.ndarray, prompts: Sequence[PromptDict],
                  cfg: EvalConfig, worst: _WorstKeeper) -> list[InstanceScore]:
     """preds: N x H x W bool, one per instance."""
     scores = []
@@ -246,7 +266,7 @@ def _score_image(sample: Sample, instances: Sequence[Instance], preds: np.ndarra
     return scores
 
 
-def _image_summary(scores: Sequence[InstanceScore]) -> dict:
+def _image_summary(scores: Sequence[InstanceScore]) -> dict[str, float]:
     return {"dice": float(np.mean([s.dice for s in scores])), "iou": float(np.mean([s.iou for s in scores])),
             "n": len(scores)}
 
@@ -256,7 +276,7 @@ def _evaluate_loop(segmenter: _Segmenter, dataset: Sequence[Sample], cfg: EvalCo
     """The shared loop: prompts, one segmenter call per image, scores, worst cases."""
     t0 = time.perf_counter()
     scores: list[InstanceScore] = []
-    per_image: dict[str, dict] = {}
+    per_image: dict[str, dict[str, float]] = {}
     worst = _WorstKeeper(cfg.keep_worst)
     total = len(dataset)
     for done, sample in enumerate(dataset, start=1):
@@ -297,7 +317,8 @@ def _embedding_for(predictor: Predictor, sample: Sample, cfg: EvalConfig,
 def _best_masks(masks: np.ndarray, iou_scores: np.ndarray) -> np.ndarray:
     """N x M x H x W, N x M -> N x H x W: the mask with the highest predicted IoU per prompt."""
     best = np.argmax(iou_scores, axis=1)
-    return masks[np.arange(len(masks)), best]
+    selected: np.ndarray = masks[np.arange(len(masks)), best]
+    return selected
 
 
 def decode_masks(predictor: Predictor, embedding: Embedding | TiledEmbedding, prompts: Sequence[Prompt], *,
@@ -315,7 +336,7 @@ def decode_masks(predictor: Predictor, embedding: Embedding | TiledEmbedding, pr
 
 
 def _predictor_segmenter(predictor: Predictor, cfg: EvalConfig, cache: EmbeddingCache | None) -> _Segmenter:
-    def segment(sample: Sample, prompts: list[dict]) -> np.ndarray:
+    def segment(sample: Sample, prompts: list[PromptDict]) -> np.ndarray:
         embedding = _embedding_for(predictor, sample, cfg, cache)
         return decode_masks(predictor, embedding, [prompt_from_dict(p) for p in prompts], multimask=cfg.multimask)
 
@@ -346,7 +367,7 @@ def evaluate_fn(segment: SegmentFn, dataset: Sequence[Sample], cfg: EvalConfig |
     """
     cfg = cfg or EvalConfig()
 
-    def segmenter(sample: Sample, prompts: list[dict]) -> np.ndarray:
+    def segmenter(sample: Sample, prompts: list[PromptDict]) -> np.ndarray:
         return segment(sample.load_image(), prompts)
 
     return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=model_id, progress=progress)
@@ -356,13 +377,13 @@ def evaluate_fn(segment: SegmentFn, dataset: Sequence[Sample], cfg: EvalConfig |
 # comparison and report
 
 
-def _row(report: EvalReport) -> dict:
+def _row(report: EvalReport) -> dict[str, float]:
     row = {key: report.summary.get(key, math.nan) for key in COMPARE_KEYS if key != "seconds"}
     row["seconds"] = report.seconds
     return row
 
 
-def compare(reports: Sequence[EvalReport]) -> dict:
+def compare(reports: Sequence[EvalReport]) -> Comparison:
     """Side-by-side summary of several reports; deltas are relative to the first (the baseline).
 
     Returns {"baseline": label, "labels": [...], "rows": {label: {key: value}},
@@ -388,7 +409,7 @@ def _fmt(key: str, value: float | None, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def format_table(comparison: dict) -> str:
+def format_table(comparison: Comparison) -> str:
     """Markdown table of :func:`compare`'s output: one row per label, "value (delta)" after the baseline."""
     header = "| model | " + " | ".join(COMPARE_KEYS) + " |"
     lines = [header, "|" + "---|" * (len(COMPARE_KEYS) + 1)]
@@ -403,7 +424,8 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "model"
 
 
-def write_report(path_dir: str | Path, reports: Sequence[EvalReport], *, history: dict | None = None,
+def write_report(path_dir: str | Path, reports: Sequence[EvalReport], *,
+                 history: Mapping[str, Sequence[float]] | None = None,
                  dataset: Sequence[Sample] | None = None) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the plots into ``path_dir`` (created if needed).
 

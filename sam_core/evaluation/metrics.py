@@ -62,8 +62,9 @@ def _crop_to_union(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Mask pixels with a 4-neighbour outside the mask (outside the array counts as outside)."""
-    eroded = cv2.erode(mask.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return mask & (eroded == 0)
+    eroded: np.ndarray = cv2.erode(mask.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    surface: np.ndarray = mask & (eroded == 0)
+    return surface
 
 
 def _distance_to(surface: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
@@ -74,7 +75,8 @@ def _distance_to(surface: np.ndarray, spacing: tuple[float, float]) -> np.ndarra
         return dist.astype(np.float64) * dy
     from scipy import ndimage  # only anisotropic spacing needs scipy
 
-    return ndimage.distance_transform_edt(~surface, sampling=(dy, dx))
+    edt: np.ndarray = ndimage.distance_transform_edt(~surface, sampling=(dy, dx))
+    return edt
 
 
 def surface_distances(
@@ -150,7 +152,7 @@ def score_instance(
     p, g = _pair(pred, gt)
     hd = _empty_case(p, g, 0.0, math.inf)
     ns = _empty_case(p, g, 1.0, 0.0)
-    if hd is None:
+    if hd is None or ns is None:  # both None together: neither mask is empty
         d_pg, d_gp = surface_distances(p, g, spacing)
         hd, ns = _hd95_from(d_pg, d_gp), _nsd_from(d_pg, d_gp, tolerance)
     return InstanceScore(image_id, int(instance_id), dice(p, g), iou(p, g), float(hd), float(ns))
@@ -165,7 +167,7 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(np.median(arr))
 
 
-def summarize(scores: Sequence[InstanceScore]) -> dict:
+def summarize(scores: Sequence[InstanceScore]) -> dict[str, float]:
     """Aggregate instance scores.
 
     Returns a flat dict: ``n_instances``, ``n_images``, ``hd95_inf_count`` and for each metric m in
@@ -173,7 +175,7 @@ def summarize(scores: Sequence[InstanceScore]) -> dict:
     (mean of each image's instance mean, then over images). Infinite HD95 values (one mask empty) are
     excluded from every HD95 aggregate and counted in ``hd95_inf_count``. Empty input -> nan aggregates.
     """
-    out: dict = {
+    out: dict[str, float] = {
         "n_instances": len(scores),
         "n_images": len({s.image_id for s in scores}),
         "hd95_inf_count": sum(1 for s in scores if math.isinf(s.hd95)),

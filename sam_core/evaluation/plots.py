@@ -8,9 +8,9 @@ selected backend, so plotting works headless, never opens a window, and leaks no
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 # training curves
 
 
-def _series(history: Mapping[str, Any], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _series(history: Mapping[str, Sequence[float]], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Two equally long 1-D float arrays from ``history`` (missing keys -> empty)."""
     x = np.asarray(history.get(x_key, []), dtype=np.float64).reshape(-1)
     y = np.asarray(history.get(y_key, []), dtype=np.float64).reshape(-1)
@@ -92,7 +92,7 @@ def _draw_val(ax: Axes, steps: np.ndarray, dice: np.ndarray) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_training_curves(history: Mapping[str, Any], path: str | Path) -> Path:
+def plot_training_curves(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
     """Two panels: training loss vs "step", validation Dice ("val_dice") vs "val_step" (optional)."""
     steps, loss = _series(history, "step", "loss")
     val_steps, val_dice = _series(history, "val_step", "val_dice")
@@ -112,7 +112,7 @@ def plot_dice_histogram(reports: Sequence[EvalReport], path: str | Path, *, bins
     """Overlaid per-instance Dice histograms (``bins`` bins over [0, 1]); legend with mean and count."""
     fig = _new_figure(6.4, 4.0)
     ax = fig.subplots()
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges: list[float] = np.linspace(0.0, 1.0, bins + 1).tolist()
     for i, report in enumerate(reports):
         dice = np.clip(np.array([s.dice for s in report.scores], dtype=np.float64), 0.0, 1.0)
         mean = float(dice.mean()) if dice.size else math.nan
@@ -158,7 +158,7 @@ def _contour(ax: Axes, mask: np.ndarray, color: str) -> None:
     ax.contour(np.arange(-1, w - 1), np.arange(-1, h - 1), padded, levels=[0.5], colors=color, linewidths=1.2)
 
 
-def _image_lookup(dataset: Sequence[Sample] | None) -> Any:
+def _image_lookup(dataset: Sequence[Sample] | None) -> Callable[[str], np.ndarray | None]:
     """image_id -> H x W x 3 uint8 (or None without a data set); each image decoded at most once."""
     cache: dict[str, np.ndarray | None] = {}
 

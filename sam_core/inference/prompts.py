@@ -36,11 +36,11 @@ class Prompt:
     mask_input: np.ndarray | None = None
 
     @staticmethod
-    def from_box(box: Sequence[float]) -> Prompt:
+    def from_box(box: Sequence[float] | np.ndarray) -> Prompt:
         return Prompt(box=np.asarray(box, dtype=np.float64))
 
     @staticmethod
-    def from_points(coords: Sequence[Sequence[float]], labels: Sequence[int]) -> Prompt:
+    def from_points(coords: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int] | np.ndarray) -> Prompt:
         return Prompt(point_coords=np.asarray(coords, dtype=np.float64), point_labels=np.asarray(labels))
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from sam_core.inference.types import DecodeResult, Embedding
 
 DEFAULT_OVERLAP = 64
 DEFAULT_MARGIN = 4
+
+# one prompt's stitching canvas: (y0, x0, y1, x1) box in the image, M x h x w weighted logit sum, h x w weight sum
+_Canvas: TypeAlias = tuple[tuple[int, int, int, int], torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -142,7 +146,7 @@ def decode_tiled(predictor: Predictor, tiled: TiledEmbedding, prompts: Sequence[
     iou = np.zeros((len(valid), m), dtype=np.float32)
     stability = np.zeros((len(valid), m), dtype=np.float32)
     # Per prompt: a weighted logit sum over the union of its tiles (bounded by a few tiles' area).
-    acc: dict[int, tuple[tuple[int, int, int, int], torch.Tensor, torch.Tensor]] = {}
+    acc: dict[int, _Canvas] = {}
     counts = np.zeros(len(valid), dtype=np.int64)
     for t, indices in per_tile.items():
         emb = tiled.tiles[t]
@@ -174,7 +178,7 @@ def decode_tiled(predictor: Predictor, tiled: TiledEmbedding, prompts: Sequence[
                                     "fallback_prompts": float(len(fallback))})
 
 
-def _accumulate(acc: dict, i: int, tiled: TiledEmbedding, tiles: list[int],
+def _accumulate(acc: dict[int, _Canvas], i: int, tiled: TiledEmbedding, tiles: list[int],
                 origin: tuple[int, int], logits: torch.Tensor, weight: torch.Tensor) -> None:
     """Add one tile's M x h x w logits (weighted) into prompt i's canvas over the union of its tiles."""
     if i not in acc:

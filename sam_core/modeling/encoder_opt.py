@@ -31,24 +31,35 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Sequential, int]]:
-    """(sequential, index) of every Conv2d directly followed by a BatchNorm2d inside an nn.Sequential."""
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Sequential, int, nn.Conv2d, nn.BatchNorm2d]]:
+    """(sequential, index, conv, bn) of every Conv2d directly followed by a BatchNorm2d inside an nn.Sequential."""
     pairs = []
     for seq in module.modules():
         if isinstance(seq, nn.Sequential):
             children = list(seq)
             for i in range(len(children) - 1):
-                if isinstance(children[i], nn.Conv2d) and isinstance(children[i + 1], nn.BatchNorm2d):
-                    pairs.append((seq, i))
+                conv, bn = children[i], children[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    pairs.append((seq, i, conv, bn))
     return pairs
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's kernel_size, stride, padding or dilation (typed tuple[int, ...] by torch) as the pair it is."""
+    first, second = value
+    return first, second
 
 
 @torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """One Conv2d equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics)."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fuse_conv_bn needs a BatchNorm2d with running statistics (track_running_stats=True)")
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), stride=_pair(conv.stride),
+                      padding=padding, dilation=_pair(conv.dilation), groups=conv.groups, bias=True,
                       padding_mode=conv.padding_mode).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    assert fused.bias is not None  # bias=True
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -65,8 +76,8 @@ def optimized_encoder(encoder: nn.Module) -> nn.Module:
     if not _conv_bn_pairs(encoder):
         return encoder
     clone = copy.deepcopy(encoder)
-    for seq, i in _conv_bn_pairs(clone):
-        seq[i] = fuse_conv_bn(seq[i], seq[i + 1])
+    for seq, i, conv, bn in _conv_bn_pairs(clone):
+        seq[i] = fuse_conv_bn(conv, bn)
         seq[i + 1] = nn.Identity()
     clone.eval().requires_grad_(False)
     return clone.to(memory_format=torch.channels_last)

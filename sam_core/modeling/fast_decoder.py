@@ -34,14 +34,42 @@ this path is inference-only and rebuilt when the decoder weights change (it read
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Literal, TypeAlias, TypedDict, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+    from segment_anything.modeling.mask_decoder import MaskDecoder
+    from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
 DEFAULT_CHUNK = 16  # prompts per pass: bounds memory (per prompt ~4 MB per image-token tensor at 64 x 64)
 LOWRANK_MIN_PROMPTS = 4  # the low-rank first upscaling layer costs one dense N x C x 4C1 product per call
 UPSCALE_TILE = 1024  # image tokens per output-upscaling step (inference): intermediates stay in L2
+
+
+class _SharedCache(TypedDict, total=False):
+    """Products of one call on the image tokens shared by every prompt (empty when they are per-prompt)."""
+
+    keys0: torch.Tensor  # 1 x N x C: features + dense, flattened
+    k0: torch.Tensor  # keys0 + positional encoding
+    i2t_q: torch.Tensor  # shared_q of the first block's image->token attention
+    t2i_kv: tuple[torch.Tensor, torch.Tensor]  # shared_kv of the first block's token->image attention
+    conv1_s: torch.Tensor  # S of FastMaskDecoder._conv1_factors, computed on first use
+
+
+# what the shared products depend on (FastMaskDecoder._signature): ids of the embedding and positional encoding,
+# (data_ptr, version, stride, shape) of the dense prompt, (id, version) of every decoder parameter
+_Signature: TypeAlias = tuple[int, int, tuple[int, int, tuple[int, ...], tuple[int, ...]], tuple[tuple[int, int], ...]]
+# held by the memo so that the ids in its signature stay unique: features, image_pe, dense, decoder parameters
+_Pinned: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[nn.Parameter]]
+# per block of a low-rank pass: P, U (image_to_token factors), LayerNorm mean and rstd, the LayerNorm (norm4)
+_TraceEntry: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.LayerNorm]
+# FastMaskDecoder._conv1_factors: (S, scale, blocks [(P_l, c_l)], small, R)
+_Conv1Factors: TypeAlias = tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor,
+                                torch.Tensor]
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -56,7 +84,7 @@ def _unheads(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape(b, bt // b, h * d)
 
 
-def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def token_to_image(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    kv_shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """segment_anything ``Attention`` with few queries and many keys.
 
@@ -64,9 +92,9 @@ def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     ``kv_shared``: :func:`shared_kv` of (k, v) when Bk = 1, precomputed once per call.
     Returns B x T x C.
     """
-    n_heads = attn.num_heads
+    n_heads: int = attn.num_heads
     b, t, c = q.shape
-    qp = attn.q_proj(q)  # B x T x H*d
+    qp: torch.Tensor = attn.q_proj(q)  # B x T x H*d
     d = qp.shape[-1] // n_heads
     if k.shape[0] == 1 and (kv_shared is not None or b > 1):
         # image tokens shared by several prompts: projected once per call (the eager module: once per prompt).
@@ -75,29 +103,42 @@ def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
         kt, vh = kv_shared if kv_shared is not None else shared_kv(attn, k, v)  # H x d x N, H x N x d
         logits = torch.bmm(_heads(qp / math.sqrt(d), n_heads), kt)  # H x B*T x N
         out = torch.bmm(torch.softmax(logits, dim=-1), vh)  # H x B*T x d
-        return attn.out_proj(_unheads(out, b))
-    wk = attn.k_proj.weight.reshape(n_heads, d, c)  # H x d x C
-    wv = attn.v_proj.weight.reshape(n_heads, d, c)
+        shared_out: torch.Tensor = attn.out_proj(_unheads(out, b))
+        return shared_out
+    wk: torch.Tensor = attn.k_proj.weight.reshape(n_heads, d, c)  # H x d x C
+    wv: torch.Tensor = attn.v_proj.weight.reshape(n_heads, d, c)
     qk = torch.einsum("bthd,hdc->bhtc", qp.reshape(b, t, n_heads, d) / math.sqrt(d), wk).reshape(b, n_heads * t, c)
     logits = torch.bmm(qk, k.transpose(1, 2))  # B x H*T x N; the key bias cancels in softmax
     pk = torch.bmm(torch.softmax(logits, dim=-1), v)  # B x H*T x C
     out = torch.einsum("bhtc,hdc->bthd", pk.reshape(b, n_heads, t, c), wv).reshape(b, t, n_heads * d)
-    return attn.out_proj(out + attn.v_proj.bias)
+    result: torch.Tensor = attn.out_proj(out + attn.v_proj.bias)
+    return result
 
 
-def shared_kv(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_kv(attn: Attention, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected shared image tokens for :func:`token_to_image`: 1 x N x C -> (H x d x N keys, H x N x d values)."""
-    n_heads = attn.num_heads
+    n_heads: int = attn.num_heads
     kt = _heads(attn.k_proj(k), n_heads).transpose(1, 2).contiguous()
     return kt, _heads(attn.v_proj(v), n_heads).contiguous()
 
 
-def shared_q(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+def shared_q(attn: Attention, q: torch.Tensor) -> torch.Tensor:
     """Projected shared image tokens for :func:`image_to_token`: 1 x N x C -> H x d x N."""
     return _heads(attn.q_proj(q), attn.num_heads).transpose(1, 2).contiguous()
 
 
-def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+@overload
+def image_to_token(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+                   q_shared: torch.Tensor | None = None, *, factors: Literal[False] = False) -> torch.Tensor: ...
+
+
+@overload
+def image_to_token(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+                   q_shared: torch.Tensor | None = None, *, factors: Literal[True]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def image_to_token(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
                    q_shared: torch.Tensor | None = None, *, factors: bool = False
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``residual + Attention(q, k, v)`` for many queries (image tokens) and few keys (prompt tokens).
@@ -111,10 +152,10 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     projection is re-associated per head (``P_h (V_h W_o,h)``) and its bias folded into those rows
     (each head's probabilities sum to one); the residual add happens inside the final GEMM.
     """
-    n_heads = attn.num_heads
+    n_heads: int = attn.num_heads
     b, t, c = k.shape
     n = q.shape[1]
-    kp = attn.k_proj(k)  # B x T x H*d
+    kp: torch.Tensor = attn.k_proj(k)  # B x T x H*d
     d = kp.shape[-1] // n_heads
     kh = kp.reshape(b, t, n_heads, d) / math.sqrt(d)
     if q.shape[0] == 1 and (q_shared is not None or b > 1):  # shared image tokens (see token_to_image)
@@ -122,12 +163,12 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
         logits = torch.bmm(kh.permute(2, 0, 1, 3).reshape(n_heads, b * t, d), qt)  # H x B*T x N
         p = torch.softmax(logits.reshape(n_heads, b, t, n), dim=2).transpose(0, 1).reshape(b, n_heads * t, n)
     else:
-        wq = attn.q_proj.weight.reshape(n_heads, d, c)  # H x d x C
+        wq: torch.Tensor = attn.q_proj.weight.reshape(n_heads, d, c)  # H x d x C
         m = torch.einsum("hdc,bthd->bhtc", wq, kh).reshape(b, n_heads * t, c)
         bias = torch.einsum("hd,bthd->bht", attn.q_proj.bias.reshape(n_heads, d), kh).reshape(b, n_heads * t, 1)
         logits = torch.baddbmm(bias, m, q.transpose(1, 2))  # B x H*T x N
         p = torch.softmax(logits.reshape(b, n_heads, t, n), dim=2).reshape(b, n_heads * t, n)
-    wo = attn.out_proj.weight.reshape(c, n_heads, d)  # C x H x d
+    wo: torch.Tensor = attn.out_proj.weight.reshape(c, n_heads, d)  # C x H x d
     u = torch.einsum("bthd,chd->bhtc", attn.v_proj(v).reshape(b, t, n_heads, d), wo)
     u = (u + attn.out_proj.bias / n_heads).reshape(b, n_heads * t, c)
     out = torch.baddbmm(residual, p.transpose(1, 2), u)
@@ -146,13 +187,13 @@ class FastMaskDecoder:
     (the decoder fine-tuning step: about half the FLOPs of the eager module, forward and backward).
     """
 
-    def __init__(self, sam: nn.Module, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.decoder = sam.mask_decoder
-        self.transformer = self.decoder.transformer
+    def __init__(self, sam: Sam, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.decoder: MaskDecoder = sam.mask_decoder
+        self.transformer: TwoWayTransformer = self.decoder.transformer
         self.chunk = chunk
         # (signature, shared first-block products, pinned tensors) of the last inference call: a client sending
         # one prompt per call on the same embedding (interactive clicks) skips the 4096-token projections
-        self._memo: tuple[tuple, dict[str, torch.Tensor], tuple] | None = None
+        self._memo: tuple[_Signature, _SharedCache, _Pinned] | None = None
         ups = self.decoder.output_upscaling
         if len(ups) != 5 or not isinstance(ups[0], nn.ConvTranspose2d) or not isinstance(ups[3], nn.ConvTranspose2d):
             raise TypeError("FastMaskDecoder expects SAM's ConvT-LN-act-ConvT-act output_upscaling")
@@ -160,6 +201,8 @@ class FastMaskDecoder:
     @staticmethod
     def _conv_t_as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
         """Cin x Cout x 2 x 2 transposed conv -> (Cin x (2*2*Cout) weight, bias) ordered (ki, kj, cout)."""
+        if conv.bias is None:
+            raise TypeError("FastMaskDecoder expects output_upscaling's transposed convolutions with a bias")
         w = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
         return w, conv.bias.repeat(4)
 
@@ -170,7 +213,7 @@ class FastMaskDecoder:
 
     def forward(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                 dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.transformer.layers[0]
+        first: TwoWayAttentionBlock = self.transformer.layers[0]
         pe = image_pe.flatten(2).transpose(1, 2)  # 1 x N x C
         shared = dense.shape[0] == 1 and features.shape[0] == 1
         signature = self._signature(features, image_pe, dense) if shared else None
@@ -189,13 +232,14 @@ class FastMaskDecoder:
             if signature is not None:  # holding the tensors and parameters pins what the signature names
                 self._memo = (signature, cache, (features, image_pe, dense, list(self.decoder.parameters())))
         lowrank = shared and sparse.shape[0] >= LOWRANK_MIN_PROMPTS and self._lowrank_ok()
+        hw = (features.shape[-2], features.shape[-1])
         outputs = [self._chunk(sparse[s:s + self.chunk], keys0 if shared else keys0[s:s + self.chunk], pe,
-                               cache, multimask, features.shape[-2:], lowrank)
+                               cache, multimask, hw, lowrank)
                    for s in range(0, sparse.shape[0], self.chunk)]
         masks, iou = zip(*outputs, strict=True)
         return torch.cat(masks), torch.cat(iou)
 
-    def _signature(self, features: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> tuple | None:
+    def _signature(self, features: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> _Signature | None:
         """What the shared first-block products depend on: the embedding and positional encoding (by identity;
         embeddings are never modified in place), the dense prompt (its storage and version: the no-mask
         embedding is a view of a parameter) and every decoder parameter's identity and version (training,
@@ -210,7 +254,7 @@ class FastMaskDecoder:
             return None
         return id(features), id(image_pe), dense_key, weights
 
-    def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: dict[str, torch.Tensor],
+    def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: _SharedCache,
                multimask: bool, hw: tuple[int, int], lowrank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         dec, tr = self.decoder, self.transformer
         b = sparse.shape[0]
@@ -219,7 +263,7 @@ class FastMaskDecoder:
         queries, query_pe = tokens, tokens
         # inference with shared first-layer image tokens: record each block's P, U and LayerNorm
         # statistics so the first upscaling layer can skip the dense product (see _conv1_factors)
-        trace: list | None = [] if lowrank else None
+        trace: list[_TraceEntry] | None = [] if lowrank else None
         keys0 = keys
         for layer in tr.layers:
             if layer.skip_first_layer_pe:
@@ -251,7 +295,7 @@ class FastMaskDecoder:
         used = queries[:, rows]
         attn_out = token_to_image(tr.final_attn_token_to_image, used + query_pe[:, rows], keys + pe, keys)
         hs = tr.norm_final_attn(used + attn_out)  # B x len(rows) x C
-        iou = dec.iou_prediction_head(hs[:, 0, :])
+        iou: torch.Tensor = dec.iou_prediction_head(hs[:, 0, :])
         sel = slice(1, None) if multimask else slice(0, 1)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(mask_idx)],
                             dim=1)  # B x M x c8
@@ -268,8 +312,7 @@ class FastMaskDecoder:
                 and all(isinstance(layer.norm4, nn.LayerNorm) and layer.norm4.weight is not None
                         and len(layer.norm4.normalized_shape) == 1 for layer in self.transformer.layers))
 
-    def _conv1_factors(self, keys0: torch.Tensor, trace: list, cache: dict[str, torch.Tensor]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _conv1_factors(self, keys0: torch.Tensor, trace: list[_TraceEntry], cache: _SharedCache) -> _Conv1Factors:
         """The first upscaling layer (a per-token Linear W, bias a) of the transformer's output tokens,
         as ``scale * S + L R``: S shared by all prompts, L R of rank ~ blocks x (H*T + 2).
 
@@ -294,7 +337,7 @@ class FastMaskDecoder:
         big_rows: list[torch.Tensor] = []
         small_rows: list[torch.Tensor] = []
         const = a  # multiplies c after the last block (= 1)
-        c_next = None
+        c_next: torch.Tensor | None = None
         for p, u, mean, rstd, norm in reversed(trace):
             wg = norm.weight[:, None] * w
             c = rstd.squeeze(-1) if c_next is None else rstd.squeeze(-1) * c_next  # B x N
@@ -308,6 +351,8 @@ class FastMaskDecoder:
             small.append(-c * mean.squeeze(-1))
             small_rows.append(wg.sum(0).expand(b, -1))
             w, c_next = wg, c
+        if c_next is None:
+            raise ValueError("_conv1_factors needs the trace of at least one block")
         small.append(keys0.new_ones((b, n)))
         small_rows.append(const.expand(b, -1))
         if "conv1_s" not in cache:
@@ -322,7 +367,7 @@ class FastMaskDecoder:
         return self._upscale_tiled(keys, hyper, hw)
 
     def _upscale_tiled(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
-                       tile: int | None = None, factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                       tile: int | None = None, factors: _Conv1Factors | None = None) -> torch.Tensor:
         """:meth:`_upscale_vectorised` without autograd, ``tile`` image tokens of one prompt at a time.
 
         Per tile the intermediates (tile x 4*C1, 4*tile x 4*C2 floats) fit in L2, so the LayerNorm,

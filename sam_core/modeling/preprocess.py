@@ -23,7 +23,8 @@ from sam_core.modeling.family import ModelSpec
 
 def resized_shape(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:
     """(H, W) after scaling the longest side to ``img_size`` (rounded like segment_anything)."""
-    return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+    shape: tuple[int, int] = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+    return shape
 
 
 def resize_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -31,7 +32,8 @@ def resize_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     if spec.normalization == "minmax":
         h, w = resized_shape(image.shape[:2], spec.img_size)
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    return ResizeLongestSide(spec.img_size).apply_image(image)
+    resized: np.ndarray = ResizeLongestSide(spec.img_size).apply_image(image)
+    return resized
 
 
 def normalize_and_pad(resized: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -59,9 +61,9 @@ def preprocess(image: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, tuple[
 
 def transform_coords(coords: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:
     """... x 2 (x, y) in original pixels -> model input frame (float32)."""
-    return ResizeLongestSide(img_size).apply_coords(np.asarray(coords, dtype=np.float64), original_size).astype(
-        np.float32
-    )
+    resizer = ResizeLongestSide(img_size)
+    scaled: np.ndarray = resizer.apply_coords(np.asarray(coords, dtype=np.float64), original_size)
+    return scaled.astype(np.float32)
 
 
 def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:

@@ -123,7 +123,7 @@ def mask_on_grid(mask: np.ndarray, embedding: Embedding, img_size: int) -> torch
     The mask goes through the image's geometry: resized to ``embedding.input_size`` (area
     interpolation), zero-padded to ``img_size`` x ``img_size``, then area-pooled to the feature grid.
     """
-    grid = tuple(embedding.features.shape[-2:])
+    grid = (embedding.features.shape[-2], embedding.features.shape[-1])
     in_h, in_w = embedding.input_size
     resized = cv2.resize(mask.astype(np.float32), (in_w, in_h), interpolation=cv2.INTER_AREA)
     padded = np.zeros((img_size, img_size), np.float32)
@@ -295,7 +295,7 @@ def fit_persam(predictor: Predictor, ref_image: np.ndarray | None, ref_mask: np.
             combined = torch.einsum("m,mhw->hw", _full_weights(free), logits)[None, None]
             loss = dice_loss(combined, target) + focal_loss(combined, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
@@ -391,7 +391,7 @@ def _embed_dim(model: LoadedModel) -> int:
     return next(iter(model.net.feature_shapes().values()))[0]
 
 
-def save_persam(out_dir: str | os.PathLike, model: LoadedModel, persam: PerSamModel, *,
+def save_persam(out_dir: str | os.PathLike[str], model: LoadedModel, persam: PerSamModel, *,
                 metrics: dict[str, Any] | None = None, name: str | None = None) -> AdapterConfig:
     """Write ``persam`` as an adapter artifact (method ``persam``) for ``model``; returns its config.
 
@@ -416,7 +416,7 @@ def save_persam(out_dir: str | os.PathLike, model: LoadedModel, persam: PerSamMo
     return save_adapter(out_dir, model, tensors, MethodConfig(PersamMethod.name), metrics=metrics, name=name)
 
 
-def load_persam(model: LoadedModel, path: str | os.PathLike) -> PerSamModel:
+def load_persam(model: LoadedModel, path: str | os.PathLike[str]) -> PerSamModel:
     """Read a ``persam`` artifact fitted on ``model``.
 
     Raises AdapterInvalid for another method's artifact, another base model, a checksum mismatch,
