@@ -295,7 +295,7 @@ def fit_persam(predictor: Predictor, ref_image: np.ndarray | None, ref_mask: np.
             combined = torch.einsum("m,mhw->hw", _full_weights(free), logits)[None, None]
             loss = dice_loss(combined, target) + focal_loss(combined, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            torch.autograd.backward(loss)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
