@@ -141,10 +141,13 @@ def correction_point(
     n_fn, n_fp = int(fn.sum()), int(fp.sum())
     if n_fn == 0 and n_fp == 0:
         return None
-    dist_fn = _padded_distance(fn) if n_fn else None
-    dist_fp = _padded_distance(fp) if n_fp else None
-    use_fn = n_fn > n_fp or (n_fn == n_fp and float(dist_fn.max()) >= float(dist_fp.max()))
-    dist = dist_fn if use_fn else dist_fp
+    if n_fn == n_fp:  # both non-empty: the deeper error region wins (false negatives on a tie)
+        dist_fn, dist_fp = _padded_distance(fn), _padded_distance(fp)
+        use_fn = float(dist_fn.max()) >= float(dist_fp.max())
+        dist = dist_fn if use_fn else dist_fp
+    else:
+        use_fn = n_fn > n_fp
+        dist = _padded_distance(fn if use_fn else fp)
     best = np.flatnonzero(dist >= dist.max() - 1e-6)
     flat = int(rng.choice(best))
     width = gt.shape[1]
@@ -198,14 +201,14 @@ def prompt_config(kind: PromptKind = "box", jitter: float = 0.0) -> PromptConfig
                         point_from_center=jitter == 0.0)
 
 
-def simulate_prompt(mask: np.ndarray, rng: np.random.Generator, cfg: PromptConfig) -> dict:
+def simulate_prompt(mask: np.ndarray, rng: np.random.Generator, cfg: PromptConfig) -> dict[str, np.ndarray | None]:
     """Prompt for one H x W mask.
 
     Returns {"box": (4,) float32 or None, "point_coords": P x 2 float32 or None,
     "point_labels": (P,) int32 or None}.
     """
     m = _as_mask(mask)
-    out: dict = {"box": None, "point_coords": None, "point_labels": None}
+    out: dict[str, np.ndarray | None] = {"box": None, "point_coords": None, "point_labels": None}
     if cfg.uses_box:
         box = box_from_mask(m)
         if cfg.box_jitter > 0 and cfg.box_jitter_max_px != 0:

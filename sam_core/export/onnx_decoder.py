@@ -32,13 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
+from torch.jit._trace import TracerWarning
 
 from sam_core.files import atomic_output
 from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
-from sam_core.inference.prompts import Prompt
+from sam_core.inference.prompts import Prompt, all_present
 from sam_core.modeling.preprocess import transform_boxes, transform_coords
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
+from sam_core.modeling.sam1 import Sam1Model, require_sam1
 
 EXPORT_FORMAT = 1  # bump when the graph's interface or construction changes (invalidates cached exports)
 DEFAULT_OPSET = 17
@@ -55,7 +58,11 @@ class DecoderGraph(nn.Module):
     mask_input Bm x 1 x L x L, has_mask_input (Bm,)) -> (B x 4 x L x L logits, B x 4 IoU predictions).
     """
 
-    def __init__(self, sam: nn.Module) -> None:
+    prompt_encoder: PromptEncoder
+    mask_decoder: MaskDecoder
+    coord_scale: torch.Tensor
+
+    def __init__(self, sam: Sam1Model) -> None:
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
@@ -65,7 +72,7 @@ class DecoderGraph(nn.Module):
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """B x P x 2, B x P -> B x P x C; same arithmetic as PromptEncoder._embed_points/_embed_boxes."""
         encoder = self.prompt_encoder
-        embedding = encoder.pe_layer._pe_encoding((coords + 0.5) / self.coord_scale)
+        embedding: torch.Tensor = encoder.pe_layer._pe_encoding((coords + 0.5) / self.coord_scale)
         labels = labels.unsqueeze(-1)
         embedding = embedding * (labels != PAD_LABEL).to(embedding.dtype)
         embedding = embedding + encoder.not_a_point_embed.weight * (labels == PAD_LABEL).to(embedding.dtype)
@@ -78,25 +85,27 @@ class DecoderGraph(nn.Module):
         encoder = self.prompt_encoder
         has = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return has * encoder.mask_downscaling(mask_input) + (1 - has) * no_mask
+        dense: torch.Tensor = has * encoder.mask_downscaling(mask_input) + (1 - has) * no_mask
+        return dense
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
-        return self.mask_decoder.predict_masks(
+        low_res: torch.Tensor
+        iou: torch.Tensor
+        low_res, iou = self.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
         )
+        return low_res, iou
 
 
 def _example_inputs(model: LoadedModel, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Trace inputs with B=2, P=3, Bm=2 (distinct from 1 so no dynamic size is traced as a constant)."""
-    pe = model.net.prompt_encoder
-    channels = pe.embed_dim
-    h, w = pe.image_embedding_size
+    channels, h, w = next(iter(model.net.feature_shapes().values()))
     low = model.spec.low_res_size
     size = float(model.spec.img_size)
     generator = torch.Generator().manual_seed(0)
@@ -109,7 +118,7 @@ def _example_inputs(model: LoadedModel, device: torch.device) -> tuple[torch.Ten
     )
 
 
-def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
+def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model``'s prompt encoder + mask decoder to ``path`` (see the module docstring for the I/O).
 
     Uses the TorchScript-based exporter (``dynamo=False``); dynamic axes: B (prompt batch), P (points per
@@ -118,14 +127,14 @@ def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: i
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = DecoderGraph(model.net).eval()
-    device = next(model.net.mask_decoder.parameters()).device
+    graph = DecoderGraph(require_sam1(model.net, "ONNX decoder export")).eval()
+    device = next(graph.mask_decoder.parameters()).device
     graph.to(device)
     with atomic_output(out) as tmp, torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter is deprecated (the dynamo one needs onnxscript, not a dependency), and
         # the tracer warns that the attention scale sqrt(C / heads) is traced as a constant: it is one.
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", TracerWarning)
         torch.onnx.export(
             graph,
             _example_inputs(model, device),
@@ -169,14 +178,15 @@ def default_cache_dir() -> Path:
 def export_cache_key(model: LoadedModel, opset: int = DEFAULT_OPSET) -> str:
     """sha256 over model id, adapter id, samforge/torch versions, export format, opset and the exported
     modules' weights (prompt encoder + mask decoder), so an in-place weight change never reuses a file."""
-    weights = {f"prompt_encoder.{k}": v for k, v in model.net.prompt_encoder.state_dict().items()}
-    weights.update({f"mask_decoder.{k}": v for k, v in model.net.mask_decoder.state_dict().items()})
+    net = require_sam1(model.net, "ONNX decoder export")
+    weights = {f"prompt_encoder.{k}": v for k, v in net.prompt_encoder.state_dict().items()}
+    weights.update({f"mask_decoder.{k}": v for k, v in net.mask_decoder.state_dict().items()})
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(EXPORT_FORMAT),
              str(opset), state_dict_sha256(weights)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def cached_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None = None,
+def cached_export_path(model: LoadedModel, cache_dir: str | os.PathLike[str] | None = None,
                        opset: int = DEFAULT_OPSET) -> Path:
     """Where the cached export of ``model`` lives: ``<cache_dir>/decoder-<model>-<adapter>-<key16>.onnx``."""
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -205,10 +215,11 @@ def prompt_arrays(prompts: Sequence[Prompt], original_size: tuple[int, int],
     coords: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     if first.point_coords is not None:
-        coords.append(np.stack([transform_coords(p.point_coords, original_size, img_size) for p in prompts]))
-        labels.append(np.stack([p.point_labels for p in prompts]).astype(np.float32))
+        points = all_present(p.point_coords for p in prompts)
+        coords.append(np.stack([transform_coords(c, original_size, img_size) for c in points]))
+        labels.append(np.stack(all_present(p.point_labels for p in prompts)).astype(np.float32))
     if first.box is not None:
-        boxes = transform_boxes(np.stack([p.box for p in prompts]), original_size, img_size)
+        boxes = transform_boxes(np.stack(all_present(p.box for p in prompts)), original_size, img_size)
         coords.append(boxes.reshape(n, 2, 2))
         labels.append(np.broadcast_to(np.asarray(BOX_LABELS, np.float32), (n, 2)))
     else:
@@ -230,7 +241,7 @@ class OnnxDecoder:
 
     def __init__(self, model: LoadedModel, onnx_path: str | Path | None = None, *,
                  providers: Sequence[str] | None = None, threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, decode_batch: int = DEFAULT_DECODE_BATCH,
+                 cache_dir: str | os.PathLike[str] | None = None, decode_batch: int = DEFAULT_DECODE_BATCH,
                  opset: int = DEFAULT_OPSET) -> None:
         import onnxruntime as ort
 
@@ -238,7 +249,7 @@ class OnnxDecoder:
         self.model_id = model.model_id
         self.adapter_id = model.adapter_id
         self.decode_batch = decode_batch
-        self.num_mask_tokens = int(model.net.mask_decoder.num_mask_tokens)
+        self.num_mask_tokens = model.net.num_multimask_outputs + 1
         self.exported = False
         if onnx_path is None:
             path = cached_export_path(model, cache_dir, opset)
@@ -295,7 +306,7 @@ class OnnxDecoder:
                 chunk = indices[start:start + self.decode_batch]
                 group = [prompts[i] for i in chunk]
                 coords, labels = prompt_arrays(group, original_size, self.spec.img_size)
-                masks = np.stack([p.mask_input for p in group]) if group[0].mask_input is not None else None
+                masks = np.stack(all_present(p.mask_input for p in group)) if group[0].mask_input is not None else None
                 lr, sc = self.run(feats, coords, labels, masks)
                 low_res[chunk] = lr[:, mask_slice]
                 iou[chunk] = sc[:, mask_slice]
@@ -311,7 +322,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, model: LoadedModel, *, onnx_path: str | Path | None = None,
                  providers: Sequence[str] | None = None, threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
+                 cache_dir: str | os.PathLike[str] | None = None, opset: int = DEFAULT_OPSET,
                  **predictor_kwargs: Any) -> None:
         super().__init__(model, **predictor_kwargs)
         self.onnx = OnnxDecoder(model, onnx_path, providers=providers, threads=threads, cache_dir=cache_dir,

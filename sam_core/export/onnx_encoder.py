@@ -18,20 +18,23 @@ import re
 import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.jit._trace import TracerWarning
 
 from sam_core.files import atomic_output
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
+from sam_core.modeling.sam1 import require_sam1
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "image_embeddings"
 
 
-def _patch_merging_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _patch_merging_forward(self: Any, x: torch.Tensor) -> torch.Tensor:  # self: TinyViT's untyped PatchMerging
     """TinyViT PatchMerging.forward with the batch size read from the shape (traceable as dynamic)."""
     if x.ndim == 3:
         h, w = self.input_resolution
@@ -39,7 +42,8 @@ def _patch_merging_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = self.act(self.conv1(x))
     x = self.act(self.conv2(x))
     x = self.conv3(x)
-    return x.flatten(2).transpose(1, 2)
+    merged: torch.Tensor = x.flatten(2).transpose(1, 2)
+    return merged
 
 
 def exportable_encoder(encoder: nn.Module) -> nn.Module:
@@ -51,24 +55,24 @@ def exportable_encoder(encoder: nn.Module) -> nn.Module:
     return clone
 
 
-def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
+def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model``'s image encoder (adapters included) to ``path``; written atomically
     (:func:`sam_core.files.atomic_output`), so a partial file is never visible at ``path``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    encoder = exportable_encoder(model.net.image_encoder)
+    encoder = exportable_encoder(require_sam1(model.net, "ONNX encoder export").image_encoder)
     size = model.spec.img_size
     example = torch.zeros(2, 3, size, size, device=next(encoder.parameters()).device)
     with atomic_output(out) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts traced as constants
+        warnings.simplefilter("ignore", TracerWarning)  # shape asserts traced as constants
         torch.onnx.export(encoder, (example,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
                           do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return out
 
 
-def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None = None,
+def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike[str] | None = None,
                         opset: int = DEFAULT_OPSET) -> Path:
     """``<cache_dir>/encoder-<model>-<adapter>-<key16>.onnx``; the key hashes the model and adapter ids,
     samforge and torch versions, the opset and the image encoder's weights (a changed weight never reuses
@@ -76,14 +80,14 @@ def encoder_export_path(model: LoadedModel, cache_dir: str | os.PathLike | None 
     from sam_core.export.onnx_decoder import _package_version, default_cache_dir
 
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(opset),
-             state_dict_sha256(model.net.image_encoder.state_dict())]
+             state_dict_sha256(require_sam1(model.net, "ONNX encoder export").image_encoder.state_dict())]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     adapter = re.sub(r"[^A-Za-z0-9._-]", "_", model.adapter_id or "base")
     return folder / f"encoder-{model.model_id}-{adapter}-{key[:16]}.onnx"
 
 
-def cached_onnx_encoder(model: LoadedModel, *, cache_dir: str | os.PathLike | None = None,
+def cached_onnx_encoder(model: LoadedModel, *, cache_dir: str | os.PathLike[str] | None = None,
                         threads: int | None = None, providers: list[str] | None = None) -> OnnxEncoder:
     """An :class:`OnnxEncoder` for ``model``, exporting the graph first unless the cache has it
     (replicas sharing the cache volume export once; the write is atomic)."""
@@ -96,7 +100,7 @@ def cached_onnx_encoder(model: LoadedModel, *, cache_dir: str | os.PathLike | No
 class OnnxEncoder:
     """ONNX Runtime session over :func:`export_encoder_onnx`'s graph: B x 3 x S x S -> B x C x h x w."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 

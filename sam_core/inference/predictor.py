@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sam_core.errors import InvalidInput
 from sam_core.inference.postprocess import stability_score
-from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, validate_prompts
+from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, all_present, validate_prompts
 from sam_core.inference.types import DecodeResult, Embedding
 from sam_core.modeling.family import PromptBatch
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
@@ -135,15 +135,15 @@ class Predictor:
         first = prompts[0]
         points = boxes = masks = None
         if first.point_coords is not None:
-            coords = [transform_coords(c, original_size, size) for c in _every(p.point_coords for p in prompts)]
+            coords = [transform_coords(c, original_size, size) for c in all_present(p.point_coords for p in prompts)]
             points = (torch.as_tensor(np.stack(coords), dtype=torch.float, device=self.device),
-                      torch.as_tensor(np.stack(_every(p.point_labels for p in prompts)), dtype=torch.int,
+                      torch.as_tensor(np.stack(all_present(p.point_labels for p in prompts)), dtype=torch.int,
                                       device=self.device))
         if first.box is not None:
-            box_array = transform_boxes(np.stack(_every(p.box for p in prompts)), original_size, size)
+            box_array = transform_boxes(np.stack(all_present(p.box for p in prompts)), original_size, size)
             boxes = torch.as_tensor(box_array, dtype=torch.float, device=self.device)
         if first.mask_input is not None:
-            masks = torch.as_tensor(np.stack(_every(p.mask_input for p in prompts)), dtype=torch.float,
+            masks = torch.as_tensor(np.stack(all_present(p.mask_input for p in prompts)), dtype=torch.float,
                                     device=self.device)
         return PromptBatch(points=points, boxes=boxes, masks=masks)
 
@@ -223,12 +223,3 @@ class Predictor:
             low_res_logits=low_res.float().cpu().numpy() if return_low_res else None,
             timings_ms={"decode": 1e3 * (t1 - t0), "postprocess": 1e3 * (t2 - t1)},
         )
-
-
-def _every(values: Iterable[np.ndarray | None]) -> list[np.ndarray]:
-    """A prompt field that every prompt of one signature has (prompts were grouped by signature)."""
-    arrays = list(values)
-    present = [v for v in arrays if v is not None]
-    if len(present) != len(arrays):
-        raise ValueError("prompts decoded together must share one signature")
-    return present

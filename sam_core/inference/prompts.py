@@ -11,7 +11,7 @@ e.g. ``prompts[3].point_coords``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,3 +136,12 @@ def validate_prompts(prompts: Sequence[Prompt], image_size: tuple[int, int], low
     if len(prompts) > max_prompts:
         raise TooManyPrompts(f"{len(prompts)} prompts in one call; the limit is {max_prompts}", field="prompts")
     return [validate_prompt(p, image_size, low_res_size, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def all_present(values: Iterable[np.ndarray | None]) -> list[np.ndarray]:
+    """One prompt field of prompts decoded together: every prompt of one signature has it (else ValueError)."""
+    arrays = list(values)
+    present = [v for v in arrays if v is not None]
+    if len(present) != len(arrays):
+        raise ValueError("prompts decoded together must share one signature")
+    return present

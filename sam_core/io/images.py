@@ -122,7 +122,7 @@ def image_content_hash(image: np.ndarray) -> str:
     """
     canonical = to_rgb_uint8(image)
     digest = hashlib.sha256(f"samforge-image:{canonical.shape}:{canonical.dtype.str}\n".encode())
-    digest.update(memoryview(canonical).cast("B"))
+    digest.update(canonical.data.cast("B"))
     return digest.hexdigest()
 
 
@@ -251,8 +251,9 @@ def _to_uint8(array: np.ndarray, *, field: str) -> np.ndarray:
             raise InvalidInput("image contains NaN or infinite values", field=field)
         low, high = array.min(), array.max()
         if low >= 0 and high <= 1:
-            scaled = array.astype(np.float32) * np.float32(255)
-            return np.rint(scaled, out=scaled).astype(np.uint8)
+            scaled: np.ndarray = array.astype(np.float32) * np.float32(255)
+            np.rint(scaled, out=scaled)
+            return scaled.astype(np.uint8)
         return _window(array)
     raise InvalidInput(f"unsupported image dtype {array.dtype}", field=field)
 
@@ -264,7 +265,7 @@ def _window(array: np.ndarray) -> np.ndarray:
         return np.zeros(array.shape, dtype=np.uint8)
     # float32 is exact for 16-bit data; wider integers and doubles keep float64 precision.
     work_dtype = np.float32 if array.dtype.itemsize <= 2 else np.float64
-    work = array.astype(work_dtype)
+    work: np.ndarray = array.astype(work_dtype)
     work -= work_dtype(low)
     work *= work_dtype(255) / (work_dtype(high) - work_dtype(low))
     np.rint(work, out=work)

@@ -21,6 +21,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from sam_core.errors import InvalidInput
 from sam_core.modeling.encoder_opt import optimized_encoder
 from sam_core.modeling.family import (
     AttentionSite,
@@ -108,6 +109,13 @@ class Sam1Model(Sam, SegmentationModel):  # type: ignore[misc]  # segment_anythi
         shared.register_buffer("pixel_mean", self.pixel_mean.clone(), False)
         shared.register_buffer("pixel_std", self.pixel_std.clone(), False)
         return shared
+
+
+def require_sam1(net: SegmentationModel, purpose: str) -> Sam1Model:
+    """``net`` as a :class:`Sam1Model`, or InvalidInput naming ``purpose`` (a SAM 1-only feature)."""
+    if not isinstance(net, Sam1Model):
+        raise InvalidInput(f"{purpose} supports the SAM 1 family, not {type(net).__name__}", field="model")
+    return net
 
 
 class Sam1Decoding:
