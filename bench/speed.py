@@ -520,7 +520,8 @@ def part_e2e(seconds: float) -> dict:
     import cv2
 
     from services.client import BoxPrompt, SamforgeClient
-    from services.stack import _free_port, start_stack, wait_serving
+    from services.common.net import free_port
+    from services.stack import start_stack, wait_serving
 
     image = sample_images(1)[0][1] if DATA.is_dir() else synthetic_image()
     png = cv2.imencode(".png", image[:, :, ::-1])[1].tobytes()
@@ -565,7 +566,7 @@ def part_e2e(seconds: float) -> dict:
         finally:
             stack.stop()
     print(json.dumps({"samforge": results["samforge"]}), flush=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **extra}
     proc = subprocess.Popen([sys.executable, __file__, "--child", "naive-server", str(port)], env=env)
     try:

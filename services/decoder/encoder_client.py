@@ -20,12 +20,12 @@ import grpc
 
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound, Overloaded, SamforgeError, Unavailable
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from services.common.embedding_codec import ServedEmbedding, embedding_from_chunks
 from services.common.settings import DecoderSettings
 from services.common.status import Cancelled, PermissionDenied, Unauthenticated
-from services.encoder.client_codec import embedding_from_chunks
-from services.encoder.engine import TilingRequest
+from services.common.tiling import TilingRequest
 
-from .embeddings import CallOptions, Value
+from .embeddings import CallOptions
 
 log = logging.getLogger("samforge.decoder.encoder_client")
 SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
@@ -97,7 +97,7 @@ class EncoderClient:
             raise self._error(exc, "Embed", timeout, caller_limited) from None
         return reply.embedding.key
 
-    def get(self, tenant: str, key: str, *, call: CallOptions) -> Value:
+    def get(self, tenant: str, key: str, *, call: CallOptions) -> ServedEmbedding:
         timeout, caller_limited = self._timeout(call)
         request = encoder_pb2.GetEmbeddingRequest(key=key, tenant=tenant)
         try:

@@ -9,10 +9,11 @@ import grpc
 
 from sam_core.errors import Unavailable
 from services._generated.sam.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.embedding_codec import embedding_chunks, embedding_info
 from services.common.interceptors import resolve_tenant
+from services.common.tiling import TilingRequest
 
-from .client_codec import embedding_chunks, embedding_info
-from .engine import EmbeddingEngine, TilingRequest
+from .engine import EmbeddingEngine
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name  # "sam.v1.EncoderService"
 

@@ -1,4 +1,7 @@
-"""Per-request adapter resolution and an LRU of loaded encoder-side adapters (vLLM ``lora/`` style).
+"""Per-request adapter resolution and an LRU of loaded adapted models (vLLM ``lora/`` style).
+
+Shared by both model services: the encoder uses :class:`AdapterModels` as is (encoder-side adapters), the
+decoder subclasses it (:class:`services.decoder.adapters.DecoderAdapters`: every adapter has its own decoder).
 
 :meth:`AdapterModels.resolve` turns ``(tenant, "name" | "name:3" | "name@prod")`` into a
 :class:`ModelHandle`: the encoder-adapter id that goes into the embedding key and, for encoder-side
@@ -33,7 +36,7 @@ from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
 from services.common import compute, metrics
 
-log = logging.getLogger("samforge.encoder.adapters")
+log = logging.getLogger("samforge.adapters")
 AdapterKey = tuple[str, str, int, str]  # (tenant, name, version, content sha256)
 _MAX_IDENTITIES = 4096
 
