@@ -8,6 +8,7 @@ stays up until Ctrl-C. Shutdown is graceful (SIGTERM, drain, exit).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -16,10 +17,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from services.common.net import free_port
+
+if TYPE_CHECKING:
+    import grpc
 
 SERVICES = ("trainer", "encoder", "decoder")
 
@@ -46,7 +51,7 @@ class Stack:
 
 
 def wait_serving(address: str, *, proc: subprocess.Popen | None = None, timeout: float = 180.0,
-                 credentials=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll grpc.health.v1 until SERVING; fail fast if ``proc`` exits (no fixed sleeps)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -170,7 +175,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
     return summary
 
 
-def cmd_up(args) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     stack = start_stack(args.var, model=args.model, base_port=args.base_port)
     print(json.dumps({"endpoints": stack.addresses, "metrics": {k: f"http://127.0.0.1:{v}/metrics"
                                                                   for k, v in stack.metrics.items()}}, indent=2),
@@ -191,7 +196,7 @@ def cmd_up(args) -> int:
         print(json.dumps({"stopped": codes}), file=sys.stderr, flush=True)
 
 
-def add_up_args(sub) -> None:
+def add_up_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="start the local stack (trainer, encoder, decoder) on loopback")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--var", default="var", help="state folder: registry, data, jobs, logs")
