@@ -29,13 +29,9 @@ def demo_scene(height: int = 480, width: int = 640, seed: int = 7) -> tuple[np.n
     return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), masks
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
 def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam", image_path: str | None = None) -> dict:
     from sam_core.data.prompt_sim import box_from_mask, sample_points
+    from sam_core.evaluation.metrics import dice
     from sam_core.inference.predictor import Predictor
     from sam_core.inference.prompts import Prompt
     from sam_core.inference.tiling import decode_tiled, encode_tiled
@@ -83,8 +79,8 @@ def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam", image_
             "iou_score": round(float(result.iou_scores[i, 0]), 3),
             "area": int(mask.sum()),
             "rle_chars": len(encode_rle(mask)["counts"]),
-            "dice_vs_truth": None if gt is None else round(_dice(mask, gt), 3),
-            "dice_tiled_vs_truth": None if gt is None else round(_dice(tiled_result.masks[i, 0], gt), 3),
+            "dice_vs_truth": None if gt is None else round(dice(mask, gt), 3),
+            "dice_tiled_vs_truth": None if gt is None else round(dice(tiled_result.masks[i, 0], gt), 3),
         })
     summary = {
         "model_id": predictor.model_id,

@@ -8,25 +8,25 @@ stays up until Ctrl-C. Shutdown is graceful (SIGTERM, drain, exit).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from services.common.net import free_port
+
+if TYPE_CHECKING:
+    import grpc
+
 SERVICES = ("trainer", "encoder", "decoder")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Stack:
 
 
 def wait_serving(address: str, *, proc: subprocess.Popen | None = None, timeout: float = 180.0,
-                 credentials=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll grpc.health.v1 until SERVING; fail fast if ``proc`` exits (no fixed sleeps)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,8 +80,8 @@ def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_
     for sub in ("registry", "data", "jobs", "onnx"):
         (var / sub).mkdir(parents=True, exist_ok=True)
     offsets = {"encoder": 0, "decoder": 1, "trainer": 2}  # the settings' default ports from 50051
-    ports = {name: (base_port + offsets[name] if base_port else _free_port()) for name in SERVICES}
-    metrics = {name: _free_port() for name in SERVICES}
+    ports = {name: (base_port + offsets[name] if base_port else free_port()) for name in SERVICES}
+    metrics = {name: free_port() for name in SERVICES}
     env = {**os.environ, "SAMFORGE_MODEL": model, "SAMFORGE_REGISTRY_DIR": str(var / "registry"),
            "SAMFORGE_DATA_DIR": str(var / "data"), "SAMFORGE_JOBS_DIR": str(var / "jobs"),
            "SAMFORGE_ONNX_CACHE_DIR": str(var / "onnx"), "SAMFORGE_HOST": "127.0.0.1",
@@ -115,11 +115,6 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
 def write_demo_dataset(root: Path, n: int = 8) -> Path:
     """A small folder data set of generated scenes (images/ + masks_instances/)."""
     import cv2
@@ -141,6 +136,7 @@ def write_demo_dataset(root: Path, n: int = 8) -> Path:
 def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict:
     """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request."""
     from sam_core.data.prompt_sim import box_from_mask
+    from sam_core.evaluation.metrics import dice
     from services.client import BoxPrompt, SamforgeClient
     from services.demo import demo_scene
 
@@ -156,7 +152,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
         base = client.segment(boxes, embedding_key=info.key, image=png)
         t2 = time.perf_counter()
         summary["base"] = {"embed_ms": round(1e3 * (t1 - t0)), "segment_ms": round(1e3 * (t2 - t1)),
-                           "dice": [round(_dice(m.mask, t), 3) for m, t in zip(base.masks, truth, strict=True)],
+                           "dice": [round(dice(m.mask, t), 3) for m, t in zip(base.masks, truth, strict=True)],
                            "iou_scores": [round(m.iou_score, 3) for m in base.masks]}
         write_demo_dataset(stack.var_dir / "data" / "default" / "demo-scenes")
         job = client.create_job(dataset="demo-scenes", method="decoder", adapter_name="demo", promote_to="prod",
@@ -170,7 +166,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
             tuned = client.segment(boxes, embedding_key=info.key, image=png, adapter="demo@prod")
             again = client.segment(boxes, embedding_key=info.key, image=png)  # base still served
             summary["adapter"] = {"adapter": tuned.adapter,
-                                  "dice": [round(_dice(m.mask, t), 3) for m, t in zip(tuned.masks, truth, strict=True)],
+                                  "dice": [round(dice(m.mask, t), 3) for m, t in zip(tuned.masks, truth, strict=True)],
                                   "base_unchanged": [m.iou_score for m in again.masks] ==
                                   [m.iou_score for m in base.masks]}
     if out:
@@ -179,7 +175,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
     return summary
 
 
-def cmd_up(args) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     stack = start_stack(args.var, model=args.model, base_port=args.base_port)
     print(json.dumps({"endpoints": stack.addresses, "metrics": {k: f"http://127.0.0.1:{v}/metrics"
                                                                   for k, v in stack.metrics.items()}}, indent=2),
@@ -200,7 +196,7 @@ def cmd_up(args) -> int:
         print(json.dumps({"stopped": codes}), file=sys.stderr, flush=True)
 
 
-def add_up_args(sub) -> None:
+def add_up_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="start the local stack (trainer, encoder, decoder) on loopback")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--var", default="var", help="state folder: registry, data, jobs, logs")

@@ -190,9 +190,10 @@ def measure_samforge(workload: Workload) -> dict[str, Any]:
 
 def measure_naive(workload: Workload) -> dict[str, Any]:
     """``measure`` against the naive server, started as a child process on a free port."""
-    from services.stack import _free_port, wait_serving
+    from services.common.net import free_port
+    from services.stack import wait_serving
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(child_command(["naive-server", str(port)]), env={**os.environ, **preload_env()})
     try:
         wait_serving(f"127.0.0.1:{port}", proc=proc)

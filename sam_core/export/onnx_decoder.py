@@ -167,10 +167,8 @@ def _package_version() -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$SAMFORGE_ONNX_CACHE``, else ``$XDG_CACHE_HOME/samforge/onnx`` (``~/.cache/samforge/onnx``)."""
-    explicit = os.environ.get("SAMFORGE_ONNX_CACHE")
-    if explicit:
-        return Path(explicit)
+    """``$XDG_CACHE_HOME/samforge/onnx`` (``~/.cache/samforge/onnx``): where exports go when a caller names no
+    folder (the services always name one, ``SAMFORGE_ONNX_CACHE_DIR``; sam_core reads no settings)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "samforge" / "onnx"
 

@@ -1,33 +1,45 @@
-"""Server bootstrap shared by the three services.
+"""Server bootstrap shared by the three services: :func:`serve` is every service's process.
 
-``build_server`` creates a gRPC server with the interceptors (metrics -> auth -> errors), standard
-``grpc.health.v1`` health (NOT_SERVING until the caller marks it ready) and server reflection, optional
-TLS, and a Prometheus ``/metrics`` HTTP endpoint. ``run_until_signal`` implements graceful shutdown:
-on SIGTERM/SIGINT health turns NOT_SERVING, the server stops accepting, in-flight calls get
-``grace_seconds`` to finish, then the process exits.
+``serve(service, read_settings, services, load)``, the same for the encoder, decoder and trainer:
+
+1. settings from the environment; a bad value logs one line naming the variable and returns exit status 2;
+2. the gRPC server starts (:func:`build_server`: interceptors metrics -> auth -> errors, ``grpc.health.v1``,
+   reflection, optional TLS, Prometheus ``/metrics``) with a :class:`PendingServicer` registered for each
+   service: health answers NOT_SERVING and calls fail UNAVAILABLE while ``load`` builds the real servicers
+   (model weights, engines); a failed load logs why and returns exit status 1;
+3. the servicers are attached and health turns SERVING;
+4. SIGTERM/SIGINT (:func:`run_until_signal`): health turns NOT_SERVING, the server stops accepting,
+   in-flight calls get ``SAMFORGE_GRACE_SECONDS`` to finish, then ``Loaded.close`` runs; exit status 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sam_core.errors import SamforgeError, Unavailable
+
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, load_tokens
 from .settings import CommonSettings
 
 log = logging.getLogger("samforge.server")
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+RpcMethod = Callable[[Any, grpc.ServicerContext], Any]
 
 
 class JsonFormatter(logging.Formatter):
@@ -113,7 +125,7 @@ def _signal_event() -> threading.Event:
     model load is honoured once loading ends instead of killing the process mid-way)."""
     stopping = threading.Event()
 
-    def handle(signum, frame):  # noqa: ARG001
+    def handle(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
         log.info("signal %d: NOT_SERVING, draining", signum)
         stopping.set()
 
@@ -138,12 +150,113 @@ def exit_now(code: int) -> None:
     """Flush logs and stdio, then leave without interpreter teardown.
 
     Call it after everything is closed (gRPC server, threads, clients): with torch loaded the normal
-    teardown of modules takes seconds (5-7 s measured on a loaded 2-core machine) that would come out
-    of the pod's termination grace period.
+    teardown of modules takes seconds that would come out of the pod's termination grace period.
     """
-    import os
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------- serve()
+@dataclass(frozen=True)
+class GrpcService:
+    """A gRPC service a process serves: its full name and the generated ``add_<Name>Servicer_to_server``."""
+
+    name: str
+    add_to_server: Callable[[Any, grpc.Server], None]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a service's loader built: the servicer of each :class:`GrpcService` (by full name), the model it
+    serves (for the log) and what to close once the server has drained (engines, threads, channels)."""
+
+    servicers: Mapping[str, object]
+    model_id: str
+    close: Callable[[], None]
+
+
+class PendingServicer:
+    """Registered in place of a servicer before the model loads: each RPC method fails UNAVAILABLE until
+    :meth:`attach` gives it the real servicer, then calls the real servicer's method of the same name."""
+
+    def __init__(self, service_name: str) -> None:
+        self.service_name = service_name
+        self._servicer: object | None = None
+
+    def attach(self, servicer: object) -> None:
+        self._servicer = servicer
+
+    def __getattr__(self, method: str) -> RpcMethod:
+        """The handler gRPC registers for RPC ``method`` (looked up once, when the service is added)."""
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            servicer = self._servicer
+            if servicer is None:
+                raise Unavailable(f"{self.service_name} is still loading its model; retry shortly")
+            return getattr(servicer, method)(request, context)
+
+        return call
+
+
+def serve(service: str, read_settings: Callable[[], SettingsT], services: Sequence[GrpcService],
+          load: Callable[[SettingsT], Loaded]) -> int:
+    """Run one service process (see the module docstring); returns the exit status (0, 1 or 2)."""
+    try:
+        settings = read_settings()
+    except SamforgeError as exc:
+        setup_logging("INFO")
+        log.error("%s: bad setting %s", service, exc)
+        return 2
+    setup_logging(settings.log_level)
+    if settings.threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    pending = {grpc_service.name: PendingServicer(grpc_service.name) for grpc_service in services}
+    try:
+        server = build_server(settings, _register(services, pending))
+    except (OSError, ValueError) as exc:  # port taken, unreadable TLS or token files
+        log.error("cannot start the %s: %s", service, exc)
+        return 1
+    loaded = _load(service, settings, load, server)
+    if loaded is None:
+        return 1
+    for name, servicer in pending.items():
+        servicer.attach(loaded.servicers[name])
+    if not server.stopping.is_set():
+        server.set_serving(True)
+        log.info("SERVING %s on port %d (%s)", service, server.port, loaded.model_id)
+    run_until_signal(server, on_stop=loaded.close)
+    return 0
+
+
+def _register(services: Sequence[GrpcService],
+              pending: Mapping[str, PendingServicer]) -> Callable[[grpc.Server], list[str]]:
+    def add(server: grpc.Server) -> list[str]:
+        for grpc_service in services:
+            grpc_service.add_to_server(pending[grpc_service.name], server)
+        return [grpc_service.name for grpc_service in services]
+
+    return add
+
+
+def _load(service: str, settings: SettingsT, load: Callable[[SettingsT], Loaded], server: Server) -> Loaded | None:
+    """``load(settings)``, or None after logging why it failed and stopping ``server``."""
+    try:
+        loaded = load(settings)
+    except SamforgeError as exc:
+        log.error("cannot start the %s: %s", service, exc)
+    except Exception:  # noqa: BLE001 - a bug while loading: logged with its trace, the process exits 1
+        log.exception("cannot start the %s", service)
+    else:
+        missing = set(server.service_names) - set(loaded.servicers)
+        if not missing:
+            return loaded
+        log.error("cannot start the %s: the loader built no servicer for %s", service, ", ".join(sorted(missing)))
+        loaded.close()
+    server.stop(0)
+    return None

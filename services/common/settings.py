@@ -1,25 +1,119 @@
 """Settings: one frozen object per service, built from environment variables at start-up.
 
-Every variable is declared once in :data:`ENV` with its default and meaning; ``deploy/README.md`` and the
-Kubernetes ConfigMap are checked against this table by the tests. Nothing here runs at import time
-except building the table.
+Every variable is declared once in :data:`ENV`: its name, default, meaning, the services that read it and how
+its text is parsed and checked. The table is the only source of defaults: a settings field names its variable
+(:func:`setting`) and has no default of its own, so ``EncoderSettings.from_env({})`` is the table's defaults,
+parsed. ``deploy/README.md`` and the Kubernetes ConfigMap are checked against this table by the tests. A bad
+value raises :class:`~sam_core.errors.InvalidInput` whose ``field`` is the variable's name. Nothing here runs
+at import time except building the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Self
 
 from sam_core.errors import InvalidInput
+
+SERVICES = ("encoder", "decoder", "trainer")
+_FIELD_VARIABLE = "samforge_variable"  # dataclass field metadata key: the variable a field is read from
+
+
+class Parser(Protocol):
+    """Turns a variable's text into its value; raises InvalidInput with ``field=name`` when it is unusable."""
+
+    def __call__(self, raw: str, name: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Text:
+    """The text as is (``required``: must not be empty)."""
+
+    required: bool = False
+
+    def __call__(self, raw: str, name: str) -> str:
+        if self.required and not raw.strip():
+            raise InvalidInput("must not be empty", field=name)
+        return raw
+
+
+@dataclass(frozen=True)
+class Integer:
+    minimum: int = 0
+
+    def __call__(self, raw: str, name: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidInput(f"must be an integer, got {raw!r}", field=name) from None
+        if value < self.minimum:
+            raise InvalidInput(f"must be >= {self.minimum}, got {value}", field=name)
+        return value
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite float (``above``: strictly greater than this)."""
+
+    above: float | None = None
+
+    def __call__(self, raw: str, name: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidInput(f"must be a number, got {raw!r}", field=name) from None
+        if not math.isfinite(value):
+            raise InvalidInput(f"must be a finite number, got {raw!r}", field=name)
+        if self.above is not None and value <= self.above:
+            raise InvalidInput(f"must be > {self.above:g}, got {value:g}", field=name)
+        return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    def __call__(self, raw: str, name: str) -> bool:
+        text = raw.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise InvalidInput(f"must be true or false, got {raw!r}", field=name)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``options`` (``ignore_case``: matched case-insensitively, returned as listed)."""
+
+    options: tuple[str, ...]
+    ignore_case: bool = False
+
+    def __call__(self, raw: str, name: str) -> str:
+        for option in self.options:
+            if raw == option or (self.ignore_case and raw.lower() == option.lower()):
+                return option
+        listed = ", ".join(self.options[:-1]) + " or " + self.options[-1]
+        raise InvalidInput(f"must be {listed}, got {raw!r}", field=name)
+
+
+LOG_LEVELS = Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), ignore_case=True)
 
 
 @dataclass(frozen=True)
 class Var:
+    """One environment variable: ``default`` is text, parsed by ``parse`` like a value from the environment."""
+
     name: str
     default: str
     help: str
-    services: tuple[str, ...] = ("encoder", "decoder", "trainer")
+    services: tuple[str, ...] = SERVICES
+    parse: Parser = Text()
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        return self.parse(env.get(self.name, self.default), self.name)
 
 
 ENV: tuple[Var, ...] = (
@@ -28,226 +122,178 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_TLS_CERT", "", "PEM certificate chain; with SAMFORGE_TLS_KEY enables TLS"),
     Var("SAMFORGE_TLS_KEY", "", "PEM private key for SAMFORGE_TLS_CERT"),
     Var("SAMFORGE_AUTH_TOKENS_FILE", "", "JSON file {token: tenant}; empty disables auth (tenant from requests)"),
-    Var("SAMFORGE_GRACE_SECONDS", "10", "drain time on SIGTERM before in-flight calls are cancelled"),
-    Var("SAMFORGE_MAX_MESSAGE_BYTES", "67108864", "max gRPC message size, both directions"),
-    Var("SAMFORGE_WORKERS", "8", "gRPC worker threads"),
-    Var("SAMFORGE_LOG_LEVEL", "INFO", "logging level (logs are JSON lines on stderr)"),
+    Var("SAMFORGE_GRACE_SECONDS", "10", "drain time on SIGTERM before in-flight calls are cancelled", parse=Number()),
+    Var("SAMFORGE_MAX_MESSAGE_BYTES", "67108864", "max gRPC message size, both directions", parse=Integer(1 << 20)),
+    Var("SAMFORGE_WORKERS", "8", "gRPC worker threads", parse=Integer(1)),
+    Var("SAMFORGE_LOG_LEVEL", "INFO", "logging level (logs are JSON lines on stderr)", parse=LOG_LEVELS),
     Var("SAMFORGE_MODEL", "litemedsam", "base model: litemedsam | vit_b | vit_l | vit_h | tiny"),
     Var("SAMFORGE_CHECKPOINT", "", "weights file for vit_b/vit_l/vit_h (litemedsam is bundled)"),
     Var("SAMFORGE_DEVICE", "auto", "auto | cpu | cuda | cuda:N"),
-    Var("SAMFORGE_THREADS", "0", "torch intra-op threads (0 = torch default)"),
+    Var("SAMFORGE_THREADS", "0", "torch intra-op threads (0 = torch default)", parse=Integer()),
     Var("SAMFORGE_REGISTRY_DIR", "./var/registry", "adapter registry root (shared volume in Kubernetes)"),
     Var("SAMFORGE_ADAPTER_CACHE", "4", "loaded adapters kept in memory (LRU, evicts before loading)",
-        ("encoder", "decoder")),
-    Var("SAMFORGE_MAX_IMAGE_BYTES", "33554432", "largest accepted encoded image", ("encoder", "decoder")),
-    Var("SAMFORGE_MAX_PIXELS", "64000000", "largest accepted image (decompression-bomb guard)", ("encoder", "decoder")),
+        ("encoder", "decoder"), parse=Integer(1)),
+    Var("SAMFORGE_MAX_IMAGE_BYTES", "33554432", "largest accepted encoded image", ("encoder", "decoder"),
+        parse=Integer(1)),
+    Var("SAMFORGE_MAX_PIXELS", "64000000", "largest accepted image (decompression-bomb guard)", ("encoder", "decoder"),
+        parse=Integer(1)),
     # --- encoder
-    Var("SAMFORGE_ENCODER_PORT", "50051", "encoder gRPC port", ("encoder", "decoder")),
-    Var("SAMFORGE_ENCODER_METRICS_PORT", "9101", "encoder Prometheus /metrics port", ("encoder",)),
-    Var("SAMFORGE_CACHE_BYTES", "1073741824", "embedding cache budget in bytes (GPU memory on CUDA)", ("encoder",)),
-    Var("SAMFORGE_MAX_BATCH", "4", "dynamic batching: most images per encoder call", ("encoder",)),
-    Var("SAMFORGE_MAX_WAIT_MS", "5", "dynamic batching: longest wait for a batch to fill", ("encoder",)),
-    Var("SAMFORGE_QUEUE_SIZE", "32", "pending encodes before RESOURCE_EXHAUSTED", ("encoder",)),
+    Var("SAMFORGE_ENCODER_PORT", "50051", "encoder gRPC port", ("encoder", "decoder"), parse=Integer()),
+    Var("SAMFORGE_ENCODER_METRICS_PORT", "9101", "encoder Prometheus /metrics port", ("encoder",), parse=Integer()),
+    Var("SAMFORGE_CACHE_BYTES", "1073741824", "embedding cache budget in bytes (GPU memory on CUDA)", ("encoder",),
+        parse=Integer()),
+    Var("SAMFORGE_MAX_BATCH", "4", "dynamic batching: most images per encoder call", ("encoder",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_WAIT_MS", "5", "dynamic batching: longest wait for a batch to fill", ("encoder",),
+        parse=Number()),
+    Var("SAMFORGE_QUEUE_SIZE", "32", "pending encodes before RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
     Var("SAMFORGE_REDIS_URL", "", "redis://host:port/db for the shared L2 embedding cache (empty = off)",
         ("encoder",)),
-    Var("SAMFORGE_REDIS_TTL_SECONDS", "86400", "L2 entry lifetime", ("encoder",)),
-    Var("SAMFORGE_BF16", "false", "bf16 autocast for the image encoder (torch backend only)", ("encoder",)),
+    Var("SAMFORGE_REDIS_TTL_SECONDS", "86400", "L2 entry lifetime", ("encoder",), parse=Integer(1)),
+    Var("SAMFORGE_BF16", "false", "bf16 autocast for the image encoder (torch backend only)", ("encoder",),
+        parse=Flag()),
     Var("SAMFORGE_ENCODER_BACKEND", "torch", "what runs the base image encoder: torch (in-process), onnx (in-process "
-        "ONNX Runtime) or triton (Triton Inference Server; encoder-side adapters refused)", ("encoder",)),
+        "ONNX Runtime) or triton (Triton Inference Server; encoder-side adapters refused)", ("encoder",),
+        parse=Choice(("torch", "onnx", "triton"))),
     Var("SAMFORGE_ENCODER_CONCURRENCY", "0", "encoder batches in flight (0 = 1 for torch/onnx, 4 for triton)",
-        ("encoder",)),
+        ("encoder",), parse=Integer()),
     Var("SAMFORGE_TRITON_URL", "127.0.0.1:8001", "Triton gRPC address (host:port) for the triton backend",
         ("encoder",)),
     Var("SAMFORGE_TRITON_MODEL", "sam_encoder", "Triton model serving the image encoder", ("encoder",)),
     Var("SAMFORGE_TRITON_MODEL_VERSION", "", "Triton model version (empty = the server's version policy)",
         ("encoder",)),
-    Var("SAMFORGE_TRITON_TIMEOUT_SECONDS", "30", "deadline of one Triton call, retries included", ("encoder",)),
+    Var("SAMFORGE_TRITON_TIMEOUT_SECONDS", "30", "deadline of one Triton call, retries included", ("encoder",),
+        parse=Number(above=0.0)),
     Var("SAMFORGE_TRITON_RETRIES", "3", "retries (exponential backoff) when Triton answers UNAVAILABLE",
-        ("encoder",)),
+        ("encoder",), parse=Integer()),
     # --- decoder
-    Var("SAMFORGE_DECODER_PORT", "50052", "decoder gRPC port", ("decoder",)),
-    Var("SAMFORGE_DECODER_METRICS_PORT", "9102", "decoder Prometheus /metrics port", ("decoder",)),
+    Var("SAMFORGE_DECODER_PORT", "50052", "decoder gRPC port", ("decoder",), parse=Integer()),
+    Var("SAMFORGE_DECODER_METRICS_PORT", "9102", "decoder Prometheus /metrics port", ("decoder",), parse=Integer()),
     Var("SAMFORGE_ENCODER_ADDRESS", "127.0.0.1:50051", "where the decoder reaches the encoder", ("decoder",)),
     Var("SAMFORGE_DECODER_RUNTIME", "torch", "torch (re-associated decoder, fastest here) or onnx (ONNX Runtime)",
-        ("decoder",)),
-    Var("SAMFORGE_DECODER_CACHE_BYTES", "268435456", "decoder's local LRU of fetched embeddings", ("decoder",)),
-    Var("SAMFORGE_MAX_PROMPTS", "256", "prompts per Segment call", ("decoder",)),
+        ("decoder",), parse=Choice(("torch", "onnx"))),
+    Var("SAMFORGE_DECODER_CACHE_BYTES", "268435456", "decoder's local LRU of fetched embeddings", ("decoder",),
+        parse=Integer()),
+    Var("SAMFORGE_MAX_PROMPTS", "256", "prompts per Segment call", ("decoder",), parse=Integer(1)),
     Var("SAMFORGE_ONNX_CACHE_DIR", "./var/onnx", "exported ONNX graphs (decoder runtime onnx, encoder backend onnx)",
-        ("encoder", "decoder")),
-    Var("SAMFORGE_ENCODER_TIMEOUT_SECONDS", "30", "deadline of the decoder's calls to the encoder", ("decoder",)),
+        ("encoder", "decoder"), parse=Text(required=True)),
+    Var("SAMFORGE_ENCODER_TIMEOUT_SECONDS", "30", "deadline of the decoder's calls to the encoder", ("decoder",),
+        parse=Number()),
     # --- trainer
-    Var("SAMFORGE_TRAINER_PORT", "50053", "trainer + adapter registry gRPC port", ("trainer",)),
-    Var("SAMFORGE_TRAINER_METRICS_PORT", "9103", "trainer Prometheus /metrics port", ("trainer",)),
+    Var("SAMFORGE_TRAINER_PORT", "50053", "trainer + adapter registry gRPC port", ("trainer",), parse=Integer()),
+    Var("SAMFORGE_TRAINER_METRICS_PORT", "9103", "trainer Prometheus /metrics port", ("trainer",), parse=Integer()),
     Var("SAMFORGE_DATA_DIR", "./var/data", "training data root; tenants see <root>/<tenant>/", ("trainer",)),
     Var("SAMFORGE_JOBS_DIR", "./var/jobs", "job folders (checkpoints, reports); a restart resumes them", ("trainer",)),
-    Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",)),
-    Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",)),
+    Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
+        parse=Integer(1)),
+    Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
 )
 
 ENV_BY_NAME: dict[str, Var] = {v.name: v for v in ENV}
 
 
-def _get(env: Mapping[str, str], name: str) -> str:
-    return env.get(name, ENV_BY_NAME[name].default)
+def setting(variable: str) -> Any:
+    """A settings field read from ``variable`` (a name in :data:`ENV`; ``{SERVICE}`` is the class's service).
 
-
-def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
-    raw = _get(env, name)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"must be an integer, got {raw!r}", field=name) from None
-    if value < minimum:
-        raise InvalidInput(f"must be >= {minimum}, got {value}", field=name)
-    return value
-
-
-def _float(env: Mapping[str, str], name: str) -> float:
-    raw = _get(env, name)
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidInput(f"must be a number, got {raw!r}", field=name) from None
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = _get(env, name).strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off", ""):
-        return False
-    raise InvalidInput(f"must be true or false, got {raw!r}", field=name)
+    The field has no default: the table's default applies when the variable is not set.
+    """
+    return dataclasses.field(metadata={_FIELD_VARIABLE: variable})
 
 
 @dataclass(frozen=True)
 class CommonSettings:
-    host: str
-    port: int
-    metrics_port: int
-    tls_cert: str
-    tls_key: str
-    auth_tokens_file: str
-    grace_seconds: float
-    max_message_bytes: int
-    workers: int
-    log_level: str
-    model: str
-    checkpoint: str
-    device: str
-    threads: int
-    registry_dir: str
+    """What every service reads; ``SERVICE`` names the service a subclass configures (its ports)."""
 
-    @staticmethod
-    def common(env: Mapping[str, str], port_var: str, metrics_var: str) -> dict:
-        if bool(_get(env, "SAMFORGE_TLS_CERT")) != bool(_get(env, "SAMFORGE_TLS_KEY")):
+    SERVICE: ClassVar[str] = ""
+
+    host: str = setting("SAMFORGE_HOST")
+    port: int = setting("SAMFORGE_{SERVICE}_PORT")
+    metrics_port: int = setting("SAMFORGE_{SERVICE}_METRICS_PORT")
+    tls_cert: str = setting("SAMFORGE_TLS_CERT")
+    tls_key: str = setting("SAMFORGE_TLS_KEY")
+    auth_tokens_file: str = setting("SAMFORGE_AUTH_TOKENS_FILE")
+    grace_seconds: float = setting("SAMFORGE_GRACE_SECONDS")
+    max_message_bytes: int = setting("SAMFORGE_MAX_MESSAGE_BYTES")
+    workers: int = setting("SAMFORGE_WORKERS")
+    log_level: str = setting("SAMFORGE_LOG_LEVEL")
+    model: str = setting("SAMFORGE_MODEL")
+    checkpoint: str = setting("SAMFORGE_CHECKPOINT")
+    device: str = setting("SAMFORGE_DEVICE")
+    threads: int = setting("SAMFORGE_THREADS")
+    registry_dir: str = setting("SAMFORGE_REGISTRY_DIR")
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """{field name: the variable it is read from} for this service."""
+        return {f.name: f.metadata[_FIELD_VARIABLE].format(SERVICE=cls.SERVICE.upper())
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        """Parse every field's variable from ``env`` (default: ``os.environ``), then the cross-field checks."""
+        env = os.environ if env is None else env
+        settings = cls(**{name: ENV_BY_NAME[variable].read(env) for name, variable in cls.variables().items()})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Rules between variables (a subclass extends it); InvalidInput names the variable to change."""
+        if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidInput("set both SAMFORGE_TLS_CERT and SAMFORGE_TLS_KEY, or neither", field="SAMFORGE_TLS_KEY")
-        return dict(
-            host=_get(env, "SAMFORGE_HOST"), port=_int(env, port_var), metrics_port=_int(env, metrics_var),
-            tls_cert=_get(env, "SAMFORGE_TLS_CERT"), tls_key=_get(env, "SAMFORGE_TLS_KEY"),
-            auth_tokens_file=_get(env, "SAMFORGE_AUTH_TOKENS_FILE"),
-            grace_seconds=_float(env, "SAMFORGE_GRACE_SECONDS"),
-            max_message_bytes=_int(env, "SAMFORGE_MAX_MESSAGE_BYTES", 1 << 20),
-            workers=_int(env, "SAMFORGE_WORKERS", 1),
-            log_level=_get(env, "SAMFORGE_LOG_LEVEL"), model=_get(env, "SAMFORGE_MODEL"),
-            checkpoint=_get(env, "SAMFORGE_CHECKPOINT"), device=_get(env, "SAMFORGE_DEVICE"),
-            threads=_int(env, "SAMFORGE_THREADS"), registry_dir=_get(env, "SAMFORGE_REGISTRY_DIR"),
-        )
 
 
 @dataclass(frozen=True)
 class EncoderSettings(CommonSettings):
-    cache_bytes: int = 0
-    max_batch: int = 4
-    max_wait_ms: float = 5.0
-    queue_size: int = 32
-    redis_url: str = ""
-    redis_ttl_seconds: int = 86400
-    bf16: bool = False
-    adapter_cache: int = 4
-    max_image_bytes: int = 0
-    max_pixels: int = 0
-    backend: str = "torch"
-    concurrency: int = 0
-    onnx_cache_dir: str = ""
-    triton_url: str = ""
-    triton_model: str = "sam_encoder"
-    triton_model_version: str = ""
-    triton_timeout_seconds: float = 30.0
-    triton_retries: int = 3
+    SERVICE: ClassVar[str] = "encoder"
 
-    @staticmethod
-    def from_env(env: Mapping[str, str] | None = None) -> EncoderSettings:
-        env = os.environ if env is None else env
-        backend = _get(env, "SAMFORGE_ENCODER_BACKEND")
-        if backend not in ("torch", "onnx", "triton"):
-            raise InvalidInput(f"must be torch, onnx or triton, got {backend!r}", field="SAMFORGE_ENCODER_BACKEND")
-        if backend != "torch" and _bool(env, "SAMFORGE_BF16"):
-            raise InvalidInput(f"bf16 autocast applies to the torch encoder backend only, not {backend}",
+    cache_bytes: int = setting("SAMFORGE_CACHE_BYTES")
+    max_batch: int = setting("SAMFORGE_MAX_BATCH")
+    max_wait_ms: float = setting("SAMFORGE_MAX_WAIT_MS")
+    queue_size: int = setting("SAMFORGE_QUEUE_SIZE")
+    redis_url: str = setting("SAMFORGE_REDIS_URL")
+    redis_ttl_seconds: int = setting("SAMFORGE_REDIS_TTL_SECONDS")
+    bf16: bool = setting("SAMFORGE_BF16")
+    adapter_cache: int = setting("SAMFORGE_ADAPTER_CACHE")
+    max_image_bytes: int = setting("SAMFORGE_MAX_IMAGE_BYTES")
+    max_pixels: int = setting("SAMFORGE_MAX_PIXELS")
+    backend: str = setting("SAMFORGE_ENCODER_BACKEND")
+    concurrency: int = setting("SAMFORGE_ENCODER_CONCURRENCY")
+    onnx_cache_dir: str = setting("SAMFORGE_ONNX_CACHE_DIR")
+    triton_url: str = setting("SAMFORGE_TRITON_URL")
+    triton_model: str = setting("SAMFORGE_TRITON_MODEL")
+    triton_model_version: str = setting("SAMFORGE_TRITON_MODEL_VERSION")
+    triton_timeout_seconds: float = setting("SAMFORGE_TRITON_TIMEOUT_SECONDS")
+    triton_retries: int = setting("SAMFORGE_TRITON_RETRIES")
+
+    def check(self) -> None:
+        super().check()
+        if self.bf16 and self.backend != "torch":
+            raise InvalidInput(f"bf16 autocast applies to the torch encoder backend only, not {self.backend}",
                                field="SAMFORGE_BF16")
-        timeout = _float(env, "SAMFORGE_TRITON_TIMEOUT_SECONDS")
-        if timeout <= 0:
-            raise InvalidInput(f"must be > 0, got {timeout}", field="SAMFORGE_TRITON_TIMEOUT_SECONDS")
-        return EncoderSettings(
-            **CommonSettings.common(env, "SAMFORGE_ENCODER_PORT", "SAMFORGE_ENCODER_METRICS_PORT"),
-            cache_bytes=_int(env, "SAMFORGE_CACHE_BYTES"), max_batch=_int(env, "SAMFORGE_MAX_BATCH", 1),
-            max_wait_ms=_float(env, "SAMFORGE_MAX_WAIT_MS"), queue_size=_int(env, "SAMFORGE_QUEUE_SIZE", 1),
-            redis_url=_get(env, "SAMFORGE_REDIS_URL"), redis_ttl_seconds=_int(env, "SAMFORGE_REDIS_TTL_SECONDS", 1),
-            bf16=_bool(env, "SAMFORGE_BF16"), adapter_cache=_int(env, "SAMFORGE_ADAPTER_CACHE", 1),
-            max_image_bytes=_int(env, "SAMFORGE_MAX_IMAGE_BYTES", 1), max_pixels=_int(env, "SAMFORGE_MAX_PIXELS", 1),
-            backend=backend, concurrency=_int(env, "SAMFORGE_ENCODER_CONCURRENCY"),
-            onnx_cache_dir=_get(env, "SAMFORGE_ONNX_CACHE_DIR"), triton_url=_get(env, "SAMFORGE_TRITON_URL"),
-            triton_model=_get(env, "SAMFORGE_TRITON_MODEL"),
-            triton_model_version=_get(env, "SAMFORGE_TRITON_MODEL_VERSION"), triton_timeout_seconds=timeout,
-            triton_retries=_int(env, "SAMFORGE_TRITON_RETRIES"),
-        )
 
 
 @dataclass(frozen=True)
 class DecoderSettings(CommonSettings):
-    encoder_address: str = ""
-    runtime: str = "torch"
-    cache_bytes: int = 0
-    max_prompts: int = 256
-    onnx_cache_dir: str = ""
-    encoder_timeout_seconds: float = 30.0
-    adapter_cache: int = 4
-    max_image_bytes: int = 0
-    max_pixels: int = 0
+    SERVICE: ClassVar[str] = "decoder"
 
-    @staticmethod
-    def from_env(env: Mapping[str, str] | None = None) -> DecoderSettings:
-        env = os.environ if env is None else env
-        runtime = _get(env, "SAMFORGE_DECODER_RUNTIME")
-        if runtime not in ("onnx", "torch"):
-            raise InvalidInput(f"must be onnx or torch, got {runtime!r}", field="SAMFORGE_DECODER_RUNTIME")
-        return DecoderSettings(
-            **CommonSettings.common(env, "SAMFORGE_DECODER_PORT", "SAMFORGE_DECODER_METRICS_PORT"),
-            encoder_address=_get(env, "SAMFORGE_ENCODER_ADDRESS"), runtime=runtime,
-            cache_bytes=_int(env, "SAMFORGE_DECODER_CACHE_BYTES"), max_prompts=_int(env, "SAMFORGE_MAX_PROMPTS", 1),
-            onnx_cache_dir=_get(env, "SAMFORGE_ONNX_CACHE_DIR"),
-            encoder_timeout_seconds=_float(env, "SAMFORGE_ENCODER_TIMEOUT_SECONDS"),
-            adapter_cache=_int(env, "SAMFORGE_ADAPTER_CACHE", 1),
-            max_image_bytes=_int(env, "SAMFORGE_MAX_IMAGE_BYTES", 1),
-            max_pixels=_int(env, "SAMFORGE_MAX_PIXELS", 1),
-        )
+    encoder_address: str = setting("SAMFORGE_ENCODER_ADDRESS")
+    runtime: str = setting("SAMFORGE_DECODER_RUNTIME")
+    cache_bytes: int = setting("SAMFORGE_DECODER_CACHE_BYTES")
+    max_prompts: int = setting("SAMFORGE_MAX_PROMPTS")
+    onnx_cache_dir: str = setting("SAMFORGE_ONNX_CACHE_DIR")
+    encoder_timeout_seconds: float = setting("SAMFORGE_ENCODER_TIMEOUT_SECONDS")
+    adapter_cache: int = setting("SAMFORGE_ADAPTER_CACHE")
+    max_image_bytes: int = setting("SAMFORGE_MAX_IMAGE_BYTES")
+    max_pixels: int = setting("SAMFORGE_MAX_PIXELS")
 
 
 @dataclass(frozen=True)
 class TrainerSettings(CommonSettings):
-    data_dir: str = ""
-    jobs_dir: str = ""
-    max_concurrent_jobs: int = 1
-    max_upload_bytes: int = 0
+    SERVICE: ClassVar[str] = "trainer"
 
-    @staticmethod
-    def from_env(env: Mapping[str, str] | None = None) -> TrainerSettings:
-        env = os.environ if env is None else env
-        return TrainerSettings(
-            **CommonSettings.common(env, "SAMFORGE_TRAINER_PORT", "SAMFORGE_TRAINER_METRICS_PORT"),
-            data_dir=_get(env, "SAMFORGE_DATA_DIR"), jobs_dir=_get(env, "SAMFORGE_JOBS_DIR"),
-            max_concurrent_jobs=_int(env, "SAMFORGE_MAX_CONCURRENT_JOBS", 1),
-            max_upload_bytes=_int(env, "SAMFORGE_MAX_UPLOAD_BYTES", 1),
-        )
+    data_dir: str = setting("SAMFORGE_DATA_DIR")
+    jobs_dir: str = setting("SAMFORGE_JOBS_DIR")
+    max_concurrent_jobs: int = setting("SAMFORGE_MAX_CONCURRENT_JOBS")
+    max_upload_bytes: int = setting("SAMFORGE_MAX_UPLOAD_BYTES")
 
 
 def env_table_markdown() -> str:

@@ -1,4 +1,4 @@
-"""Decoder-side adapters: the encoder's :class:`~services.encoder.adapters.AdapterModels` with one change.
+"""Decoder-side adapters: :class:`~services.common.adapter_models.AdapterModels` with one change.
 
 The encoder resolves a decoder-only adapter to the base model (its embeddings are the base ones); the decoder
 must decode with the adapter's mask decoder for *every* adapter. :class:`DecoderAdapters` therefore returns a
@@ -15,7 +15,7 @@ adapter id for encoder-side ones (their embeddings come from the encoder with th
 from __future__ import annotations
 
 from sam_core.adapters.store import AdapterRef
-from services.encoder.adapters import BASE, AdapterModels, ModelHandle
+from services.common.adapter_models import BASE, AdapterModels, ModelHandle
 
 
 class DecoderAdapters(AdapterModels):

@@ -16,7 +16,7 @@ from sam_core.errors import InvalidMaskInput
 from sam_core.inference.automatic import EverythingOptions
 from sam_core.inference.prompts import Prompt
 from services._generated.sam.v1 import common_pb2, decoder_pb2
-from services.encoder.engine import TilingRequest
+from services.common.tiling import TilingRequest
 
 from .engine import EverythingResult, SegmentResult
 from .masks import MaskOut

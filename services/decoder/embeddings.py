@@ -30,12 +30,10 @@ from typing import Protocol
 
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU
-from sam_core.inference.tiling import TiledEmbedding
-from sam_core.inference.types import Embedding
 from services.common import metrics
-from services.encoder.engine import TilingRequest
+from services.common.embedding_codec import ServedEmbedding
+from services.common.tiling import TilingRequest
 
-Value = Embedding | TiledEmbedding
 CACHE_LABEL = "decoder"
 MEMO_ENTRIES = 4096
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
@@ -64,7 +62,7 @@ class EmbeddingSource(Protocol):
         """Embed ``image`` for ``tenant`` (``adapter``: an exact "name:N" encoder-side adapter or ""); the key."""
         ...
 
-    def get(self, tenant: str, key: str, *, call: CallOptions) -> Value:
+    def get(self, tenant: str, key: str, *, call: CallOptions) -> ServedEmbedding:
         """The cached embedding ``key`` of ``tenant`` (NotFound if the encoder does not hold it)."""
         ...
 
@@ -76,7 +74,7 @@ class Fetched:
     """``source``: "local" (decoder LRU), "encoder" (GetEmbedding) or "embedded" (Embed, then fetched)."""
 
     key: str
-    value: Value
+    value: ServedEmbedding
     re_embedded: bool
     source: str
 
@@ -141,12 +139,12 @@ class Embeddings:
             found = self._remote(tenant, new_key, call)
         return Fetched(new_key, found, re_embed, "embedded")
 
-    def _local(self, tenant: str, key: str) -> Value | None:
+    def _local(self, tenant: str, key: str) -> ServedEmbedding | None:
         found = self.cache.get(_cache_key(tenant, key))
         (metrics.CACHE_HITS if found is not None else metrics.CACHE_MISSES).labels(cache=CACHE_LABEL).inc()
         return found
 
-    def _remote(self, tenant: str, key: str, call: CallOptions) -> Value:
+    def _remote(self, tenant: str, key: str, call: CallOptions) -> ServedEmbedding:
         value = self.source.get(tenant, key, call=call)
         with self._lock:
             before = self.cache.evictions

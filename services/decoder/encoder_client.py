@@ -8,7 +8,10 @@ fail-fast (no ``wait_for_ready``), so an unreachable encoder is UNAVAILABLE at o
 
 Every call forwards the caller's ``authorization`` metadata (auth works end to end) and has the deadline
 ``min(SAMFORGE_ENCODER_TIMEOUT_SECONDS, the caller's remaining time)``. Status codes (never message text)
-become sam_core's typed errors; the encoder's message is kept.
+become sam_core's typed errors through :func:`services.common.status.error_for`, the inverse of the table the
+encoder's interceptor uses, so the decoder answers with the encoder's code; the encoder's message is kept.
+The codes gRPC itself produces for the call (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) are told apart
+first: an unreachable encoder, our own deadline and the caller's deadline are different errors.
 """
 
 from __future__ import annotations
@@ -18,30 +21,20 @@ from pathlib import Path
 
 import grpc
 
-from sam_core.errors import AdapterInvalid, InvalidInput, NotFound, Overloaded, SamforgeError, Unavailable
+from sam_core.errors import Unavailable
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from services.common.embedding_codec import ServedEmbedding, embedding_from_chunks
 from services.common.settings import DecoderSettings
-from services.common.status import Cancelled, PermissionDenied, Unauthenticated
-from services.encoder.client_codec import embedding_from_chunks
-from services.encoder.engine import TilingRequest
+from services.common.status import Cancelled, error_for
+from services.common.tiling import TilingRequest
 
-from .embeddings import CallOptions, Value
+from .embeddings import CallOptions
 
 log = logging.getLogger("samforge.decoder.encoder_client")
 SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
 FORWARDED_METADATA = ("authorization",)
 MAX_RECONNECT_BACKOFF_MS = 2000
 DNS_MIN_RERESOLUTION_MS = 5000
-
-_ERRORS: dict[grpc.StatusCode, type[SamforgeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: AdapterInvalid,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.CANCELLED: Cancelled,
-}
 
 
 class EncoderFailed(RuntimeError):
@@ -97,7 +90,7 @@ class EncoderClient:
             raise self._error(exc, "Embed", timeout, caller_limited) from None
         return reply.embedding.key
 
-    def get(self, tenant: str, key: str, *, call: CallOptions) -> Value:
+    def get(self, tenant: str, key: str, *, call: CallOptions) -> ServedEmbedding:
         timeout, caller_limited = self._timeout(call)
         request = encoder_pb2.GetEmbeddingRequest(key=key, tenant=tenant)
         try:
@@ -126,7 +119,9 @@ class EncoderClient:
             if caller_limited:
                 return Cancelled(f"the caller's deadline passed while waiting for the encoder's {method}")
             return Unavailable(f"the encoder at {self.address} did not answer {method} within {timeout:.1f}s")
-        kind = _ERRORS.get(code)
+        if code == grpc.StatusCode.CANCELLED:
+            return Cancelled(details)
+        kind = error_for(code)
         if kind is not None:
             return kind(details)
         log.error("encoder %s failed with %s: %s", method, code.name, details)

@@ -37,11 +37,12 @@ from sam_core.inference.tiling import TiledEmbedding, decode_tiled
 from sam_core.inference.types import DecodeResult, Embedding
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import compute, metrics
+from services.common.embedding_codec import ServedEmbedding
 from services.common.settings import DecoderSettings
-from services.encoder.engine import TilingRequest
+from services.common.tiling import TilingRequest
 
 from .adapters import DecoderAdapters, encoder_ref, served_ref
-from .embeddings import CallOptions, Embeddings, EmbeddingSource, Value
+from .embeddings import CallOptions, Embeddings, EmbeddingSource
 from .masks import MaskOut, check_encoding, describe, describe_batch
 from .runtime import Runtime, select_runtime
 
@@ -183,7 +184,7 @@ def _outputs(result: DecodeResult, encoding: str) -> list[PromptOutput]:
             for i, masks in enumerate(described)]
 
 
-def _whole(value: Value) -> Embedding:
+def _whole(value: ServedEmbedding) -> Embedding:
     return value.whole if isinstance(value, TiledEmbedding) else value
 
 

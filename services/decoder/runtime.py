@@ -36,9 +36,13 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def select_runtime(requested: str, *, device: str = "cpu", max_prompts: int = 256, cache_dir: str = "",
+def select_runtime(requested: str, *, device: str = "cpu", max_prompts: int = 256, cache_dir: str | None = None,
                    threads: int = 0) -> Runtime:
-    """The runtime for ``requested`` ("onnx" | "torch"); "onnx" without onnxruntime falls back to "torch"."""
+    """The runtime for ``requested`` ("onnx" | "torch"); "onnx" without onnxruntime falls back to "torch".
+
+    ``cache_dir``: where ONNX graphs are exported (the service passes ``SAMFORGE_ONNX_CACHE_DIR``; None is
+    sam_core's default folder, for library use only).
+    """
     if requested == "onnx" and not onnxruntime_available():
         log.warning("SAMFORGE_DECODER_RUNTIME=onnx but onnxruntime is not installed: decoding with PyTorch")
         requested = "torch"
@@ -46,7 +50,7 @@ def select_runtime(requested: str, *, device: str = "cpu", max_prompts: int = 25
         from sam_core.export.onnx_decoder import make_onnx_predictor
 
         def make_onnx(model: LoadedModel) -> Predictor:
-            return make_onnx_predictor(model, cache_dir=cache_dir or None, threads=threads or None, device=device,
+            return make_onnx_predictor(model, cache_dir=cache_dir, threads=threads or None, device=device,
                                        max_prompts=max_prompts)
 
         return Runtime("onnx", make_onnx)

@@ -1,21 +1,23 @@
-"""gRPC servicer of ``sam.v1.DecoderService``: decode the request, call the engine once, encode the reply."""
+"""gRPC servicer of ``sam.v1.DecoderService``: decode the request, call the engine once, encode the reply.
+
+It exists once the engine has loaded; until then :func:`services.common.server.serve` answers UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 
-from sam_core.errors import Unavailable
 from services._generated.sam.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.interceptors import resolve_tenant
+from services.common.server import GrpcService
 
 from . import codec
 from .embeddings import CallOptions
 from .encoder_client import FORWARDED_METADATA
 from .engine import DecoderEngine
 
-SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name  # "sam.v1.DecoderService"
+SERVICE = GrpcService(decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name,  # sam.v1.DecoderService
+                      decoder_pb2_grpc.add_DecoderServiceServicer_to_server)
 
 
 def call_options(context: grpc.ServicerContext) -> CallOptions:
@@ -25,19 +27,8 @@ def call_options(context: grpc.ServicerContext) -> CallOptions:
 
 
 class DecoderService(decoder_pb2_grpc.DecoderServiceServicer):
-    """Registered before the weights load; calls fail UNAVAILABLE until :meth:`attach` gives it the engine."""
-
-    def __init__(self, engine: DecoderEngine | None = None) -> None:
-        self._engine = engine
-
-    def attach(self, engine: DecoderEngine) -> None:
-        self._engine = engine
-
-    @property
-    def engine(self) -> DecoderEngine:
-        if self._engine is None:
-            raise Unavailable("the decoder is still loading its model")
-        return self._engine
+    def __init__(self, engine: DecoderEngine) -> None:
+        self.engine = engine
 
     def Segment(self, request: decoder_pb2.SegmentRequest,
                 context: grpc.ServicerContext) -> decoder_pb2.SegmentResponse:
@@ -58,13 +49,3 @@ class DecoderService(decoder_pb2_grpc.DecoderServiceServicer):
             options=codec.everything_options(request), encoding=codec.encoding_name(request.encoding),
             call=call_options(context))
         return codec.everything_response(result)
-
-
-def register(service: DecoderService) -> Callable[[grpc.Server], list[str]]:
-    """A ``build_server`` register callback adding ``service``; returns the full service names."""
-
-    def add(server: grpc.Server) -> list[str]:
-        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(service, server)
-        return [SERVICE_NAME]
-
-    return add

@@ -179,7 +179,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
         from sam_core.export.onnx_encoder import cached_onnx_encoder
 
         start = time.perf_counter()
-        encoder = cached_onnx_encoder(model, cache_dir=settings.onnx_cache_dir or None,
+        encoder = cached_onnx_encoder(model, cache_dir=settings.onnx_cache_dir,
                                       threads=settings.threads or None)
         log.info("ONNX Runtime encoder %s (%.1f s)", encoder.path, time.perf_counter() - start)
         return EncoderBackend("onnx", encoder, concurrency=settings.concurrency or 1)

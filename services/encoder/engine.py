@@ -3,7 +3,7 @@
 :meth:`EmbeddingEngine.embed` for one request:
 
 1. decode the image with the byte / pixel limits (errors name the field ``image``);
-2. resolve the adapter for the tenant (:class:`~services.encoder.adapters.AdapterModels`);
+2. resolve the adapter for the tenant (:class:`~services.common.adapter_models.AdapterModels`);
 3. key: ``embedding_key(image_content_hash, model_id, preprocess_version, encoder_adapter)`` (the canonical
    sam_core key) combined by :func:`client_key` with the tenant, the tiling geometry and the encoder
    precision into the key the client sees. Keys are tenant-scoped: another tenant's key is NOT_FOUND;
@@ -37,15 +37,16 @@ from sam_core.errors import InvalidInput, NotFound
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
-from sam_core.inference.types import Embedding
 from sam_core.io.images import decode_image, image_content_hash
 from sam_core.modeling.encoder_opt import cpu_has_native_bf16
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import metrics
+from services.common.adapter_models import AdapterModels, ModelHandle
+from services.common.embedding_codec import ServedEmbedding
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
+from services.common.tiling import TilingRequest
 
-from .adapters import AdapterModels, ModelHandle
 from .backends import EncoderBackend, build_backend
 from .batcher import DynamicBatcher, EncodeJob
 from .l2 import RedisL2
@@ -55,15 +56,6 @@ KEY_FORMAT = "samforge-encoder-key-v1"
 MIN_TILE = 32
 MAX_TILES = 64
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
-Value = Embedding | TiledEmbedding
-
-
-@dataclass(frozen=True)
-class TilingRequest:
-    """Tiling asked for by a client: 0 means the default (model input size / 64 px overlap)."""
-
-    tile_size: int = 0
-    overlap: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class EmbedResult:
     """``source``: "l1" | "l2" | "encoder" (this request's encode) | "shared" (another request's encode)."""
 
     key: str
-    value: Value
+    value: ServedEmbedding
     cached: bool
     encode_ms: float
     source: str
@@ -100,7 +92,7 @@ class CachedEmbedding:
     """An L1 entry: the value and the tenant that owns it (``nbytes`` is what the byte budget counts)."""
 
     tenant: str
-    value: Value
+    value: ServedEmbedding
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +185,7 @@ class EmbeddingEngine:
             return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "shared")
         return self._lead(key, tenant, flight, handle, canonical, geometry)
 
-    def get(self, tenant: str, key: str) -> Value:
+    def get(self, tenant: str, key: str) -> ServedEmbedding:
         """The cached embedding ``key`` of ``tenant`` (L1, then L2); NotFound if absent or another tenant's."""
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
             raise InvalidInput("expected the 64-character hex key returned by Embed", field="key")
@@ -257,7 +249,7 @@ class EmbeddingEngine:
             self._flights[key] = flight
             return flight, True
 
-    def _wait(self, flight: _Flight, is_active: Callable[[], bool]) -> tuple[Value, float, bool]:
+    def _wait(self, flight: _Flight, is_active: Callable[[], bool]) -> tuple[ServedEmbedding, float, bool]:
         while True:
             try:
                 return flight.future.result(timeout=0.25)
@@ -293,7 +285,7 @@ class EmbeddingEngine:
         else:
             flight.future.set_result(result)
 
-    def _place(self, value: Value) -> Value:
+    def _place(self, value: ServedEmbedding) -> ServedEmbedding:
         """Move features to the encoder's device for L1 (a no-op on CPU)."""
         if self.device.type == "cpu":
             return value
@@ -303,7 +295,7 @@ class EmbeddingEngine:
         return value
 
     # ------------------------------------------------------------------ caches
-    def _l1_get(self, key: str, tenant: str, *, count: bool = True) -> Value | None:
+    def _l1_get(self, key: str, tenant: str, *, count: bool = True) -> ServedEmbedding | None:
         entry = self.l1.get(key)
         hit = entry is not None and entry.tenant == tenant
         if count:
@@ -319,7 +311,7 @@ class EmbeddingEngine:
             metrics.CACHE_EVICTIONS.labels(cache="l1").inc(evicted)
         metrics.CACHE_BYTES.labels(cache="l1").set(self.l1.bytes)
 
-    def _l2_get(self, key: str, tenant: str) -> Value | None:
+    def _l2_get(self, key: str, tenant: str) -> ServedEmbedding | None:
         value = self.l2.get(key, tenant)
         (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l2").inc()
         return value

@@ -24,8 +24,7 @@ import torch
 
 from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
-
-from .client_codec import assemble, parts_of
+from services.common.embedding_codec import assemble, parts_of
 
 log = logging.getLogger("samforge.encoder.l2")
 FORMAT = "samforge-encoder-l2-v1"

@@ -22,19 +22,12 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sysconfig
 import time
 from pathlib import Path
 
 MODEL_NAME = "sam_encoder"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PyTritonServer:
@@ -47,6 +40,8 @@ class PyTritonServer:
 
     def __init__(self, python: str, onnx_path: str | os.PathLike, workdir: str | os.PathLike, *,
                  max_batch: int = 8, max_queue_delay_us: int = 20000, threads: int = 0) -> None:
+        from services.common.net import free_port  # not at the top: the script runs without samforge installed
+
         self.python, self.onnx_path, self.workdir = python, str(onnx_path), Path(workdir)
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.max_batch, self.max_queue_delay_us, self.threads = max_batch, max_queue_delay_us, threads

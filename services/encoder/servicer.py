@@ -1,36 +1,30 @@
-"""gRPC servicer of ``sam.v1.EncoderService``: decode the request, call the engine once, encode the reply."""
+"""gRPC servicer of ``sam.v1.EncoderService``: decode the request, call the engine once, encode the reply.
+
+It exists once the engine has loaded; until then :func:`services.common.server.serve` answers UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 
-from sam_core.errors import Unavailable
 from services._generated.sam.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.embedding_codec import embedding_chunks, embedding_info
 from services.common.interceptors import resolve_tenant
+from services.common.server import GrpcService
+from services.common.tiling import TilingRequest
 
-from .client_codec import embedding_chunks, embedding_info
-from .engine import EmbeddingEngine, TilingRequest
+from .engine import EmbeddingEngine
 
-SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name  # "sam.v1.EncoderService"
+SERVICE = GrpcService(encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name,  # sam.v1.EncoderService
+                      encoder_pb2_grpc.add_EncoderServiceServicer_to_server)
 
 
 class EncoderService(encoder_pb2_grpc.EncoderServiceServicer):
-    """Registered before the weights load; calls fail UNAVAILABLE until :meth:`attach` gives it the engine."""
-
-    def __init__(self, engine: EmbeddingEngine | None = None) -> None:
-        self._engine = engine
-
-    def attach(self, engine: EmbeddingEngine) -> None:
-        self._engine = engine
-
-    @property
-    def engine(self) -> EmbeddingEngine:
-        if self._engine is None:
-            raise Unavailable("the encoder is still loading its model")
-        return self._engine
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self.engine = engine
 
     def Embed(self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext) -> encoder_pb2.EmbedResponse:
         tenant = resolve_tenant(request.tenant)
@@ -50,13 +44,3 @@ class EncoderService(encoder_pb2_grpc.EncoderServiceServicer):
 
     def Stats(self, request: encoder_pb2.StatsRequest, context: grpc.ServicerContext) -> encoder_pb2.StatsResponse:
         return encoder_pb2.StatsResponse(**dataclasses.asdict(self.engine.stats()))
-
-
-def register(service: EncoderService) -> Callable[[grpc.Server], list[str]]:
-    """A ``build_server`` register callback adding ``service``; returns the full service names."""
-
-    def add(server: grpc.Server) -> list[str]:
-        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(service, server)
-        return [SERVICE_NAME]
-
-    return add

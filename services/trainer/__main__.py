@@ -1,48 +1,43 @@
-"""``python -m services.trainer``: load the base model, resume unfinished jobs, serve TrainerService and
-AdapterRegistry until SIGTERM (running jobs are then interrupted and stay resumable)."""
+"""``python -m services.trainer``: TrainerService and AdapterRegistry (settings from SAMFORGE_* variables).
+
+:func:`services.common.server.serve` runs the process: health answers NOT_SERVING while :func:`load` loads
+the base model and resumes unfinished jobs, SERVING after. SIGTERM/SIGINT: NOT_SERVING, stop accepting,
+drain in-flight calls for SAMFORGE_GRACE_SECONDS, then running jobs are interrupted (they stay resumable);
+exit 0. A bad setting exits 2, a failed load 1.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from sam_core.errors import SamforgeError
-from services.common.server import build_server, exit_now, run_until_signal, setup_logging
+from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.modeling.registry import load_model, resolve_device
+from services.common.server import Loaded, exit_now, serve
 from services.common.settings import TrainerSettings
+
+from .jobs import JobManager
+from .registry import TenantRegistry
+from .servicer import REGISTRY, TRAINER, AdapterRegistryService, TrainerService
 
 log = logging.getLogger("samforge.trainer")
 
 
-def main() -> int:
-    try:
-        settings = TrainerSettings.from_env()
-    except SamforgeError as exc:
-        setup_logging("INFO")
-        log.error("bad configuration: %s", exc)
-        return 2
-    setup_logging(settings.log_level)
-    import torch
-
-    from sam_core.adapters.filesystem import FileSystemAdapterStore
-    from sam_core.modeling.registry import load_model, resolve_device
-
-    from .jobs import JobManager
-    from .registry import TenantRegistry
-    from .servicer import register
-
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
-    try:
-        model = load_model(settings.model, settings.checkpoint or None, device=resolve_device(settings.device))
-        store = FileSystemAdapterStore(settings.registry_dir)
-        manager = JobManager(settings, model, store)
-    except SamforgeError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
+def load(settings: TrainerSettings) -> Loaded:
+    """The base model, the adapter store and the job manager (which resumes unfinished jobs)."""
+    model = load_model(settings.model, settings.checkpoint or None, device=resolve_device(settings.device))
+    store = FileSystemAdapterStore(settings.registry_dir)
+    manager = JobManager(settings, model, store)
     log.info("model %s loaded (%s); jobs in %s", settings.model, model.model_id, manager.jobs_dir)
-    server = build_server(settings, lambda grpc_server: register(grpc_server, manager, TenantRegistry(store)))
-    server.set_serving(True)
-    run_until_signal(server, on_stop=lambda: manager.shutdown(timeout=settings.grace_seconds))
-    return 0
+
+    def close() -> None:
+        manager.shutdown(timeout=settings.grace_seconds)
+
+    servicers = {TRAINER.name: TrainerService(manager), REGISTRY.name: AdapterRegistryService(TenantRegistry(store))}
+    return Loaded(servicers, model.model_id, close)
+
+
+def main() -> int:
+    return serve("trainer", TrainerSettings.from_env, [TRAINER, REGISTRY], load)
 
 
 if __name__ == "__main__":

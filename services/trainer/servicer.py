@@ -1,18 +1,27 @@
 """The gRPC servicers: decode the request, call one JobManager / registry / upload function, encode the reply.
 
 Errors are raised as ``sam_core.errors`` types; ``services.common``'s interceptor maps them to status codes.
+The servicers exist once the model has loaded; until then :func:`services.common.server.serve` answers
+UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from services._generated.sam.v1 import trainer_pb2, trainer_pb2_grpc
+from services.common.server import GrpcService
 
 from . import convert
 from .jobs import JobManager
 from .registry import TenantRegistry
 from .uploads import receive_dataset
+
+_SERVICES = trainer_pb2.DESCRIPTOR.services_by_name
+TRAINER = GrpcService(_SERVICES["TrainerService"].full_name, trainer_pb2_grpc.add_TrainerServiceServicer_to_server)
+REGISTRY = GrpcService(_SERVICES["AdapterRegistry"].full_name, trainer_pb2_grpc.add_AdapterRegistryServicer_to_server)
 
 
 class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
@@ -22,7 +31,8 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
     def CreateJob(self, request: trainer_pb2.CreateJobRequest, context: grpc.ServicerContext) -> trainer_pb2.Job:
         return convert.job_pb(self.manager.create(convert.job_request(request)))
 
-    def WatchJob(self, request: trainer_pb2.WatchJobRequest, context: grpc.ServicerContext):
+    def WatchJob(self, request: trainer_pb2.WatchJobRequest,
+                 context: grpc.ServicerContext) -> Iterator[trainer_pb2.JobEvent]:
         for event in self.manager.watch(request.tenant, request.id, active=context.is_active):
             yield convert.event_pb(event)
 
@@ -33,7 +43,8 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
                  context: grpc.ServicerContext) -> trainer_pb2.ListJobsResponse:
         return trainer_pb2.ListJobsResponse(jobs=[convert.job_pb(job) for job in self.manager.list(request.tenant)])
 
-    def UploadDataset(self, request_iterator, context: grpc.ServicerContext) -> trainer_pb2.DatasetRef:
+    def UploadDataset(self, request_iterator: Iterator[trainer_pb2.DatasetChunk],
+                      context: grpc.ServicerContext) -> trainer_pb2.DatasetRef:
         settings = self.manager.settings
         result = receive_dataset(convert.chunks(request_iterator), settings.data_dir, settings.max_upload_bytes)
         return trainer_pb2.DatasetRef(id=result.id, bytes=result.bytes)
@@ -61,11 +72,3 @@ class AdapterRegistryService(trainer_pb2_grpc.AdapterRegistryServicer):
     def Delete(self, request: trainer_pb2.DeleteRequest, context: grpc.ServicerContext) -> trainer_pb2.DeleteResponse:
         self.registry.delete(request.tenant, request.name, request.version)
         return trainer_pb2.DeleteResponse()
-
-
-def register(server: grpc.Server, manager: JobManager, registry: TenantRegistry) -> tuple[str, ...]:
-    """Add both servicers to ``server``; returns their full service names (for health and reflection)."""
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerService(manager), server)
-    trainer_pb2_grpc.add_AdapterRegistryServicer_to_server(AdapterRegistryService(registry), server)
-    services = trainer_pb2.DESCRIPTOR.services_by_name
-    return services["TrainerService"].full_name, services["AdapterRegistry"].full_name

@@ -28,9 +28,10 @@ from sam_core.inference.prompts import Prompt
 from sam_core.io.images import decode_image
 from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from services.encoder.client_codec import embedding_from_chunks
+from services.common.embedding_codec import embedding_from_chunks
+from services.common.net import free_port
 from tests.conftest import save_perturbed_adapter, synthetic_scene
-from tests.integration.conftest import ServiceProcess, free_port, health_status, start_service, wait_serving
+from tests.integration.conftest import ServiceProcess, health_status, start_service, wait_serving
 from tests.sam_core.test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from PIL import Image
 from sam_core.inference.predictor import Predictor
 from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
-from services.encoder.client_codec import CHUNK_BYTES, embedding_from_chunks
+from services.common.embedding_codec import CHUNK_BYTES, embedding_from_chunks
 from tests.conftest import synthetic_scene
 from tests.integration.conftest import health_status, start_service, wait_serving
 

@@ -27,10 +27,11 @@ from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, decoder_pb2, encoder_pb2
-from services.encoder.client_codec import embedding_from_chunks
+from services.common.embedding_codec import embedding_from_chunks
+from services.common.net import free_port
 from services.encoder.pytriton_encoder import MODEL_NAME, PyTritonServer
 from tests.conftest import save_perturbed_adapter, synthetic_scene
-from tests.integration.conftest import free_port, health_status
+from tests.integration.conftest import health_status
 from tests.integration.test_decoder_service import (
     _env,
     box_prompts,

@@ -39,9 +39,10 @@ from sam_core.inference.types import Embedding
 from sam_core.io.images import decode_image
 from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2
-from services.common import compute
+from services.common import adapter_models, compute
 from services.common.settings import DecoderSettings
 from services.common.status import Cancelled, PermissionDenied
+from services.common.tiling import TilingRequest
 from services.decoder import codec
 from services.decoder import engine as engine_module
 from services.decoder.embeddings import CallOptions
@@ -49,8 +50,6 @@ from services.decoder.encoder_client import EncoderClient, channel_target
 from services.decoder.engine import DecoderEngine
 from services.decoder.masks import describe
 from services.decoder.runtime import select_runtime
-from services.encoder import adapters as encoder_adapters
-from services.encoder.engine import TilingRequest
 from tests.conftest import save_perturbed_adapter, synthetic_scene
 from tests.sam_core.test_parity import SCORE_TOL, assert_masks_match
 
@@ -463,13 +462,13 @@ def store(tmp_path, tiny_model):
 def test_adapter_lru_evicts_before_loading(make_engine, store, monkeypatch):
     engine, source = make_engine("onnx", store=store, SAMFORGE_ADAPTER_CACHE="1")
     resident_at_load: list[int] = []
-    real = encoder_adapters.load_adapter
+    real = adapter_models.load_adapter
 
     def counting(model, path):
         resident_at_load.append(len(engine.adapters.loaded()))
         return real(model, path)
 
-    monkeypatch.setattr(encoder_adapters, "load_adapter", counting)
+    monkeypatch.setattr(adapter_models, "load_adapter", counting)
     prompts = mixed_prompts()[:2]
     base = engine.segment("t", prompts=prompts, image=SCENE_PNG, want_low_res=True)
     results = {ref: engine.segment("t", prompts=prompts, embedding_key=base.embedding_key, adapter=ref,

@@ -17,6 +17,7 @@ from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import AdapterInvalid, InvalidInput, Unavailable
 from sam_core.export.onnx_encoder import encoder_export_path
 from sam_core.inference.predictor import Predictor
+from services.common.net import free_port
 from services.common.settings import EncoderSettings
 from services.encoder.backends import EncoderBackend, TritonEncoder, build_backend
 from services.encoder.batcher import DynamicBatcher, EncodeJob
@@ -38,12 +39,6 @@ def one_thread():
 def settings(tmp_path, **env: str) -> EncoderSettings:
     return EncoderSettings.from_env({"SAMFORGE_MODEL": "tiny", "SAMFORGE_REGISTRY_DIR": str(tmp_path / "registry"),
                                      "SAMFORGE_ONNX_CACHE_DIR": str(tmp_path / "onnx"), **env})
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # released again: nothing listens there
 
 
 @pytest.mark.parametrize(("env", "field"), [
@@ -109,7 +104,7 @@ def pixels(seed: int) -> np.ndarray:
 
 
 def test_triton_backend_fails_unavailable_promptly_when_nothing_listens(tiny_model):
-    client = TritonEncoder(f"127.0.0.1:{closed_port()}", "sam_encoder", timeout_s=10, retries=2, backoff_s=0.05)
+    client = TritonEncoder(f"127.0.0.1:{free_port()}", "sam_encoder", timeout_s=10, retries=2, backoff_s=0.05)
     try:
         assert not client.ready()
         calls = client.calls

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 
@@ -18,11 +17,13 @@ from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
 from sam_core.modeling.registry import build_tiny
+from services.common import adapter_models
+from services.common.embedding_codec import MalformedEmbeddingStream, embedding_chunks, embedding_from_chunks
+from services.common.net import free_port
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
-from services.encoder import adapters as adapters_module
-from services.encoder.client_codec import MalformedEmbeddingStream, embedding_chunks, embedding_from_chunks
-from services.encoder.engine import EmbeddingEngine, TilingRequest, client_key
+from services.common.tiling import TilingRequest
+from services.encoder.engine import EmbeddingEngine, client_key
 from services.encoder.l2 import RedisL2, decode_entry, encode_entry
 from tests.conftest import save_perturbed_adapter
 
@@ -259,10 +260,7 @@ def test_l2_serves_a_second_engine_without_encoding(make_engine):
 
 
 def test_redis_down_is_not_an_error(make_engine):
-    with socket.socket() as s:  # a free port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    l2 = RedisL2(f"redis://127.0.0.1:{port}/0", 60, timeout=0.5)
+    l2 = RedisL2(f"redis://127.0.0.1:{free_port()}/0", 60, timeout=0.5)  # nobody listens there
     engine = make_engine(l2=l2)
     assert not engine.embed("a", png(60)).cached
     assert engine.embed("a", png(60)).cached
@@ -302,13 +300,13 @@ def store(tmp_path, tiny_model):
 def test_adapter_lru_evicts_before_loading(make_engine, store, monkeypatch):
     engine = make_engine(store=store, SAMFORGE_ADAPTER_CACHE="1")
     resident_at_load: list[int] = []
-    real = adapters_module.load_adapter
+    real = adapter_models.load_adapter
 
     def counting(model, path):
         resident_at_load.append(len(engine.adapters.loaded()))
         return real(model, path)
 
-    monkeypatch.setattr(adapters_module, "load_adapter", counting)
+    monkeypatch.setattr(adapter_models, "load_adapter", counting)
     results = [engine.embed("t", png(80 + i), adapter=ref) for i, ref in enumerate(["a", "b", "a", "b:1"])]
     assert engine.adapters.loads == 4 and resident_at_load == [0, 0, 0, 0]
     assert engine.stats().loaded_adapters == ["t/b:1"]

@@ -1,8 +1,9 @@
 """Wire format of an embedding: ``EmbeddingInfo`` + a stream of ``EmbeddingChunk`` (encoder -> decoder).
 
-The decoder service reassembles a ``GetEmbedding`` stream with :func:`embedding_from_chunks`::
+The encoder streams a :data:`ServedEmbedding` with :func:`embedding_chunks`; the decoder service (and any
+client) reassembles a ``GetEmbedding`` stream with :func:`embedding_from_chunks`::
 
-    from services.encoder.client_codec import embedding_from_chunks
+    from services.common.embedding_codec import embedding_from_chunks
 
     stream = encoder_stub.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=key, tenant=tenant), timeout=30)
     embedding = embedding_from_chunks(stream)   # sam_core Embedding, or TiledEmbedding if info.num_tiles > 0
@@ -33,6 +34,9 @@ from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
 from services._generated.sam.v1 import common_pb2, encoder_pb2
 
+ServedEmbedding = Embedding | TiledEmbedding
+"""What the encoder serves for one key: a plain embedding, or a tiled one (whole image + tiles)."""
+
 CHUNK_BYTES = 1 << 20
 DTYPE = "float32"
 _WIRE_DTYPE = np.dtype("<f4")
@@ -42,14 +46,14 @@ class MalformedEmbeddingStream(ValueError):
     """The chunks do not form a valid embedding (a bug or version skew, never a caller's mistake)."""
 
 
-def parts_of(value: Embedding | TiledEmbedding) -> tuple[list[Embedding], list[tuple[int, int]]]:
+def parts_of(value: ServedEmbedding) -> tuple[list[Embedding], list[tuple[int, int]]]:
     """(embeddings, origins): ``[whole, *tiles]`` and their (y, x) origins (the whole image at (0, 0))."""
     if isinstance(value, TiledEmbedding):
         return [value.whole, *value.tiles], [(0, 0), *[(int(y), int(x)) for y, x in value.origins]]
     return [value], [(0, 0)]
 
 
-def embedding_info(key: str, value: Embedding | TiledEmbedding) -> common_pb2.EmbeddingInfo:
+def embedding_info(key: str, value: ServedEmbedding) -> common_pb2.EmbeddingInfo:
     """The ``EmbeddingInfo`` of a cached value (sizes as (h, w) pairs, see the module docstring)."""
     parts, _ = parts_of(value)
     first = parts[0]
@@ -68,7 +72,7 @@ def _wire_bytes(features: torch.Tensor) -> memoryview:
     return memoryview(np.ascontiguousarray(array, dtype=_WIRE_DTYPE)).cast("B")
 
 
-def embedding_chunks(key: str, value: Embedding | TiledEmbedding,
+def embedding_chunks(key: str, value: ServedEmbedding,
                      chunk_bytes: int = CHUNK_BYTES) -> Iterator[encoder_pb2.EmbeddingChunk]:
     """Stream ``value`` as chunks of at most ``chunk_bytes`` data bytes (the first one with the header)."""
     parts, origins = parts_of(value)
@@ -118,7 +122,7 @@ def assemble(features: torch.Tensor, *, original_sizes: Sequence[tuple[int, int]
              input_sizes: Sequence[tuple[int, int]],
              origins: Sequence[tuple[int, int]] | None, model_id: str, preprocess_version: str,
              encoder_adapter: str | None, tile_size: int | None = None,
-             overlap: int | None = None) -> Embedding | TiledEmbedding:
+             overlap: int | None = None) -> ServedEmbedding:
     """N x C x h x w features (N = 1, or 1 + tiles when ``origins`` is given) -> Embedding / TiledEmbedding.
 
     ``origins`` excludes the whole image's (0, 0). Each part's features are a view of ``features``.
@@ -135,7 +139,7 @@ def assemble(features: torch.Tensor, *, original_sizes: Sequence[tuple[int, int]
                           overlap=overlap)
 
 
-def embedding_from_chunks(chunks: Iterable[encoder_pb2.EmbeddingChunk]) -> Embedding | TiledEmbedding:
+def embedding_from_chunks(chunks: Iterable[encoder_pb2.EmbeddingChunk]) -> ServedEmbedding:
     """Reassemble a ``GetEmbedding`` stream into the encoder's Embedding / TiledEmbedding (CPU, float32).
 
     Raises :class:`MalformedEmbeddingStream` if the stream is empty, lacks its header, has an unknown

@@ -1,4 +1,7 @@
-"""Per-request adapter resolution and an LRU of loaded encoder-side adapters (vLLM ``lora/`` style).
+"""Per-request adapter resolution and an LRU of loaded adapted models (vLLM ``lora/`` style).
+
+Shared by both model services: the encoder uses :class:`AdapterModels` as is (encoder-side adapters), the
+decoder subclasses it (:class:`services.decoder.adapters.DecoderAdapters`: every adapter has its own decoder).
 
 :meth:`AdapterModels.resolve` turns ``(tenant, "name" | "name:3" | "name@prod")`` into a
 :class:`ModelHandle`: the encoder-adapter id that goes into the embedding key and, for encoder-side
@@ -31,9 +34,10 @@ from sam_core.adapters.store import AdapterRef, AdapterStore, AdapterVersion
 from sam_core.errors import AdapterInvalid, NotFound
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
+from sam_core.training.methods import get_method
 from services.common import compute, metrics
 
-log = logging.getLogger("samforge.encoder.adapters")
+log = logging.getLogger("samforge.adapters")
 AdapterKey = tuple[str, str, int, str]  # (tenant, name, version, content sha256)
 _MAX_IDENTITIES = 4096
 
@@ -117,8 +121,9 @@ class AdapterModels:
             return found
         try:
             config = read_adapter_config(version.path)
-            if config.method == "persam":
-                raise AdapterInvalid("a persam artifact has no image-encoder weights", field="adapter")
+            if get_method(config.method).one_shot:
+                raise AdapterInvalid(f"a one-shot {config.method} artifact has no image-encoder weights",
+                                     field="adapter")
             check_base(config, self.base.model, version.ref)
         except (AdapterInvalid, NotFound) as exc:
             self._reject(f"adapter {version.ref!r}: {exc.detail}")
