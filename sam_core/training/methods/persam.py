@@ -10,6 +10,7 @@ from sam_core.training.methods.base import FineTuningMethod
 class PersamMethod(FineTuningMethod):
     name = "persam"
     summary = "one-shot personalisation from one reference mask (PerSAM-F); prompt-free segmentation"
+    recommended_lr = 1e-3
     one_shot = True
     trained_groups = ()
 
