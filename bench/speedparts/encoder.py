@@ -98,7 +98,7 @@ def child_peak(device: str) -> dict[str, Any]:
         out[f"matmul_peak_{name}_gflops"] = round(2 * n ** 3 / t / 1e9, 1)
     model = load_model("litemedsam")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.net.image_encoder(torch.zeros(1, 3, 256, 256, device=device))
+        model.net.encode(torch.zeros(1, 3, 256, 256, device=device))
     out["encoder_gflop_per_image"] = round(counter.get_total_flops() / 1e9, 1)
     return out
 

@@ -247,19 +247,11 @@ def test_verification_is_cached_until_the_files_change(store, make_artifact, mon
     assert calls == [v1.path]
 
 
-def test_publish_fsyncs_files_folders_and_index(store, make_artifact, monkeypatch):
-    import sam_core.files as files
-
+def test_publish_fsyncs_files_folders_and_index(store, make_artifact, fsynced):
     source = make_artifact(0)
     store.publish("acme", "boats", make_artifact(1))  # the root, the lock and the staging area exist
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    fsynced.clear()
+    synced = fsynced
     v1 = store.publish("acme", "ships", source)
     root = store.root.resolve()
     staged = [Path(p) for p in synced if Path(p).parent.parent == root / ".staging"]

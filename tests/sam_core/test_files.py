@@ -12,20 +12,6 @@ import pytest
 from sam_core import files
 
 
-@pytest.fixture()
-def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the path behind every descriptor passed to os.fsync (then fsync it for real)."""
-    calls: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        calls.append(os.path.realpath(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(files.os, "fsync", recording_fsync)
-    return calls
-
-
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
