@@ -214,5 +214,7 @@ def adapted_model(model: LoadedModel, net: SegmentationModel, config: AdapterCon
     """Wrap a prepared, weight-loaded network as a frozen LoadedModel that records its adapter."""
     net.requires_grad_(False)
     net.eval()
+    identity = adapter_identity(config)
     return LoadedModel(net=net, spec=model.spec, weights_sha256=model.weights_sha256, source=model.source,
-                       adapter=config, adapter_id=adapter_identity(config))
+                       adapter=config, adapter_id=identity,
+                       encoder_adapter_id=None if config.shares_base_embeddings else identity)

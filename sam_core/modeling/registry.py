@@ -39,7 +39,12 @@ DEFAULT_MODEL = "litemedsam"
 
 @dataclass
 class LoadedModel:
-    """A ready-to-use model: the network, its spec and identity (and the adapter applied to it, if any)."""
+    """A ready-to-use model: the network, its spec and identity (and the adapter applied to it, if any).
+
+    ``encoder_adapter_id`` is set when the network's image encoder differs from the base weights' (an
+    encoder-side adapter, or a model being trained): its embeddings are its own and never share the base
+    model's cache entries. None for the base model and decoder-only adapters.
+    """
 
     net: SegmentationModel
     spec: ModelSpec
@@ -47,18 +52,12 @@ class LoadedModel:
     source: str
     adapter: AdapterConfig | None = None
     adapter_id: str | None = None
+    encoder_adapter_id: str | None = None
 
     @property
     def model_id(self) -> str:
         """Stable id of the *base* weights: ``<name>-<first 16 hex of the weights sha256>``."""
         return f"{self.spec.name}-{self.weights_sha256[:16]}"
-
-    @property
-    def encoder_adapter_id(self) -> str | None:
-        """The adapter id when the adapter changes the image encoder (its embeddings differ), else None."""
-        if self.adapter is None or self.adapter.shares_base_embeddings:
-            return None
-        return self.adapter_id
 
 
 SPECS: dict[str, ModelSpec] = {

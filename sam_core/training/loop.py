@@ -313,17 +313,10 @@ def validate(run: TrainingRun, loss: float) -> bool:
     return run.cfg.patience > 0 and state.bad_evals >= run.cfg.patience
 
 
-@dataclass(frozen=True)
-class _TrainingAdapter:
-    """Marks a model whose encoder is being trained (its embeddings must not be mixed with the base's)."""
-
-    shares_base_embeddings: bool = False
-
-
 def _current_predictor(run: TrainingRun) -> Predictor:
     view = dataclasses.replace(run.model, net=run.net)
-    if not run.frozen_encoder:  # embeddings of a changed encoder are not the base model's
-        view = dataclasses.replace(view, adapter=_TrainingAdapter(), adapter_id="training")  # type: ignore[arg-type]
+    if not run.frozen_encoder:  # embeddings of an encoder being trained are not the base model's
+        view = dataclasses.replace(view, adapter_id="training", encoder_adapter_id="training")
     return Predictor(view, device=run.device)
 
 
