@@ -248,6 +248,31 @@ def _check_mode(prompt_mode: str, allowed: tuple[str, ...]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fit
+def fit_mask_weights(logits: torch.Tensor, mask: np.ndarray, *, steps: int, lr: float, seed: int,
+                     callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """PerSAM-F's training: the two free weights (w1, w2) of the three frozen multimask logits (3 x H x W)
+    minimising Dice + focal loss against ``mask`` (H x W bool). AdamW with cosine LR from equal weights.
+    Returns the (3,) weights (1 - w1 - w2, w1, w2) and the loss of every step."""
+    target = torch.from_numpy(mask).float()[None, None]
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)  # nothing is random today; keeps future changes reproducible
+        free = torch.nn.Parameter(torch.full((N_MULTIMASK - 1,), 1.0 / N_MULTIMASK))
+        optimizer = torch.optim.AdamW([free], lr=lr, eps=1e-4)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+        for step in range(steps):
+            combined = torch.einsum("m,mhw->hw", _full_weights(free), logits)[None, None]
+            loss = dice_loss(combined, target) + focal_loss(combined, target)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if callback is not None:
+                callback(step, losses[-1])
+    return _full_weights(free.detach()).clone(), losses
+
+
 def fit_persam(predictor: Predictor, ref_image: np.ndarray | None, ref_mask: np.ndarray, *, steps: int = 200,
                lr: float = 1e-3, seed: int = 0, prompt_mode: str = "auto", cascade: bool = True,
                embedding: Embedding | None = None,
@@ -283,25 +308,7 @@ def fit_persam(predictor: Predictor, ref_image: np.ndarray | None, ref_mask: np.
     assert decoded.low_res_logits is not None
     with torch.no_grad():  # the three full-size logits are frozen: 3 x H x W
         logits = predictor.upscale(torch.from_numpy(decoded.low_res_logits), embedding)[0].float().cpu()
-    target = torch.from_numpy(mask).float()[None, None]
-
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)  # nothing is random today; keeps future changes reproducible
-        free = torch.nn.Parameter(torch.full((N_MULTIMASK - 1,), 1.0 / N_MULTIMASK))
-        optimizer = torch.optim.AdamW([free], lr=lr, eps=1e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-        for step in range(steps):
-            combined = torch.einsum("m,mhw->hw", _full_weights(free), logits)[None, None]
-            loss = dice_loss(combined, target) + focal_loss(combined, target)
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            if callback is not None:
-                callback(step, losses[-1])
-    weights = _full_weights(free.detach()).clone()
+    weights, losses = fit_mask_weights(logits, mask, steps=steps, lr=lr, seed=seed, callback=callback)
 
     def fit_dice(w: torch.Tensor) -> float:
         return dice((torch.einsum("m,mhw->hw", w, logits) > 0).numpy(), mask)
