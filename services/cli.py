@@ -12,10 +12,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sam_core.errors import SamforgeError
 from services.cli_finetune import add_train_args
 from services.stack import add_up_args
+
+if TYPE_CHECKING:
+    from sam_core.inference.prompts import Prompt
 
 
 def _floats(text: str, count: int | tuple[int, ...], what: str) -> list[float]:
@@ -38,7 +42,7 @@ def _point(text: str) -> list[float]:
     return values if len(values) == 3 else [*values, 1.0]
 
 
-def build_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]]) -> list:
+def build_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]]) -> list[Prompt]:
     """CLI prompt rules: each --box is one prompt; all --point's form one prompt; with exactly one
     --box and some --point's, they combine into a single box+points prompt."""
     import numpy as np
@@ -77,9 +81,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     prompts = build_prompts(args.box or [], args.point or [])
     t2 = time.perf_counter()
     if args.tile:
-        embedding = encode_tiled(predictor, image, overlap=args.overlap)
+        tiled = encode_tiled(predictor, image, overlap=args.overlap)
         t3 = time.perf_counter()
-        result = decode_tiled(predictor, embedding, prompts, multimask=args.multimask)
+        result = decode_tiled(predictor, tiled, prompts, multimask=args.multimask)
     else:
         embedding = predictor.encode_one(image)
         t3 = time.perf_counter()
@@ -139,8 +143,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     export = export_encoder_onnx if args.part == "encoder" else export_decoder_onnx
     path = export(loaded, args.out)
-    summary: dict = {"part": args.part, "model_id": loaded.model_id, "path": str(path), "bytes": path.stat().st_size,
-                     "export_s": round(time.perf_counter() - t0, 2)}
+    summary: dict[str, Any] = {"part": args.part, "model_id": loaded.model_id, "path": str(path),
+                               "bytes": path.stat().st_size, "export_s": round(time.perf_counter() - t0, 2)}
     if args.check_image:
         from sam_core.io.images import load_image
 
@@ -202,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except SamforgeError as exc:
         print(f"samforge {args.command}: error: {exc}", file=sys.stderr)
         return 2

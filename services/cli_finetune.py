@@ -7,10 +7,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sam_core.training.config import Phase, ProgressEvent
 from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
+
+if TYPE_CHECKING:
+    from sam_core.evaluation.evaluate import EmbeddingCache
 
 
 class ProgressBar:
@@ -52,7 +55,7 @@ class ProgressBar:
             self.last_print = now
 
 
-def add_train_args(sub: argparse._SubParsersAction) -> None:
+def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="fine-tune on a data set and publish an adapter")
     p.add_argument("--data", required=True,
                    help="folder (images/ + masks/ or masks_instances/), COCO .json, or npz folder")
@@ -113,6 +116,14 @@ def add_train_args(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_adapters_inspect)
 
 
+def _first_last(text: str) -> tuple[int, int]:
+    """``--split-first-last N_TRAIN,N_VAL`` as (n_train, n_val)."""
+    values = [int(v) for v in text.split(",")]
+    if len(values) != 2:
+        raise SystemExit(f"samforge train: --split-first-last needs N_TRAIN,N_VAL, got {text!r}")
+    return values[0], values[1]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.data.prompt_sim import prompt_config
     from sam_core.evaluation.evaluate import EvalConfig
@@ -122,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.training.methods import MethodConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
-    first_last = tuple(int(v) for v in args.split_first_last.split(",")) if args.split_first_last else None
+    first_last = _first_last(args.split_first_last) if args.split_first_last else None
     train_cfg = TrainConfig(
         method=method, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -165,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.split == "val":
         ds = split_dataset(ds, val_fraction=args.val_fraction, seed=args.seed)[1]
     cfg = EvalConfig(prompt=prompt_config(args.prompt), seed=args.seed, tiled=args.tile)
-    cache: dict = {}
+    cache: EmbeddingCache = {}
     reports = [evaluate(Predictor(base), ds, cfg, label="zero-shot", embeddings=cache)]
     for path in args.adapter:
         adapted = load_adapter(base, path)

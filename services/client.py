@@ -18,9 +18,10 @@ to a precise status code. Deadlines: every call takes ``timeout`` (seconds).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +39,28 @@ from services._generated.sam.v1 import (
 ENCODINGS = {"rle": decoder_pb2.MASK_ENCODING_RLE, "png": decoder_pb2.MASK_ENCODING_PNG,
              "polygons": decoder_pb2.MASK_ENCODING_POLYGONS, "none": decoder_pb2.MASK_ENCODING_NONE}
 TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+StubT = TypeVar("StubT")
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+, used only in annotations (never evaluated at run time)
+
+
+class Hyperparameters(TypedDict, total=False):
+    """The keyword arguments of :meth:`SamforgeClient.create_job`: the fields of ``sam.v1.Hyperparameters``."""
+
+    epochs: int
+    max_steps: int
+    batch_size: int
+    lr: float
+    rank: int
+    prompt: str  # "box" | "point" | "box+point"
+    val_fraction: float
+    seed: int
+    bf16: bool
+    patience: int
+    crop: int
+    warmup_steps: int
+    checkpoint_every: int
 
 
 @dataclass(frozen=True)
@@ -96,10 +119,7 @@ def _prompt_message(prompt: BoxPrompt | PointPrompt) -> decoder_pb2.Prompt:
     message = decoder_pb2.Prompt()
     if isinstance(prompt, BoxPrompt):
         message.box.CopyFrom(decoder_pb2.Box(x0=prompt.x0, y0=prompt.y0, x1=prompt.x1, y1=prompt.y1))
-        points = prompt.points
-    else:
-        points = prompt.points
-    for x, y, label in points:
+    for x, y, label in prompt.points:
         message.points.append(decoder_pb2.Point(x=x, y=y, label=int(label)))
     return message
 
@@ -116,6 +136,13 @@ def _mask(message: decoder_pb2.Mask, size: Sequence[int]) -> MaskResult:
                       png=message.png, polygons=[list(p.xy) for p in message.polygons])
 
 
+def _connected(stub: StubT | None, service: str) -> StubT:
+    """``stub``, or ValueError when the client was made without that service's address."""
+    if stub is None:
+        raise ValueError(f"this SamforgeClient has no {service} address (pass {service}=host:port)")
+    return stub
+
+
 class SamforgeClient:
     """Channels to the services (any may be None if not used); bearer token and TLS optional."""
 
@@ -128,9 +155,9 @@ class SamforgeClient:
                    ("grpc.max_send_message_length", max_message_bytes)]
         if isinstance(root_certificates, (str, Path)):
             root_certificates = Path(root_certificates).read_bytes()
-        self._channels = []
+        self._channels: list[grpc.Channel] = []
 
-        def channel(address: str | None):
+        def channel(address: str | None) -> grpc.Channel | None:
             if address is None:
                 return None
             if root_certificates is not None:
@@ -153,7 +180,7 @@ class SamforgeClient:
     def __enter__(self) -> SamforgeClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ----------------------------------------------------------------------------------- inference
@@ -161,7 +188,9 @@ class SamforgeClient:
               timeout: float = 60.0) -> common_pb2.EmbeddingInfo:
         request = encoder_pb2.EmbedRequest(image=image, tenant=self.tenant, adapter=common_pb2.AdapterRef(ref=adapter),
                                            tiling=common_pb2.TilingOptions(enabled=tile, overlap=overlap))
-        return self.encoder.Embed(request, timeout=timeout, metadata=self._metadata).embedding
+        reply: encoder_pb2.EmbedResponse = _connected(self.encoder, "encoder").Embed(
+            request, timeout=timeout, metadata=self._metadata)
+        return reply.embedding
 
     def segment(self, prompts: Sequence[BoxPrompt | PointPrompt], *, image: bytes = b"", embedding_key: str = "",
                 adapter: str = "", multimask: bool = False, encoding: str = "rle", threshold: float = 0.0,
@@ -171,7 +200,8 @@ class SamforgeClient:
             prompts=[_prompt_message(p) for p in prompts], multimask=multimask,
             adapter=common_pb2.AdapterRef(ref=adapter), encoding=ENCODINGS[encoding], threshold=threshold,
             return_low_res_logits=return_low_res_logits, tiling=common_pb2.TilingOptions(enabled=tile))
-        reply = self.decoder.Segment(request, timeout=timeout, metadata=self._metadata)
+        reply: decoder_pb2.SegmentResponse = _connected(self.decoder, "decoder").Segment(
+            request, timeout=timeout, metadata=self._metadata)
         all_masks = [[_mask(m, reply.image_size) for m in r.masks] for r in reply.results]
         best = [max(ms, key=lambda m: m.iou_score) for ms in all_masks]
         return SegmentResult(masks=best, all_masks=all_masks,
@@ -181,39 +211,48 @@ class SamforgeClient:
 
     # ----------------------------------------------------------------------------------- training
     def create_job(self, *, dataset: str, method: str = "decoder", adapter_name: str, promote_to: str = "",
-                   timeout: float = 30.0, **hyperparameters) -> trainer_pb2.Job:
+                   timeout: float = 30.0, **hyperparameters: Unpack[Hyperparameters]) -> trainer_pb2.Job:
         request = trainer_pb2.CreateJobRequest(tenant=self.tenant, dataset=dataset, method=method,
                                                hyperparameters=trainer_pb2.Hyperparameters(**hyperparameters),
                                                adapter_name=adapter_name, promote_to=promote_to)
-        return self.trainer.CreateJob(request, timeout=timeout, metadata=self._metadata)
+        job: trainer_pb2.Job = _connected(self.trainer, "trainer").CreateJob(
+            request, timeout=timeout, metadata=self._metadata)
+        return job
 
     def watch_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[trainer_pb2.JobEvent]:
         request = trainer_pb2.WatchJobRequest(id=job_id, tenant=self.tenant)
-        yield from self.trainer.WatchJob(request, timeout=timeout, metadata=self._metadata)
+        events: Iterator[trainer_pb2.JobEvent] = _connected(self.trainer, "trainer").WatchJob(
+            request, timeout=timeout, metadata=self._metadata)
+        yield from events
 
-    def wait_job(self, job_id: str, *, timeout: float | None = None, on_event=None) -> trainer_pb2.Job:
-        job = None
+    def wait_job(self, job_id: str, *, timeout: float | None = None,
+                 on_event: Callable[[trainer_pb2.JobEvent], object] | None = None) -> trainer_pb2.Job:
+        job: trainer_pb2.Job | None = None
         for event in self.watch_job(job_id, timeout=timeout):
             job = event.job
             if on_event:
                 on_event(event)
             if job.state in TERMINAL:
                 break
+        if job is None:  # the trainer always sends the job's current state first
+            raise RuntimeError(f"the trainer sent no event for job {job_id!r}")
         return job
 
     def cancel_job(self, job_id: str, *, timeout: float = 30.0) -> trainer_pb2.Job:
-        return self.trainer.CancelJob(trainer_pb2.CancelJobRequest(id=job_id, tenant=self.tenant), timeout=timeout,
-                                      metadata=self._metadata)
+        job: trainer_pb2.Job = _connected(self.trainer, "trainer").CancelJob(
+            trainer_pb2.CancelJobRequest(id=job_id, tenant=self.tenant), timeout=timeout, metadata=self._metadata)
+        return job
 
     def list_jobs(self, *, timeout: float = 30.0) -> list[trainer_pb2.Job]:
-        return list(self.trainer.ListJobs(trainer_pb2.ListJobsRequest(tenant=self.tenant), timeout=timeout,
-                                          metadata=self._metadata).jobs)
+        reply: trainer_pb2.ListJobsResponse = _connected(self.trainer, "trainer").ListJobs(
+            trainer_pb2.ListJobsRequest(tenant=self.tenant), timeout=timeout, metadata=self._metadata)
+        return list(reply.jobs)
 
     def upload_dataset(self, archive: str | Path, *, chunk_bytes: int = 1 << 20,
                        timeout: float = 600.0) -> trainer_pb2.DatasetRef:
         path = Path(archive)
 
-        def chunks():
+        def chunks() -> Iterator[trainer_pb2.DatasetChunk]:
             with open(path, "rb") as handle:
                 first = True
                 while block := handle.read(chunk_bytes):
@@ -221,25 +260,35 @@ class SamforgeClient:
                                                    filename=path.name if first else "", data=block)
                     first = False
 
-        return self.trainer.UploadDataset(chunks(), timeout=timeout, metadata=self._metadata)
+        ref: trainer_pb2.DatasetRef = _connected(self.trainer, "trainer").UploadDataset(
+            chunks(), timeout=timeout, metadata=self._metadata)
+        return ref
 
     # ----------------------------------------------------------------------------------- adapters
     def list_adapters(self, name: str = "", *, timeout: float = 30.0) -> list[trainer_pb2.Adapter]:
         request = trainer_pb2.ListAdaptersRequest(tenant=self.tenant, name=name)
-        return list(self.registry.ListAdapters(request, timeout=timeout, metadata=self._metadata).adapters)
+        reply: trainer_pb2.ListAdaptersResponse = _connected(self.registry, "trainer").ListAdapters(
+            request, timeout=timeout, metadata=self._metadata)
+        return list(reply.adapters)
 
     def get_adapter(self, ref: str, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
-        return self.registry.GetAdapter(trainer_pb2.GetAdapterRequest(tenant=self.tenant, ref=ref), timeout=timeout,
-                                        metadata=self._metadata)
+        request = trainer_pb2.GetAdapterRequest(tenant=self.tenant, ref=ref)
+        adapter: trainer_pb2.Adapter = _connected(self.registry, "trainer").GetAdapter(
+            request, timeout=timeout, metadata=self._metadata)
+        return adapter
 
     def promote(self, name: str, alias: str, version: int, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
         request = trainer_pb2.PromoteRequest(tenant=self.tenant, name=name, alias=alias, version=version)
-        return self.registry.Promote(request, timeout=timeout, metadata=self._metadata)
+        adapter: trainer_pb2.Adapter = _connected(self.registry, "trainer").Promote(
+            request, timeout=timeout, metadata=self._metadata)
+        return adapter
 
     def rollback(self, name: str, alias: str, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
         request = trainer_pb2.RollbackRequest(tenant=self.tenant, name=name, alias=alias)
-        return self.registry.Rollback(request, timeout=timeout, metadata=self._metadata)
+        adapter: trainer_pb2.Adapter = _connected(self.registry, "trainer").Rollback(
+            request, timeout=timeout, metadata=self._metadata)
+        return adapter
 
     def delete_adapter(self, name: str, version: int, *, timeout: float = 30.0) -> None:
         request = trainer_pb2.DeleteRequest(tenant=self.tenant, name=name, version=version)
-        self.registry.Delete(request, timeout=timeout, metadata=self._metadata)
+        _connected(self.registry, "trainer").Delete(request, timeout=timeout, metadata=self._metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,7 +30,8 @@ def demo_scene(height: int = 480, width: int = 640, seed: int = 7) -> tuple[np.n
     return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), masks
 
 
-def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam", image_path: str | None = None) -> dict:
+def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam",
+             image_path: str | None = None) -> dict[str, Any]:
     from sam_core.data.prompt_sim import box_from_mask, sample_points
     from sam_core.evaluation.metrics import dice
     from sam_core.inference.predictor import Predictor
@@ -44,8 +46,9 @@ def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam", image_
     t0 = time.perf_counter()
     predictor = Predictor(load_model(model))
     t1 = time.perf_counter()
+    truth: list[np.ndarray] = []
     if image_path:
-        image, truth = load_image(image_path), []
+        image = load_image(image_path)
     else:
         image, truth = demo_scene()
         cv2.imwrite(str(out / "scene.png"), image[..., ::-1])

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,12 +26,14 @@ from services.common.net import free_port
 if TYPE_CHECKING:
     import grpc
 
+    from services._generated.sam.v1 import trainer_pb2
+
 SERVICES = ("trainer", "encoder", "decoder")
 
 
 @dataclass
 class Stack:
-    processes: dict[str, subprocess.Popen]
+    processes: dict[str, subprocess.Popen[bytes]]
     addresses: dict[str, str]
     metrics: dict[str, int]
     var_dir: Path
@@ -50,7 +52,7 @@ class Stack:
         return codes
 
 
-def wait_serving(address: str, *, proc: subprocess.Popen | None = None, timeout: float = 180.0,
+def wait_serving(address: str, *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 180.0,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll grpc.health.v1 until SERVING; fail fast if ``proc`` exits (no fixed sleeps)."""
     import grpc
@@ -91,7 +93,7 @@ def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_
         env[f"SAMFORGE_{name.upper()}_METRICS_PORT"] = str(metrics[name])
     log_dir = log_dir or var / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    processes: dict[str, subprocess.Popen] = {}
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     stack = Stack(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, metrics, var)
     try:
         for name in SERVICES:
@@ -133,7 +135,7 @@ def write_demo_dataset(root: Path, n: int = 8) -> Path:
     return root
 
 
-def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict:
+def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict[str, Any]:
     """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request."""
     from sam_core.data.prompt_sim import box_from_mask
     from sam_core.evaluation.metrics import dice
@@ -142,8 +144,9 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
 
     image, truth = demo_scene()
     png = _png(image)
-    boxes = [BoxPrompt(*map(float, box_from_mask(m))) for m in truth]
-    summary: dict = {"endpoints": stack.addresses}
+    corners = [[float(v) for v in box_from_mask(m)] for m in truth]
+    boxes = [BoxPrompt(x0, y0, x1, y1) for x0, y0, x1, y1 in corners]
+    summary: dict[str, Any] = {"endpoints": stack.addresses}
     with SamforgeClient(encoder=stack.addresses["encoder"], decoder=stack.addresses["decoder"],
                         trainer=stack.addresses["trainer"]) as client:
         t0 = time.perf_counter()
@@ -157,7 +160,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
         write_demo_dataset(stack.var_dir / "data" / "default" / "demo-scenes")
         job = client.create_job(dataset="demo-scenes", method="decoder", adapter_name="demo", promote_to="prod",
                                 epochs=epochs, batch_size=4, lr=1e-4)
-        events = []
+        events: list[trainer_pb2.JobEvent] = []
         done = client.wait_job(job.id, timeout=1800, on_event=events.append)
         summary["training"] = {"job": done.id, "state": int(done.state), "steps": int(done.step),
                                "adapter_version": int(done.adapter_version), "events": len(events),

@@ -19,8 +19,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -37,7 +38,7 @@ class ComputeThread:
     def _remember(self) -> None:
         self._ident = threading.get_ident()
 
-    def run(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
+    def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         if threading.get_ident() == self._ident:
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()

@@ -69,7 +69,7 @@ def embedding_info(key: str, value: ServedEmbedding) -> common_pb2.EmbeddingInfo
 
 def _wire_bytes(features: torch.Tensor) -> memoryview:
     array = features.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    return memoryview(np.ascontiguousarray(array, dtype=_WIRE_DTYPE)).cast("B")
+    return np.ascontiguousarray(array, dtype=_WIRE_DTYPE).data.cast("B")
 
 
 def embedding_chunks(key: str, value: ServedEmbedding,
@@ -77,7 +77,7 @@ def embedding_chunks(key: str, value: ServedEmbedding,
     """Stream ``value`` as chunks of at most ``chunk_bytes`` data bytes (the first one with the header)."""
     parts, origins = parts_of(value)
     total = sum(p.features.nelement() * 4 for p in parts)
-    header = encoder_pb2.EmbeddingChunk(
+    header: encoder_pb2.EmbeddingChunk | None = encoder_pb2.EmbeddingChunk(
         info=embedding_info(key, value), dtype=DTYPE, total_bytes=total,
         tile_origins=[v for origin in origins for v in origin] if isinstance(value, TiledEmbedding) else [])
     buffer = bytearray()

@@ -10,8 +10,9 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -21,6 +22,14 @@ from .status import PermissionDenied, Unauthenticated, status_for
 log = logging.getLogger("samforge.rpc")
 _TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("samforge_tenant", default=None)
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+# A handler's behaviour function: (request or request iterator, context) -> response or response iterator.
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+# around(behaviour, streaming_response) -> the wrapped behaviour
+Around = Callable[[Behaviour, bool], Behaviour]
+Continuation = Callable[[grpc.HandlerCallDetails], "grpc.RpcMethodHandler[RequestT, ResponseT] | None"]
 
 
 def current_tenant() -> str | None:
@@ -43,7 +52,8 @@ def resolve_tenant(requested: str) -> str:
     return tenant
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler[RequestT, ResponseT] | None,
+          around: Around) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
     """Rebuild ``handler`` with its behaviour function wrapped by ``around(behaviour, streaming_response)``."""
     if handler is None:
         return None
@@ -59,7 +69,7 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHan
     return handler
 
 
-def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> NoReturn:
     code = status_for(exc)
     if code is None:
         log.exception("internal error in %s", method)
@@ -72,12 +82,14 @@ def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps typed errors to their status code and anything else to a generic INTERNAL (trace logged)."""
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation[RequestT, ResponseT],
+                          handler_call_details: grpc.HandlerCallDetails,
+                          ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method
 
-        def around(behaviour, streaming):
+        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if streaming:
-                def stream(request, context):
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     try:
                         yield from behaviour(request, context)
                     except grpc.RpcError:
@@ -86,7 +98,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                         _abort_for(exc, context, method)
                 return stream
 
-            def unary(request, context):
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     return behaviour(request, context)
                 except grpc.RpcError:
@@ -112,24 +124,27 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: dict[str, str]) -> None:
         self.tokens = dict(tokens)
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation[RequestT, ResponseT],
+                          handler_call_details: grpc.HandlerCallDetails,
+                          ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method
         handler = continuation(handler_call_details)
         if method.startswith(PUBLIC_PREFIXES):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        header = metadata.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        token = ""
+        if isinstance(header, str) and header.lower().startswith("bearer "):  # bytes only for "-bin" keys
+            token = header[7:].strip()
         tenant = self.tokens.get(token) if token else None
 
-        def around(behaviour, streaming):
-            def check(context):
+        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            def check(context: grpc.ServicerContext) -> None:
                 if tenant is None:
                     RPC_ERRORS.labels(method=method, code="UNAUTHENTICATED").inc()
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
 
             if streaming:
-                def stream(request, context):
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     check(context)
                     reset = _TENANT.set(tenant)
                     try:
@@ -138,7 +153,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         _TENANT.reset(reset)
                 return stream
 
-            def unary(request, context):
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 check(context)
                 reset = _TENANT.set(tenant)
                 try:
@@ -153,12 +168,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Latency histogram per RPC method (streams: time to the end of the stream)."""
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation[RequestT, ResponseT],
+                          handler_call_details: grpc.HandlerCallDetails,
+                          ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method
 
-        def around(behaviour, streaming):
+        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if streaming:
-                def stream(request, context):
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     start = time.perf_counter()
                     try:
                         yield from behaviour(request, context)
@@ -166,7 +183,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                         RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
                 return stream
 
-            def unary(request, context):
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 start = time.perf_counter()
                 try:
                     return behaviour(request, context)

@@ -9,6 +9,7 @@ exactly ``prod(shape)`` little-endian values; its shape is then checked by the p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from services.common.tiling import TilingRequest
 from .engine import EverythingResult, SegmentResult
 from .masks import MaskOut
 
-ENCODING_NAMES = {
+ENCODING_NAMES: dict[int, str] = {
     decoder_pb2.MASK_ENCODING_UNSPECIFIED: "rle",
     decoder_pb2.MASK_ENCODING_RLE: "rle",
     decoder_pb2.MASK_ENCODING_PNG: "png",
@@ -73,7 +74,13 @@ class ProtoPrompts(Sequence[Prompt]):
     def __len__(self) -> int:
         return len(self._messages)
 
-    def __getitem__(self, index: int | slice) -> Prompt | list[Prompt]:  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> Prompt: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Prompt]: ...
+
+    def __getitem__(self, index: int | slice) -> Prompt | list[Prompt]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:

@@ -37,6 +37,8 @@ from services.common.tiling import TilingRequest
 CACHE_LABEL = "decoder"
 MEMO_ENTRIES = 4096
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
+Metadata = tuple[tuple[str, str | bytes], ...]
+"""gRPC call metadata: (key, value) pairs, values bytes only for keys ending in "-bin"."""
 
 
 def _no_deadline() -> float | None:
@@ -50,7 +52,7 @@ class CallOptions:
     ``time_remaining()`` is the caller's remaining time in seconds (None: no deadline).
     """
 
-    metadata: tuple[tuple[str, str], ...] = ()
+    metadata: Metadata = ()
     time_remaining: Callable[[], float | None] = field(default=_no_deadline)
 
 
@@ -125,9 +127,10 @@ class Embeddings:
         if not re_embed:
             with self._lock:
                 known = self._memo.get(memo_key)
-            found = self._local(tenant, known) if known is not None else None
-            if found is not None:
-                return Fetched(known, found, False, "local")
+            if known is not None:
+                found = self._local(tenant, known)
+                if found is not None:
+                    return Fetched(known, found, False, "local")
         new_key = self.source.embed(tenant, image, adapter=adapter, tiling=tiling, call=call)
         with self._lock:
             self._memo[memo_key] = new_key
@@ -148,7 +151,8 @@ class Embeddings:
         value = self.source.get(tenant, key, call=call)
         with self._lock:
             before = self.cache.evictions
-            self.cache.put(_cache_key(tenant, key), value)
+            # the LRU reads only .nbytes, which a TiledEmbedding has as well; sam_core annotates Embedding values
+            self.cache.put(_cache_key(tenant, key), value)  # type: ignore[arg-type]
             evicted = self.cache.evictions - before
         if evicted > 0:
             metrics.CACHE_EVICTIONS.labels(cache=CACHE_LABEL).inc(evicted)

@@ -28,7 +28,7 @@ from services.common.settings import DecoderSettings
 from services.common.status import Cancelled, error_for
 from services.common.tiling import TilingRequest
 
-from .embeddings import CallOptions
+from .embeddings import CallOptions, Metadata
 
 log = logging.getLogger("samforge.decoder.encoder_client")
 SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
@@ -85,7 +85,7 @@ class EncoderClient:
                                                              overlap=tiling.overlap))
         timeout, caller_limited = self._timeout(call)
         try:
-            reply = self.stub.Embed(request, timeout=timeout, metadata=_forwarded(call))
+            reply: encoder_pb2.EmbedResponse = self.stub.Embed(request, timeout=timeout, metadata=_forwarded(call))
         except grpc.RpcError as exc:
             raise self._error(exc, "Embed", timeout, caller_limited) from None
         return reply.embedding.key
@@ -128,5 +128,5 @@ class EncoderClient:
         return EncoderFailed(f"encoder {method} failed with {code.name}")
 
 
-def _forwarded(call: CallOptions) -> tuple[tuple[str, str], ...]:
+def _forwarded(call: CallOptions) -> Metadata:
     return tuple((k, v) for k, v in call.metadata if k.lower() in FORWARDED_METADATA)

@@ -107,7 +107,9 @@ class DecoderEngine:
         count = len(prompts)
         if count > self.max_prompts:
             raise TooManyPrompts(f"{count} prompts in one call; the limit is {self.max_prompts}", field="prompts")
-        prompts = validate_prompts(list(prompts), _ANY_SIZE, self.base.spec.low_res_size, self.max_prompts)
+        # (inf, inf) works as a size here (sam_core only compares coordinates with it) though annotated as ints
+        prompts = validate_prompts(list(prompts), _ANY_SIZE,  # type: ignore[arg-type]
+                                   self.base.spec.low_res_size, self.max_prompts)
         if not math.isfinite(threshold):
             raise InvalidInput(f"must be a finite logit, got {threshold}", field="threshold")
         check_encoding(encoding)
@@ -116,15 +118,14 @@ class DecoderEngine:
         fetched = self.embeddings.fetch(tenant, key=embedding_key, image=image, adapter=encoder_ref(handle),
                                         tiling=tiling, call=call)
         value = fetched.value
-        tiled = isinstance(value, TiledEmbedding)
-        if tiled:
+        if isinstance(value, TiledEmbedding):
             _check_tileable(prompts, want_low_res)
         predictor = self.adapters.predictor(handle)
         start = time.perf_counter()
         valid = validate_prompts(prompts, value.original_size, self.base.spec.low_res_size, self.max_prompts)
         outputs: list[PromptOutput] = []
         for chunk in _chunks(valid, value.original_size, 3 if multimask else 1):
-            if tiled:
+            if isinstance(value, TiledEmbedding):
                 result = self.compute.run(decode_tiled, predictor, value, chunk, multimask=multimask,
                                           threshold=threshold)
             else:
@@ -132,8 +133,8 @@ class DecoderEngine:
                                           return_low_res=want_low_res)
             outputs += _outputs(result, encoding)
         decode_ms = 1e3 * (time.perf_counter() - start)
-        return SegmentResult(outputs, tuple(value.original_size), fetched.key, self.model_id, served_ref(handle),
-                             fetched.re_embedded, decode_ms)
+        return SegmentResult(outputs, _height_width(value.original_size), fetched.key, self.model_id,
+                             served_ref(handle), fetched.re_embedded, decode_ms)
 
     # ------------------------------------------------------------------ SegmentEverything
     def segment_everything(self, tenant: str, *, image: bytes = b"", embedding_key: str = "", adapter: str = "",
@@ -152,7 +153,7 @@ class DecoderEngine:
         masks = [describe(found.masks[i], found.iou_scores[i], found.stability_scores[i], encoding)
                  for i in range(len(found.masks))]
         decode_ms = 1e3 * (time.perf_counter() - start)
-        return EverythingResult(masks, tuple(embedding.original_size), fetched.key, decode_ms)
+        return EverythingResult(masks, _height_width(embedding.original_size), fetched.key, decode_ms)
 
     def close(self) -> None:
         """Stop the registry watch and close the encoder channel."""
@@ -182,6 +183,12 @@ def _outputs(result: DecodeResult, encoding: str) -> list[PromptOutput]:
     low_res = result.low_res_logits
     return [PromptOutput(masks, None if low_res is None else np.ascontiguousarray(low_res[i], np.float32))
             for i, masks in enumerate(described)]
+
+
+def _height_width(size: Sequence[int]) -> tuple[int, int]:
+    """An embedding's (H, W) as a tuple (whatever sequence type it was built with)."""
+    height, width = size
+    return height, width
 
 
 def _whole(value: ServedEmbedding) -> Embedding:

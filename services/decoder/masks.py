@@ -37,15 +37,17 @@ def check_encoding(encoding: str) -> str:
 def describe(mask: np.ndarray, iou_score: float, stability_score: float, encoding: str) -> MaskOut:
     """H x W bool mask -> :class:`MaskOut` with ``encoding`` applied."""
     area = int(np.count_nonzero(mask))
-    out = {"iou_score": float(iou_score), "stability_score": float(stability_score), "area": area,
-           "bbox": mask_bbox(mask) if area else None}
+    rle_counts: str = ""
+    png = b""
+    polygons: list[list[float]] = []
     if encoding == "rle":
-        out["rle_counts"] = encode_rle(mask)["counts"]
+        rle_counts = encode_rle(mask)["counts"]
     elif encoding == "png":
-        out["png"] = encode_png(mask)
+        png = encode_png(mask)
     elif encoding == "polygons":
-        out["polygons"] = mask_to_polygons(mask) if area else []
-    return MaskOut(**out)
+        polygons = mask_to_polygons(mask) if area else []
+    return MaskOut(iou_score=float(iou_score), stability_score=float(stability_score), area=area,
+                   bbox=mask_bbox(mask) if area else None, rle_counts=rle_counts, png=png, polygons=polygons)
 
 
 def describe_batch(masks: np.ndarray, iou_scores: np.ndarray, stability_scores: np.ndarray,

@@ -30,9 +30,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,10 +41,13 @@ from sam_core.errors import AdapterInvalid, ModelLoadError, Overloaded, Unavaila
 from sam_core.modeling.registry import LoadedModel
 
 if TYPE_CHECKING:
+    from tritonclient.grpc.aio import InferenceServerClient
+
     from services.common.settings import EncoderSettings
 
 log = logging.getLogger("samforge.encoder.backends")
 BACKENDS = ("torch", "onnx", "triton")
+T = TypeVar("T")
 TRITON_INPUT = "images"
 TRITON_OUTPUT = "image_embeddings"
 # Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes); spread calls over
@@ -100,10 +103,11 @@ class TritonEncoder:
         self._thread.start()
         self._client = self._run(self._connect(), timeout=10.0)
 
-    async def _connect(self):
-        return self._triton.InferenceServerClient(self.url, channel_args=TRITON_CHANNEL_ARGS)
+    async def _connect(self) -> InferenceServerClient:
+        client: InferenceServerClient = self._triton.InferenceServerClient(self.url, channel_args=TRITON_CHANNEL_ARGS)
+        return client
 
-    def _run(self, coroutine, timeout: float):
+    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout + 1.0)
@@ -134,7 +138,8 @@ class TritonEncoder:
                     self.model, [request], model_version=self.version,
                     outputs=[self._triton.InferRequestedOutput(TRITON_OUTPUT)],
                     client_timeout=max(0.001, deadline - time.monotonic()))
-                return result.as_numpy(TRITON_OUTPUT)
+                features: np.ndarray = result.as_numpy(TRITON_OUTPUT)
+                return features
             except InferenceServerException as exc:
                 status = str(exc.status() or "")
                 pause = self.backoff_s * (2 ** attempt)
@@ -185,7 +190,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
         return EncoderBackend("onnx", encoder, concurrency=settings.concurrency or 1)
     if name == "triton":
         spec = model.spec
-        shape = (int(model.net.prompt_encoder.embed_dim), *map(int, model.net.prompt_encoder.image_embedding_size))
+        shape = model.net.feature_shapes()[model.net.feature_names[0]]  # C x h x w of the encoder's one output
         client = TritonEncoder(settings.triton_url, settings.triton_model, version=settings.triton_model_version,
                                timeout_s=settings.triton_timeout_seconds, retries=settings.triton_retries,
                                output_shape=shape)

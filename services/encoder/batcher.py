@@ -35,6 +35,8 @@ from services.common import compute, metrics
 from services.common.status import Cancelled
 
 log = logging.getLogger("samforge.encoder.batcher")
+Encoded = tuple[Embedding | TiledEmbedding, float]
+"""What a job's future resolves to: (the embedding, or whole image + tiles; encode_ms)."""
 
 
 @dataclass(eq=False)
@@ -45,7 +47,7 @@ class EncodeJob:
     image: np.ndarray
     tiling: tuple[int, int] | None = None
     is_active: Callable[[], bool] = lambda: True
-    future: Future = field(default_factory=Future)
+    future: Future[Encoded] = field(default_factory=Future)
 
 
 def _own(embedding: Embedding) -> Embedding:
@@ -83,7 +85,7 @@ class DynamicBatcher:
         """Jobs waiting (not counting the batch being encoded)."""
         return self._queue.qsize()
 
-    def submit(self, job: EncodeJob) -> Future:
+    def submit(self, job: EncodeJob) -> Future[Encoded]:
         """Queue ``job``; Overloaded if the queue is full, Unavailable after :meth:`close`."""
         if self._closed.is_set():
             raise Unavailable("the encoder is shutting down")
@@ -152,18 +154,18 @@ class DynamicBatcher:
 
     def _run_batch(self, jobs: list[EncodeJob]) -> None:
         groups: dict[int, list[EncodeJob]] = {}
-        tiled: list[EncodeJob] = []
+        tiled: list[tuple[EncodeJob, tuple[int, int]]] = []
         for job in jobs:
             if not job.is_active():
                 job.future.set_exception(Cancelled("the caller went away (or its deadline passed) while queued"))
             elif job.tiling is not None:
-                tiled.append(job)
+                tiled.append((job, job.tiling))
             else:
                 groups.setdefault(id(job.predictor), []).append(job)
         for group in groups.values():
             self._encode_group(group)
-        for job in tiled:
-            self._encode_tiled(job)
+        for job, tiling in tiled:
+            self._encode_tiled(job, tiling)
 
     def _record(self, images: int, per_call: int) -> None:
         with self._count_lock:
@@ -188,8 +190,8 @@ class DynamicBatcher:
         for job, embedding in zip(group, embeddings, strict=True):
             job.future.set_result((_own(embedding), encode_ms))
 
-    def _encode_tiled(self, job: EncodeJob) -> None:
-        tile_size, overlap = job.tiling
+    def _encode_tiled(self, job: EncodeJob, tiling: tuple[int, int]) -> None:
+        tile_size, overlap = tiling
         start = time.perf_counter()
         try:
             value: TiledEmbedding = encode_tiled(job.predictor, job.image, tile_size=tile_size, overlap=overlap,

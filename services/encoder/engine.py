@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -56,6 +57,8 @@ KEY_FORMAT = "samforge-encoder-key-v1"
 MIN_TILE = 32
 MAX_TILES = 64
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
+FlightResult = tuple[ServedEmbedding, float, bool]
+"""What a single-flight computation resolves to: (value, encode_ms, cached)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class CachedEmbedding:
 class _Flight:
     """One in-progress computation of a key; result ``(value, encode_ms, cached)``."""
 
-    future: Future = field(default_factory=Future)
+    future: Future[FlightResult] = field(default_factory=Future)
     waiters: list[Callable[[], bool]] = field(default_factory=list)
 
     def any_active(self) -> bool:
@@ -190,7 +193,7 @@ class EmbeddingEngine:
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
             raise InvalidInput("expected the 64-character hex key returned by Embed", field="key")
         found = self._l1_get(key, tenant)
-        if found is None and self.l2 is not None:
+        if found is None:
             found = self._l2_get(key, tenant)
             if found is not None:
                 self._l1_put(key, CachedEmbedding(tenant, self._place(found)))
@@ -249,7 +252,7 @@ class EmbeddingEngine:
             self._flights[key] = flight
             return flight, True
 
-    def _wait(self, flight: _Flight, is_active: Callable[[], bool]) -> tuple[ServedEmbedding, float, bool]:
+    def _wait(self, flight: _Flight, is_active: Callable[[], bool]) -> FlightResult:
         while True:
             try:
                 return flight.future.result(timeout=0.25)
@@ -261,7 +264,7 @@ class EmbeddingEngine:
               geometry: tuple[int, int] | None) -> EmbedResult:
         """Compute ``key`` (L2, else the batcher), publish it to L1 and to the waiting followers."""
         try:
-            value = self._l2_get(key, tenant) if self.l2 is not None else None
+            value = self._l2_get(key, tenant)
             cached, encode_ms = value is not None, 0.0
             if value is None:
                 job = EncodeJob(self.adapters.predictor(handle), image, geometry, flight.any_active)
@@ -269,21 +272,20 @@ class EmbeddingEngine:
             value = self._place(value)
             self._l1_put(key, CachedEmbedding(tenant, value))
         except BaseException as exc:
-            self._finish(key, flight, exc=exc)
+            self._finish(key, flight, exc)
             raise
-        self._finish(key, flight, result=(value, encode_ms, cached))
+        self._finish(key, flight, (value, encode_ms, cached))
         if not cached and self.l2 is not None:
             self.l2.put(key, tenant, value)
         return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "encoder")
 
-    def _finish(self, key: str, flight: _Flight, *, result: tuple | None = None,
-                exc: BaseException | None = None) -> None:
+    def _finish(self, key: str, flight: _Flight, outcome: FlightResult | BaseException) -> None:
         with self._lock:
             self._flights.pop(key, None)
-        if exc is not None:
-            flight.future.set_exception(exc)
+        if isinstance(outcome, BaseException):
+            flight.future.set_exception(outcome)
         else:
-            flight.future.set_result(result)
+            flight.future.set_result(outcome)
 
     def _place(self, value: ServedEmbedding) -> ServedEmbedding:
         """Move features to the encoder's device for L1 (a no-op on CPU)."""
@@ -296,22 +298,26 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------ caches
     def _l1_get(self, key: str, tenant: str, *, count: bool = True) -> ServedEmbedding | None:
-        entry = self.l1.get(key)
-        hit = entry is not None and entry.tenant == tenant
+        # L1 holds CachedEmbedding entries (see _l1_put); sam_core annotates the LRU's values as Embedding
+        entry = cast("CachedEmbedding | None", self.l1.get(key))
+        value = entry.value if entry is not None and entry.tenant == tenant else None
         if count:
-            (metrics.CACHE_HITS if hit else metrics.CACHE_MISSES).labels(cache="l1").inc()
-        return entry.value if hit else None
+            (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l1").inc()
+        return value
 
     def _l1_put(self, key: str, entry: CachedEmbedding) -> None:
         with self._lock:
             before = self.l1.evictions
-            self.l1.put(key, entry)
+            self.l1.put(key, entry)  # type: ignore[arg-type]  # the LRU reads only .nbytes, which entries have
             evicted = self.l1.evictions - before
         if evicted:
             metrics.CACHE_EVICTIONS.labels(cache="l1").inc(evicted)
         metrics.CACHE_BYTES.labels(cache="l1").set(self.l1.bytes)
 
     def _l2_get(self, key: str, tenant: str) -> ServedEmbedding | None:
+        """The L2 entry (None without L2 or on a miss; a miss is counted only with L2)."""
+        if self.l2 is None:
+            return None
         value = self.l2.get(key, tenant)
         (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l2").inc()
         return value

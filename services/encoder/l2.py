@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
@@ -40,7 +40,13 @@ class ForeignEntry(CorruptEntry):
 
 
 def _digest(features: torch.Tensor) -> str:
-    return hashlib.sha256(memoryview(features.numpy()).cast("B")).hexdigest()
+    return hashlib.sha256(features.numpy().data.cast("B")).hexdigest()
+
+
+def _pair(values: Any) -> tuple[int, int]:
+    """A stored (height, width) or (y, x) pair (ValueError / TypeError for anything else)."""
+    first, second = values
+    return int(first), int(second)
 
 
 def encode_entry(key: str, tenant: str, value: Embedding | TiledEmbedding) -> bytes:
@@ -48,17 +54,20 @@ def encode_entry(key: str, tenant: str, value: Embedding | TiledEmbedding) -> by
     parts, origins = parts_of(value)
     features = torch.cat([p.features.detach().to("cpu", torch.float32) for p in parts]).contiguous()
     first = parts[0]
-    tiled = isinstance(value, TiledEmbedding)
+    tiled = value if isinstance(value, TiledEmbedding) else None
     meta = {
         "format": FORMAT, "key": key, "tenant": tenant, "model_id": first.model_id,
         "preprocess_version": first.preprocess_version, "encoder_adapter": first.encoder_adapter or "",
         "original_sizes": [list(map(int, p.original_size)) for p in parts],
         "input_sizes": [list(map(int, p.input_size)) for p in parts],
-        "origins": [list(o) for o in origins[1:]] if tiled else None,
-        "tile_size": value.tile_size if tiled else None, "overlap": value.overlap if tiled else None,
+        "origins": [list(o) for o in origins[1:]] if tiled is not None else None,
+        "tile_size": tiled.tile_size if tiled is not None else None,
+        "overlap": tiled.overlap if tiled is not None else None,
         "features_sha256": _digest(features),
     }
-    return safetensors.torch.save({"features": features}, metadata={"samforge": json.dumps(meta, sort_keys=True)})
+    data: bytes = safetensors.torch.save({"features": features},
+                                         metadata={"samforge": json.dumps(meta, sort_keys=True)})
+    return data
 
 
 def _metadata(data: bytes) -> dict[str, Any]:
@@ -70,9 +79,12 @@ def _metadata(data: bytes) -> dict[str, Any]:
         raise CorruptEntry("safetensors header length exceeds the value")
     try:
         header = json.loads(data[8:8 + size])
-        return json.loads(header["__metadata__"]["samforge"])
+        meta = json.loads(header["__metadata__"]["samforge"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptEntry(f"no samforge metadata ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CorruptEntry("samforge metadata is not a JSON object")
+    return meta
 
 
 def decode_entry(data: bytes, key: str, tenant: str) -> Embedding | TiledEmbedding:
@@ -92,9 +104,9 @@ def decode_entry(data: bytes, key: str, tenant: str) -> Embedding | TiledEmbeddi
         raise CorruptEntry("features fail their shape/dtype/checksum check")
     try:
         count = features.shape[0]
-        sizes = [tuple(map(int, s)) for s in meta["original_sizes"]]
-        inputs = [tuple(map(int, s)) for s in meta["input_sizes"]]
-        origins = None if meta["origins"] is None else [tuple(map(int, o)) for o in meta["origins"]]
+        sizes = [_pair(s) for s in meta["original_sizes"]]
+        inputs = [_pair(s) for s in meta["input_sizes"]]
+        origins = None if meta["origins"] is None else [_pair(o) for o in meta["origins"]]
         if len(sizes) != count or len(inputs) != count or (origins is not None and len(origins) != count - 1):
             raise CorruptEntry("metadata sizes disagree with the tensor")
         return assemble(features, original_sizes=sizes, input_sizes=inputs, origins=origins,
@@ -105,20 +117,30 @@ def decode_entry(data: bytes, key: str, tenant: str) -> Embedding | TiledEmbeddi
         raise CorruptEntry(f"bad metadata ({exc})") from exc
 
 
+class RedisClient(Protocol):
+    """What :class:`RedisL2` uses of a ``redis.Redis`` (binary values, ``decode_responses`` off)."""
+
+    def get(self, name: str) -> bytes | None: ...
+
+    def set(self, name: str, value: bytes, ex: int | None = None) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class RedisL2:
     """get / put of cached values by client key; never raises for Redis trouble (logs and skips instead).
 
-    ``client`` (a ``redis.Redis`` or anything with ``get``/``set(name, value, ex=)``/``close``) is built
-    from ``url`` when not given. Counters: ``hits``, ``misses``, ``errors``.
+    ``client`` (a ``redis.Redis`` or any other :class:`RedisClient`) is built from ``url`` when not given.
+    Counters: ``hits``, ``misses``, ``errors``.
     """
 
-    def __init__(self, url: str = "", ttl_seconds: int = 86400, *, client: Any = None, retry_after: float = 5.0,
-                 timeout: float = 2.0) -> None:
+    def __init__(self, url: str = "", ttl_seconds: int = 86400, *, client: RedisClient | None = None,
+                 retry_after: float = 5.0, timeout: float = 2.0) -> None:
         if client is None:
             import redis
 
             client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-        self.client = client
+        self.client: RedisClient = client
         self.ttl_seconds = ttl_seconds
         self.retry_after = retry_after
         self.hits = self.misses = self.errors = 0

@@ -38,7 +38,7 @@ class PyTritonServer:
     process group (tritonserver and its Python backend stub included), as a crash would.
     """
 
-    def __init__(self, python: str, onnx_path: str | os.PathLike, workdir: str | os.PathLike, *,
+    def __init__(self, python: str, onnx_path: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                  max_batch: int = 8, max_queue_delay_us: int = 20000, threads: int = 0) -> None:
         from services.common.net import free_port  # not at the top: the script runs without samforge installed
 
@@ -47,7 +47,7 @@ class PyTritonServer:
         self.max_batch, self.max_queue_delay_us, self.threads = max_batch, max_queue_delay_us, threads
         self.batch_log = self.workdir / "batches.log"
         self.log_path = self.workdir / "pytriton.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -147,7 +147,7 @@ def main() -> None:
     in_shape = tuple(int(d) for d in image_input.shape[1:])
     out_shape = tuple(int(d) for d in embedding_output.shape[1:])
 
-    @batch
+    @batch  # type: ignore[untyped-decorator]  # pytriton has no type information
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(inputs[image_input.name], dtype=np.float32)
         if args.batch_log:

@@ -15,14 +15,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sam_core.adapters.store import validate_name
-from sam_core.data.prompt_sim import prompt_config
+from sam_core.data.prompt_sim import PromptKind, prompt_config
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
 from sam_core.training.config import TrainConfig
 from sam_core.training.finetune import FinetuneSpec, SplitSpec
 from sam_core.training.methods import MethodConfig, get_method
 
-PROMPT_KINDS = ("box", "point", "box+point")
+PROMPT_KINDS: tuple[PromptKind, ...] = ("box", "point", "box+point")
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_PERSAM_STEPS = 200
 MAX_DATASET_REF = 1024
@@ -81,8 +81,17 @@ def check_hyperparameters(hp: Hyperparameters) -> None:
         raise _bad("lr", f"must be a finite number >= 0 (0 = default), got {hp.lr}")
     if not math.isfinite(hp.val_fraction) or not 0 <= hp.val_fraction < 1:
         raise _bad("val_fraction", f"must be in [0, 1) (0 = default {DEFAULT_VAL_FRACTION}), got {hp.val_fraction}")
-    if hp.prompt and hp.prompt not in PROMPT_KINDS:
-        raise _bad("prompt", f"must be one of {', '.join(PROMPT_KINDS)} (empty = box), got {hp.prompt!r}")
+    prompt_kind(hp.prompt)
+
+
+def prompt_kind(value: str) -> PromptKind:
+    """The prompt kind ``value`` names ("" = box); InvalidInput naming ``hyperparameters.prompt`` otherwise."""
+    if not value:
+        return "box"
+    for kind in PROMPT_KINDS:
+        if value == kind:
+            return kind
+    raise _bad("prompt", f"must be one of {', '.join(PROMPT_KINDS)} (empty = box), got {value!r}")
 
 
 def check_request(request: JobRequest) -> None:
@@ -128,7 +137,7 @@ def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
     """Hyper-parameters -> TrainConfig (0 = the TrainConfig / MethodConfig default)."""
     base, base_method = TrainConfig(), MethodConfig()
     rank = hp.rank or base_method.rank
-    kind = hp.prompt or "box"
+    kind = prompt_kind(hp.prompt)
     try:
         return TrainConfig(
             method=MethodConfig(method, rank=rank, alpha=float(rank)),

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -77,7 +77,7 @@ class _Live:
     last_phase: str = ""
 
 
-def numeric_metrics(values: dict) -> dict[str, float]:
+def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
     """Only int / float values (no bools, None or strings) as floats."""
     return {str(k): float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -261,6 +261,8 @@ class JobManager:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
             spec = build_spec(job.request, data, out)
             result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
+            if result is None:  # only the non-zero ranks of a distributed run get None; the service is one process
+                raise RuntimeError("run_finetune returned no result")
             self._publish(live, result)
         except JobCancelled:
             self._finish(live, JobState.CANCELLED, message="cancelled")
@@ -348,13 +350,16 @@ class JobManager:
                 pass
         log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
 
-    def _emit(self, live: _Live, phase: str, *, state: JobState | None = None, **values) -> None:
+    def _emit(self, live: _Live, phase: str, *, state: JobState | None = None, message: str = "",
+              loss: float | None = None, val_dice: float | None = None, best_val_dice: float | None = None,
+              eta_seconds: float | None = None) -> None:
         """Record an event (and a state change), persist job.json when due, wake the watchers."""
         with live.cond:
             if state is not None:
                 live.job.state = state
             live.seq += 1
-            event = JobEvent(job=live.job.snapshot(), phase=phase, seq=live.seq, **values)
+            event = JobEvent(job=live.job.snapshot(), phase=phase, seq=live.seq, loss=loss, val_dice=val_dice,
+                             best_val_dice=best_val_dice, eta_seconds=eta_seconds, message=message)
             live.events.append(event)
             live.job.events = [*live.job.events[-19:], event.to_json()]
             due = time.monotonic() - live.last_write > PERSIST_EVERY

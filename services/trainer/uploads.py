@@ -21,8 +21,9 @@ import tarfile
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -59,7 +60,7 @@ class _Entry:
     path: PurePosixPath
     is_dir: bool
     size: int
-    source: object  # TarInfo | ZipInfo
+    open_data: Callable[[], IO[bytes]]  # a file entry's data (called only for files)
 
 
 def _bad(message: str, field: str = "data") -> InvalidInput:
@@ -99,7 +100,15 @@ def _tar_entries(archive: tarfile.TarFile) -> Iterator[_Entry]:
         if not (member.isfile() or member.isdir()):
             raise _bad(f"archive entry {member.name[:80]!r} is a device, FIFO or other special file")
         if path is not None:
-            yield _Entry(path, member.isdir(), member.size if member.isfile() else 0, member)
+            yield _Entry(path, member.isdir(), member.size if member.isfile() else 0,
+                         partial(_tar_data, archive, member, path))
+
+
+def _tar_data(archive: tarfile.TarFile, member: tarfile.TarInfo, path: PurePosixPath) -> IO[bytes]:
+    data = archive.extractfile(member)
+    if data is None:
+        raise _bad(f"archive entry {str(path)[:80]!r} has no data")
+    return data
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
@@ -111,7 +120,7 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
         if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise _bad(f"archive entry {info.filename[:80]!r} is a device, FIFO or other special file")
         if path is not None:
-            yield _Entry(path, info.is_dir(), 0 if info.is_dir() else info.file_size, info)
+            yield _Entry(path, info.is_dir(), 0 if info.is_dir() else info.file_size, partial(archive.open, info))
 
 
 def check_entries(entries: Iterable[_Entry], max_bytes: int) -> list[_Entry]:
@@ -158,20 +167,14 @@ def extract_archive(archive_path: Path, kind: str, dest: Path, max_bytes: int) -
     try:
         opener = tarfile.open(archive_path, "r:*") if kind == "tar" else zipfile.ZipFile(archive_path)
         with opener as archive:
-            reader = _tar_entries(archive) if kind == "tar" else _zip_entries(archive)
+            reader = _tar_entries(archive) if isinstance(archive, tarfile.TarFile) else _zip_entries(archive)
             for entry in check_entries(reader, max_bytes):
                 target = dest.joinpath(*entry.path.parts)
                 if entry.is_dir:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if kind == "tar":
-                    source = archive.extractfile(entry.source)
-                    if source is None:
-                        raise _bad(f"archive entry {str(entry.path)[:80]!r} has no data")
-                else:
-                    source = archive.open(entry.source)
-                with source:
+                with entry.open_data() as source:
                     _copy(source, target, budget)
     except _ARCHIVE_ERRORS as exc:
         raise _bad(f"not a readable {kind} archive ({type(exc).__name__})") from exc

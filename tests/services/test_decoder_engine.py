@@ -1,15 +1,14 @@
 """DecoderEngine in-process with the tiny model (no gRPC): runtimes, conversions, caching rules, adapters.
 
-The encoder side is :class:`FakeEncoder`, an in-process :class:`~services.decoder.embeddings.EmbeddingSource`
-that encodes with sam_core's Predictor; it exists only to test the decoder's caching / re-embed rules here.
+The encoder side is :class:`~tests.services.fakes.FakeEncoder`, an in-process
+:class:`~services.decoder.embeddings.EmbeddingSource` that encodes with sam_core's Predictor; it exists only
+to test the decoder's caching / re-embed rules here.
 The integration tests (tests/integration/test_decoder_service.py) run against a real encoder process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import sys
 import threading
 from dataclasses import replace
@@ -20,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_core.adapters.artifact import load_adapter
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import (
     AdapterInvalid,
@@ -34,9 +32,7 @@ from sam_core.errors import (
 from sam_core.inference.automatic import EverythingOptions, generate
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
-from sam_core.inference.tiling import encode_tiled
 from sam_core.inference.types import Embedding
-from sam_core.io.images import decode_image
 from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2
 from services.common import adapter_models, compute
@@ -52,6 +48,7 @@ from services.decoder.masks import describe
 from services.decoder.runtime import select_runtime
 from tests.conftest import save_perturbed_adapter, synthetic_scene
 from tests.sam_core.test_parity import SCORE_TOL, assert_masks_match
+from tests.services.fakes import FakeEncoder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,57 +73,6 @@ H, W = SCENE.shape[:2]
 
 def noise_png(seed: int, height: int = 48, width: int = 64) -> bytes:
     return png(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-class FakeEncoder:
-    """In-process stand-in for the encoder service (keys by tenant + image + adapter + tiling)."""
-
-    def __init__(self, model, store: FileSystemAdapterStore | None = None) -> None:
-        self.model = model
-        self.store = store
-        self.values: dict[tuple[str, str], object] = {}
-        self.embeds: list[tuple[str, str]] = []  # (tenant, adapter) of every Embed
-        self.gets = 0
-        self.down = False
-        self.calls: list[CallOptions] = []
-
-    def _check(self, call: CallOptions) -> None:
-        self.calls.append(call)
-        if self.down:
-            raise Unavailable("the encoder is unreachable")
-
-    def embed(self, tenant: str, image: bytes, *, adapter: str, tiling: TilingRequest | None,
-              call: CallOptions) -> str:
-        self._check(call)
-        self.embeds.append((tenant, adapter))
-        key = hashlib.sha256(json.dumps([tenant, hashlib.sha256(image).hexdigest(), adapter,
-                                         tiling and [tiling.tile_size, tiling.overlap]]).encode()).hexdigest()
-        if (tenant, key) not in self.values:
-            model = self.model
-            if adapter:
-                model = load_adapter(self.model, self.store.resolve(tenant, adapter).path)
-            predictor = Predictor(model)
-            canonical = decode_image(image)
-            if tiling is None:
-                self.values[(tenant, key)] = predictor.encode_one(canonical)
-            else:
-                self.values[(tenant, key)] = encode_tiled(predictor, canonical, tile_size=tiling.tile_size,
-                                                          overlap=tiling.overlap)
-        return key
-
-    def get(self, tenant: str, key: str, *, call: CallOptions):
-        self._check(call)
-        self.gets += 1
-        if (tenant, key) not in self.values:
-            raise NotFound(f"embedding {key} is not cached", field="key")
-        return self.values[(tenant, key)]
-
-    def forget(self) -> None:
-        """An encoder restart: every key is gone."""
-        self.values.clear()
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from services.common.tiling import TilingRequest
 from services.encoder.engine import EmbeddingEngine, client_key
 from services.encoder.l2 import RedisL2, decode_entry, encode_entry
 from tests.conftest import save_perturbed_adapter
+from tests.services.fakes import FakeRedis
 
 TINY_BYTES = 32 * 8 * 8 * 4  # one tiny-model embedding: 1 x 32 x 8 x 8 float32
 
@@ -222,21 +223,6 @@ def test_tiled_entry_is_one_cache_entry_and_streams_back_exactly(make_engine):
     for mine, theirs in zip([back.whole, *back.tiles], [value.whole, *value.tiles], strict=True):
         assert torch.equal(mine.features, theirs.features)
         assert (mine.original_size, mine.input_size) == (theirs.original_size, theirs.input_size)
-
-
-class FakeRedis:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, name):
-        return self.data.get(name)
-
-    def set(self, name, value, ex=None):
-        assert ex == 86400
-        self.data[name] = bytes(value)
-
-    def close(self):
-        pass
 
 
 def test_l2_serves_a_second_engine_without_encoding(make_engine):
