@@ -57,7 +57,7 @@ test-fast: install typecheck
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow and not integration"
 
-# mypy with the pyproject configuration: strict on sam_core, checked on services
+# mypy --strict over sam_core and services (configuration in pyproject.toml)
 typecheck: install
 	$(BIN)/mypy
 

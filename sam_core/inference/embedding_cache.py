@@ -15,9 +15,9 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from sam_core.errors import InvalidInput
-from sam_core.inference.types import Embedding
 
 KEY_FORMAT = "samforge-embedding-key-v1"
 """Domain tag hashed into every :func:`embedding_key` (bump it if the key's fields ever change)."""
@@ -56,10 +56,20 @@ def embedding_key(image_hash: str, model_id: str, preprocess_version: str, encod
     return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 
-class MemoryEmbeddingLRU:
-    """Thread-safe in-memory LRU of :class:`Embedding` by key, bounded by ``max_bytes`` of features.
+class SizedValue(Protocol):
+    """What the LRU stores: anything that knows its size in bytes (an Embedding, a tiled one, a cache entry)."""
 
-    Sizes are ``Embedding.nbytes``. :meth:`put` evicts least-recently-used entries until the new one
+    @property
+    def nbytes(self) -> int: ...
+
+
+ValueT = TypeVar("ValueT", bound=SizedValue)
+
+
+class MemoryEmbeddingLRU(Generic[ValueT]):
+    """Thread-safe in-memory LRU of embeddings (any :class:`SizedValue`) by key, bounded by ``max_bytes``.
+
+    Sizes are the values' ``nbytes``. :meth:`put` evicts least-recently-used entries until the new one
     fits; an entry larger than the whole budget is not stored (counted in ``rejected``). Counters are
     plain attributes (``hits``, ``misses``, ``evictions``, ``rejected``, ``bytes``) and are also
     returned by :meth:`stats`. Embeddings are stored by reference: callers must not mutate them.
@@ -74,10 +84,10 @@ class MemoryEmbeddingLRU:
         self.evictions = 0
         self.rejected = 0
         self.bytes = 0
-        self._entries: OrderedDict[str, tuple[Embedding, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[ValueT, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Embedding | None:
+    def get(self, key: str) -> ValueT | None:
         """The embedding for ``key`` (now most recently used), or None; counts a hit or a miss."""
         with self._lock:
             item = self._entries.get(key)
@@ -88,7 +98,7 @@ class MemoryEmbeddingLRU:
             self.hits += 1
             return item[0]
 
-    def put(self, key: str, embedding: Embedding) -> bool:
+    def put(self, key: str, embedding: ValueT) -> bool:
         """Insert or replace ``key`` as most recently used; False (nothing stored) if it exceeds the budget.
 
         A replaced or rejected key's previous entry is dropped (not counted as an eviction).
@@ -109,7 +119,7 @@ class MemoryEmbeddingLRU:
             self.bytes += size
             return True
 
-    def get_or_compute(self, key: str, compute: Callable[[], Embedding]) -> Embedding:
+    def get_or_compute(self, key: str, compute: Callable[[], ValueT]) -> ValueT:
         """Cached embedding for ``key``, or ``compute()`` (run outside the lock) cached and returned."""
         found = self.get(key)
         if found is not None:
@@ -118,7 +128,7 @@ class MemoryEmbeddingLRU:
         self.put(key, embedding)
         return embedding
 
-    def pop(self, key: str) -> Embedding | None:
+    def pop(self, key: str) -> ValueT | None:
         """Remove and return ``key``'s embedding (None if absent); not counted as hit, miss or eviction."""
         with self._lock:
             item = self._entries.pop(key, None)

@@ -76,14 +76,14 @@ def _finite_array(value: np.ndarray, shape_ok: Callable[[np.ndarray], bool], exp
     return array
 
 
-def _check_in_image(coords: np.ndarray, image_size: tuple[int, int], field: str) -> None:
+def _check_in_image(coords: np.ndarray, image_size: tuple[float, float], field: str) -> None:
     h, w = image_size
     xs, ys = coords[..., 0], coords[..., 1]
     if np.any(xs < 0) or np.any(xs > w) or np.any(ys < 0) or np.any(ys > h):
         raise InvalidPrompt(f"coordinates must lie inside the image (0..{w} x 0..{h})", field=field)
 
 
-def validate_prompt(prompt: Prompt, image_size: tuple[int, int], low_res_size: int, field: str) -> Prompt:
+def validate_prompt(prompt: Prompt, image_size: tuple[float, float], low_res_size: int, field: str) -> Prompt:
     """Validate one prompt against an image of ``image_size`` (H, W); returns it with clean arrays."""
     if prompt.box is None and prompt.point_coords is None:
         raise InvalidPrompt("needs a box or at least one point", field=field)
@@ -128,7 +128,7 @@ def validate_prompt(prompt: Prompt, image_size: tuple[int, int], low_res_size: i
     return Prompt(box=box, point_coords=coords, point_labels=labels, mask_input=mask)
 
 
-def validate_prompts(prompts: Sequence[Prompt], image_size: tuple[int, int], low_res_size: int,
+def validate_prompts(prompts: Sequence[Prompt], image_size: tuple[float, float], low_res_size: int,
                      max_prompts: int = DEFAULT_MAX_PROMPTS) -> list[Prompt]:
     """Validate a request's prompt list; raises InvalidPrompt / TooManyPrompts / InvalidMaskInput."""
     if len(prompts) == 0:

@@ -93,7 +93,7 @@ class Embeddings:
 
     def __init__(self, source: EmbeddingSource, max_bytes: int) -> None:
         self.source = source
-        self.cache = MemoryEmbeddingLRU(int(max_bytes))
+        self.cache: MemoryEmbeddingLRU[ServedEmbedding] = MemoryEmbeddingLRU(int(max_bytes))
         self._memo: OrderedDict[str, str] = OrderedDict()  # (tenant, adapter, tiling, bytes sha256) -> key
         self._lock = threading.Lock()  # makes the eviction count of one put exact; guards the memo
         for counter in (metrics.CACHE_HITS, metrics.CACHE_MISSES, metrics.CACHE_EVICTIONS):
@@ -151,8 +151,7 @@ class Embeddings:
         value = self.source.get(tenant, key, call=call)
         with self._lock:
             before = self.cache.evictions
-            # the LRU reads only .nbytes, which a TiledEmbedding has as well; sam_core annotates Embedding values
-            self.cache.put(_cache_key(tenant, key), value)  # type: ignore[arg-type]
+            self.cache.put(_cache_key(tenant, key), value)
             evicted = self.cache.evictions - before
         if evicted > 0:
             metrics.CACHE_EVICTIONS.labels(cache=CACHE_LABEL).inc(evicted)

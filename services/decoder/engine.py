@@ -107,9 +107,7 @@ class DecoderEngine:
         count = len(prompts)
         if count > self.max_prompts:
             raise TooManyPrompts(f"{count} prompts in one call; the limit is {self.max_prompts}", field="prompts")
-        # (inf, inf) works as a size here (sam_core only compares coordinates with it) though annotated as ints
-        prompts = validate_prompts(list(prompts), _ANY_SIZE,  # type: ignore[arg-type]
-                                   self.base.spec.low_res_size, self.max_prompts)
+        prompts = validate_prompts(list(prompts), _ANY_SIZE, self.base.spec.low_res_size, self.max_prompts)
         if not math.isfinite(threshold):
             raise InvalidInput(f"must be a finite logit, got {threshold}", field="threshold")
         check_encoding(encoding)

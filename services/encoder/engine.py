@@ -27,7 +27,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 import torch
@@ -145,7 +144,7 @@ class EmbeddingEngine:
         self.base = Predictor(model, device=self.device, autocast_dtype=autocast, encoder_fn=self.backend.encode)
         self.adapters = AdapterModels(self.base, store, settings.adapter_cache, make_predictor,
                                       watch_interval=watch_interval)
-        self.l1 = MemoryEmbeddingLRU(int(settings.cache_bytes))
+        self.l1: MemoryEmbeddingLRU[CachedEmbedding] = MemoryEmbeddingLRU(int(settings.cache_bytes))
         self.l2 = l2
         self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
                                       queue_size=settings.queue_size, concurrency=self.backend.concurrency)
@@ -298,8 +297,7 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------ caches
     def _l1_get(self, key: str, tenant: str, *, count: bool = True) -> ServedEmbedding | None:
-        # L1 holds CachedEmbedding entries (see _l1_put); sam_core annotates the LRU's values as Embedding
-        entry = cast("CachedEmbedding | None", self.l1.get(key))
+        entry = self.l1.get(key)
         value = entry.value if entry is not None and entry.tenant == tenant else None
         if count:
             (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l1").inc()
@@ -308,7 +306,7 @@ class EmbeddingEngine:
     def _l1_put(self, key: str, entry: CachedEmbedding) -> None:
         with self._lock:
             before = self.l1.evictions
-            self.l1.put(key, entry)  # type: ignore[arg-type]  # the LRU reads only .nbytes, which entries have
+            self.l1.put(key, entry)
             evicted = self.l1.evictions - before
         if evicted:
             metrics.CACHE_EVICTIONS.labels(cache="l1").inc(evicted)
