@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -79,6 +80,24 @@ def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -
     context.abort(code, str(exc))
 
 
+def _guarded(guard: Callable[[grpc.ServicerContext], AbstractContextManager[None]]) -> Around:
+    """An ``around`` that runs every call (unary, or a response stream to its end) inside ``guard(context)``."""
+
+    def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
+        if streaming:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with guard(context):
+                    yield from behaviour(request, context)
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            with guard(context):
+                return behaviour(request, context)
+        return unary
+
+    return around
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps typed errors to their status code and anything else to a generic INTERNAL (trace logged)."""
 
@@ -87,27 +106,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                           ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method
 
-        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
-            if streaming:
-                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    try:
-                        yield from behaviour(request, context)
-                    except grpc.RpcError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                        _abort_for(exc, context, method)
-                return stream
+        @contextmanager
+        def statuses(context: grpc.ServicerContext) -> Iterator[None]:
+            try:
+                yield
+            except grpc.RpcError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+                _abort_for(exc, context, method)
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    return behaviour(request, context)
-                except grpc.RpcError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    _abort_for(exc, context, method)
-            return unary
-
-        return _wrap(continuation(handler_call_details), around)
+        return _wrap(continuation(handler_call_details), _guarded(statuses))
 
 
 def load_tokens(path: str) -> dict[str, str]:
@@ -137,32 +145,18 @@ class AuthInterceptor(grpc.ServerInterceptor):
             token = header[7:].strip()
         tenant = self.tokens.get(token) if token else None
 
-        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
-            def check(context: grpc.ServicerContext) -> None:
-                if tenant is None:
-                    RPC_ERRORS.labels(method=method, code="UNAUTHENTICATED").inc()
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        @contextmanager
+        def as_tenant(context: grpc.ServicerContext) -> Iterator[None]:
+            if tenant is None:
+                RPC_ERRORS.labels(method=method, code="UNAUTHENTICATED").inc()
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+            reset = _TENANT.set(tenant)
+            try:
+                yield
+            finally:
+                _TENANT.reset(reset)
 
-            if streaming:
-                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    check(context)
-                    reset = _TENANT.set(tenant)
-                    try:
-                        yield from behaviour(request, context)
-                    finally:
-                        _TENANT.reset(reset)
-                return stream
-
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                reset = _TENANT.set(tenant)
-                try:
-                    return behaviour(request, context)
-                finally:
-                    _TENANT.reset(reset)
-            return unary
-
-        return _wrap(handler, around)
+        return _wrap(handler, _guarded(as_tenant))
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -173,25 +167,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                           ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         method = handler_call_details.method
 
-        def around(behaviour: Behaviour, streaming: bool) -> Behaviour:
-            if streaming:
-                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    start = time.perf_counter()
-                    try:
-                        yield from behaviour(request, context)
-                    finally:
-                        RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
-                return stream
+        @contextmanager
+        def timed(context: grpc.ServicerContext) -> Iterator[None]:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                try:
-                    return behaviour(request, context)
-                finally:
-                    RPC_LATENCY.labels(method=method).observe(time.perf_counter() - start)
-            return unary
-
-        return _wrap(continuation(handler_call_details), around)
+        return _wrap(continuation(handler_call_details), _guarded(timed))
 
 
 __all__ = ["AuthInterceptor", "ErrorInterceptor", "MetricsInterceptor", "current_tenant", "load_tokens",
