@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from sam_core.inference.prompts import Prompt
 
 
 def demo_scene(height: int = 480, width: int = 640, seed: int = 7) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -30,12 +33,31 @@ def demo_scene(height: int = 480, width: int = 640, seed: int = 7) -> tuple[np.n
     return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), masks
 
 
+def demo_prompts(image: np.ndarray, truth: list[np.ndarray], *, points: bool
+                 ) -> tuple[list[Prompt], list[np.ndarray | None]]:
+    """A box per true mask (plus a centre point for the first two when ``points``; LiteMedSAM was trained with
+    box prompts only, its point masks are poor), each with its target; one central box without truth."""
+    from sam_core.data.prompt_sim import box_from_mask, sample_points
+    from sam_core.inference.prompts import Prompt
+
+    rng = np.random.default_rng(0)
+    prompts = [Prompt(box=box_from_mask(m).astype(np.float64)) for m in truth]
+    targets: list[np.ndarray | None] = list(truth)
+    if points:
+        for m in truth[:2]:
+            coords, labels = sample_points(m, rng, n_pos=1, from_center=True)
+            prompts.append(Prompt.from_points(coords, labels))
+            targets.append(m)
+    if not prompts:
+        h, w = image.shape[:2]
+        return [Prompt.from_box([w * 0.25, h * 0.25, w * 0.75, h * 0.75])], [None]
+    return prompts, targets
+
+
 def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam",
              image_path: str | None = None) -> dict[str, Any]:
-    from sam_core.data.prompt_sim import box_from_mask, sample_points
     from sam_core.evaluation.metrics import dice
     from sam_core.inference.predictor import Predictor
-    from sam_core.inference.prompts import Prompt
     from sam_core.inference.tiling import decode_tiled, encode_tiled
     from sam_core.io.images import load_image
     from sam_core.io.masks import encode_png, encode_rle
@@ -52,18 +74,7 @@ def run_demo(out_dir: str | Path = "out/demo", model: str = "litemedsam",
     else:
         image, truth = demo_scene()
         cv2.imwrite(str(out / "scene.png"), image[..., ::-1])
-    rng = np.random.default_rng(0)
-    prompts = [Prompt(box=box_from_mask(m).astype(np.float64)) for m in truth]
-    targets: list[np.ndarray | None] = list(truth)
-    if model != "litemedsam":  # LiteMedSAM was trained with box prompts only; its point masks are poor
-        for m in truth[:2]:
-            coords, labels = sample_points(m, rng, n_pos=1, from_center=True)
-            prompts.append(Prompt.from_points(coords, labels))
-            targets.append(m)
-    if not prompts:
-        targets = [None]
-        h, w = image.shape[:2]
-        prompts = [Prompt.from_box([w * 0.25, h * 0.25, w * 0.75, h * 0.75])]
+    prompts, targets = demo_prompts(image, truth, points=model != "litemedsam")
     embedding = predictor.encode_one(image)
     t2 = time.perf_counter()
     result = predictor.decode(embedding, prompts, multimask=False)
