@@ -7,7 +7,9 @@ All functions take the canonical image from :mod:`sam_core.io.images` (H x W x 3
 - LiteMedSAM (``minmax``): ``cv2.resize(INTER_AREA)`` as the LiteMedSAM reference inference does,
   per-image (x - min) / max(max - min, 1e-8) to [0, 1], then zero padding.
 
-Coordinates use ``ResizeLongestSide.apply_coords`` (per-axis scale), as ``SamPredictor`` does.
+Coordinates are scaled per axis by the same resized shape, as ``ResizeLongestSide.apply_coords`` does.
+Every side of the resized image is at least one pixel: an image with an extreme aspect ratio (1 x 5000) would
+otherwise round a side to zero (segment_anything's shape rule), which no resize accepts.
 """
 
 from __future__ import annotations
@@ -17,22 +19,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.transforms.functional import resize, to_pil_image
 
 from sam_core.modeling.family import ModelSpec
 
 
 def resized_shape(original_size: tuple[int, int], img_size: int) -> tuple[int, int]:
-    """(H, W) after scaling the longest side to ``img_size`` (rounded like segment_anything)."""
-    shape: tuple[int, int] = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
-    return shape
+    """(H, W) after scaling the longest side to ``img_size`` (rounded like segment_anything), each side >= 1."""
+    h, w = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+    return max(1, int(h)), max(1, int(w))
 
 
 def resize_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """H x W x 3 uint8 -> h x w x 3 uint8 with max(h, w) == spec.img_size."""
+    """H x W x 3 uint8 -> h x w x 3 uint8 with max(h, w) == spec.img_size (and min(h, w) >= 1)."""
+    h, w = resized_shape(image.shape[:2], spec.img_size)
     if spec.normalization == "minmax":
-        h, w = resized_shape(image.shape[:2], spec.img_size)
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    resized: np.ndarray = ResizeLongestSide(spec.img_size).apply_image(image)
+    # ResizeLongestSide.apply_image's own operation (torchvision's PIL resize), at the clamped shape
+    resized: np.ndarray = np.array(resize(to_pil_image(image), [h, w]))
     return resized
 
 
@@ -61,8 +65,10 @@ def preprocess(image: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, tuple[
 
 def transform_coords(coords: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:
     """... x 2 (x, y) in original pixels -> model input frame (float32)."""
-    resizer = ResizeLongestSide(img_size)
-    scaled: np.ndarray = resizer.apply_coords(np.asarray(coords, dtype=np.float64), original_size)
+    new_h, new_w = resized_shape(original_size, img_size)
+    scaled = np.array(coords, dtype=np.float64)
+    scaled[..., 0] *= new_w / original_size[1]
+    scaled[..., 1] *= new_h / original_size[0]
     return scaled.astype(np.float32)
 
 

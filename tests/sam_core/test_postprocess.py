@@ -95,3 +95,36 @@ def test_count_above_equals_torch(shape, value):
     expected = (logits > value).sum(dim=(-1, -2), dtype=torch.int64)
     assert torch.equal(count_above(logits, value), expected)
     assert torch.equal(count_above(logits.double(), value), (logits.double() > value).sum(dim=(-1, -2)))
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (2, 3000), (1, 1)])
+def test_extreme_aspect_ratios_embed_and_decode(tiny_model, shape):
+    """A valid image whose short side would round to zero pixels at the model's input size still embeds
+    (each resized side is clamped to one pixel), and its masks come back at the original size."""
+    from sam_core.inference.prompts import Prompt
+
+    h, w = shape
+    predictor = Predictor(tiny_model)
+    embedding = predictor.encode_one(np.full((h, w, 3), 100, np.uint8))
+    assert min(embedding.input_size) >= 1 and max(embedding.input_size) == tiny_model.spec.img_size
+    result = predictor.decode(embedding, [Prompt.from_box([0, 0, w - 1, h - 1])])
+    assert result.masks.shape == (1, 1, h, w)
+
+
+def test_resized_shape_matches_segment_anything_where_no_side_vanishes():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    for size in [(480, 640), (1000, 3), (3, 1000), (257, 256), (1, 1)]:
+        expected = ResizeLongestSide.get_preprocess_shape(size[0], size[1], 1024)
+        assert resized_shape(size, 1024) == expected
+    assert resized_shape((1, 5000), 256) == (1, 256)
+
+
+@pytest.mark.parametrize("model", ["litemedsam", "vit_b"])  # cv2 INTER_AREA and PIL bilinear resizes
+def test_both_resizes_accept_a_one_pixel_side(model):
+    from sam_core.modeling.preprocess import resize_image
+    from sam_core.modeling.registry import SPECS
+
+    spec = SPECS[model]
+    assert resize_image(np.full((1, 5000, 3), 7, np.uint8), spec).shape == (1, spec.img_size, 3)
+    assert resize_image(np.full((5000, 2, 3), 7, np.uint8), spec).shape == (spec.img_size, 1, 3)

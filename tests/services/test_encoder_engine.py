@@ -140,6 +140,15 @@ def test_image_limits_name_the_image_field(make_engine):
     assert info.value.field == "tiling.tile_size"
 
 
+def test_extreme_aspect_ratio_images_embed(make_engine):
+    """A valid 1 x 5000 PNG (its short side rounds to 0 px at the model's input size) embeds like any image;
+    it used to fail its request with an internal error inside the resize."""
+    engine = make_engine()
+    for height, width in ((1, 5000), (5000, 1)):
+        result = engine.embed("a", png(3, height, width))
+        assert result.value.original_size == (height, width) and result.source == "encoder"
+
+
 # ------------------------------------------------------------------------------------ single-flight
 
 
