@@ -50,6 +50,7 @@ from sam_core.adapters.store import (
     AdapterRef,
     AdapterVersion,
     content_sha256,
+    tenant_dir,
     validate_name,
     validate_version,
     watch_revision,
@@ -233,7 +234,7 @@ class FileSystemAdapterStore:
         return entry
 
     def _version_path(self, tenant: str, name: str, version: int) -> Path:
-        return self.root / tenant / name / f"v{version}"
+        return tenant_dir(self.root, tenant) / validate_name("name", name) / f"v{version}"
 
     def _to_version(self, tenant: str, name: str, version: int, entry: dict[str, Any]) -> AdapterVersion:
         record = entry["versions"][str(version)]

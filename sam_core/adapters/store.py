@@ -61,6 +61,12 @@ def validate_name(kind: str, value: object) -> str:
     return value
 
 
+def tenant_dir(root: str | os.PathLike[str], tenant: str) -> Path:
+    """``<root>/<tenant>``: the one way a path is built from a tenant (the name is validated first, so it can
+    never leave ``root``: no ``/``, no ``..``, no upper case that would split one tenant into two trees)."""
+    return Path(root) / validate_name("tenant", tenant)
+
+
 def validate_version(value: object, field_name: str = "version") -> int:
     """Return ``value`` if it is a version number (an int >= 1, not a bool), else ``InvalidInput(field_name)``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -17,6 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from sam_core.errors import InvalidInput
+
 from .metrics import RPC_ERRORS, RPC_LATENCY
 from .status import PermissionDenied, Unauthenticated, status_for
 
@@ -119,10 +121,21 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 def load_tokens(path: str) -> dict[str, str]:
-    """{token: tenant} from a JSON file (a mounted Secret in Kubernetes)."""
+    """{token: tenant} from a JSON file (a mounted Secret in Kubernetes).
+
+    Every tenant must be a valid tenant name (the rules of every other name, see ``validate_name``): a bad
+    entry is InvalidInput naming ``SAMFORGE_AUTH_TOKENS_FILE`` and the entry's position (never the token).
+    """
+    from sam_core.adapters.store import validate_name
+
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise ValueError(f"{path} must hold a JSON object mapping token -> tenant")
+    for position, tenant in enumerate(data.values(), start=1):
+        try:
+            validate_name("tenant", tenant)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{path}, entry {position}: {exc.detail}", field="SAMFORGE_AUTH_TOKENS_FILE") from exc
     return data
 
 

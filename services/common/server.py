@@ -219,6 +219,9 @@ def serve(service: str, read_settings: Callable[[], SettingsT], services: Sequen
     pending = {grpc_service.name: PendingServicer(grpc_service.name) for grpc_service in services}
     try:
         server = build_server(settings, _register(services, pending))
+    except SamforgeError as exc:  # a setting's file holds something invalid (e.g. a tenant name in the tokens)
+        log.error("%s: bad setting %s", service, exc)
+        return 2
     except (OSError, ValueError) as exc:  # port taken, unreadable TLS or token files
         log.error("cannot start the %s: %s", service, exc)
         return 1

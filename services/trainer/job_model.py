@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from sam_core.adapters.store import tenant_dir
 from sam_core.files import atomic_write_text
 
 from .job_spec import Hyperparameters, JobRequest
@@ -123,7 +124,8 @@ class JobEvent:
 
 
 def job_dir(jobs_dir: Path, tenant: str, job_id: str) -> Path:
-    return jobs_dir / tenant / job_id
+    """``<jobs_dir>/<tenant>/<job_id>`` (the tenant validated; job ids are generated hex)."""
+    return tenant_dir(jobs_dir, tenant) / job_id
 
 
 def write_job(folder: Path, job: Job) -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sam_core.adapters.store import validate_name
+from sam_core.adapters.store import tenant_dir, validate_name
 from sam_core.data.prompt_sim import PromptKind, prompt_config
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
@@ -104,8 +104,8 @@ def check_request(request: JobRequest) -> None:
 
 
 def tenant_root(data_dir: str | Path, tenant: str) -> Path:
-    """``<data_dir>/<tenant>``, symlinks resolved (``tenant`` must already be a validated name)."""
-    return (Path(data_dir) / tenant).resolve()
+    """``<data_dir>/<tenant>`` (the name validated), symlinks resolved."""
+    return tenant_dir(data_dir, tenant).resolve()
 
 
 def resolve_dataset(data_dir: str | Path, tenant: str, ref: str) -> Path:

@@ -81,6 +81,21 @@ def test_a_bad_setting_exits_2_with_one_line_naming_the_variable(tmp_path, name,
     assert len(lines) == 1 and variable in json.loads(lines[0])["msg"], done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("name", SERVICES)
+def test_a_tokens_file_with_an_invalid_tenant_exits_2_naming_it(tmp_path, name):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"token-a": "alice", "token-b": "../escape"}))
+    env = service_env(name, tmp_path, SAMFORGE_AUTH_TOKENS_FILE=str(tokens))
+    # a service that accepted the file would run until the timeout (and fail the test)
+    done = subprocess.run([sys.executable, "-m", f"services.{name}"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = json.loads(lines[-1])["msg"]
+    assert "SAMFORGE_AUTH_TOKENS_FILE" in message and "entry 2" in message and "token-b" not in message
+    assert not (tmp_path / "escape").exists()
+
+
 def first_health_answer(address: str, proc: subprocess.Popen, timeout: float = 180.0) -> int:
     """Poll grpc.health.v1 until the server answers at all; its status (fails if the process exits)."""
     deadline = time.monotonic() + timeout

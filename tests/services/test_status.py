@@ -7,6 +7,7 @@ as an error the table maps to the same code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -75,3 +76,18 @@ def test_every_typed_error_round_trips_through_the_wire(client, index, code):
 def test_an_untyped_encoder_failure_stays_internal(client):
     with pytest.raises(EncoderFailed):
         client.get("internal", "0" * 64, call=CallOptions())
+
+
+@pytest.mark.parametrize("tenant", ["../escape", "Alice", "a/b", "index.json"])
+def test_tokens_file_refuses_invalid_tenant_names(tmp_path, tenant):
+    from sam_core.errors import InvalidInput
+    from services.common.interceptors import load_tokens
+
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"secret-token-1": "alice", "secret-token-2": tenant}))
+    with pytest.raises(InvalidInput) as err:
+        load_tokens(str(path))
+    assert err.value.field == "SAMFORGE_AUTH_TOKENS_FILE" and "entry 2" in str(err.value)
+    assert "secret-token" not in str(err.value)  # the message never shows a token
+    path.write_text(json.dumps({"secret-token-1": "alice", "secret-token-2": "bob"}))
+    assert load_tokens(str(path)) == {"secret-token-1": "alice", "secret-token-2": "bob"}

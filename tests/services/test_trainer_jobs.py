@@ -248,3 +248,18 @@ def test_upload_refuses_zip_traversal_and_oversize(tmp_path):
         _upload(tmp_path, buffer.getvalue(), "data.zip")
     with pytest.raises(InvalidInput, match="larger than the limit"):
         _upload(tmp_path, bytes(5000), "data.zip", limit=1000)
+
+
+def test_paths_built_from_a_tenant_refuse_names_that_leave_their_root(tmp_path):
+    """Every path a tenant names goes through one validator: traversal and upper case are refused."""
+    from sam_core.errors import InvalidInput
+    from services.trainer.job_model import job_dir
+    from services.trainer.job_spec import tenant_root
+
+    for tenant in ("../escape", "Alice", "a/b", ""):
+        with pytest.raises(InvalidInput) as err:
+            tenant_root(tmp_path / "data", tenant)
+        assert err.value.field == "tenant"
+        with pytest.raises(InvalidInput):
+            job_dir(tmp_path / "jobs", tenant, "0" * 32)
+    assert tenant_root(tmp_path / "data", "alice") == (tmp_path / "data" / "alice").resolve()
