@@ -23,7 +23,7 @@ KEY_FORMAT = "samforge-embedding-key-v1"
 """Domain tag hashed into every :func:`embedding_key` (bump it if the key's fields ever change)."""
 
 
-def encoder_adapter_id(encoder_adapter: str | None) -> str | None:
+def canonical_encoder_adapter(encoder_adapter: str | None) -> str | None:
     """The encoder adapter as keys and stores record it: ``None`` for the base encoder (so does ``""``)."""
     return encoder_adapter or None
 
@@ -49,7 +49,7 @@ def embedding_key(image_hash: str, model_id: str, preprocess_version: str, encod
     if encoder_adapter is not None and not isinstance(encoder_adapter, str):
         raise InvalidInput(f"must be a string or None, got {encoder_adapter!r}", field="encoder_adapter")
     payload = json.dumps(
-        [KEY_FORMAT, image_hash, model_id, preprocess_version, encoder_adapter_id(encoder_adapter)],
+        [KEY_FORMAT, image_hash, model_id, preprocess_version, canonical_encoder_adapter(encoder_adapter)],
         ensure_ascii=True,
         separators=(",", ":"),
     )

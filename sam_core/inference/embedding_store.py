@@ -30,7 +30,7 @@ import torch
 
 from sam_core.errors import InvalidInput
 from sam_core.files import atomic_write_bytes, atomic_write_text, is_temporary
-from sam_core.inference.embedding_cache import encoder_adapter_id
+from sam_core.inference.embedding_cache import canonical_encoder_adapter
 from sam_core.inference.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class EmbeddingStore:
                 continue
             expected, actual = self.signature[name], getattr(embedding, name)
             if name == "encoder_adapter":
-                expected, actual = encoder_adapter_id(expected), encoder_adapter_id(actual)
+                expected, actual = canonical_encoder_adapter(expected), canonical_encoder_adapter(actual)
             if expected != actual:
                 raise InvalidInput(
                     f"embedding has {name}={actual!r} but this store's signature has {expected!r}", field="embedding"
@@ -209,7 +209,7 @@ class EmbeddingStore:
             "input_size": json.dumps([int(v) for v in embedding.input_size]),
             "model_id": embedding.model_id,
             "preprocess_version": embedding.preprocess_version,
-            "encoder_adapter": encoder_adapter_id(embedding.encoder_adapter) or "",
+            "encoder_adapter": canonical_encoder_adapter(embedding.encoder_adapter) or "",
             "features_sha256": _features_digest(stored),
         }
         return stored, safetensors.torch.save({"features": stored}, metadata=metadata)
@@ -309,7 +309,7 @@ class EmbeddingStore:
             input_size=(int(embedding.input_size[0]), int(embedding.input_size[1])),
             model_id=embedding.model_id,
             preprocess_version=embedding.preprocess_version,
-            encoder_adapter=encoder_adapter_id(embedding.encoder_adapter),
+            encoder_adapter=canonical_encoder_adapter(embedding.encoder_adapter),
         )
 
     def delete(self, key: str) -> bool:

@@ -90,12 +90,6 @@ class PromptBatch:
     boxes: torch.Tensor | None = None
     masks: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        for tensor in (self.boxes, self.masks, None if self.points is None else self.points[0]):
-            if tensor is not None:
-                return int(tensor.shape[0])
-        return 0
-
 
 @dataclass(frozen=True)
 class AttentionSite:

@@ -250,7 +250,7 @@ def _advance(run: TrainingRun) -> bool:
                                                            run.info)
     stop = False
     if run.val_data is not None and (step % run.eval_every == 0 or step == run.total_steps or out_of_time):
-        stop = any_rank(validate(run, loss) if run.info.is_main else False, run.info)
+        stop = any_rank(validate(run, run.val_data, loss) if run.info.is_main else False, run.info)
     if run.info.is_main and (step % cfg.checkpoint_every == 0 or step == run.total_steps or stop or out_of_time):
         save_checkpoint(run)
     if stop or out_of_time:
@@ -295,13 +295,13 @@ def train_step(run: TrainingRun) -> float:
     return loss_value
 
 
-def validate(run: TrainingRun, loss: float) -> bool:
-    """Score the current weights on the validation split (rank 0); True when patience has run out."""
+def validate(run: TrainingRun, val_data: TrainingData, loss: float) -> bool:
+    """Score the current weights on ``val_data`` (rank 0); True when patience has run out."""
     state, epoch = run.state, run.state.step // run.steps_per_epoch
     run.net.eval()
     run.emit(ProgressEvent(Phase.VALIDATING, state.step, run.total_steps, epoch))
-    score = validation_dice(_current_predictor(run), run.val_data, run.cfg.eval_prompt, run.cfg.seed,
-                            run.frozen_encoder) if run.val_data is not None else 0.0
+    score = validation_dice(_current_predictor(run), val_data, run.cfg.eval_prompt, run.cfg.seed,
+                            run.frozen_encoder)
     state.history["val_step"].append(state.step)
     state.history["val_dice"].append(score)
     if state.best_dice is None or score > state.best_dice:
