@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
@@ -33,6 +37,28 @@ def synthetic_scene(height: int = 240, width: int = 320, seed: int = 0) -> tuple
         image[mask > 0] = rng.normal(200, 10, int(mask.sum())).clip(0, 255)
         masks.append(mask.astype(bool))
     return np.repeat(image.astype(np.uint8)[..., None], 3, axis=2), masks
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` (H x W, H x W x 3 or H x W x 4 uint8) as PNG bytes."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def noise_png(seed: int, height: int = 64, width: int = 96) -> bytes:
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width x height`` (no pixel data to speak of): a decompression bomb header."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

@@ -118,3 +118,28 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+@contextmanager
+def started(specs: dict[str, tuple[str, dict[str, str], Path, int | None]]):
+    """Start every service at once (imports dominate start-up), then wait until all are SERVING.
+
+    ``specs``: {label: (service name, env, workdir, port or None)}; yields {label: ServiceProcess}. A test may
+    replace an entry with a restarted service: every ServiceProcess in the dict at the end is stopped.
+    """
+    services = {label: start_service(name, env, workdir, port=port, wait=False)
+                for label, (name, env, workdir, port) in specs.items()}
+    try:
+        for service in services.values():
+            try:
+                wait_serving(service.address, timeout=240, proc=service.proc)
+            except Exception:
+                raise RuntimeError(f"{service.name} did not start:\n{service.log()[-4000:]}") from None
+        yield services
+    finally:
+        running = [s for s in services.values() if isinstance(s, ServiceProcess)]  # incl. restarted ones
+        for service in running:  # SIGTERM all first: they drain in parallel
+            if service.proc.poll() is None:
+                service.proc.terminate()
+        for service in running:
+            service.stop()

@@ -7,7 +7,6 @@ and tiny with bearer-token auth. The decoders run the default runtime (PyTorch, 
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import urllib.request
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-from PIL import Image
 
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.data.prompt_sim import box_from_mask
@@ -30,24 +28,14 @@ from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
 from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from services.common.embedding_codec import embedding_from_chunks
 from services.common.net import free_port
-from tests.conftest import save_perturbed_adapter, synthetic_scene
-from tests.integration.conftest import ServiceProcess, health_status, start_service, wait_serving
+from tests.conftest import noise_png, png_bytes, save_perturbed_adapter, synthetic_scene
+from tests.integration.conftest import ServiceProcess, health_status, start_service, started
 from tests.sam_core.test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
 
 pytestmark = pytest.mark.integration
 SERVING = health_pb2.HealthCheckResponse.SERVING
 ORT_LOGIT_RTOL = 5e-6  # tests/sam_core/test_onnx_decoder.py: LiteMedSAM logits reach |50|, ~20 float32 ulps
 Code = grpc.StatusCode
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
-
-
-def noise_png(seed: int, height: int = 64, width: int = 96) -> bytes:
-    return png_bytes(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 SCENE, TRUTH = synthetic_scene()
@@ -88,27 +76,6 @@ def low_res(result: decoder_pb2.PromptResult) -> np.ndarray:
 def _env(registry: Path, onnx: Path, model: str, **extra: str) -> dict[str, str]:
     return {"SAMFORGE_MODEL": model, "SAMFORGE_REGISTRY_DIR": str(registry), "SAMFORGE_ONNX_CACHE_DIR": str(onnx),
             "SAMFORGE_GRACE_SECONDS": "5", "SAMFORGE_LOG_LEVEL": "INFO", **extra}
-
-
-@contextmanager
-def started(specs: dict[str, tuple[str, dict[str, str], Path, int | None]]):
-    """Start every service at once, then wait until all are SERVING; yields {label: ServiceProcess}."""
-    services = {label: start_service(name, env, workdir, port=port, wait=False)
-                for label, (name, env, workdir, port) in specs.items()}
-    try:
-        for service in services.values():
-            try:
-                wait_serving(service.address, timeout=240, proc=service.proc)
-            except Exception:
-                raise RuntimeError(f"{service.name} did not start:\n{service.log()[-4000:]}") from None
-        yield services
-    finally:
-        running = [s for s in services.values() if isinstance(s, ServiceProcess)]  # incl. restarted ones
-        for service in running:  # SIGTERM all first: they drain in parallel
-            if service.proc.poll() is None:
-                service.proc.terminate()
-        for service in running:
-            service.stop()
 
 
 @pytest.fixture(scope="module")

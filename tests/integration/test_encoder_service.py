@@ -2,55 +2,31 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-from PIL import Image
 
 from sam_core.inference.predictor import Predictor
 from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 from services.common.embedding_codec import CHUNK_BYTES, embedding_from_chunks
-from tests.conftest import synthetic_scene
+from tests.conftest import noise_png, png_bytes, png_header_only, synthetic_scene
 from tests.integration.conftest import health_status, start_service, wait_serving
 
 pytestmark = pytest.mark.integration
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
-
-
-def noise_png(seed: int, height: int = 64, width: int = 96) -> bytes:
-    return png_bytes(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares ``width x height`` (no pixel data to speak of): a decompression bomb header."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def encoder_env(workdir: Path, model: str = "tiny", **extra: str) -> dict[str, str]:
