@@ -54,7 +54,7 @@ def trainer_kill(services: Any, specs: Any, attempt: int) -> dict[str, float]:
     result = train_through_a_kill(services, specs, name=f"resumed-{attempt}")
     return {"kill_to_serving_s": result["kill_to_serving_s"],
             "kill_to_succeeded_s": round(time.monotonic() - result["killed_at"], 2),
-            "killed_at_step": result["killed_at_step"], "resumed_at_step": result["first_step_after_restart"],
+            "killed_at_step": result["killed_at_step"], "resumed_from_step": result["resumed_from_step"],
             "state": int(result["final"].state)}
 
 

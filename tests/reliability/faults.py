@@ -4,12 +4,14 @@ return) and ``bench/fault_recovery.py`` (which records the recovery times).
 * :class:`SegmentLoad`: client threads sending the same Segment request in a loop, every outcome timed;
 * :func:`kill_and_restart`: SIGKILL one service, start it again on the same port with the same settings, and
   report the seconds from the kill to SERVING;
-* :func:`train_through_a_kill`: a job killed mid-training with its trainer, resumed by the restarted trainer,
-  while a poller watches the registry for a listed adapter that is not complete.
+* :func:`train_through_a_kill`: a job killed mid-training with its trainer, resumed by the restarted trainer
+  (the step it resumed from is the one ``sam_core.training.loop`` logs), while a poller watches the registry
+  for a listed adapter that is not complete.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -151,6 +153,6 @@ def train_through_a_kill(services: dict[str, ServiceProcess], specs: Specs, *, k
         finally:
             stop.set()
             poller.join(30)
-    resumed = [e.job.step for e in events if e.phase == "training"]
-    return {**times, "killed_at_step": before.job.step, "first_step_after_restart": min(resumed, default=0),
+    resumed = re.search(rf"resumed \S*{job.id}\S* at step (\d+)", services["trainer"].log())
+    return {**times, "killed_at_step": before.job.step, "resumed_from_step": int(resumed.group(1)) if resumed else 0,
             "final": events[-1].job, "registry_seen": seen}
