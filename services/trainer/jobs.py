@@ -45,7 +45,6 @@ from .job_spec import (
     check_request,
     resolve_dataset,
     tenant_root,
-    train_config,
 )
 
 log = logging.getLogger("samforge.trainer")
@@ -121,11 +120,12 @@ class JobManager:
         tenant = resolve_tenant(request.tenant)
         request = replace(request, tenant=tenant)
         check_request(request)
-        resolve_dataset(self.data_dir, tenant, request.dataset)
-        train_config(request.method, request.hyperparameters)
+        data = resolve_dataset(self.data_dir, tenant, request.dataset)
+        job_id = uuid.uuid4().hex
+        build_spec(request, data, job_dir(self.jobs_dir, tenant, job_id))  # what the worker builds, checked now
         if self._closing.is_set():
             raise Unavailable("the trainer is shutting down; retry on the next instance")
-        live = _Live(Job(id=uuid.uuid4().hex, tenant=tenant, request=request))
+        live = _Live(Job(id=job_id, tenant=tenant, request=request))
         with self._lock:
             self._jobs[live.job.id] = live
         self._emit(live, "queued", message="queued", state=JobState.QUEUED)

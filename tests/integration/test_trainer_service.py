@@ -173,6 +173,10 @@ def test_cancel_stops_a_running_job(stubs):
     ({"method": "magic"}, "method"),
     ({"tenant": "../acme"}, "tenant"),
     ({"hyperparameters": trainer_pb2.Hyperparameters(val_fraction=1.5)}, "val_fraction"),
+    *[({"hyperparameters": trainer_pb2.Hyperparameters(**{name: 2**31 - 1})}, f"hyperparameters.{name}: must be 0")
+      for name in ("rank", "epochs", "batch_size", "warmup_steps", "checkpoint_every", "crop")],
+    ({"hyperparameters": trainer_pb2.Hyperparameters(lr=1e30)}, "hyperparameters.lr: must be 0 (the default) or > 0 "
+                                                                "and <= 1"),
 ])
 def test_bad_job_requests_are_invalid_argument(stubs, trainer, fields, needle):
     jobs, _ = stubs
