@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -199,6 +200,23 @@ def test_unknown_jobs_bad_refs_and_malicious_archives_leave_the_service_serving(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
     code, details = code_of(jobs.UploadDataset, _chunks(bytes(3 << 20)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
+    assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_zip_bomb_upload_is_refused_and_leaves_nothing(stubs, trainer, trainer_env):
+    jobs, _ = stubs
+    uploads = trainer_env[1] / "data" / "acme" / "uploads"
+    before = sorted(uploads.iterdir()) if uploads.exists() else []
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive, \
+            archive.open("images/zero.png", "w") as entry:
+        for _ in range(100):
+            entry.write(bytes(1 << 20))
+    assert len(buffer.getvalue()) < 200_000
+    code, details = code_of(jobs.UploadDataset, _chunks(buffer.getvalue(), filename="bomb.zip"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "SAMFORGE_MAX_EXTRACT_RATIO" in details
+    assert details.startswith("data: ")
+    assert (sorted(uploads.iterdir()) if uploads.exists() else []) == before
     assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
 
 
