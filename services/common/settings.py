@@ -186,6 +186,9 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
         parse=Integer(1)),
     Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_METRICS_JOB_LABELS", "false", "per-job gauges (step, loss, val Dice) labelled job=<id> on the "
+        "trainer's /metrics; exposes every tenant's job ids and progress to whoever reads /metrics", ("trainer",),
+        parse=Flag()),
     Var("SAMFORGE_MAX_EXTRACTED_BYTES", "2147483648", "largest extracted size of an upload, counted while "
         "extracting (decompression-bomb guard; >= SAMFORGE_MAX_UPLOAD_BYTES)", ("trainer",), parse=Integer(1)),
     Var("SAMFORGE_MAX_EXTRACT_RATIO", "100", "largest extracted / compressed size of an upload and of each zip "
@@ -300,6 +303,7 @@ class TrainerSettings(CommonSettings):
     max_upload_bytes: int = setting("SAMFORGE_MAX_UPLOAD_BYTES")
     max_extracted_bytes: int = setting("SAMFORGE_MAX_EXTRACTED_BYTES")
     max_extract_ratio: float = setting("SAMFORGE_MAX_EXTRACT_RATIO")
+    metrics_job_labels: bool = setting("SAMFORGE_METRICS_JOB_LABELS")
 
     def check(self) -> None:
         super().check()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -165,6 +166,25 @@ def test_cancel_stops_a_running_job(stubs):
     assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
     assert [e.job.state for e in stream][-1] == trainer_pb2.JOB_STATE_CANCELLED
     assert list(registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="acme", name="long")).adapters) == []
+
+
+def test_metrics_carry_no_job_or_tenant_labels(stubs, trainer, first_job):
+    """/metrics is unauthenticated: while a tenant's job trains it shows aggregates, never its id or tenant."""
+    jobs, _ = stubs
+    job = jobs.CreateJob(trainer_pb2.CreateJobRequest(
+        tenant="acme", dataset="blobs", method="decoder", adapter_name="watched",
+        hyperparameters=trainer_pb2.Hyperparameters(epochs=500, batch_size=2)), timeout=30)
+    stream = jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant="acme"), timeout=120)
+    next(e for e in stream if e.phase == "training" and e.job.step >= 2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{trainer.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    stream.cancel()
+    jobs.CancelJob(trainer_pb2.CancelJobRequest(id=job.id, tenant="acme"), timeout=30)
+    assert job.id not in text and first_job[-1].job.id not in text and "acme" not in text
+    assert "job=" not in text and "tenant=" not in text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("samforge_training"))
+    assert float(samples['samforge_training_jobs{state="running"}']) == 1
+    assert float(samples["samforge_training_steps_total"]) >= 2
 
 
 @pytest.mark.parametrize(("fields", "needle"), [
