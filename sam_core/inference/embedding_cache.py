@@ -148,6 +148,11 @@ class MemoryEmbeddingLRU(Generic[ValueT]):
         with self._lock:
             return list(self._entries)
 
+    def values(self) -> list[ValueT]:
+        """Embeddings from least to most recently used (not counted as hits)."""
+        with self._lock:
+            return [value for value, _ in self._entries.values()]
+
     def __contains__(self, key: object) -> bool:
         """Membership test that neither counts nor refreshes recency."""
         with self._lock:

@@ -184,10 +184,10 @@ class AdapterModels:
                 log.info("evicted encoder adapter %s", label)
             metrics.LOADED_ADAPTERS.set(len(self._models))
 
-    def loaded(self) -> list[str]:
-        """Labels of the loaded encoder adapters, least recently used first."""
+    def loaded(self, tenant: str | None = None) -> list[str]:
+        """Labels of the loaded encoder adapters (only ``tenant``'s when given), least recently used first."""
         with self._lock:
-            return [label for label, _ in self._models.values()]
+            return [label for key, (label, _) in self._models.items() if tenant is None or key[0] == tenant]
 
     def close(self) -> None:
         if self._stop_watch is not None:

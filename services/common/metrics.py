@@ -1,4 +1,7 @@
-"""Prometheus metrics shared by the services (each service exposes /metrics on its own port)."""
+"""Prometheus metrics shared by the services (each service exposes /metrics on its own port).
+
+/metrics is not authenticated: no series carries a tenant label, and job-labelled ones are opt-in.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ PROMPTS = Histogram("samforge_decoder_prompts_per_call", "prompts per Segment ca
 LOADED_ADAPTERS = Gauge("samforge_loaded_adapters", "adapters loaded in memory")
 ADAPTER_LOAD_FAILURES = Counter("samforge_adapter_load_failures_total", "adapter artifacts rejected at load")
 TRAINING_JOBS = Gauge("samforge_training_jobs", "training jobs by state", ["state"])
+TRAINING_STEPS = Counter("samforge_training_steps_total", "training steps run (all jobs)")
+# job-labelled: exported only with SAMFORGE_METRICS_JOB_LABELS=true (services/trainer/job_metrics.py)
 TRAINING_STEP = Gauge("samforge_training_step", "current step of a running job", ["job"])
 TRAINING_LOSS = Gauge("samforge_training_loss", "latest training loss of a running job", ["job"])
 TRAINING_VAL_DICE = Gauge("samforge_training_val_dice", "latest validation Dice of a running job", ["job"])

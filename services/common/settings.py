@@ -186,6 +186,13 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
         parse=Integer(1)),
     Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_METRICS_JOB_LABELS", "false", "per-job gauges (step, loss, val Dice) labelled job=<id> on the "
+        "trainer's /metrics; exposes every tenant's job ids and progress to whoever reads /metrics", ("trainer",),
+        parse=Flag()),
+    Var("SAMFORGE_MAX_EXTRACTED_BYTES", "2147483648", "largest extracted size of an upload, counted while "
+        "extracting (decompression-bomb guard; >= SAMFORGE_MAX_UPLOAD_BYTES)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_EXTRACT_RATIO", "100", "largest extracted / compressed size of an upload and of each zip "
+        "entry, past 1 MiB extracted (decompression-bomb guard)", ("trainer",), parse=Number(above=1.0)),
 )
 
 ENV_BY_NAME: dict[str, Var] = {v.name: v for v in ENV}
@@ -294,6 +301,15 @@ class TrainerSettings(CommonSettings):
     jobs_dir: str = setting("SAMFORGE_JOBS_DIR")
     max_concurrent_jobs: int = setting("SAMFORGE_MAX_CONCURRENT_JOBS")
     max_upload_bytes: int = setting("SAMFORGE_MAX_UPLOAD_BYTES")
+    max_extracted_bytes: int = setting("SAMFORGE_MAX_EXTRACTED_BYTES")
+    max_extract_ratio: float = setting("SAMFORGE_MAX_EXTRACT_RATIO")
+    metrics_job_labels: bool = setting("SAMFORGE_METRICS_JOB_LABELS")
+
+    def check(self) -> None:
+        super().check()
+        if self.max_extracted_bytes < self.max_upload_bytes:
+            raise InvalidInput(f"must be >= SAMFORGE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}): an uncompressed "
+                               "archive extracts to its own size", field="SAMFORGE_MAX_EXTRACTED_BYTES")
 
 
 def env_table_markdown() -> str:

@@ -13,7 +13,9 @@
 L1 holds features on the encoder's device: on CUDA the cache budget is GPU memory (features are copied
 back to the GPU after ``Predictor.encode``, which returns CPU tensors, and to the CPU again when streamed);
 on CPU it is host memory. Entries are never shared between tenants, even for identical images, so a
-tenant cannot learn from cache timing what another tenant embedded.
+tenant cannot learn from cache timing what another tenant embedded. :meth:`EmbeddingEngine.stats` is scoped
+the same way: one tenant's entries, bytes, counters and adapters (:mod:`.usage`); only capacity figures
+(cache budget, queue depth, model, device) are the shared encoder's.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from services.common.tiling import TilingRequest
 from .backends import EncoderBackend, build_backend
 from .batcher import DynamicBatcher, EncodeJob
 from .l2 import RedisL2
+from .usage import TenantUsage, UsageBook
 
 log = logging.getLogger("samforge.encoder.engine")
 KEY_FORMAT = "samforge-encoder-key-v1"
@@ -73,7 +76,8 @@ class EmbedResult:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Field names match ``sam.v1.StatsResponse``."""
+    """Field names match ``sam.v1.StatsResponse``: one tenant's figures, except the shared capacity
+    (``cache_budget_bytes``, ``queue_depth``, ``model_id``, ``device``)."""
 
     cache_entries: int
     cache_bytes: int
@@ -149,6 +153,7 @@ class EmbeddingEngine:
         self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
                                       queue_size=settings.queue_size, concurrency=self.backend.concurrency)
         self._flights: dict[str, _Flight] = {}
+        self.usage = UsageBook()
         self._lock = threading.Lock()
         for cache in ("l1", "l2"):  # export the series at 0 before the first request
             for counter in (metrics.CACHE_HITS, metrics.CACHE_MISSES, metrics.CACHE_EVICTIONS):
@@ -185,7 +190,11 @@ class EmbeddingEngine:
         if not leader:
             value, encode_ms, cached = self._wait(flight, is_active)
             return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "shared")
-        return self._lead(key, tenant, flight, handle, canonical, geometry)
+        result = self._lead(key, tenant, flight, handle, canonical, geometry)
+        if result.source == "encoder":
+            images = 1 + len(result.value.tiles) if isinstance(result.value, TiledEmbedding) else 1
+            self.usage.add(tenant, TenantUsage(encodes=images))
+        return result
 
     def get(self, tenant: str, key: str) -> ServedEmbedding:
         """The cached embedding ``key`` of ``tenant`` (L1, then L2); NotFound if absent or another tenant's."""
@@ -201,13 +210,15 @@ class EmbeddingEngine:
                            "send the image to Embed again", field="key")
         return found
 
-    def stats(self) -> EngineStats:
-        s = self.l1.stats()
+    def stats(self, tenant: str) -> EngineStats:
+        """``tenant``'s cache entries, bytes, counters and loaded adapters, and the shared capacity figures."""
+        mine = [entry.nbytes for entry in self.l1.values() if entry.tenant == tenant]
+        usage = self.usage.of(tenant)
         return EngineStats(
-            cache_entries=s["entries"], cache_bytes=s["bytes"], cache_budget_bytes=s["max_bytes"], hits=s["hits"],
-            misses=s["misses"], evictions=s["evictions"], encodes=self.batcher.encodes,
+            cache_entries=len(mine), cache_bytes=sum(mine), cache_budget_bytes=self.l1.max_bytes, hits=usage.hits,
+            misses=usage.misses, evictions=max(0, usage.stored - len(mine)), encodes=usage.encodes,
             queue_depth=self.batcher.depth(), model_id=self.model_id, device=str(self.device),
-            loaded_adapters=self.adapters.loaded(), l2_hits=self.l2.hits if self.l2 is not None else 0)
+            loaded_adapters=self.adapters.loaded(tenant), l2_hits=usage.l2_hits)
 
     def close(self) -> None:
         """Stop the batcher (queued work fails UNAVAILABLE), the backend, the registry watch and the Redis client."""
@@ -301,13 +312,15 @@ class EmbeddingEngine:
         value = entry.value if entry is not None and entry.tenant == tenant else None
         if count:
             (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l1").inc()
+            self.usage.add(tenant, TenantUsage(hits=1) if value is not None else TenantUsage(misses=1))
         return value
 
     def _l1_put(self, key: str, entry: CachedEmbedding) -> None:
         with self._lock:
-            before = self.l1.evictions
-            self.l1.put(key, entry)
+            before, fresh = self.l1.evictions, key not in self.l1
+            stored = self.l1.put(key, entry)
             evicted = self.l1.evictions - before
+        self.usage.add(entry.tenant, TenantUsage(stored=int(stored and fresh)))
         if evicted:
             metrics.CACHE_EVICTIONS.labels(cache="l1").inc(evicted)
         metrics.CACHE_BYTES.labels(cache="l1").set(self.l1.bytes)
@@ -318,6 +331,8 @@ class EmbeddingEngine:
             return None
         value = self.l2.get(key, tenant)
         (metrics.CACHE_HITS if value is not None else metrics.CACHE_MISSES).labels(cache="l2").inc()
+        if value is not None:
+            self.usage.add(tenant, TenantUsage(l2_hits=1))
         return value
 
 

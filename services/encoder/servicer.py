@@ -43,4 +43,5 @@ class EncoderService(encoder_pb2_grpc.EncoderServiceServicer):
         yield from embedding_chunks(request.key, value)
 
     def Stats(self, request: encoder_pb2.StatsRequest, context: grpc.ServicerContext) -> encoder_pb2.StatsResponse:
-        return encoder_pb2.StatsResponse(**dataclasses.asdict(self.engine.stats()))
+        tenant = resolve_tenant(request.tenant)
+        return encoder_pb2.StatsResponse(**dataclasses.asdict(self.engine.stats(tenant)))

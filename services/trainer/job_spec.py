@@ -4,12 +4,13 @@ Every check runs before a job is queued (INVALID_ARGUMENT / NOT_FOUND at CreateJ
 bad request), and :func:`build_spec` is deterministic: a job rebuilt from its job.json after a restart gets
 the same TrainConfig, so ``sam_core.training.loop`` accepts the checkpoints in its folder and resumes.
 
-Hyper-parameters use 0 / "" for "the default" (proto3 scalars cannot be unset).
+Hyper-parameters use 0 / "" for "the default" (proto3 scalars cannot be unset). Every numeric one has a row in
+:data:`HYPERPARAMETER_BOUNDS` (the one table of accepted ranges, justified there and shown in deploy/README.md);
+a value outside is InvalidInput naming ``hyperparameters.<field>`` and stating the bound.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,7 +21,7 @@ from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
 from sam_core.training.config import TrainConfig
 from sam_core.training.finetune import FinetuneSpec, SplitSpec
-from sam_core.training.methods import MethodConfig, get_method
+from sam_core.training.methods import MethodConfig, get_method, method_names
 
 PROMPT_KINDS: tuple[PromptKind, ...] = ("box", "point", "box+point")
 DEFAULT_VAL_FRACTION = 0.2
@@ -71,16 +72,94 @@ def _bad(name: str, message: str) -> InvalidInput:
     return InvalidInput(message, field=f"hyperparameters.{name}")
 
 
-def check_hyperparameters(hp: Hyperparameters) -> None:
-    """Ranges the proto types do not express (negative counts, NaN rates, unknown prompt kinds)."""
-    for name in ("epochs", "max_steps", "batch_size", "rank", "seed", "patience", "crop", "warmup_steps",
-                 "checkpoint_every"):
-        if getattr(hp, name) < 0:
-            raise _bad(name, f"must be >= 0 (0 = default), got {getattr(hp, name)}")
-    if not math.isfinite(hp.lr) or hp.lr < 0:
-        raise _bad("lr", f"must be a finite number >= 0 (0 = default), got {hp.lr}")
-    if not math.isfinite(hp.val_fraction) or not 0 <= hp.val_fraction < 1:
-        raise _bad("val_fraction", f"must be in [0, 1) (0 = default {DEFAULT_VAL_FRACTION}), got {hp.val_fraction}")
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted values of one hyper-parameter: 0 (= the default) or ``low <= value <= high``
+    (``value > low`` when ``low_open``). ``one_shot``: the row applies to one-shot methods (PerSAM) only and
+    replaces the general row of the same field for them. ``why`` justifies the bound (the README shows it)."""
+
+    field: str
+    low: float
+    high: float
+    why: str
+    low_open: bool = False
+    one_shot: bool = False
+
+    def describe(self) -> str:
+        return f"{'>' if self.low_open else '>='} {_number(self.low)} and <= {_number(self.high)}"
+
+    def accepts(self, value: float) -> bool:
+        """0 (the default) or a value within the bound; NaN is never within it."""
+        above = value > self.low if self.low_open else value >= self.low
+        return value == 0 or (above and value <= self.high)
+
+
+MAX_STEPS = 1_000_000
+INT32_MAX = 2**31 - 1  # the proto fields are int32
+# One table for every numeric hyper-parameter (prompt is checked against PROMPT_KINDS, bf16 is a flag). Upper
+# bounds are far above what fine-tuning recipes use, so a demanding user is not refused, yet low enough that a
+# value cannot allocate absurd tensors or run for weeks. ``tests/services/test_trainer_hyperparameters.py``
+# checks that the extreme accepted values build a valid FinetuneSpec, and that deploy/README.md shows this table.
+HYPERPARAMETER_BOUNDS: tuple[Bound, ...] = (
+    Bound("epochs", 1, 10_000, "SAM fine-tuning recipes run 10-200 epochs; 10,000 leaves room for data sets of a "
+          "few images (max_steps caps larger ones)"),
+    Bound("max_steps", 1, MAX_STEPS, "recipes run 1e3-1e5 steps; 1e6 is about a day at 10 steps/s on a GPU"),
+    Bound("max_steps", 1, 10_000, "fitting steps of a one-shot method; PerSAM-F fits 2 weights and its "
+          "recipe uses 1,000 steps", one_shot=True),
+    Bound("batch_size", 1, 64, "one step holds the whole batch: 64 x 1024 px RGB float32 inputs are 768 MiB before "
+          "activations (64 x 4 MiB embeddings for the decoder); MedSAM trained with 8 images per GPU"),
+    Bound("lr", 0, 1, "AdamW peak learning rate; recipes use 1e-5 to 1e-3, and an AdamW step moves each weight by "
+          "about lr, so above 1 training diverges",
+          low_open=True),
+    Bound("rank", 1, 256, "LoRA rank; SAM recipes use 4-64 (SAMed: 4), beyond 256 a LoRA update is as large as "
+          "the attention projections it adapts (ViT-B: 768 wide)"),
+    Bound("val_fraction", 0, 0.95, "share of the images held out for validation (0 = 0.2); few-shot runs "
+          "validate on most of the data (a split left empty fails the job with that message)", low_open=True),
+    Bound("seed", 0, INT32_MAX, "any int32 (the proto type): seeds the split, prompts and weights"),
+    Bound("patience", 1, 10_000, "validations without improvement before stopping early (0 = never); at most one "
+          "validation per epoch, so beyond the epochs bound it never triggers"),
+    Bound("crop", 32, 8192, "native-resolution crop side in pixels (0 = whole images); each crop is resized to "
+          "the model input (256 px LiteMedSAM, 1024 px ViT SAMs): below 32 px (the encoder's smallest tile) "
+          "an instance rarely fits, above 8x the largest input a crop is a whole image"),
+    Bound("warmup_steps", 1, 100_000, "linear learning-rate warmup (0 = 10 steps); a few % of a run, at most "
+          "10 % of the largest max_steps"),
+    Bound("checkpoint_every", 1, MAX_STEPS, "steps between resumable checkpoints (0 = 50); beyond max_steps "
+          "only the final state is kept"),
+)
+
+
+def applicable_bounds(method: str) -> list[Bound]:
+    """One row per field for ``method`` (one-shot methods use their own rows where they have one)."""
+    one_shot = get_method(method).one_shot
+    rows = {b.field: b for b in HYPERPARAMETER_BOUNDS if not b.one_shot}
+    if one_shot:
+        rows.update({b.field: b for b in HYPERPARAMETER_BOUNDS if b.one_shot})
+    return list(rows.values())
+
+
+def _one_shot_methods() -> list[str]:
+    return [name for name in method_names() if get_method(name).one_shot]
+
+
+def bounds_table_markdown() -> str:
+    """The documented bounds (deploy/README.md embeds it; a test compares them)."""
+    lines = ["| hyper-parameter | accepted besides 0 (= default) | why |", "|---|---|---|"]
+    for b in HYPERPARAMETER_BOUNDS:
+        name = f"`{b.field}`" + (f" ({', '.join(_one_shot_methods())})" if b.one_shot else "")
+        lines.append(f"| {name} | {b.describe()} | {b.why} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_hyperparameters(hp: Hyperparameters, method: str) -> None:
+    """Every numeric field within its :data:`HYPERPARAMETER_BOUNDS` row for ``method``, and a known prompt kind."""
+    for bound in applicable_bounds(method):
+        value = getattr(hp, bound.field)
+        if not bound.accepts(value):
+            raise _bad(bound.field, f"must be 0 (the default) or {bound.describe()}, got {_number(value)}")
     prompt_kind(hp.prompt)
 
 
@@ -100,7 +179,7 @@ def check_request(request: JobRequest) -> None:
     validate_name("adapter_name", request.adapter_name)
     if request.promote_to:
         validate_name("promote_to", request.promote_to)
-    check_hyperparameters(request.hyperparameters)
+    check_hyperparameters(request.hyperparameters, request.method)
 
 
 def tenant_root(data_dir: str | Path, tenant: str) -> Path:

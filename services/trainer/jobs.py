@@ -12,6 +12,7 @@
 - Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.training.loop`` resumes from the
   checkpoints in the job folder. ``shutdown`` interrupts running jobs at their next event and leaves them
   QUEUED on disk, so the next start resumes them. One process owns a jobs folder (``flock`` on ``.lock``).
+- /metrics gets aggregates only (:mod:`.job_metrics`; job-labelled gauges are an operator's opt-in).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from sam_core.modeling.registry import LoadedModel
 from sam_core.training.config import Phase, ProgressEvent, StopTraining
 from sam_core.training.finetune import FinetuneResult, run_finetune
 from services.common.interceptors import resolve_tenant
-from services.common.metrics import TRAINING_JOBS, TRAINING_LOSS, TRAINING_STEP, TRAINING_VAL_DICE
 from services.common.settings import TrainerSettings
 
+from .job_metrics import JobMetrics
 from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, write_job
 from .job_spec import (
     JobRequest,
@@ -45,7 +46,6 @@ from .job_spec import (
     check_request,
     resolve_dataset,
     tenant_root,
-    train_config,
 )
 
 log = logging.getLogger("samforge.trainer")
@@ -109,6 +109,7 @@ class JobManager:
         self._jobs: dict[str, _Live] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._closing = threading.Event()
+        self.metrics = JobMetrics(settings.metrics_job_labels)
         self._recover()
         self._workers = [threading.Thread(target=self._work, name=f"trainer-job-{i}", daemon=True)
                          for i in range(settings.max_concurrent_jobs)]
@@ -121,11 +122,12 @@ class JobManager:
         tenant = resolve_tenant(request.tenant)
         request = replace(request, tenant=tenant)
         check_request(request)
-        resolve_dataset(self.data_dir, tenant, request.dataset)
-        train_config(request.method, request.hyperparameters)
+        data = resolve_dataset(self.data_dir, tenant, request.dataset)
+        job_id = uuid.uuid4().hex
+        build_spec(request, data, job_dir(self.jobs_dir, tenant, job_id))  # what the worker builds, checked now
         if self._closing.is_set():
             raise Unavailable("the trainer is shutting down; retry on the next instance")
-        live = _Live(Job(id=uuid.uuid4().hex, tenant=tenant, request=request))
+        live = _Live(Job(id=job_id, tenant=tenant, request=request))
         with self._lock:
             self._jobs[live.job.id] = live
         self._emit(live, "queued", message="queued", state=JobState.QUEUED)
@@ -290,6 +292,7 @@ class JobManager:
             message = "stopped early; evaluating" if event.state is Phase.STOPPED_EARLY else "training finished"
         with live.cond:
             job = live.job
+            advanced = max(0, event.step - job.step)
             if event.state is Phase.TRAINING or event.state.final:
                 job.step = event.step
             job.total_steps = event.total_steps or job.total_steps
@@ -300,11 +303,7 @@ class JobManager:
             self._emit(live, phase, loss=event.loss, val_dice=event.val_dice, best_val_dice=event.best_val_dice,
                        eta_seconds=event.eta_seconds, message=message)
         if event.state is Phase.TRAINING:
-            TRAINING_STEP.labels(job=job.id).set(event.step)
-            if event.loss is not None:
-                TRAINING_LOSS.labels(job=job.id).set(event.loss)
-            if event.val_dice is not None:
-                TRAINING_VAL_DICE.labels(job=job.id).set(event.val_dice)
+            self.metrics.progress(job.id, advanced, event)
 
     def _publish(self, live: _Live, result: FinetuneResult) -> None:
         job = live.job
@@ -343,11 +342,7 @@ class JobManager:
             job.error = error
             self._emit(live, "done", message=message or error, state=state)
             live.events = deque(list(live.events)[-KEEP_AFTER_END:], maxlen=EVENT_LOG)  # bounded memory per job
-        for gauge in (TRAINING_STEP, TRAINING_LOSS, TRAINING_VAL_DICE):
-            try:
-                gauge.remove(job.id)
-            except KeyError:
-                pass
+        self.metrics.forget(job.id)
         log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
 
     def _emit(self, live: _Live, phase: str, *, state: JobState | None = None, message: str = "",
@@ -377,8 +372,7 @@ class JobManager:
     def _update_state_gauge(self) -> None:
         with self._lock:
             states = [live.job.state for live in self._jobs.values()]
-        for state in JobState:
-            TRAINING_JOBS.labels(state=state.value.lower()).set(states.count(state))
+        self.metrics.states(states)
 
     def _redact(self, text: str, job: Job) -> str:
         """Server paths out of an error message: the data set relative to the tenant's folder."""

@@ -15,6 +15,7 @@ from services._generated.sam.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.server import GrpcService
 
 from . import convert
+from .archive_limits import UploadLimits
 from .jobs import JobManager
 from .registry import TenantRegistry
 from .uploads import receive_dataset
@@ -46,7 +47,8 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
     def UploadDataset(self, request_iterator: Iterator[trainer_pb2.DatasetChunk],
                       context: grpc.ServicerContext) -> trainer_pb2.DatasetRef:
         settings = self.manager.settings
-        result = receive_dataset(convert.chunks(request_iterator), settings.data_dir, settings.max_upload_bytes)
+        result = receive_dataset(convert.chunks(request_iterator), settings.data_dir,
+                                 UploadLimits.from_settings(settings))
         return trainer_pb2.DatasetRef(id=result.id, bytes=result.bytes)
 
 

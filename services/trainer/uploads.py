@@ -2,11 +2,14 @@
 
 The archive goes to a staging folder next to its destination (``<data>/<tenant>/uploads/.incoming-<id>/``),
 is checked entry by entry *before* anything is extracted — no absolute names, no ``..``, no symbolic or hard
-links, no devices / FIFOs, no duplicate names, at most :data:`MAX_ENTRIES` entries and
-``EXTRACT_RATIO x max_bytes`` bytes once extracted — then extracted by hand (``O_EXCL | O_NOFOLLOW``, sizes
-counted while copying) and renamed to ``uploads/<id>/``. A single wrapping folder (``data/images/...``) is
-unwrapped. Every refusal is InvalidInput (INVALID_ARGUMENT), including an upload over the size limit: the
-caller must send something else, retrying does not help (RESOURCE_EXHAUSTED would suggest it might).
+links, no devices / FIFOs, no duplicate names, at most :data:`MAX_ENTRIES` entries — then extracted by hand
+(``O_EXCL | O_NOFOLLOW``) and renamed to ``uploads/<id>/``. A single wrapping folder (``data/images/...``) is
+unwrapped. Every refusal is InvalidInput (INVALID_ARGUMENT, field ``data`` / ``filename``), including an upload
+over the size limit: the caller must send something else, retrying does not help (RESOURCE_EXHAUSTED would
+suggest it might). On any refusal the staging folder is removed: nothing is left on disk.
+
+Decompression bombs: :mod:`.archive_limits` bounds the extracted bytes and the compression ratios (per zip
+entry and overall), counting the bytes decompression produces, never trusting sizes declared in headers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -30,12 +34,12 @@ from typing import IO
 from sam_core.errors import InvalidInput
 from services.common.interceptors import resolve_tenant
 
+from .archive_limits import Meter, UploadLimits, open_tar_stream, zip_spans
 from .job_spec import tenant_root
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ZIP_SUFFIXES = (".zip",)
 MAX_ENTRIES = 200_000
-EXTRACT_RATIO = 4  # extracted bytes may be at most this many times the upload limit (decompression bombs)
 LAYOUT_NAMES = ("images", "masks", "masks_instances")  # a lone folder with one of these names is the data set
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error,
                    lzma.LZMAError, gzip.BadGzipFile, NotImplementedError)
@@ -59,8 +63,9 @@ class UploadResult:
 class _Entry:
     path: PurePosixPath
     is_dir: bool
-    size: int
+    size: int  # as declared
     open_data: Callable[[], IO[bytes]]  # a file entry's data (called only for files)
+    compressed: int | None = None  # zip: the most bytes the entry can occupy in the archive; tar: None
 
 
 def _bad(message: str, field: str = "data") -> InvalidInput:
@@ -111,7 +116,8 @@ def _tar_data(archive: tarfile.TarFile, member: tarfile.TarInfo, path: PurePosix
     return data
 
 
-def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
+def _zip_entries(archive: zipfile.ZipFile, archive_bytes: int) -> Iterator[_Entry]:
+    spans = zip_spans(archive, archive_bytes)
     for info in archive.infolist():
         path = safe_member_path(info.filename)
         mode = info.external_attr >> 16
@@ -120,27 +126,33 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
         if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise _bad(f"archive entry {info.filename[:80]!r} is a device, FIFO or other special file")
         if path is not None:
-            yield _Entry(path, info.is_dir(), 0 if info.is_dir() else info.file_size, partial(archive.open, info))
+            yield _Entry(path, info.is_dir(), 0 if info.is_dir() else info.file_size, partial(archive.open, info),
+                         compressed=min(info.compress_size, spans.get(info.header_offset, 0)))
 
 
-def check_entries(entries: Iterable[_Entry], max_bytes: int) -> list[_Entry]:
-    """All entries, after the count / size / duplicate / file-vs-folder checks (nothing extracted yet)."""
+def _name(entry: _Entry) -> str:
+    return f"archive entry {str(entry.path)[:80]!r}"
+
+
+def check_entries(entries: Iterable[_Entry], meter: Meter) -> list[_Entry]:
+    """All entries, after the count / declared size / duplicate / file-vs-folder checks (nothing extracted yet)."""
     out: list[_Entry] = []
     files: set[PurePosixPath] = set()
     dirs: set[PurePosixPath] = set()
-    total = 0
+    declared = 0
     for entry in entries:
         out.append(entry)
         if len(out) > MAX_ENTRIES:
             raise _bad(f"the archive has more than {MAX_ENTRIES} entries")
-        total += entry.size
-        if total > max_bytes:
-            raise _bad(f"the archive extracts to more than {max_bytes} bytes")
+        declared += entry.size
+        meter.check("the archive", declared, meter.archive_bytes)
+        if entry.compressed is not None:
+            meter.check(_name(entry), entry.size, entry.compressed)
         parents = set(entry.path.parents) - {PurePosixPath(".")}
         if entry.is_dir:
             dirs.add(entry.path)
         elif entry.path in files:
-            raise _bad(f"archive entry {str(entry.path)[:80]!r} appears twice")
+            raise _bad(f"{_name(entry)} appears twice")
         else:
             files.add(entry.path)
         dirs |= parents
@@ -150,32 +162,44 @@ def check_entries(entries: Iterable[_Entry], max_bytes: int) -> list[_Entry]:
     return out
 
 
-def _copy(source: IO[bytes], target: Path, budget: list[int]) -> None:
+def _copy(entry: _Entry, target: Path, meter: Meter) -> None:
+    """Write the entry's data to the new file ``target``, counting every block before it is written."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as handle:
+    written = 0
+    with os.fdopen(fd, "wb") as handle, entry.open_data() as source:
         while block := source.read(_BLOCK):
-            budget[0] -= len(block)
-            if budget[0] < 0:  # entries that extract to more than they declared
-                raise _bad("the archive extracts to more bytes than its entries declare")
+            written += len(block)
+            meter.count(written=len(block))
+            if entry.compressed is not None:
+                meter.check(_name(entry), written, entry.compressed)
             handle.write(block)
 
 
-def extract_archive(archive_path: Path, kind: str, dest: Path, max_bytes: int) -> None:
-    """Check every entry of the archive, then extract it into the new folder ``dest``."""
+@contextmanager
+def _open_archive(archive_path: Path, kind: str, meter: Meter) -> Iterator[tarfile.TarFile | zipfile.ZipFile]:
+    if kind == "tar":
+        with open_tar_stream(archive_path, meter) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+            yield tar
+    else:
+        with zipfile.ZipFile(archive_path) as archive:
+            yield archive
+
+
+def extract_archive(archive_path: Path, kind: str, dest: Path, limits: UploadLimits) -> None:
+    """Check every entry of the archive, then extract it into the new folder ``dest`` within ``limits``."""
     dest.mkdir()
-    budget = [max_bytes]
+    meter = Meter(limits, archive_path.stat().st_size)
     try:
-        opener = tarfile.open(archive_path, "r:*") if kind == "tar" else zipfile.ZipFile(archive_path)
-        with opener as archive:
-            reader = _tar_entries(archive) if isinstance(archive, tarfile.TarFile) else _zip_entries(archive)
-            for entry in check_entries(reader, max_bytes):
+        with _open_archive(archive_path, kind, meter) as archive:
+            reader = (_tar_entries(archive) if isinstance(archive, tarfile.TarFile)
+                      else _zip_entries(archive, meter.archive_bytes))
+            for entry in check_entries(reader, meter):
                 target = dest.joinpath(*entry.path.parts)
                 if entry.is_dir:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with entry.open_data() as source:
-                    _copy(source, target, budget)
+                _copy(entry, target, meter)
     except _ARCHIVE_ERRORS as exc:
         raise _bad(f"not a readable {kind} archive ({type(exc).__name__})") from exc
     except RuntimeError as exc:  # zipfile: encrypted entries
@@ -191,9 +215,10 @@ def _unwrap(tree: Path) -> Path:
     return tree
 
 
-def receive_dataset(chunks: Iterable[Chunk], data_dir: str | Path, max_bytes: int) -> UploadResult:
-    """Write the streamed archive to a staging file (at most ``max_bytes``), extract it safely and publish it
-    as ``<data_dir>/<tenant>/uploads/<id>/``; returns ``UploadResult("uploads/<id>", size)``."""
+def receive_dataset(chunks: Iterable[Chunk], data_dir: str | Path, limits: UploadLimits) -> UploadResult:
+    """Write the streamed archive to a staging file (at most ``limits.max_upload_bytes``), extract it safely
+    within ``limits`` and publish it as ``<data_dir>/<tenant>/uploads/<id>/``; returns
+    ``UploadResult("uploads/<id>", size)``."""
     stream = iter(chunks)
     first = next(stream, None)
     if first is None:
@@ -211,12 +236,13 @@ def receive_dataset(chunks: Iterable[Chunk], data_dir: str | Path, max_bytes: in
         with open(archive, "wb") as handle:
             for chunk in itertools.chain([first], stream):
                 size += len(chunk.data)
-                if size > max_bytes:
-                    raise _bad(f"the upload is larger than the limit of {max_bytes} bytes")
+                if size > limits.max_upload_bytes:
+                    raise _bad(f"the upload is larger than the limit of {limits.max_upload_bytes} bytes "
+                               "(SAMFORGE_MAX_UPLOAD_BYTES)")
                 handle.write(chunk.data)
         if size == 0:
             raise _bad("the upload is empty")
-        extract_archive(archive, kind, staging / "tree", max_bytes * EXTRACT_RATIO)
+        extract_archive(archive, kind, staging / "tree", limits)
         root = _unwrap(staging / "tree")
         if not any(root.iterdir()):
             raise _bad("the archive holds no files")

@@ -96,7 +96,7 @@ def test_concurrent_embeds_encode_once_then_cache_and_stream_the_exact_embedding
     image_bytes = png_bytes(synthetic_scene()[0])
     channel, stub = stub_for(lite_service.address)
     with channel:
-        before = stub.Stats(encoder_pb2.StatsRequest(), timeout=10).encodes
+        before = stub.Stats(encoder_pb2.StatsRequest(tenant="a"), timeout=10).encodes
         barrier = threading.Barrier(8)
 
         def embed(_: int) -> encoder_pb2.EmbedResponse:
@@ -105,7 +105,7 @@ def test_concurrent_embeds_encode_once_then_cache_and_stream_the_exact_embedding
 
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(embed, range(8)))
-        assert stub.Stats(encoder_pb2.StatsRequest(), timeout=10).encodes - before == 1
+        assert stub.Stats(encoder_pb2.StatsRequest(tenant="a"), timeout=10).encodes - before == 1
         assert len({r.embedding.key for r in replies}) == 1
         encode_ms = max(r.encode_ms for r in replies)
         assert encode_ms > 0 and not all(r.cached for r in replies)
@@ -245,7 +245,7 @@ def test_redis_l2_serves_a_second_encoder_and_sigterm_exits_zero(redis_url, tmp_
         channel, stub = stub_for(second.address)
         with channel:
             served = stub.Embed(encoder_pb2.EmbedRequest(image=image, tenant="a"), timeout=60)
-            stats = stub.Stats(encoder_pb2.StatsRequest(), timeout=10)
+            stats = stub.Stats(encoder_pb2.StatsRequest(tenant="a"), timeout=10)
             with pytest.raises(grpc.RpcError) as info:  # L2 entries are tenant-scoped too
                 list(stub.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=computed.embedding.key, tenant="b"),
                                        timeout=30))

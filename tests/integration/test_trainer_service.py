@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -166,6 +168,25 @@ def test_cancel_stops_a_running_job(stubs):
     assert list(registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="acme", name="long")).adapters) == []
 
 
+def test_metrics_carry_no_job_or_tenant_labels(stubs, trainer, first_job):
+    """/metrics is unauthenticated: while a tenant's job trains it shows aggregates, never its id or tenant."""
+    jobs, _ = stubs
+    job = jobs.CreateJob(trainer_pb2.CreateJobRequest(
+        tenant="acme", dataset="blobs", method="decoder", adapter_name="watched",
+        hyperparameters=trainer_pb2.Hyperparameters(epochs=500, batch_size=2)), timeout=30)
+    stream = jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant="acme"), timeout=120)
+    next(e for e in stream if e.phase == "training" and e.job.step >= 2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{trainer.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    stream.cancel()
+    jobs.CancelJob(trainer_pb2.CancelJobRequest(id=job.id, tenant="acme"), timeout=30)
+    assert job.id not in text and first_job[-1].job.id not in text and "acme" not in text
+    assert "job=" not in text and "tenant=" not in text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("samforge_training"))
+    assert float(samples['samforge_training_jobs{state="running"}']) == 1
+    assert float(samples["samforge_training_steps_total"]) >= 2
+
+
 @pytest.mark.parametrize(("fields", "needle"), [
     ({"dataset": "../acme/blobs"}, "dataset"),
     ({"dataset": "/etc"}, "dataset"),
@@ -173,6 +194,10 @@ def test_cancel_stops_a_running_job(stubs):
     ({"method": "magic"}, "method"),
     ({"tenant": "../acme"}, "tenant"),
     ({"hyperparameters": trainer_pb2.Hyperparameters(val_fraction=1.5)}, "val_fraction"),
+    *[({"hyperparameters": trainer_pb2.Hyperparameters(**{name: 2**31 - 1})}, f"hyperparameters.{name}: must be 0")
+      for name in ("rank", "epochs", "batch_size", "warmup_steps", "checkpoint_every", "crop")],
+    ({"hyperparameters": trainer_pb2.Hyperparameters(lr=1e30)}, "hyperparameters.lr: must be 0 (the default) or > 0 "
+                                                                "and <= 1"),
 ])
 def test_bad_job_requests_are_invalid_argument(stubs, trainer, fields, needle):
     jobs, _ = stubs
@@ -195,6 +220,23 @@ def test_unknown_jobs_bad_refs_and_malicious_archives_leave_the_service_serving(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
     code, details = code_of(jobs.UploadDataset, _chunks(bytes(3 << 20)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
+    assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_zip_bomb_upload_is_refused_and_leaves_nothing(stubs, trainer, trainer_env):
+    jobs, _ = stubs
+    uploads = trainer_env[1] / "data" / "acme" / "uploads"
+    before = sorted(uploads.iterdir()) if uploads.exists() else []
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive, \
+            archive.open("images/zero.png", "w") as entry:
+        for _ in range(100):
+            entry.write(bytes(1 << 20))
+    assert len(buffer.getvalue()) < 200_000
+    code, details = code_of(jobs.UploadDataset, _chunks(buffer.getvalue(), filename="bomb.zip"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "SAMFORGE_MAX_EXTRACT_RATIO" in details
+    assert details.startswith("data: ")
+    assert (sorted(uploads.iterdir()) if uploads.exists() else []) == before
     assert health_status(trainer.address) == health_pb2.HealthCheckResponse.SERVING
 
 

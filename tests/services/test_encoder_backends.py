@@ -92,7 +92,7 @@ def test_a_backend_without_encoder_adapters_refuses_them_and_serves_decoder_adap
         assert info.value.field == "adapter" and "triton" in str(info.value) and "t/lora:1" in str(info.value)
         assert engine.adapters.loads == 0  # refused before anything was loaded or encoded
         shared = engine.embed("t", png(5), adapter="dec")
-        assert shared.value.encoder_adapter is None and engine.stats().encodes == 1
+        assert shared.value.encoder_adapter is None and engine.stats("t").encodes == 1
         assert torch.equal(shared.value.features, reference.encode_one(pixels(5)).features)
     finally:
         engine.close()

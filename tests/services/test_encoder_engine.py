@@ -123,7 +123,7 @@ def test_keys_are_tenant_scoped_and_canonical(make_engine, tiny_model):
     default_tiles = engine.embed("a", png(0), tiling=TilingRequest())
     explicit = engine.embed("a", png(0), tiling=TilingRequest(tile_size=128, overlap=64))
     assert default_tiles.key == explicit.key != a.key and explicit.cached
-    assert engine.stats().encodes == 4  # a, b, tiled (a single tile: whole image + 1 tile)
+    assert (engine.stats("a").encodes, engine.stats("b").encodes) == (3, 1)  # a + tiled (whole + 1 tile); b
     assert client_key("a", "0" * 64, None, "fp32") != client_key("a", "0" * 64, None, "bf16")
 
 
@@ -164,7 +164,7 @@ def test_concurrent_requests_for_one_key_encode_once(make_engine):
     assert all(not isinstance(r, Exception) for r in results), results
     assert len({r.key for r in results}) == 1
     assert sorted(r.source for r in results) == ["encoder"] + ["shared"] * 7
-    assert engine.stats().encodes == 1
+    assert engine.stats("a").encodes == 1
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -184,7 +184,7 @@ def test_concurrent_images_form_one_batch(make_engine):
         thread.join(30)
     assert all(not isinstance(r, Exception) for r in results), results
     assert list(engine.batcher.batch_sizes) == [4]
-    assert engine.stats().encodes == 4
+    assert engine.stats("a").encodes == 4
     # batched features are copied out of the batch tensor: each entry owns exactly its bytes
     assert all(r.value.features.untyped_storage().nbytes() == TINY_BYTES for r in results)
 
@@ -198,13 +198,13 @@ def test_full_queue_is_overloaded_and_inactive_callers_are_skipped(make_engine):
     wait_for(lambda: engine.batcher.depth() == 1)
     with pytest.raises(Overloaded):
         engine.embed("a", png(22))
-    assert engine.stats().queue_depth == 1
+    assert engine.stats("a").queue_depth == 1
     gate.release.set()
     for thread in first_threads + gone_threads:
         thread.join(30)
     assert not isinstance(first[0], Exception)
     assert isinstance(gone[0], Cancelled)  # nobody waited for it any more: skipped, not encoded
-    assert engine.stats().encodes == 1
+    assert engine.stats("a").encodes == 1
 
 
 # ------------------------------------------------------------------------------------------- caches
@@ -213,7 +213,7 @@ def test_full_queue_is_overloaded_and_inactive_callers_are_skipped(make_engine):
 def test_l1_byte_budget_evicts_least_recently_used(make_engine):
     engine = make_engine(SAMFORGE_CACHE_BYTES=str(3 * TINY_BYTES))
     keys = [engine.embed("a", png(30 + i)).key for i in range(4)]
-    stats = engine.stats()
+    stats = engine.stats("a")
     assert (stats.cache_entries, stats.cache_bytes, stats.evictions) == (3, 3 * TINY_BYTES, 1)
     assert stats.cache_budget_bytes == 3 * TINY_BYTES
     with pytest.raises(NotFound):
@@ -226,7 +226,7 @@ def test_tiled_entry_is_one_cache_entry_and_streams_back_exactly(make_engine):
     result = engine.embed("a", png(40, 150, 300), tiling=TilingRequest(tile_size=128, overlap=32))
     value = result.value
     assert isinstance(value, TiledEmbedding) and len(value.tiles) == 6
-    assert engine.stats().cache_entries == 1 and engine.stats().cache_bytes == 7 * TINY_BYTES == value.nbytes
+    assert engine.stats("a").cache_entries == 1 and engine.stats("a").cache_bytes == 7 * TINY_BYTES == value.nbytes
     back = embedding_from_chunks(embedding_chunks(result.key, engine.get("a", result.key), chunk_bytes=5000))
     assert isinstance(back, TiledEmbedding) and back.origins == value.origins
     for mine, theirs in zip([back.whole, *back.tiles], [value.whole, *value.tiles], strict=True):
@@ -243,7 +243,7 @@ def test_l2_serves_a_second_engine_without_encoding(make_engine):
     served = second.embed("a", png(50))
     assert served.cached and served.source == "l2" and served.key == computed.key
     assert torch.equal(served.value.features, computed.value.features)
-    assert second.stats().encodes == 0 and second.stats().l2_hits == 1
+    assert second.stats("a").encodes == 0 and second.stats("a").l2_hits == 1
     third = make_engine(l2=RedisL2(client=redis))
     assert torch.equal(third.get("a", computed.key).features, computed.value.features)  # GetEmbedding via L2
     with pytest.raises(NotFound):
@@ -304,7 +304,7 @@ def test_adapter_lru_evicts_before_loading(make_engine, store, monkeypatch):
     monkeypatch.setattr(adapter_models, "load_adapter", counting)
     results = [engine.embed("t", png(80 + i), adapter=ref) for i, ref in enumerate(["a", "b", "a", "b:1"])]
     assert engine.adapters.loads == 4 and resident_at_load == [0, 0, 0, 0]
-    assert engine.stats().loaded_adapters == ["t/b:1"]
+    assert engine.stats("t").loaded_adapters == ["t/b:1"]
     ids = {r.value.encoder_adapter for r in results}
     assert len(ids) == 2 and None not in ids
     assert engine.embed("t", png(80), adapter="a").cached  # a cache hit never loads the adapter
@@ -335,7 +335,7 @@ def test_invalid_artifact_fails_while_the_loaded_version_keeps_serving(make_engi
     store.publish("t", "w", _artifact(other_base, "lora", tmp_path / "w", 5))
     with pytest.raises(AdapterInvalid):
         engine.embed("t", png(91), adapter="w")
-    assert engine.stats().loaded_adapters == ["t/a:1"]
+    assert engine.stats("t").loaded_adapters == ["t/a:1"]
     assert not engine.embed("t", png(92), adapter="a:1").cached
     assert engine.adapters.loads == 1
 

@@ -1,14 +1,10 @@
-"""JobManager in-process on the tiny model: runs, events, cancel, failures, path checks, crash recovery,
-plus the upload extractor's refusals."""
+"""JobManager in-process on the tiny model: runs, events, cancel, failures, path checks, crash recovery
+(the upload extractor: test_trainer_uploads.py)."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import threading
-import zipfile
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,7 +17,6 @@ from services.trainer import jobs as jobs_module
 from services.trainer.job_model import JobState
 from services.trainer.job_spec import Hyperparameters, JobRequest
 from services.trainer.jobs import JobManager
-from services.trainer.uploads import Chunk, receive_dataset
 from tests.conftest import write_blob_dataset
 
 FAST = Hyperparameters(epochs=3, batch_size=2, lr=1e-3, checkpoint_every=1)
@@ -195,59 +190,6 @@ def test_crash_while_publishing_does_not_publish_twice(dirs, tiny_model, monkeyp
         second.shutdown(timeout=30)
     assert done.state is JobState.SUCCEEDED and done.adapter_version == 1
     assert [v.version for v in second.store.list("default", "blobs")] == [1]
-
-
-def _tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return buffer.getvalue()
-
-
-def _upload(tmp_path: Path, payload: bytes, filename: str = "data.tar.gz", limit: int = 1 << 20):
-    chunks = [Chunk("t1", filename, payload[:100]), Chunk("", "", payload[100:])]
-    return receive_dataset(chunks, tmp_path / "data", limit)
-
-
-def test_upload_extracts_and_unwraps_a_single_folder(tmp_path):
-    result = _upload(tmp_path, _tar({"set/images/a.png": b"x", "set/masks/a.png": b"y"}))
-    folder = tmp_path / "data" / "t1" / result.id
-    assert result.id.startswith("uploads/") and (folder / "images" / "a.png").read_bytes() == b"x"
-    assert [p.name for p in (tmp_path / "data" / "t1" / "uploads").iterdir()] == [folder.name]
-
-
-@pytest.mark.parametrize(("payload", "filename", "needle"), [
-    (_tar({"../evil.png": b"x"}), "data.tar.gz", "outside"),
-    (_tar({"/etc/evil": b"x"}), "data.tgz", "absolute"),
-    (_tar({"images/a.png": b"x"}, links={"images/b.png": "/etc/passwd"}), "data.tar.gz", "link"),
-    (_tar({"a/b": b"x", "a/b/c": b"y"}), "data.tar.gz", "both a file and a folder"),
-    (b"not an archive at all" * 10, "data.tar.gz", "not a readable"),
-    (b"x" * 300, "data.rar", "not a supported archive"),
-    (_tar({"big.bin": bytes(5 << 20)}), "data.tar.gz", "extracts to more"),
-])
-def test_upload_refuses_unsafe_archives(tmp_path, payload, filename, needle):
-    with pytest.raises(InvalidInput, match=needle):
-        _upload(tmp_path, payload, filename)
-    uploads = tmp_path / "data" / "t1" / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == []
-    assert not (tmp_path / "evil.png").exists() and not (tmp_path / "data" / "evil.png").exists()
-
-
-def test_upload_refuses_zip_traversal_and_oversize(tmp_path):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("../../evil.txt", b"x")
-    with pytest.raises(InvalidInput, match="outside"):
-        _upload(tmp_path, buffer.getvalue(), "data.zip")
-    with pytest.raises(InvalidInput, match="larger than the limit"):
-        _upload(tmp_path, bytes(5000), "data.zip", limit=1000)
 
 
 def test_paths_built_from_a_tenant_refuse_names_that_leave_their_root(tmp_path):

@@ -52,8 +52,10 @@ class EmbeddingChunk(_message.Message):
     def __init__(self, info: _Optional[_Union[_common_pb2.EmbeddingInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tile_origins: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("cache_entries", "cache_bytes", "cache_budget_bytes", "hits", "misses", "evictions", "encodes", "queue_depth", "model_id", "device", "loaded_adapters", "l2_hits")
