@@ -9,7 +9,7 @@ TRITON_PY := $(TRITON_VENV)/bin/python
 # no wheel cache: the pinned torch build is several GB and a cached copy would double it on disk
 export PIP_NO_CACHE_DIR := 1
 
-.PHONY: demo demo-local test test-fast typecheck lint install protos system triton-env
+.PHONY: demo demo-local test test-fast typecheck lint install protos system triton-env scan-env
 
 $(BIN)/samforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,17 @@ $(TRITON_VENV)/.installed: deploy/triton/requirements-pytriton.txt
 
 triton-env: $(TRITON_VENV)/.installed
 
+# the scan environment: checkov (pinned with its dependencies) for tests/deploy/test_scans.py; separate
+# because checkov's own pins conflict with samforge's. bandit runs from .venv (dev extra).
+SCAN_VENV := .venv-scan
+$(SCAN_VENV)/.installed: .ci/requirements-scan.txt
+	test -x $(SCAN_VENV)/bin/python || $(PY) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install -q --upgrade pip
+	$(SCAN_VENV)/bin/pip install -q -r .ci/requirements-scan.txt
+	touch $@
+
+scan-env: $(SCAN_VENV)/.installed
+
 # main job: the whole local stack (trainer, encoder, decoder) on LiteMedSAM, then the demo client
 demo: install
 	$(BIN)/samforge up --demo --base-port 0 --var out/stack
@@ -47,10 +58,11 @@ demo-local: install
 protos: install
 	$(BIN)/python protos/generate.py
 
-test: install system triton-env typecheck
+# SAMFORGE_REQUIRE_SCANS: the checkov/bandit tests fail instead of skipping when their tools are missing
+test: install system triton-env scan-env typecheck
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
-	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) $(BIN)/pytest -q
+	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) SAMFORGE_REQUIRE_SCANS=1 $(BIN)/pytest -q
 
 # the edit loop: lint, types and the tests that need no real weights, servers or training runs (~1 min)
 test-fast: install typecheck

@@ -3,20 +3,35 @@
 Each service runs as its own process (``python -m services.<name>``) with settings passed through the
 environment, exactly as in Kubernetes. ``up`` waits until every service reports SERVING on
 grpc.health.v1, prints the endpoints, and either runs the demo client (``--demo``) and shuts down, or
-stays up until Ctrl-C. Shutdown is graceful (SIGTERM, drain, exit).
+stays up until Ctrl-C.
+
+Stopping never leaves a service behind:
+
+- SIGTERM, SIGINT and SIGHUP to ``up`` stop the stack: each service gets SIGTERM (it drains and exits),
+  ``up`` waits up to :data:`STOP_TIMEOUT` seconds in total, then SIGKILLs what is left, and exits 0.
+- If ``up`` dies without cleaning up (SIGKILL, a crash), each service gets SIGTERM from the kernel
+  (Linux ``PR_SET_PDEATHSIG``, set in the child between fork and exec). The kernel sends it when the
+  *thread* that forked the child exits, so the services are started from the main thread only; started from
+  another thread they run without it. A child whose parent died before the prctl took effect sees a new
+  parent pid and exits at once. This also covers a stop signal that lands inside a Popen call.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +44,11 @@ if TYPE_CHECKING:
     from services._generated.sam.v1 import trainer_pb2
 
 SERVICES = ("trainer", "encoder", "decoder")
+# seconds ``stop`` waits in total for the services to drain and exit before it SIGKILLs them; longer than a
+# service's own drain (SAMFORGE_GRACE_SECONDS, 10 by default)
+STOP_TIMEOUT = 30.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -38,18 +58,77 @@ class Stack:
     metrics: dict[str, int]
     var_dir: Path
 
-    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> dict[str, int]:
+        """SIGTERM to every service, then wait up to ``timeout`` seconds in total, then SIGKILL the rest."""
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + timeout
         codes = {}
         for name, proc in self.processes.items():
             try:
-                codes[name] = proc.wait(timeout)
+                codes[name] = proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes[name] = proc.wait()
         return codes
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread by the first stop signal (a BaseException, like KeyboardInterrupt, so that
+    no ``except Exception`` on the way swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While entered: the first of SIGTERM/SIGINT/SIGHUP raises :class:`StopRequested` in the main thread;
+    later ones, and any once :meth:`stopping` was called, are ignored so that they cannot cut a stop short."""
+
+    def __init__(self) -> None:
+        self._stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def stopping(self) -> None:
+        self._stopping = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            print(f"{signal.Signals(signum).name}: already stopping", file=sys.stderr, flush=True)
+            return
+        self._stopping = True
+        raise StopRequested(signum)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen ``preexec_fn`` (runs in the child before exec): SIGTERM the child when this process dies.
+
+    None where it cannot work: not Linux, or not the main thread (the kernel signals the child when the
+    forking *thread* exits, which for a worker thread is long before the process ends).
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: nothing is loaded after fork
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            os._exit(126)  # no safety net: refuse to start rather than risk an orphan
+        if os.getppid() != parent:  # the parent died before the prctl: nobody will signal us
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def wait_serving(address: str, *, proc: subprocess.Popen[bytes] | None = None, timeout: float = 180.0,
@@ -97,9 +176,10 @@ def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_
     stack = Stack(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, metrics, var)
     try:
         for name in SERVICES:
-            log = open(log_dir / f"{name}.log", "ab")
-            processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT)
+            with open(log_dir / f"{name}.log", "ab") as log:
+                processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT,
+                                                   preexec_fn=die_with_parent())
         for name in SERVICES:
             wait_serving(stack.addresses[name], proc=processes[name])
     except BaseException:
@@ -179,24 +259,36 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    stack = start_stack(args.var, model=args.model, base_port=args.base_port)
+    """Start the stack, then the demo or wait; a stop signal or the end stops every service (exit 0 on a
+    requested stop)."""
+    with StopSignals() as signals:
+        try:
+            stack = start_stack(args.var, model=args.model, base_port=args.base_port)
+        except StopRequested as stop:  # start_stack stopped what it had started
+            print(f"{stop}: stopped during start-up", file=sys.stderr, flush=True)
+            return 0
+        try:
+            return _run_up(stack, args)
+        except StopRequested:
+            return 0
+        finally:
+            signals.stopping()
+            codes = stack.stop()
+            print(json.dumps({"stopped": codes}), file=sys.stderr, flush=True)
+
+
+def _run_up(stack: Stack, args: argparse.Namespace) -> int:
     print(json.dumps({"endpoints": stack.addresses, "metrics": {k: f"http://127.0.0.1:{v}/metrics"
                                                                   for k, v in stack.metrics.items()}}, indent=2),
           flush=True)
-    try:
-        if args.demo:
-            summary = run_demo_client(stack, epochs=args.epochs, out=Path(args.var) / "demo")
-            print(json.dumps(summary, indent=2), flush=True)
-            return 0 if summary.get("training", {}).get("adapter_version") else 1
-        print("stack is up; Ctrl-C to stop", file=sys.stderr, flush=True)
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        codes = stack.stop()
-        print(json.dumps({"stopped": codes}), file=sys.stderr, flush=True)
+    if args.demo:
+        summary = run_demo_client(stack, epochs=args.epochs, out=Path(args.var) / "demo")
+        print(json.dumps(summary, indent=2), flush=True)
+        return 0 if summary.get("training", {}).get("adapter_version") else 1
+    print("stack is up; Ctrl-C to stop", file=sys.stderr, flush=True)
+    while all(p.poll() is None for p in stack.processes.values()):
+        time.sleep(1)  # a stop signal interrupts the sleep (StopRequested)
+    return 1
 
 
 def add_up_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -41,7 +41,8 @@ def test_readme_names_the_commands_it_promises():
     text = README.read_text()
     for needle in ("kubectl apply -k deploy/overlays/gpu", "sam.v1.TrainerService/CreateJob",
                    "sam.v1.AdapterRegistry/Promote", "sam.v1.AdapterRegistry/Rollback",
-                   "examples/ddp-training-job.yaml", "prometheus-adapter/rules.yaml"):
+                   "examples/ddp-training-job.yaml", "prometheus-adapter/rules.yaml",
+                   "kustomize edit set image samforge=registry.example.com/samforge:0.1.0-cpu@"):
         assert needle in text, needle
 
 

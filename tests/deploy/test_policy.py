@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 
+import yaml
+
 from services.common.settings import ENV, ENV_BY_NAME, DecoderSettings, EncoderSettings, TrainerSettings
 
 from .k8s import (
+    DEPLOY,
+    OVERLAYS,
     Workload,
     container_port,
     effective_env,
@@ -89,7 +93,8 @@ def test_every_container_has_probes_resources_and_a_locked_down_security_context
                 assert limit is not None and quantity(request) <= quantity(limit), f"{where}: {resource}"
             sc = container.get("securityContext", {})
             assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
-            assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) != 0, f"{where}: runs as uid 0"
+            # >= 10000: no collision with a host account's uid (checkov CKV_K8S_40)
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) >= 10000, f"{where}: runs as a low uid"
             assert sc.get("allowPrivilegeEscalation") is False, where
             assert sc.get("readOnlyRootFilesystem") is True, where
             assert sc.get("privileged", False) is False, where
@@ -103,19 +108,37 @@ def test_every_container_has_probes_resources_and_a_locked_down_security_context
     assert checked == CONTAINERS[name]
 
 
-def test_image_tags_are_pinned(overlay):
+# Images whose digest the release pipeline sets (deploy/README.md, "Release"): in the repository their overlay
+# carries the all-zero placeholder, which no registry serves. Every other image has its real digest here.
+RELEASE_PINNED = ("registry.example.com/samforge", "nvcr.io/nvidia/tritonserver")
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+IMAGE = re.compile(r"(?P<repository>[a-z0-9][a-z0-9./_-]*):(?P<tag>\w[\w.-]*)@(?P<digest>sha256:[0-9a-f]{64})")
+
+
+def test_every_image_is_pinned_by_tag_and_digest_and_never_repulled(overlay):
     name, objects = overlay
     for workload in workloads(objects):
         for container in workload.containers():
-            image = container["image"]
-            if "@sha256:" in image:
-                continue
-            last = image.rsplit("/", 1)[-1]
-            assert ":" in last, f"{name}: {workload.name}: {image} has no tag"
-            assert last.split(":", 1)[1] != "latest", f"{name}: {workload.name}: {image}"
-            if image.startswith("nvcr.io/nvidia/tritonserver"):
-                assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", image), \
-                    f"{name}: {image}: pin a monthly release (<yy.mm>-py3)"
+            where = f"{name}: {workload.name}/{container['name']}"
+            image = IMAGE.fullmatch(container["image"])
+            assert image, f"{where}: {container['image']} is not <repository>:<tag>@sha256:<digest>"
+            assert image["tag"] != "latest", where
+            if image["digest"] == PLACEHOLDER_DIGEST:
+                assert image["repository"] in RELEASE_PINNED, \
+                    f"{where}: {image['repository']} has the release placeholder digest but no release step pins it"
+            if image["repository"] == "nvcr.io/nvidia/tritonserver":
+                assert re.fullmatch(r"\d\d\.\d\d-py3", image["tag"]), f"{where}: pin a monthly release (<yy.mm>-py3)"
+            # a digest never changes, so the node's copy is the image: no registry round trip per pod start
+            assert container.get("imagePullPolicy") == "IfNotPresent", f"{where}: imagePullPolicy"
+
+
+def test_release_placeholders_are_only_in_the_overlays_images():
+    """The release pipeline edits one place per image: the overlay's ``images:`` entry."""
+    for overlay_name in OVERLAYS:
+        entries = yaml.safe_load((DEPLOY / "overlays" / overlay_name / "kustomization.yaml").read_text())["images"]
+        assert {e["digest"] for e in entries} == {PLACEHOLDER_DIGEST}, overlay_name
+    for path in [*DEPLOY.glob("base/*.yaml"), *DEPLOY.glob("triton/*.yaml")]:
+        assert "@sha256:" + "0" * 64 not in path.read_text(), path
 
 
 def test_samforge_containers_probe_grpc_health_on_the_settings_port(overlay):
@@ -264,7 +287,7 @@ def test_gpu_overlay_puts_triton_and_trainer_on_gpus_and_the_encoder_on_cpu(rend
             assert "nodeSelector" not in workload.pod_spec and "tolerations" not in workload.pod_spec, service
         if service == "encoder":
             assert env["SAMFORGE_ENCODER_BACKEND"] == "triton"
-        assert container["image"].endswith(":0.1.0-gpu")
+        assert container["image"].split("@")[0].endswith(":0.1.0-gpu")
         seen.add(service)
     assert seen == {"encoder", "decoder", "trainer"}
     triton = triton_workload(objects)
@@ -272,7 +295,7 @@ def test_gpu_overlay_puts_triton_and_trainer_on_gpus_and_the_encoder_on_cpu(rend
     # the init container exports on CPU and must not hold a GPU while it runs
     for init in triton.pod_spec["initContainers"]:
         assert "nvidia.com/gpu" not in init["resources"].get("limits", {})
-        assert init["image"].endswith(":0.1.0-gpu")
+        assert init["image"].split("@")[0].endswith(":0.1.0-gpu")
     # only the trainer and Triton ask for GPUs
     with_gpus = {w.name for w in workloads(objects) for c in w.containers()
                  if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})}
@@ -303,7 +326,7 @@ def test_cpu_overlay_is_small_and_cpu_only(rendered):
         assert env["SAMFORGE_DEVICE"] == "cpu" and env["SAMFORGE_MODEL"] == "litemedsam"
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
         assert quantity(container["resources"]["requests"]["memory"]) <= 2**31, service
-        assert container["image"].endswith(":0.1.0-cpu")
+        assert container["image"].split("@")[0].endswith(":0.1.0-cpu")
         assert "nodeSelector" not in workload.pod_spec
 
 
