@@ -197,7 +197,7 @@ def _apply_exif_orientation(im: Image.Image) -> None:
     """Rotate/flip ``im`` in place according to its EXIF Orientation tag, if any."""
     try:
         ImageOps.exif_transpose(im, in_place=True)
-    except Exception:  # EXIF is advisory metadata: a broken block must not reject valid pixels
+    except Exception:  # nosec B110  # EXIF is advisory metadata: a broken block must not reject valid pixels
         pass
 
 

@@ -77,7 +77,7 @@ class PyTritonServer:
                 try:
                     if client.is_model_ready(MODEL_NAME, client_timeout=2.0):
                         return
-                except Exception:  # not listening yet
+                except Exception:  # nosec B110  # not listening yet
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Triton not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")

@@ -1,5 +1,6 @@
 """Security scanners on every CI run: checkov over the rendered overlays and the Dockerfiles, bandit over the
-Python the images ship (sam_core, services). Any finding fails, and so does a skip without a reason.
+Python the images ship (sam_core, services) and the benchmarks (bench). Any finding fails, and so does a
+skip without a reason.
 
 Where a check does not apply, the skip sits next to what it is about and says why: a
 ``checkov.io/skip<N>: CKV_K8S_<id>=<reason>`` annotation on the object, a ``# checkov:skip=<id>:<reason>``
@@ -32,7 +33,7 @@ SCAN_VENV = ROOT / ".venv-scan"
 REQUIRE_SCANS = "SAMFORGE_REQUIRE_SCANS"
 NO_REASON = "No comment provided"  # what checkov records for a skip that gives none
 DOCKERFILES = [DEPLOY / "docker" / name for name in ("Dockerfile", "Dockerfile.cuda")]
-BANDIT_TARGETS = ("sam_core", "services")
+BANDIT_TARGETS = ("sam_core", "services", "bench")
 
 
 # ---------------------------------------------------------------------------------------------- checkov
@@ -134,7 +135,7 @@ def bandit(tmp_path: Path, targets: list[str]) -> dict:
     proc = subprocess.run([sys.executable, "-m", "bandit", "-c", "pyproject.toml", "-r", *targets, "-f", "json",
                            "-o", str(out), "-q"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     if "No module named bandit" in proc.stderr:
-        missing_tool("bandit", "bandit scans sam_core and services")
+        missing_tool("bandit", "bandit scans sam_core, services and bench")
     assert proc.returncode in (0, 1) and out.exists(), f"bandit failed to run:\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 
