@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -27,6 +28,7 @@ from sam_core.inference.predictor import Predictor
 from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 from services.common.embedding_codec import CHUNK_BYTES, embedding_from_chunks
+from services.common.settings import EncoderSettings
 from tests.conftest import synthetic_scene
 from tests.integration.conftest import health_status, start_service, wait_serving
 
@@ -227,6 +229,9 @@ def test_metrics_endpoint_exports_latency_and_cache_counters(tiny_service, tiny_
                    'samforge_cache_evictions_total{cache="l1"}', 'samforge_cache_bytes{cache="l1"}',
                    "samforge_encoder_batch_size_count", "samforge_encoder_queue_depth", "samforge_encodes_total"):
         assert series in text, series
+    budget = float(re.search(r"^samforge_memory_budget_bytes (\S+)$", text, re.MULTILINE).group(1))
+    settings = EncoderSettings.from_env({})
+    assert budget > settings.cache_bytes + settings.queue_bytes  # + the measured encode working set + requests
 
 
 def _grpcurl() -> str:
