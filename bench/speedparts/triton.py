@@ -59,7 +59,7 @@ def callers_throughput(model: LoadedModel, image: np.ndarray, encode: EncodeFn, 
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(CALLERS) as pool:
-            list(pool.map(lambda _: [batcher.submit(EncodeJob(predictor, image)).result()
+            list(pool.map(lambda _: [batcher.submit(EncodeJob(predictor, predictor.prepare(image))).result()
                                      for _ in range(IMAGES_PER_CALLER)], range(CALLERS)))
         return CALLERS * IMAGES_PER_CALLER / (time.perf_counter() - start)
     finally:

@@ -1,7 +1,8 @@
 """Batched predictor: encode images once, decode many prompts per call.
 
 Follows segment-anything's ``SamPredictor`` (same prompt-encoder / mask-decoder calls, same mask
-post-processing) but is stateless: :meth:`Predictor.encode` returns :class:`Embedding` objects that
+post-processing) but is stateless: :meth:`Predictor.encode` (= :meth:`Predictor.prepare`, the resize, then
+:meth:`Predictor.encode_prepared`, the encoder call) returns :class:`Embedding` objects that
 carry their identity (model id, preprocessing version, sizes), and :meth:`Predictor.decode` takes an
 embedding plus N prompts and returns N results. Prompts are grouped by signature (box?, number of
 points, mask input?) so each group is one batched decoder call whose outputs equal single decodes:
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,10 +24,28 @@ from sam_core.inference.postprocess import stability_score
 from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, all_present, validate_prompts
 from sam_core.inference.types import DecodeResult, Embedding
 from sam_core.modeling.family import PromptBatch
-from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
+from sam_core.modeling.preprocess import model_input, resize_image, transform_boxes, transform_coords, upscale_logits
 from sam_core.modeling.registry import LoadedModel
 
 DEFAULT_DECODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image resized for one model (:meth:`Predictor.prepare`): ``resized`` h x w x 3 uint8 with
+    max(h, w) == img_size, and the (H, W) of the image it came from. It holds at most img_size^2 x 3 bytes
+    whatever the original size."""
+
+    resized: np.ndarray
+    original_size: tuple[int, int]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.resized.shape[0]), int(self.resized.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.resized.nbytes)
 
 
 class Predictor:
@@ -93,26 +113,26 @@ class Predictor:
             features: torch.Tensor = encoder(batch)
         return features.float()
 
-    def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
-        """Encode canonical images (each H x W x 3 uint8 RGB), ``batch_size`` at a time.
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        """A canonical image (H x W x 3 uint8 RGB) resized for this model: what :meth:`encode_prepared` takes."""
+        return PreparedImage(resize_image(image, self.spec), (int(image.shape[0]), int(image.shape[1])))
+
+    def encode_prepared(self, prepared: Sequence[PreparedImage]) -> list[Embedding]:
+        """Encode prepared images in one encoder call (a batch of ``len(prepared)``).
 
         Embeddings record the encoder adapter (None for the base model and decoder-only adapters).
         """
-        encoder_adapter = self.model.encoder_adapter_id
+        features = self.encode_tensor(torch.cat([model_input(p.resized, self.spec) for p in prepared]))
+        return [Embedding(features=features[i:i + 1].cpu(), original_size=p.original_size, input_size=p.input_size,
+                          model_id=self.model_id, preprocess_version=self.spec.preprocess_version,
+                          encoder_adapter=self.model.encoder_adapter_id)
+                for i, p in enumerate(prepared)]
+
+    def encode(self, images: Sequence[np.ndarray], *, batch_size: int = 1) -> list[Embedding]:
+        """Encode canonical images (each H x W x 3 uint8 RGB), ``batch_size`` per encoder call."""
         embeddings: list[Embedding] = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            inputs, sizes = zip(*(preprocess(img, self.spec) for img in chunk), strict=True)
-            features = self.encode_tensor(torch.cat(inputs))
-            for i, img in enumerate(chunk):
-                embeddings.append(Embedding(
-                    features=features[i:i + 1].cpu(),
-                    original_size=(int(img.shape[0]), int(img.shape[1])),
-                    input_size=sizes[i],
-                    model_id=self.model_id,
-                    preprocess_version=self.spec.preprocess_version,
-                    encoder_adapter=encoder_adapter,
-                ))
+            embeddings += self.encode_prepared([self.prepare(img) for img in images[start:start + batch_size]])
         return embeddings
 
     def encode_one(self, image: np.ndarray) -> Embedding:

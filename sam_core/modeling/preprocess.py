@@ -1,6 +1,8 @@
 """Per-model preprocessing: resize the longest side, normalise, pad; coordinate and mask transforms.
 
 All functions take the canonical image from :mod:`sam_core.io.images` (H x W x 3 uint8 RGB).
+:func:`preprocess` is :func:`resize_image` (the only step whose cost and memory depend on the input size) then
+:func:`model_input` (normalise and pad the at most S x S x 3 resized image); callers may run the two apart.
 
 - SAM (``imagenet``): ``ResizeLongestSide.apply_image`` (PIL bilinear, exactly what
   ``SamPredictor.set_image`` does), then (x - mean) / std, then zero padding to ``img_size``.
@@ -56,11 +58,16 @@ def normalize_and_pad(resized: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return F.pad(x, (0, spec.img_size - w, 0, spec.img_size - h))
 
 
+def model_input(resized: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """h x w x 3 uint8 from :func:`resize_image` -> 1 x 3 x S x S model input (normalised, zero-padded)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+    return normalize_and_pad(tensor, spec)
+
+
 def preprocess(image: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, tuple[int, int]]:
     """H x W x 3 uint8 -> (1 x 3 x S x S model input, input_size (h, w) before padding)."""
     resized = resize_image(image, spec)
-    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
-    return normalize_and_pad(tensor, spec), (resized.shape[0], resized.shape[1])
+    return model_input(resized, spec), (resized.shape[0], resized.shape[1])
 
 
 def transform_coords(coords: np.ndarray, original_size: tuple[int, int], img_size: int) -> np.ndarray:

@@ -17,6 +17,8 @@ CACHE_EVICTIONS = Counter("samforge_cache_evictions_total", "embedding cache evi
 CACHE_BYTES = Gauge("samforge_cache_bytes", "bytes held by an embedding cache", ["cache"])
 BATCH_SIZE = Histogram("samforge_encoder_batch_size", "images per encoder call", buckets=(1, 2, 3, 4, 6, 8, 16, 32))
 QUEUE_DEPTH = Gauge("samforge_encoder_queue_depth", "images waiting for the encoder")
+MEMORY_BUDGET = Gauge("samforge_memory_budget_bytes", "bytes the service may hold above its idle base, from its "
+                      "settings (services.common.memory)")
 ENCODES = Counter("samforge_encodes_total", "images encoded (cache misses that ran the encoder)")
 PROMPTS = Histogram("samforge_decoder_prompts_per_call", "prompts per Segment call",
                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -146,6 +146,8 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_WAIT_MS", "5", "dynamic batching: longest wait for a batch to fill", ("encoder",),
         parse=Number()),
     Var("SAMFORGE_QUEUE_SIZE", "32", "pending encodes before RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
+    Var("SAMFORGE_QUEUE_BYTES", "268435456", "bytes of images the encoder holds queued or encoding (resized to the "
+        "model's input; tiled: full size) before RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
     Var("SAMFORGE_REDIS_URL", "", "redis://host:port/db for the shared L2 embedding cache (empty = off)",
         ("encoder",)),
     Var("SAMFORGE_REDIS_TTL_SECONDS", "86400", "L2 entry lifetime", ("encoder",), parse=Integer(1)),
@@ -256,6 +258,7 @@ class EncoderSettings(CommonSettings):
     max_batch: int = setting("SAMFORGE_MAX_BATCH")
     max_wait_ms: float = setting("SAMFORGE_MAX_WAIT_MS")
     queue_size: int = setting("SAMFORGE_QUEUE_SIZE")
+    queue_bytes: int = setting("SAMFORGE_QUEUE_BYTES")
     redis_url: str = setting("SAMFORGE_REDIS_URL")
     redis_ttl_seconds: int = setting("SAMFORGE_REDIS_TTL_SECONDS")
     bf16: bool = setting("SAMFORGE_BF16")

@@ -38,6 +38,7 @@ from sam_core.inference.types import DecodeResult, Embedding
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import compute, metrics
 from services.common.embedding_codec import ServedEmbedding
+from services.common.memory import MemoryBudget, decoder_budget
 from services.common.settings import DecoderSettings
 from services.common.tiling import TilingRequest
 
@@ -193,6 +194,14 @@ def _whole(value: ServedEmbedding) -> Embedding:
     return value.whole if isinstance(value, TiledEmbedding) else value
 
 
+def memory_budget(settings: DecoderSettings, low_res_size: int) -> MemoryBudget:
+    """What :mod:`services.common.memory` allows this decoder above its idle base."""
+    return decoder_budget(cache_bytes=settings.cache_bytes, max_prompts=settings.max_prompts,
+                          low_res_size=low_res_size, max_pixels=settings.max_pixels, pixel_budget=PIXEL_BUDGET,
+                          workers=settings.workers, max_image_bytes=settings.max_image_bytes,
+                          max_message_bytes=settings.max_message_bytes)
+
+
 def build_engine(settings: DecoderSettings, source: EmbeddingSource) -> DecoderEngine:
     """Load the base model, pick the runtime (exporting the base decoder graph if needed), wire the registry."""
     device = resolve_device(settings.device)
@@ -200,6 +209,9 @@ def build_engine(settings: DecoderSettings, source: EmbeddingSource) -> DecoderE
     runtime = select_runtime(settings.runtime, device=device, max_prompts=settings.max_prompts,
                              cache_dir=settings.onnx_cache_dir, threads=settings.threads)
     engine = DecoderEngine(model, settings, source, runtime, store=FileSystemAdapterStore(settings.registry_dir))
+    budget = memory_budget(settings, model.spec.low_res_size)
+    metrics.MEMORY_BUDGET.set(budget.total)
+    log.info("memory budget above the idle base: %s", budget.describe())
     log.info("decoder ready: model %s on %s, runtime %s, embedding cache %d bytes, <= %d prompts per call",
              engine.model_id, device, runtime.name, settings.cache_bytes, settings.max_prompts)
     return engine

@@ -8,7 +8,14 @@
    sam_core key) combined by :func:`client_key` with the tenant, the tiling geometry and the encoder
    precision into the key the client sees. Keys are tenant-scoped: another tenant's key is NOT_FOUND;
 4. L1 (:class:`~sam_core.inference.embedding_cache.MemoryEmbeddingLRU`, ``SAMFORGE_CACHE_BYTES``) -> single-flight
-   (concurrent requests for one key share one future) -> L2 (Redis, optional) -> the dynamic batcher.
+   (concurrent requests for one key share one future) -> L2 (Redis, optional) -> the dynamic batcher;
+5. before a job joins a batch the request thread resizes the image for the model
+   (:meth:`~sam_core.inference.predictor.Predictor.prepare`): an image that cannot be preprocessed fails its own
+   request with INVALID_ARGUMENT (field ``image``), never a batch, and the queued job holds the resized image
+   only (a tiled job keeps the full image). The batcher admits the job against ``SAMFORGE_QUEUE_SIZE``,
+   ``SAMFORGE_QUEUE_BYTES`` and the caller's remaining deadline (``time_remaining``), refusing at once with
+   RESOURCE_EXHAUSTED and a retry hint (:mod:`services.encoder.batcher`). The admission decision of the leader
+   of a single-flight is shared by its followers.
 
 L1 holds features on the encoder's device: on CUDA the cache budget is GPU memory (features are copied
 back to the GPU after ``Predictor.encode``, which returns CPU tensors, and to the CPU again when streamed);
@@ -25,6 +32,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,9 +43,9 @@ import torch
 
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.adapters.store import AdapterStore
-from sam_core.errors import InvalidInput, NotFound
+from sam_core.errors import InvalidInput, NotFound, SamforgeError
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
-from sam_core.inference.predictor import Predictor
+from sam_core.inference.predictor import Predictor, PreparedImage
 from sam_core.inference.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
 from sam_core.io.images import decode_image, image_content_hash
 from sam_core.modeling.encoder_opt import cpu_has_native_bf16
@@ -45,12 +53,13 @@ from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import metrics
 from services.common.adapter_models import AdapterModels, ModelHandle
 from services.common.embedding_codec import ServedEmbedding
+from services.common.memory import MemoryBudget, encoder_budget, measure_encode_bytes, transfer_bytes
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
 from services.common.tiling import TilingRequest
 
 from .backends import EncoderBackend, build_backend
-from .batcher import DynamicBatcher, EncodeJob
+from .batcher import DynamicBatcher, EncodeJob, TiledImage
 from .l2 import RedisL2
 from .usage import TenantUsage, UsageBook
 
@@ -151,7 +160,8 @@ class EmbeddingEngine:
         self.l1: MemoryEmbeddingLRU[CachedEmbedding] = MemoryEmbeddingLRU(int(settings.cache_bytes))
         self.l2 = l2
         self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
-                                      queue_size=settings.queue_size, concurrency=self.backend.concurrency)
+                                      queue_size=settings.queue_size, queue_bytes=settings.queue_bytes,
+                                      concurrency=self.backend.concurrency)
         self._flights: dict[str, _Flight] = {}
         self.usage = UsageBook()
         self._lock = threading.Lock()
@@ -166,13 +176,16 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------ public API
     def embed(self, tenant: str, image: bytes, *, adapter: str = "", tiling: TilingRequest | None = None,
-              is_active: Callable[[], bool] = _always) -> EmbedResult:
+              is_active: Callable[[], bool] = _always, time_remaining: float | None = None) -> EmbedResult:
         """Embed an encoded image for ``tenant`` (``tenant`` already validated by the caller).
 
         ``is_active`` reports whether the caller still waits (gRPC ``context.is_active``); queued work
-        nobody waits for is skipped. Raises InvalidInput (bad image / tiling), NotFound / AdapterInvalid
-        (adapter), Overloaded (queue full), Cancelled (caller gone while waiting).
+        nobody waits for is skipped. ``time_remaining``: seconds until the caller's deadline (gRPC
+        ``context.time_remaining()``; None: no deadline). Raises InvalidInput (bad image / tiling), NotFound /
+        AdapterInvalid (adapter), Overloaded (queue full in jobs or bytes, or the estimated wait exceeds the
+        deadline), Cancelled (caller gone while waiting).
         """
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
         canonical = decode_image(image, max_bytes=self.settings.max_image_bytes,
                                  max_pixels=self.settings.max_pixels, field="image")
         handle = self.adapters.resolve(tenant, adapter)
@@ -190,7 +203,13 @@ class EmbeddingEngine:
         if not leader:
             value, encode_ms, cached = self._wait(flight, is_active)
             return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "shared")
-        result = self._lead(key, tenant, flight, handle, canonical, geometry)
+        try:
+            job = self._job(handle, canonical, geometry, flight)
+        except BaseException as exc:
+            self._finish(key, flight, exc)
+            raise
+        del canonical  # the queued job holds what it needs: no full-size image is kept while it waits
+        result = self._lead(key, tenant, flight, job, deadline)
         if result.source == "encoder":
             images = 1 + len(result.value.tiles) if isinstance(result.value, TiledEmbedding) else 1
             self.usage.add(tenant, TenantUsage(encodes=images))
@@ -270,15 +289,22 @@ class EmbeddingEngine:
                 if not is_active():
                     raise Cancelled("the caller went away (or its deadline passed) while waiting") from None
 
-    def _lead(self, key: str, tenant: str, flight: _Flight, handle: ModelHandle, image: np.ndarray,
-              geometry: tuple[int, int] | None) -> EmbedResult:
+    def _job(self, handle: ModelHandle, image: np.ndarray, geometry: tuple[int, int] | None,
+             flight: _Flight) -> EncodeJob:
+        """The batcher job for ``image``: resized for the model here, in the request thread (tiled: full size)."""
+        predictor = self.adapters.predictor(handle)
+        if geometry is not None:
+            return EncodeJob(predictor, TiledImage(image, *geometry), flight.any_active)
+        return EncodeJob(predictor, _prepare(predictor, image), flight.any_active)
+
+    def _lead(self, key: str, tenant: str, flight: _Flight, job: EncodeJob, deadline: float | None) -> EmbedResult:
         """Compute ``key`` (L2, else the batcher), publish it to L1 and to the waiting followers."""
         try:
             value = self._l2_get(key, tenant)
             cached, encode_ms = value is not None, 0.0
             if value is None:
-                job = EncodeJob(self.adapters.predictor(handle), image, geometry, flight.any_active)
-                value, encode_ms = self.batcher.submit(job).result()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                value, encode_ms = self.batcher.submit(job, remaining).result()
             value = self._place(value)
             self._l1_put(key, CachedEmbedding(tenant, value))
         except BaseException as exc:
@@ -336,6 +362,44 @@ class EmbeddingEngine:
         return value
 
 
+def _prepare(predictor: Predictor, image: np.ndarray) -> PreparedImage:
+    """``predictor.prepare(image)``; an image that decoded but cannot be resized is the request's InvalidInput."""
+    try:
+        return predictor.prepare(image)
+    except (SamforgeError, MemoryError):
+        raise
+    except Exception as exc:
+        log.warning("a %dx%d image cannot be preprocessed", image.shape[0], image.shape[1], exc_info=True)
+        raise InvalidInput(f"the {image.shape[0]}x{image.shape[1]} image cannot be resized to the model's input "
+                           f"({type(exc).__name__}: {exc})", field="image") from exc
+
+
+def encode_bytes_per_image(engine: EmbeddingEngine) -> int:
+    """One image's encoder working set: measured on a dummy image in-process, the transfer tensors for Triton."""
+    base = engine.base
+    estimate = transfer_bytes(base.spec.img_size, base.net.feature_shapes()[base.net.feature_names[0]])
+    if engine.backend.name == "triton":
+        return estimate
+    if base.encoder_fn is None:
+        _ = base.encoder  # the optimised encoder's weights belong to the idle base, not to the working set
+    dummy = np.zeros((base.spec.img_size, base.spec.img_size, 3), np.uint8)
+    measured = measure_encode_bytes(lambda: base.encode([dummy]))
+    if measured is None:
+        log.warning("cannot measure the encoder's working set here (no /proc/self/clear_refs); the memory budget "
+                    "counts only its input and output tensors")
+        return estimate
+    return max(measured, estimate)
+
+
+def memory_budget(engine: EmbeddingEngine, settings: EncoderSettings) -> MemoryBudget:
+    """What :mod:`services.common.memory` allows this encoder above its idle base."""
+    return encoder_budget(cache_bytes=settings.cache_bytes, queue_bytes=settings.queue_bytes,
+                          max_batch=engine.batcher.max_batch, concurrency=engine.batcher.concurrency,
+                          encode_bytes_per_image=encode_bytes_per_image(engine), workers=settings.workers,
+                          max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
+                          cache_on_host=engine.device.type == "cpu")
+
+
 def build_engine(settings: EncoderSettings) -> EmbeddingEngine:
     """Load the base model (``SAMFORGE_MODEL`` / ``SAMFORGE_CHECKPOINT``) and wire registry, L2 and batcher."""
     device = resolve_device(settings.device)
@@ -349,6 +413,9 @@ def build_engine(settings: EncoderSettings) -> EmbeddingEngine:
     backend = build_backend(settings, model)
     engine = EmbeddingEngine(model, settings, device=device, store=FileSystemAdapterStore(settings.registry_dir),
                              l2=l2, backend=backend)
+    budget = memory_budget(engine, settings)
+    metrics.MEMORY_BUDGET.set(budget.total)
+    log.info("memory budget above the idle base: %s", budget.describe())
     log.info("encoder ready: model %s on %s (%s backend), cache %d bytes, batch <= %d (wait %.1f ms), queue %d, L2 %s",
              engine.model_id, device, backend.name, settings.cache_bytes, settings.max_batch, settings.max_wait_ms,
              settings.queue_size, "on" if l2 else "off")

@@ -32,7 +32,7 @@ class EncoderService(encoder_pb2_grpc.EncoderServiceServicer):
         if request.HasField("tiling") and request.tiling.enabled:
             tiling = TilingRequest(tile_size=request.tiling.tile_size, overlap=request.tiling.overlap)
         result = self.engine.embed(tenant, request.image, adapter=request.adapter.ref, tiling=tiling,
-                                   is_active=context.is_active)
+                                   is_active=context.is_active, time_remaining=context.time_remaining())
         return encoder_pb2.EmbedResponse(embedding=embedding_info(result.key, result.value), cached=result.cached,
                                          encode_ms=result.encode_ms)
 

@@ -61,8 +61,8 @@ class ServiceProcess:
 
 
 def start_service(name: str, env: dict[str, str], workdir: Path, *, port: int | None = None,
-                  wait: bool = True, credentials=None) -> ServiceProcess:
-    """Start ``python -m services.<name>`` with ``env`` on free ports and wait until it is SERVING."""
+                  wait: bool = True, credentials=None, module: str | None = None) -> ServiceProcess:
+    """Start ``python -m services.<name>`` (or ``module``) with ``env`` on free ports and wait until it is SERVING."""
     port = port or free_port()
     metrics = free_port()
     upper = name.upper()
@@ -71,7 +71,7 @@ def start_service(name: str, env: dict[str, str], workdir: Path, *, port: int | 
                 "SAMFORGE_THREADS": "1", **env}
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=full_env, cwd=workdir,
+    proc = subprocess.Popen([sys.executable, "-m", module or f"services.{name}"], env=full_env, cwd=workdir,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
     service = ServiceProcess(name, f"127.0.0.1:{port}", metrics, proc, log_path)
     if wait:

@@ -8,6 +8,7 @@ and tiny with bearer-token auth. The decoders run the default runtime (PyTorch, 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -25,9 +26,12 @@ from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.io.images import decode_image
 from sam_core.io.masks import decode_png, decode_rle, polygons_to_mask
+from sam_core.modeling.registry import build_tiny
 from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from services.common.embedding_codec import embedding_from_chunks
 from services.common.net import free_port
+from services.common.settings import DecoderSettings
+from services.decoder.engine import memory_budget
 from tests.conftest import noise_png, png_bytes, save_perturbed_adapter, synthetic_scene
 from tests.integration.conftest import ServiceProcess, health_status, start_service, started
 from tests.sam_core.test_parity import LOGIT_TOL, SCORE_TOL, assert_masks_match
@@ -370,6 +374,9 @@ def test_metrics_endpoint_exports_prompt_counts_and_the_decoder_cache(stack):
                    "samforge_decoder_prompts_per_call_count", 'samforge_cache_hits_total{cache="decoder"}',
                    'samforge_cache_bytes{cache="decoder"}', "samforge_loaded_adapters"):
         assert series in text, series
+    budget = memory_budget(DecoderSettings.from_env({"SAMFORGE_MODEL": "tiny"}), build_tiny().spec.low_res_size)
+    exported = float(re.search(r"^samforge_memory_budget_bytes (\S+)$", text, re.MULTILINE).group(1))
+    assert exported == budget.total, budget.describe()
 
 
 # ------------------------------------------------------------------------------------- tiny: auth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from sam_core.inference.predictor import Predictor
 from sam_core.io.images import decode_image
 from services._generated.sam.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 from services.common.embedding_codec import CHUNK_BYTES, embedding_from_chunks
+from services.common.settings import EncoderSettings
 from tests.conftest import noise_png, png_bytes, png_header_only, synthetic_scene
 from tests.integration.conftest import health_status, start_service, wait_serving
 
@@ -203,6 +205,9 @@ def test_metrics_endpoint_exports_latency_and_cache_counters(tiny_service, tiny_
                    'samforge_cache_evictions_total{cache="l1"}', 'samforge_cache_bytes{cache="l1"}',
                    "samforge_encoder_batch_size_count", "samforge_encoder_queue_depth", "samforge_encodes_total"):
         assert series in text, series
+    budget = float(re.search(r"^samforge_memory_budget_bytes (\S+)$", text, re.MULTILINE).group(1))
+    settings = EncoderSettings.from_env({})
+    assert budget > settings.cache_bytes + settings.queue_bytes  # + the measured encode working set + requests
 
 
 def _grpcurl() -> str:

@@ -160,7 +160,7 @@ def test_batcher_keeps_at_most_concurrency_batches_in_flight(tiny_model, concurr
     predictor = Predictor(tiny_model, encoder_fn=probe)
     batcher = DynamicBatcher(max_batch=1, max_wait_s=0.0, queue_size=16, concurrency=concurrency)
     try:
-        futures = [batcher.submit(EncodeJob(predictor, pixels(i))) for i in range(6)]
+        futures = [batcher.submit(EncodeJob(predictor, predictor.prepare(pixels(i)))) for i in range(6)]
         results = [f.result(timeout=60) for f in futures]
     finally:
         batcher.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from sam_core.errors import AdapterInvalid, ImageDecodeError, ImageTooLarge, Inv
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
+from sam_core.modeling.preprocess import preprocess
 from sam_core.modeling.registry import build_tiny
 from services.common import adapter_models
 from services.common.embedding_codec import MalformedEmbeddingStream, embedding_chunks, embedding_from_chunks
@@ -72,18 +74,18 @@ def make_engine(tiny_model, tmp_path):
 
 
 class Gate:
-    """Wraps a predictor's encode so the test decides when it runs (``entered`` is set once it is called)."""
+    """Wraps a predictor's encoder call so the test decides when it runs (``entered`` is set once it is called)."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        self._encode = predictor.encode
-        predictor.encode = self
+        self._encode_tensor = predictor.encode_tensor
+        predictor.encode_tensor = self
 
-    def __call__(self, images, *, batch_size: int = 1):
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.entered.set()
         assert self.release.wait(30)
-        return self._encode(images, batch_size=batch_size)
+        return self._encode_tensor(batch)
 
 
 def run_threads(target, count: int) -> tuple[list, list[threading.Thread]]:
@@ -351,3 +353,94 @@ def test_alias_moves_are_picked_up_without_restart(make_engine, store, tmp_path,
     wait_for(lambda: engine.adapters.resolve("t", "a@prod").encoder_adapter == second)
     moved = engine.embed("t", png(100), adapter="a@prod")
     assert not moved.cached and moved.value.encoder_adapter == second != first
+
+
+# ----------------------------------------------------------------------- isolation and bounded queue
+
+
+def poisoned_encoder(predictor: Predictor, poison: np.ndarray):
+    """``predictor.encode_tensor`` failing any batch that holds ``poison`` (a test double for a failure only)."""
+    bad = preprocess(poison, predictor.spec)[0][0]
+    real = predictor.encode_tensor
+    calls: list[int] = []
+
+    def encode_tensor(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        if any(torch.equal(row, bad) for row in batch):
+            raise RuntimeError("injected encoder fault")
+        return real(batch)
+
+    predictor.encode_tensor = encode_tensor
+    return calls
+
+
+def test_a_failing_image_fails_alone_and_its_batch_neighbours_from_another_tenant_embed(make_engine):
+    """Tenant a's 3 images and tenant b's failing one arrive together: one batch of 4 whose encoder call fails.
+    Only b's request fails; a's three get their embeddings (they all failed with b's error before)."""
+    engine = make_engine(SAMFORGE_MAX_BATCH="4", SAMFORGE_MAX_WAIT_MS="3000")
+    poison = np.full((48, 64, 3), 7, np.uint8)
+    calls = poisoned_encoder(engine.base, poison)
+    out = io.BytesIO()
+    Image.fromarray(poison).save(out, format="PNG")
+    requests = [("a", png(200)), ("a", png(201)), ("b", out.getvalue()), ("a", png(202))]
+    barrier = threading.Barrier(4)
+
+    def embed(i: int):
+        barrier.wait()
+        return engine.embed(*requests[i])
+
+    results, threads = run_threads(embed, 4)
+    for thread in threads:
+        thread.join(60)
+    assert calls[0] == 4  # they did share one encoder call
+    assert isinstance(results[2], RuntimeError), results[2]
+    assert [type(results[i]) for i in (0, 1, 3)] == [type(results[0])] * 3 and results[0].source == "encoder"
+
+
+def flat_png(seed: int, height: int, width: int) -> bytes:
+    """A distinct, highly compressible PNG (fast to write and read at 12 Mpx)."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[seed % height] = 255
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_queued_requests_hold_the_resized_image_not_the_decoded_upload(make_engine):
+    """4 requests of 4000x3000 images (36 MB each decoded) wait for a busy encoder: the memory they hold is the
+    images resized to the model's input (tiny: 96 x 128 x 3 bytes each), not 4 x 36 MB as before."""
+    engine = make_engine(SAMFORGE_MAX_BATCH="1", SAMFORGE_MAX_WAIT_MS="0")
+    gate = Gate(engine.base)
+    uploads = [flat_png(i, 3000, 4000) for i in range(4)]
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        results, threads = run_threads(lambda i: engine.embed("a", uploads[i]), 4)
+        assert gate.entered.wait(30)
+        wait_for(lambda: engine.batcher.depth() == 3)
+        held = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+        gate.release.set()
+        for thread in threads:
+            thread.join(60)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert held < 3000 * 4000 * 3, f"{held / 1e6:.1f} MB held by 4 waiting requests"
+
+
+def test_queue_bytes_bound_refuses_at_once(make_engine):
+    resized = 96 * 128 * 3  # a 48 x 64 image at the tiny model's 128 px input
+    engine = make_engine(SAMFORGE_MAX_BATCH="1", SAMFORGE_MAX_WAIT_MS="0", SAMFORGE_QUEUE_BYTES=str(5 * resized // 2))
+    gate = Gate(engine.base)
+    results, threads = run_threads(lambda i: engine.embed("a", png(210 + i)), 2)
+    assert gate.entered.wait(30)
+    wait_for(lambda: engine.batcher.depth() == 1)  # one being encoded, one queued: 2 images held
+    try:
+        with pytest.raises(Overloaded, match="SAMFORGE_QUEUE_BYTES"):
+            engine.embed("a", png(212))
+    finally:
+        gate.release.set()
+        for thread in threads:
+            thread.join(60)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert not engine.embed("a", png(212)).cached
