@@ -54,14 +54,55 @@ def decode_image(
             pixel data is decoded.
         ImageDecodeError: empty input, unknown/unsupported format, corrupt or truncated data.
     """
-    im = _open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field)
-    try:
-        _apply_exif_orientation(im)
-        array = _pil_to_array(im, field=field)
-    finally:
-        im.close()
-    out = to_rgb_uint8(array, field=field)
-    return out if out.flags.writeable else out.copy()
+    with open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field) as header:
+        return header.decode()
+
+
+class CheckedHeader:
+    """An encoded image whose header has been read and checked against the limits, pixels not yet decoded.
+
+    ``width`` and ``height`` are the stored size (before EXIF orientation); :meth:`decode` returns what
+    :func:`decode_image` returns. Use it as a context manager (closing it frees the PIL image).
+    """
+
+    def __init__(self, im: Image.Image, field: str) -> None:
+        self._im = im
+        self._field = field
+        self.width, self.height = im.size
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode(self) -> np.ndarray:
+        """Decode the pixels into the canonical array (raises like :func:`decode_image`); closes the image."""
+        try:
+            _load(self._im, field=self._field)
+            _apply_exif_orientation(self._im)
+            array = _pil_to_array(self._im, field=self._field)
+        finally:
+            self._im.close()
+        out = to_rgb_uint8(array, field=self._field)
+        return out if out.flags.writeable else out.copy()
+
+    def __enter__(self) -> CheckedHeader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._im.close()
+
+
+def open_image(
+    data: bytes,
+    *,
+    max_bytes: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    field: str = "image",
+) -> CheckedHeader:
+    """Read and check the header of encoded image bytes only (the first half of :func:`decode_image`): for a
+    caller that needs the size before paying for the decode. Raises what :func:`decode_image` raises for the
+    byte and pixel limits and for an unreadable header."""
+    return CheckedHeader(_open_header(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field), field)
 
 
 def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -137,6 +178,19 @@ def _open_image(
 
     Returns a loaded PIL image (first frame). The caller closes it.
     """
+    im = _open_header(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field, formats=formats)
+    try:
+        _load(im, field=field)
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def _open_header(
+    data: bytes, *, max_bytes: int | None, max_pixels: int, field: str, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open ``data`` with PIL (the header only) and check the byte and pixel limits. The caller closes it."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInput(f"expected encoded image bytes, got {type(data).__name__}", field=field)
     if len(data) == 0:
@@ -156,7 +210,6 @@ def _open_image(
         raise ImageDecodeError(f"cannot read image header: {exc}", field=field) from exc
     try:
         _check_pixels(im.size, max_pixels, field=field)
-        _load(im, field=field)
     except BaseException:
         im.close()
         raise

@@ -17,16 +17,22 @@ Encoder (:func:`encoder_budget`), the sum of
   batch-of-B call (LiteMedSAM here: one image 220 MB on the first encode, a batch of 4 measured 671 MB). The
   triton backend's activations live in Triton: its working set is the batch's input and output tensors,
   *estimated* from the model's spec (:func:`transfer_bytes`);
-- ``requests``: ``SAMFORGE_WORKERS`` x (2 x ``SAMFORGE_MAX_IMAGE_BYTES`` + :data:`DECODE_BYTES_PER_PIXEL` x
-  ``SAMFORGE_MAX_PIXELS``): each gRPC worker thread may hold one request's message and image bytes and the
-  decoding of its image (PIL's RGBX buffer, the canonical RGB array, inflate buffers) before the request thread
-  resizes it. With the defaults this term dominates; lower ``SAMFORGE_MAX_PIXELS`` to shrink it.
+- ``requests``: ``SAMFORGE_WORKERS`` x 2 x ``SAMFORGE_MAX_IMAGE_BYTES``: each gRPC worker thread may hold one
+  request's message and its image bytes;
+- ``decode``: ``SAMFORGE_DECODE_BYTES``, images being decoded (PIL's buffer, the canonical RGB array, inflate
+  buffers: :data:`DECODE_BYTES_PER_PIXEL` a pixel) until the request thread has turned them into the queued form.
+  A :class:`~services.common.byte_semaphore.ByteSemaphore` bounds them (:mod:`services.encoder.engine`); the
+  setting must hold one image of ``SAMFORGE_MAX_PIXELS``.
+
+:func:`encoder_settings_budget` derives every term from the settings and one image's working set (what the
+encoder exports and what the deploy tests check pod limits against).
 
 Decoder (:func:`decoder_budget`): ``SAMFORGE_DECODER_CACHE_BYTES`` + one call's working set (calls run one at a
 time on the compute thread: the low-res logits of ``SAMFORGE_MAX_PROMPTS`` prompts x 3 masks, one chunk of
 boolean full-resolution masks and one prompt's float32 full-resolution logits, for an image of
 ``SAMFORGE_MAX_PIXELS``) + ``SAMFORGE_WORKERS`` x (``SAMFORGE_MAX_IMAGE_BYTES`` + ``SAMFORGE_MAX_MESSAGE_BYTES``):
-each worker's request image and its reply. An estimate from the shapes, not a measurement.
+each worker's request image and its reply. An estimate from the shapes, not a measurement. The decoder never
+decodes images (it hashes the request's bytes and forwards them to the encoder's ``Embed``): no decode term.
 
 glibc's malloc keeps one arena per thread that allocates (up to 8 x cores) and returns little of it; the
 measured effect of ``MALLOC_ARENA_MAX`` on the encoder under load is in ``deploy/README.md``.
@@ -38,6 +44,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.settings import EncoderSettings
 
 DECODE_BYTES_PER_PIXEL = 10
 """Peak bytes per pixel while decoding an image (measured: a 6 Mpx PNG raised peak RSS by 62 MB)."""
@@ -61,21 +71,27 @@ class MemoryBudget:
             f" = {self.total / (1 << 20):.0f} MiB"
 
 
-def request_bytes(workers: int, max_image_bytes: int, max_pixels: int) -> int:
-    """The encoder's in-request images: each worker's message + image bytes and one image's decoding."""
-    return workers * (2 * max_image_bytes + DECODE_BYTES_PER_PIXEL * max_pixels)
-
-
 def encoder_budget(*, cache_bytes: int, queue_bytes: int, max_batch: int, concurrency: int,
-                   encode_bytes_per_image: int, workers: int, max_image_bytes: int, max_pixels: int,
+                   encode_bytes_per_image: int, workers: int, max_image_bytes: int, decode_bytes: int,
                    cache_on_host: bool = True) -> MemoryBudget:
     """The encoder's budget from its settings and one image's measured (or estimated) encoder working set."""
     return MemoryBudget({
         "cache": cache_bytes if cache_on_host else 0,
         "queue": queue_bytes,
         "encode": concurrency * max_batch * encode_bytes_per_image,
-        "requests": request_bytes(workers, max_image_bytes, max_pixels),
+        "requests": workers * 2 * max_image_bytes,
+        "decode": decode_bytes,
     })
+
+
+def encoder_settings_budget(settings: EncoderSettings, *, encode_bytes_per_image: int,
+                            cache_on_host: bool = True) -> MemoryBudget:
+    """:func:`encoder_budget` with every term but one image's encoder working set read from ``settings``."""
+    return encoder_budget(cache_bytes=settings.cache_bytes, queue_bytes=settings.queue_bytes,
+                          max_batch=settings.max_batch, concurrency=settings.batches_in_flight,
+                          encode_bytes_per_image=encode_bytes_per_image, workers=settings.workers,
+                          max_image_bytes=settings.max_image_bytes, decode_bytes=settings.decode_bytes,
+                          cache_on_host=cache_on_host)
 
 
 def decoder_budget(*, cache_bytes: int, max_prompts: int, low_res_size: int, max_pixels: int, pixel_budget: int,

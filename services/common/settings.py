@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self
 
 from sam_core.errors import InvalidInput
+from services.common.memory import DECODE_BYTES_PER_PIXEL
 
 SERVICES = ("encoder", "decoder", "trainer")
 _FIELD_VARIABLE = "samforge_variable"  # dataclass field metadata key: the variable a field is read from
@@ -148,6 +149,9 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_QUEUE_SIZE", "32", "pending encodes before RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
     Var("SAMFORGE_QUEUE_BYTES", "268435456", "bytes of images the encoder holds queued or encoding (resized to the "
         "model's input; tiled: full size) before RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
+    Var("SAMFORGE_DECODE_BYTES", "640000000", "bytes of images being decoded at once (10 a pixel, from the image "
+        "header; >= 10 x SAMFORGE_MAX_PIXELS); a request waits for room until its deadline, then "
+        "RESOURCE_EXHAUSTED", ("encoder",), parse=Integer(1)),
     Var("SAMFORGE_REDIS_URL", "", "redis://host:port/db for the shared L2 embedding cache (empty = off)",
         ("encoder",)),
     Var("SAMFORGE_REDIS_TTL_SECONDS", "86400", "L2 entry lifetime", ("encoder",), parse=Integer(1)),
@@ -259,6 +263,7 @@ class EncoderSettings(CommonSettings):
     max_wait_ms: float = setting("SAMFORGE_MAX_WAIT_MS")
     queue_size: int = setting("SAMFORGE_QUEUE_SIZE")
     queue_bytes: int = setting("SAMFORGE_QUEUE_BYTES")
+    decode_bytes: int = setting("SAMFORGE_DECODE_BYTES")
     redis_url: str = setting("SAMFORGE_REDIS_URL")
     redis_ttl_seconds: int = setting("SAMFORGE_REDIS_TTL_SECONDS")
     bf16: bool = setting("SAMFORGE_BF16")
@@ -279,6 +284,16 @@ class EncoderSettings(CommonSettings):
         if self.bf16 and self.backend != "torch":
             raise InvalidInput(f"bf16 autocast applies to the torch encoder backend only, not {self.backend}",
                                field="SAMFORGE_BF16")
+        one_image = DECODE_BYTES_PER_PIXEL * self.max_pixels
+        if self.decode_bytes < one_image:
+            raise InvalidInput(f"must hold the decoding of one image of SAMFORGE_MAX_PIXELS={self.max_pixels} "
+                               f"({DECODE_BYTES_PER_PIXEL} bytes a pixel: >= {one_image}), got {self.decode_bytes}",
+                               field="SAMFORGE_DECODE_BYTES")
+
+    @property
+    def batches_in_flight(self) -> int:
+        """``SAMFORGE_ENCODER_CONCURRENCY``, or its default: 4 for the triton backend, 1 for in-process ones."""
+        return self.concurrency or (4 if self.backend == "triton" else 1)
 
 
 @dataclass(frozen=True)

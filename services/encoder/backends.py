@@ -179,7 +179,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
     """The backend ``settings.backend`` names, for ``model`` (the base model)."""
     name = settings.backend
     if name == "torch":
-        return EncoderBackend("torch", concurrency=settings.concurrency or 1)
+        return EncoderBackend("torch", concurrency=settings.batches_in_flight)
     if name == "onnx":
         from sam_core.export.onnx_encoder import cached_onnx_encoder
 
@@ -187,7 +187,7 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
         encoder = cached_onnx_encoder(model, cache_dir=settings.onnx_cache_dir,
                                       threads=settings.threads or None)
         log.info("ONNX Runtime encoder %s (%.1f s)", encoder.path, time.perf_counter() - start)
-        return EncoderBackend("onnx", encoder, concurrency=settings.concurrency or 1)
+        return EncoderBackend("onnx", encoder, concurrency=settings.batches_in_flight)
     if name == "triton":
         spec = model.spec
         shape = model.net.feature_shapes()[model.net.feature_names[0]]  # C x h x w of the encoder's one output
@@ -198,8 +198,8 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
             log.warning("Triton at %s does not report model %r ready yet; encodes fail UNAVAILABLE until it does",
                         settings.triton_url, settings.triton_model)
         log.info("Triton encoder backend: %s model %r (input %d px), %d batches in flight", settings.triton_url,
-                 settings.triton_model, spec.img_size, settings.concurrency or 4)
-        return EncoderBackend("triton", client, concurrency=settings.concurrency or 4,
+                 settings.triton_model, spec.img_size, settings.batches_in_flight)
+        return EncoderBackend("triton", client, concurrency=settings.batches_in_flight,
                               serves_encoder_adapters=False, close=client.close)
     raise ValueError(f"unknown encoder backend {name!r}")  # settings validate the name first
 

@@ -2,7 +2,11 @@
 
 :meth:`EmbeddingEngine.embed` for one request:
 
-1. decode the image with the byte / pixel limits (errors name the field ``image``);
+1. read the image header and check the byte / pixel limits (errors name the field ``image``), then decode it
+   holding its decode cost (:data:`~services.common.memory.DECODE_BYTES_PER_PIXEL` x its pixels) of
+   ``SAMFORGE_DECODE_BYTES`` (:class:`~services.common.byte_semaphore.ByteSemaphore`, :attr:`decode_budget`)
+   until step 5 has turned it into the queued job, an L1 hit or a follower's wait: never across the batch
+   wait. A request waits for room until its deadline (``time_remaining``), then RESOURCE_EXHAUSTED;
 2. resolve the adapter for the tenant (:class:`~services.common.adapter_models.AdapterModels`);
 3. key: ``embedding_key(image_content_hash, model_id, preprocess_version, encoder_adapter)`` (the canonical
    sam_core key) combined by :func:`client_key` with the tenant, the tiling geometry and the encoder
@@ -47,13 +51,20 @@ from sam_core.errors import InvalidInput, NotFound, SamforgeError
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
 from sam_core.inference.predictor import Predictor, PreparedImage
 from sam_core.inference.tiling import DEFAULT_OVERLAP, TiledEmbedding, tile_origins
-from sam_core.io.images import decode_image, image_content_hash
+from sam_core.io.images import image_content_hash, open_image
 from sam_core.modeling.encoder_opt import cpu_has_native_bf16
 from sam_core.modeling.registry import LoadedModel, load_model, resolve_device
 from services.common import metrics
 from services.common.adapter_models import AdapterModels, ModelHandle
+from services.common.byte_semaphore import ByteSemaphore
 from services.common.embedding_codec import ServedEmbedding
-from services.common.memory import MemoryBudget, encoder_budget, measure_encode_bytes, transfer_bytes
+from services.common.memory import (
+    DECODE_BYTES_PER_PIXEL,
+    MemoryBudget,
+    encoder_settings_budget,
+    measure_encode_bytes,
+    transfer_bytes,
+)
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
 from services.common.tiling import TilingRequest
@@ -136,6 +147,10 @@ def _always() -> bool:
     return True
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
 class EmbeddingEngine:
     """Thread-safe embedding service logic over one base model (see the module docstring)."""
 
@@ -162,6 +177,7 @@ class EmbeddingEngine:
         self.batcher = DynamicBatcher(max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3,
                                       queue_size=settings.queue_size, queue_bytes=settings.queue_bytes,
                                       concurrency=self.backend.concurrency)
+        self.decode_budget = ByteSemaphore(settings.decode_bytes, setting="SAMFORGE_DECODE_BYTES")
         self._flights: dict[str, _Flight] = {}
         self.usage = UsageBook()
         self._lock = threading.Lock()
@@ -182,33 +198,20 @@ class EmbeddingEngine:
         ``is_active`` reports whether the caller still waits (gRPC ``context.is_active``); queued work
         nobody waits for is skipped. ``time_remaining``: seconds until the caller's deadline (gRPC
         ``context.time_remaining()``; None: no deadline). Raises InvalidInput (bad image / tiling), NotFound /
-        AdapterInvalid (adapter), Overloaded (queue full in jobs or bytes, or the estimated wait exceeds the
-        deadline), Cancelled (caller gone while waiting).
+        AdapterInvalid (adapter), Overloaded (no room in SAMFORGE_DECODE_BYTES before the deadline, the queue
+        full in jobs or bytes, or the estimated wait exceeds the deadline), Cancelled (caller gone while waiting).
         """
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        canonical = decode_image(image, max_bytes=self.settings.max_image_bytes,
-                                 max_pixels=self.settings.max_pixels, field="image")
-        handle = self.adapters.resolve(tenant, adapter)
-        self.backend.check_adapter(handle.encoder_adapter, handle.label)
-        geometry = self._tiling(tiling, canonical.shape[:2])
-        base_key = embedding_key(image_content_hash(canonical), self.base.model_id,
-                                 self.base.spec.preprocess_version, handle.encoder_adapter)
-        key = client_key(tenant, base_key, geometry, self.precision)
-        found = self._l1_get(key, tenant)
-        if found is not None:
-            return EmbedResult(key, found, True, 0.0, "l1")
-        flight, leader = self._join(key, tenant, is_active)
-        if isinstance(flight, CachedEmbedding):  # filled while we took the lock
-            return EmbedResult(key, flight.value, True, 0.0, "l1")
-        if not leader:
+        with open_image(image, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels,
+                        field="image") as header, \
+                self.decode_budget.hold(DECODE_BYTES_PER_PIXEL * header.pixels, _remaining(deadline)):
+            started = self._start(tenant, header.decode(), adapter, tiling, is_active)
+        if isinstance(started, EmbedResult):
+            return started
+        key, flight, job = started
+        if job is None:  # a follower: another request computes the key
             value, encode_ms, cached = self._wait(flight, is_active)
             return EmbedResult(key, value, cached, encode_ms, "l2" if cached else "shared")
-        try:
-            job = self._job(handle, canonical, geometry, flight)
-        except BaseException as exc:
-            self._finish(key, flight, exc)
-            raise
-        del canonical  # the queued job holds what it needs: no full-size image is kept while it waits
         result = self._lead(key, tenant, flight, job, deadline)
         if result.source == "encoder":
             images = 1 + len(result.value.tiles) if isinstance(result.value, TiledEmbedding) else 1
@@ -289,6 +292,30 @@ class EmbeddingEngine:
                 if not is_active():
                     raise Cancelled("the caller went away (or its deadline passed) while waiting") from None
 
+    def _start(self, tenant: str, canonical: np.ndarray, adapter: str, tiling: TilingRequest | None,
+               is_active: Callable[[], bool]) -> EmbedResult | tuple[str, _Flight, EncodeJob | None]:
+        """Steps 2-5 for a decoded image, up to the job a leader queues: an L1 hit, or the key, its flight and
+        the job (None for a follower). Returns holding no full-size image (a tiled job keeps its own)."""
+        handle = self.adapters.resolve(tenant, adapter)
+        self.backend.check_adapter(handle.encoder_adapter, handle.label)
+        geometry = self._tiling(tiling, canonical.shape[:2])
+        base_key = embedding_key(image_content_hash(canonical), self.base.model_id,
+                                 self.base.spec.preprocess_version, handle.encoder_adapter)
+        key = client_key(tenant, base_key, geometry, self.precision)
+        found = self._l1_get(key, tenant)
+        if found is not None:
+            return EmbedResult(key, found, True, 0.0, "l1")
+        flight, leader = self._join(key, tenant, is_active)
+        if isinstance(flight, CachedEmbedding):  # filled while we took the lock
+            return EmbedResult(key, flight.value, True, 0.0, "l1")
+        if not leader:
+            return key, flight, None
+        try:
+            return key, flight, self._job(handle, canonical, geometry, flight)
+        except BaseException as exc:
+            self._finish(key, flight, exc)
+            raise
+
     def _job(self, handle: ModelHandle, image: np.ndarray, geometry: tuple[int, int] | None,
              flight: _Flight) -> EncodeJob:
         """The batcher job for ``image``: resized for the model here, in the request thread (tiled: full size)."""
@@ -303,8 +330,7 @@ class EmbeddingEngine:
             value = self._l2_get(key, tenant)
             cached, encode_ms = value is not None, 0.0
             if value is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                value, encode_ms = self.batcher.submit(job, remaining).result()
+                value, encode_ms = self.batcher.submit(job, _remaining(deadline)).result()
             value = self._place(value)
             self._l1_put(key, CachedEmbedding(tenant, value))
         except BaseException as exc:
@@ -393,11 +419,8 @@ def encode_bytes_per_image(engine: EmbeddingEngine) -> int:
 
 def memory_budget(engine: EmbeddingEngine, settings: EncoderSettings) -> MemoryBudget:
     """What :mod:`services.common.memory` allows this encoder above its idle base."""
-    return encoder_budget(cache_bytes=settings.cache_bytes, queue_bytes=settings.queue_bytes,
-                          max_batch=engine.batcher.max_batch, concurrency=engine.batcher.concurrency,
-                          encode_bytes_per_image=encode_bytes_per_image(engine), workers=settings.workers,
-                          max_image_bytes=settings.max_image_bytes, max_pixels=settings.max_pixels,
-                          cache_on_host=engine.device.type == "cpu")
+    return encoder_settings_budget(settings, encode_bytes_per_image=encode_bytes_per_image(engine),
+                                   cache_on_host=engine.device.type == "cpu")
 
 
 def build_engine(settings: EncoderSettings) -> EmbeddingEngine:

@@ -20,6 +20,7 @@ from sam_core.io.images import (
     decode_image,
     image_content_hash,
     load_image,
+    open_image,
     to_rgb_uint8,
 )
 
@@ -488,3 +489,16 @@ def test_hash_changes_with_one_pixel_and_with_shape() -> None:
 def test_hash_of_grayscale_equals_hash_of_replicated_rgb() -> None:
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert image_content_hash(gray) == image_content_hash(np.dstack([gray] * 3))
+
+
+def test_open_image_checks_the_header_before_any_pixel_is_decoded() -> None:
+    data = encode(Image.fromarray(random_rgb(24, 40)), "PNG")
+    truncated = data[: len(data) // 2]
+    with open_image(truncated, max_pixels=24 * 40) as header:  # the header is whole: size known, limits pass
+        assert (header.width, header.height, header.pixels) == (40, 24, 960)
+        with pytest.raises(ImageDecodeError):
+            header.decode()
+    with pytest.raises(ImageTooLarge, match="960 pixels"):
+        open_image(data, max_pixels=959)
+    with open_image(data) as header:
+        np.testing.assert_array_equal(header.decode(), decode_image(data))

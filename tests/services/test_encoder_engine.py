@@ -25,6 +25,7 @@ from services.common.net import free_port
 from services.common.settings import EncoderSettings
 from services.common.status import Cancelled
 from services.common.tiling import TilingRequest
+from services.encoder import engine as engine_module
 from services.encoder.engine import EmbeddingEngine, client_key
 from services.encoder.l2 import RedisL2, decode_entry, encode_entry
 from tests.conftest import save_perturbed_adapter
@@ -444,3 +445,40 @@ def test_queue_bytes_bound_refuses_at_once(make_engine):
             thread.join(60)
     assert all(not isinstance(r, Exception) for r in results), results
     assert not engine.embed("a", png(212)).cached
+
+
+def test_two_large_decodes_with_a_budget_for_one_run_one_at_a_time(make_engine, monkeypatch):
+    """SAMFORGE_DECODE_BYTES holds one 48 x 64 image's decode (10 bytes a pixel): while the first request holds
+    its decoded image (stopped in its resize), the second waits before decoding; the peak held is one image."""
+    one_image = 10 * 48 * 64
+    engine = make_engine(SAMFORGE_MAX_PIXELS=str(48 * 64), SAMFORGE_DECODE_BYTES=str(one_image))
+    resizing, resume = threading.Event(), threading.Event()
+    real_prepare = engine_module._prepare
+
+    def gated_prepare(predictor, image):
+        if not resizing.is_set():
+            resizing.set()
+            assert resume.wait(30)
+        return real_prepare(predictor, image)
+
+    monkeypatch.setattr(engine_module, "_prepare", gated_prepare)
+    results, threads = run_threads(lambda i: engine.embed("a", png(300 + i), time_remaining=30.0), 2)
+    try:
+        assert resizing.wait(30)
+        wait_for(lambda: engine.decode_budget.waiting == 1)  # the second request waits for the budget
+        assert engine.decode_budget.held == one_image
+    finally:
+        resume.set()
+        for thread in threads:
+            thread.join(60)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert engine.decode_budget.peak == one_image and engine.decode_budget.held == 0
+
+
+def test_a_decode_that_cannot_start_before_the_deadline_is_overloaded(make_engine):
+    engine = make_engine(SAMFORGE_MAX_PIXELS=str(48 * 64), SAMFORGE_DECODE_BYTES=str(10 * 48 * 64))
+    with engine.decode_budget.hold(1, timeout=None):  # another request's decode holds part of the budget
+        with pytest.raises(Overloaded, match=r"SAMFORGE_DECODE_BYTES.*retry after ~\d+ s"):
+            engine.embed("a", png(310), time_remaining=0.05)
+    assert engine.decode_budget.held == 0
+    assert not engine.embed("a", png(310), time_remaining=5.0).cached  # and the engine still serves

@@ -73,6 +73,9 @@ def test_common_fields_read_the_services_own_ports():
     (EncoderSettings, {"SAMFORGE_CACHE_BYTES": "1G"}, "SAMFORGE_CACHE_BYTES"),
     (EncoderSettings, {"SAMFORGE_BF16": "maybe"}, "SAMFORGE_BF16"),
     (EncoderSettings, {"SAMFORGE_ONNX_CACHE_DIR": ""}, "SAMFORGE_ONNX_CACHE_DIR"),
+    # a decode budget must hold one image of SAMFORGE_MAX_PIXELS (10 bytes a pixel)
+    (EncoderSettings, {"SAMFORGE_DECODE_BYTES": "639999999"}, "SAMFORGE_DECODE_BYTES"),
+    (EncoderSettings, {"SAMFORGE_MAX_PIXELS": "100000000"}, "SAMFORGE_DECODE_BYTES"),
     (DecoderSettings, {"SAMFORGE_DECODER_RUNTIME": "tensorrt"}, "SAMFORGE_DECODER_RUNTIME"),
     (DecoderSettings, {"SAMFORGE_ENCODER_TIMEOUT_SECONDS": "inf"}, "SAMFORGE_ENCODER_TIMEOUT_SECONDS"),
     (DecoderSettings, {"SAMFORGE_MAX_PROMPTS": "0"}, "SAMFORGE_MAX_PROMPTS"),
