@@ -103,6 +103,16 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def _bomb(kind: str, nbytes: int = 8 * MIB) -> bytes:
+    """A small archive of ``nbytes`` zeros (compresses about 1000:1): past the suite's extraction ratio limit."""
+    if kind == "zip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("images/zeros.bin", bytes(nbytes))
+        return buffer.getvalue()
+    return _tar({"images/zeros.bin": bytes(nbytes)})
+
+
 def _upload(payload: bytes, filename: str = "data.tar.gz", tenant: str = "") -> list[trainer_pb2.DatasetChunk]:
     step = 256 << 10
     first = [trainer_pb2.DatasetChunk(tenant=tenant, filename=filename, data=payload[:step])]
@@ -276,6 +286,12 @@ JOB_CASES = [
     Case("create: negative lr", "CreateJob", _hp(lr=-1e-3), Code.INVALID_ARGUMENT, "hyperparameters.lr"),
     Case("create: val_fraction 1", "CreateJob", _hp(val_fraction=1.0), Code.INVALID_ARGUMENT,
          "hyperparameters.val_fraction"),
+    *(Case(f"create: {name} 2^31-1", "CreateJob", _hp(**{name: 2**31 - 1}), Code.INVALID_ARGUMENT,
+           f"hyperparameters.{name}")
+      for name in ("epochs", "max_steps", "batch_size", "rank", "patience", "crop", "warmup_steps",
+                   "checkpoint_every")),
+    Case("create: lr 1e30", "CreateJob", _hp(lr=1e30), Code.INVALID_ARGUMENT, "hyperparameters.lr"),
+    Case("create: crop 1", "CreateJob", _hp(crop=1), Code.INVALID_ARGUMENT, "hyperparameters.crop"),
     Case("create: unknown prompt kind", "CreateJob", _hp(prompt="circle"), Code.INVALID_ARGUMENT,
          "hyperparameters.prompt"),
     Case("create: other tenant", "CreateJob", _job(tenant="bravo"), Code.PERMISSION_DENIED, "tenant"),
@@ -316,6 +332,10 @@ UPLOAD_CASES = [
                                                               "d.zip"), Code.INVALID_ARGUMENT, "twice"),
     Case("upload: no files", "UploadDataset", _upload(_tar({}, mode="w")[:10240], "d.tar"), Code.INVALID_ARGUMENT,
          "no files"),
+    Case("upload: zip bomb", "UploadDataset", _upload(_bomb("zip"), "d.zip"), Code.INVALID_ARGUMENT,
+         "SAMFORGE_MAX_EXTRACT_RATIO"),
+    Case("upload: tar.gz bomb", "UploadDataset", _upload(_bomb("tar")), Code.INVALID_ARGUMENT,
+         "SAMFORGE_MAX_EXTRACT_RATIO"),
     Case("upload: over the upload limit", "UploadDataset", _upload(bytes(MIB + 1)), Code.INVALID_ARGUMENT, "limit"),
     Case("upload: chunk over the message limit", "UploadDataset",
          [trainer_pb2.DatasetChunk(filename="d.tar.gz", data=bytes(9 * MIB))], Code.RESOURCE_EXHAUSTED),

@@ -165,8 +165,9 @@ def hyperparameters(draw: st.DrawFn, wild: bool) -> trainer_pb2.Hyperparameters:
     counts = st.one_of(st.just(0), st.integers(-3, 64), INT32) if wild else st.integers(0, 4)
     rates = st.one_of(st.just(0.0), UNIT, st.floats(width=32)) if wild else st.floats(0, 0.5)
     kinds = ["", "box", "point", "box+point"] + (["circle", "BOX"] if wild else [])
-    fields = {name: draw(counts) for name in ("epochs", "max_steps", "batch_size", "rank", "seed", "patience", "crop",
+    fields = {name: draw(counts) for name in ("epochs", "max_steps", "batch_size", "rank", "seed", "patience",
                                               "warmup_steps", "checkpoint_every")}
+    fields["crop"] = draw(st.one_of(counts, st.integers(32, 8192)) if wild else st.sampled_from([0, 32, 64]))
     return trainer_pb2.Hyperparameters(lr=draw(rates), val_fraction=draw(rates), bf16=draw(st.booleans()),
                                        prompt=draw(st.sampled_from(kinds)), **fields)
 
