@@ -16,13 +16,13 @@ import io
 import re
 import tempfile
 import threading
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 from PIL import Image
 
+from bench.soakparts.memory import scrape
 from services._generated.sam.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.integration.conftest import start_service
 
@@ -43,9 +43,8 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def budget(metrics_port: int) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    match = re.search(r"^samforge_memory_budget_bytes (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else None
+    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics").get("samforge_memory_budget_bytes")
+    return samples[0][1] if samples else None
 
 
 def load(address: str, clients: int, images: list[list[bytes]]) -> dict[str, int]:
