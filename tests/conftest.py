@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import tarfile
 import zlib
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pytest
@@ -116,3 +118,33 @@ def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: s
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     save_adapter(folder, model, trainable_state(sam), cfg, name=name, metrics=metrics)
     return folder
+
+
+def tar_bytes(members: Mapping[str, bytes] | Iterable[tuple[str, bytes]], *, mode: str = "w:gz",
+              symlinks: Mapping[str, str] | None = None) -> bytes:
+    """A tar archive (``mode``: tarfile's write mode) of regular ``members`` (a mapping, or pairs when a name is to
+    repeat), then ``symlinks`` {name: target}."""
+    pairs = members.items() if isinstance(members, Mapping) else members
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:  # type: ignore[call-overload]
+        for name, data in pairs:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch at one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on shared 2-core machines, 2 intra-op threads under load are far slower than 1 for the tiny model."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

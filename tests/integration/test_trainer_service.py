@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from services._generated.sam.v1 import trainer_pb2, trainer_pb2_grpc
-from tests.conftest import write_blob_dataset
+from tests.conftest import tar_bytes, write_blob_dataset
 from tests.integration.conftest import health_status, running
 
 pytestmark = pytest.mark.integration
@@ -126,16 +125,6 @@ def test_promote_rollback_and_delete_move_aliases(stubs, first_job):
         grpc.StatusCode.NOT_FOUND
 
 
-def _tar_gz(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _chunks(payload: bytes, tenant: str = "acme", filename: str = "data.tar.gz", size: int = 16384):
     yield trainer_pb2.DatasetChunk(tenant=tenant, filename=filename, data=payload[:size])
     for start in range(size, len(payload), size):
@@ -146,7 +135,7 @@ def test_upload_a_data_set_and_train_on_it(stubs, tmp_path):
     jobs, _ = stubs
     folder = write_blob_dataset(tmp_path / "mine", seed=3)
     members = {f"mine/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in sorted(folder.rglob("*.png"))}
-    payload = _tar_gz(members)
+    payload = tar_bytes(members)
     ref = jobs.UploadDataset(_chunks(payload), timeout=60)
     assert ref.id.startswith("uploads/") and ref.bytes == len(payload)
     events = run_job(jobs, dataset=ref.id, adapter_name="uploaded",
@@ -215,7 +204,7 @@ def test_unknown_jobs_bad_refs_and_malicious_archives_leave_the_service_serving(
         grpc.StatusCode.NOT_FOUND
     assert code_of(registry.GetAdapter, trainer_pb2.GetAdapterRequest(tenant="acme", ref="../x"))[0] == \
         grpc.StatusCode.INVALID_ARGUMENT
-    evil = _tar_gz({"images/a.png": b"x", "../../escaped.txt": b"owned"})
+    evil = tar_bytes({"images/a.png": b"x", "../../escaped.txt": b"owned"})
     code, details = code_of(jobs.UploadDataset, _chunks(evil))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
     code, details = code_of(jobs.UploadDataset, _chunks(bytes(3 << 20)))

@@ -9,7 +9,6 @@ sent with tenant acme's token unless the case gives other metadata. None of thes
 from __future__ import annotations
 
 import io
-import tarfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import grpc
 import numpy as np
 
 from services._generated.sam.v1 import common_pb2, decoder_pb2, encoder_pb2, trainer_pb2
-from tests.conftest import noise_png, png_bytes, png_header_only
+from tests.conftest import noise_png, png_bytes, png_header_only, tar_bytes
 from tests.reliability.harness import AS_A, MIB
 
 Code = grpc.StatusCode
@@ -80,21 +79,6 @@ def _hp(**fields: Any) -> trainer_pb2.CreateJobRequest:
     return _job(hyperparameters=trainer_pb2.Hyperparameters(**fields))
 
 
-def _tar(members: dict[str, bytes], *, link: str = "", mode: str = "w:gz") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:  # type: ignore[call-overload]
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if link:
-            info = tarfile.TarInfo(link)
-            info.type = tarfile.SYMTYPE
-            info.linkname = "/etc/passwd"
-            tar.addfile(info)
-    return buffer.getvalue()
-
-
 def _zip(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -110,7 +94,7 @@ def _bomb(kind: str, nbytes: int = 8 * MIB) -> bytes:
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("images/zeros.bin", bytes(nbytes))
         return buffer.getvalue()
-    return _tar({"images/zeros.bin": bytes(nbytes)})
+    return tar_bytes({"images/zeros.bin": bytes(nbytes)})
 
 
 def _upload(payload: bytes, filename: str = "data.tar.gz", tenant: str = "") -> list[trainer_pb2.DatasetChunk]:
@@ -313,24 +297,24 @@ _IMAGES = {"images/a.png": PNG, "masks/a.png": PNG}
 UPLOAD_CASES = [
     Case("upload: no chunks", "UploadDataset", [], Code.INVALID_ARGUMENT, "data"),
     Case("upload: empty payload", "UploadDataset", _upload(b""), Code.INVALID_ARGUMENT, "data"),
-    Case("upload: unsupported suffix", "UploadDataset", _upload(_tar(_IMAGES), "data.rar"), Code.INVALID_ARGUMENT,
+    Case("upload: unsupported suffix", "UploadDataset", _upload(tar_bytes(_IMAGES), "data.rar"), Code.INVALID_ARGUMENT,
          "filename"),
-    Case("upload: no file name", "UploadDataset", _upload(_tar(_IMAGES), ""), Code.INVALID_ARGUMENT, "filename"),
+    Case("upload: no file name", "UploadDataset", _upload(tar_bytes(_IMAGES), ""), Code.INVALID_ARGUMENT, "filename"),
     Case("upload: garbage tar.gz", "UploadDataset", _upload(b"\x1f\x8b" + bytes(500)), Code.INVALID_ARGUMENT, "data"),
     Case("upload: garbage zip", "UploadDataset", _upload(b"PK\x03\x04" + bytes(500), "d.zip"), Code.INVALID_ARGUMENT,
          "data"),
-    Case("upload: truncated tar.gz", "UploadDataset", _upload(_tar(_IMAGES)[:200]), Code.INVALID_ARGUMENT, "data"),
-    Case("upload: '..' member", "UploadDataset", _upload(_tar({**_IMAGES, "../../escaped.txt": b"x"})),
+    Case("upload: truncated tar.gz", "UploadDataset", _upload(tar_bytes(_IMAGES)[:200]), Code.INVALID_ARGUMENT, "data"),
+    Case("upload: '..' member", "UploadDataset", _upload(tar_bytes({**_IMAGES, "../../escaped.txt": b"x"})),
          Code.INVALID_ARGUMENT, "outside"),
-    Case("upload: absolute member", "UploadDataset", _upload(_tar({"/etc/cron.d/x": b"x"})), Code.INVALID_ARGUMENT,
+    Case("upload: absolute member", "UploadDataset", _upload(tar_bytes({"/etc/cron.d/x": b"x"})), Code.INVALID_ARGUMENT,
          "absolute"),
     Case("upload: zip '..' member", "UploadDataset", _upload(_zip({"../x.png": PNG}), "d.zip"), Code.INVALID_ARGUMENT,
          "outside"),
-    Case("upload: symlink member", "UploadDataset", _upload(_tar(_IMAGES, link="images/b.png")),
-         Code.INVALID_ARGUMENT, "link"),
+    Case("upload: symlink member", "UploadDataset",
+         _upload(tar_bytes(_IMAGES, symlinks={"images/b.png": "/etc/passwd"})), Code.INVALID_ARGUMENT, "link"),
     Case("upload: duplicate member", "UploadDataset", _upload(_zip({"images/a.png": PNG, "./images/a.png": PNG}),
                                                               "d.zip"), Code.INVALID_ARGUMENT, "twice"),
-    Case("upload: no files", "UploadDataset", _upload(_tar({}, mode="w")[:10240], "d.tar"), Code.INVALID_ARGUMENT,
+    Case("upload: no files", "UploadDataset", _upload(tar_bytes({}, mode="w")[:10240], "d.tar"), Code.INVALID_ARGUMENT,
          "no files"),
     Case("upload: zip bomb", "UploadDataset", _upload(_bomb("zip"), "d.zip"), Code.INVALID_ARGUMENT,
          "SAMFORGE_MAX_EXTRACT_RATIO"),
@@ -339,9 +323,9 @@ UPLOAD_CASES = [
     Case("upload: over the upload limit", "UploadDataset", _upload(bytes(MIB + 1)), Code.INVALID_ARGUMENT, "limit"),
     Case("upload: chunk over the message limit", "UploadDataset",
          [trainer_pb2.DatasetChunk(filename="d.tar.gz", data=bytes(9 * MIB))], Code.RESOURCE_EXHAUSTED),
-    Case("upload: other tenant", "UploadDataset", _upload(_tar(_IMAGES), tenant="bravo"), Code.PERMISSION_DENIED,
+    Case("upload: other tenant", "UploadDataset", _upload(tar_bytes(_IMAGES), tenant="bravo"), Code.PERMISSION_DENIED,
          "tenant"),
-    Case("upload: no token", "UploadDataset", _upload(_tar(_IMAGES)), Code.UNAUTHENTICATED, metadata=NO_TOKEN),
+    Case("upload: no token", "UploadDataset", _upload(tar_bytes(_IMAGES)), Code.UNAUTHENTICATED, metadata=NO_TOKEN),
 ]
 
 REGISTRY_CASES = [

@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from services._generated.sam.v1 import decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from tests.conftest import noise_png, save_perturbed_adapter, write_blob_dataset
+from tests.conftest import noise_png, save_perturbed_adapter, tar_bytes, write_blob_dataset
 
 MIB = 1 << 20
 LIMITS: dict[str, str] = {
@@ -133,16 +131,6 @@ def health(address: str, timeout: float = 5.0) -> int:
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
 
 
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def upload_chunks(payload: bytes, *, tenant: str = "", filename: str = "data.tar.gz",
                   size: int = 64 << 10) -> list[trainer_pb2.DatasetChunk]:
     chunks = [trainer_pb2.DatasetChunk(tenant=tenant, filename=filename, data=payload[:size])]
@@ -176,6 +164,6 @@ def own_objects(root: Path, clients: Clients, model: Any, workdir: Path) -> Owne
     job = clients.trainer.CreateJob(trainer_pb2.CreateJobRequest(dataset=EMPTY_DATASET, method="decoder",
                                                                  adapter_name="never"), metadata=AS_A, timeout=30)
     blobs = write_blob_dataset(workdir / "blobs", n_images=2, height=64, width=64)
-    payload = tar_gz({p.relative_to(blobs).as_posix(): p.read_bytes() for p in sorted(blobs.rglob("*.png"))})
+    payload = tar_bytes({p.relative_to(blobs).as_posix(): p.read_bytes() for p in sorted(blobs.rglob("*.png"))})
     upload = clients.trainer.UploadDataset(iter(upload_chunks(payload)), metadata=AS_A, timeout=60)
     return Owned(key=key, job_id=job.id, upload_id=upload.id)

@@ -11,7 +11,6 @@ sets are never trainable (the ``empty`` folder or paths that do not resolve): a 
 from __future__ import annotations
 
 import io
-import tarfile
 import warnings
 import zipfile
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from services._generated.sam.v1 import common_pb2, decoder_pb2, encoder_pb2, trainer_pb2
-from tests.conftest import png_bytes, png_header_only
+from tests.conftest import png_bytes, png_header_only, tar_bytes
 from tests.reliability.harness import EMPTY_DATASET
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -195,12 +194,7 @@ def _archive(kind: str, members: list[tuple[str, bytes]]) -> bytes:
             for name, data in members:
                 archive.writestr(name or "x", data)
         return buffer.getvalue()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return tar_bytes(members)
 
 
 MEMBER_NAMES = st.one_of(st.sampled_from(["images/a.png", "masks/a.png", "d/images/b.png", "../x", "/etc/x",

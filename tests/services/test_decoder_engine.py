@@ -50,14 +50,7 @@ from tests.conftest import save_perturbed_adapter, synthetic_scene
 from tests.sam_core.test_parity import SCORE_TOL, assert_masks_match
 from tests.services.fakes import FakeEncoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Shared 2-core machines: 2 intra-op threads under load are far slower than 1 for the tiny model."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def png(array: np.ndarray) -> bytes:

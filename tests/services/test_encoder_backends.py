@@ -25,15 +25,7 @@ from services.encoder.engine import EmbeddingEngine
 from tests.conftest import save_perturbed_adapter
 from tests.services.test_encoder_engine import png
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(tmp_path, **env: str) -> EncoderSettings:

@@ -16,12 +16,7 @@ from services.encoder.batcher import DynamicBatcher, EncodeJob, TiledImage
 POISON = 7  # every pixel of the image the fault injector fails on
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pixels(seed: int, height: int = 48, width: int = 64) -> np.ndarray:

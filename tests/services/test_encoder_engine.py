@@ -34,13 +34,7 @@ from tests.services.fakes import FakeRedis
 TINY_BYTES = 32 * 8 * 8 * 4  # one tiny-model embedding: 1 x 32 x 8 x 8 float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Shared 2-core machines: 2 intra-op threads under load are far slower than 1 for the tiny model."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def png(seed: int, height: int = 48, width: int = 64) -> bytes:

@@ -21,6 +21,7 @@ from sam_core.errors import InvalidInput
 from services.common.settings import TrainerSettings
 from services.trainer.archive_limits import UploadLimits
 from services.trainer.uploads import Chunk, receive_dataset
+from tests.conftest import tar_bytes
 
 MIB = 1 << 20
 
@@ -40,36 +41,22 @@ def _refused(tmp_path: Path, payload: bytes, filename: str, needle: str, **env: 
     assert list(uploads.iterdir()) == []  # no staging folder, no half-extracted tree
 
 
-def _tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return buffer.getvalue()
-
-
 def test_upload_extracts_and_unwraps_a_single_folder(tmp_path):
-    result = _upload(tmp_path, _tar({"set/images/a.png": b"x", "set/masks/a.png": b"y"}))
+    result = _upload(tmp_path, tar_bytes({"set/images/a.png": b"x", "set/masks/a.png": b"y"}))
     folder = tmp_path / "data" / "t1" / result.id
     assert result.id.startswith("uploads/") and (folder / "images" / "a.png").read_bytes() == b"x"
     assert [p.name for p in (tmp_path / "data" / "t1" / "uploads").iterdir()] == [folder.name]
 
 
 @pytest.mark.parametrize(("payload", "filename", "needle"), [
-    (_tar({"../evil.png": b"x"}), "data.tar.gz", "outside"),
-    (_tar({"/etc/evil": b"x"}), "data.tgz", "absolute"),
-    (_tar({"images/a.png": b"x"}, links={"images/b.png": "/etc/passwd"}), "data.tar.gz", "link"),
-    (_tar({"a/b": b"x", "a/b/c": b"y"}), "data.tar.gz", "both a file and a folder"),
+    (tar_bytes({"../evil.png": b"x"}), "data.tar.gz", "outside"),
+    (tar_bytes({"/etc/evil": b"x"}), "data.tgz", "absolute"),
+    (tar_bytes({"images/a.png": b"x"}, symlinks={"images/b.png": "/etc/passwd"}), "data.tar.gz", "link"),
+    (tar_bytes({"a/b": b"x", "a/b/c": b"y"}), "data.tar.gz", "both a file and a folder"),
     (b"not an archive at all" * 10, "data.tar.gz", "not a readable"),
     (b"\x1f\x8b" + b"not gzip data" * 10, "data.tar.gz", "not a readable"),
     (b"BZh9" + b"not bzip2 data" * 10, "data.tar.bz2", "not a readable"),
-    (_tar({"big.bin": bytes(5 << 20)}), "data.tar.gz", "SAMFORGE_MAX_EXTRACT_RATIO"),
+    (tar_bytes({"big.bin": bytes(5 << 20)}), "data.tar.gz", "SAMFORGE_MAX_EXTRACT_RATIO"),
 ])
 def test_upload_refuses_unsafe_archives(tmp_path, payload, filename, needle):
     _refused(tmp_path, payload, filename, needle, SAMFORGE_MAX_UPLOAD_BYTES=str(MIB))
@@ -87,13 +74,7 @@ def test_upload_refuses_zip_traversal_and_oversize(tmp_path):
 def test_every_compression_tar_accepts_is_read(tmp_path):
     members = {"set/images/a.png": os.urandom(3000), "set/masks/a.png": b"y"}
     for mode, suffix in (("w:", "tar"), ("w:gz", "tgz"), ("w:bz2", "tar.bz2"), ("w:xz", "txz")):
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode=mode) as tar:  # type: ignore[call-overload]
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        result = _upload(tmp_path, buffer.getvalue(), f"data.{suffix}")
+        result = _upload(tmp_path, tar_bytes(members, mode=mode), f"data.{suffix}")
         assert (tmp_path / "data" / "t1" / result.id / "images" / "a.png").read_bytes() == members["set/images/a.png"]
 
 
