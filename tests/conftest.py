@@ -116,3 +116,19 @@ def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: s
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     save_adapter(folder, model, trainable_state(sam), cfg, name=name, metrics=metrics)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto) on a free loopback port, for the whole session (see tests/s3_server.py)."""
+    from tests import s3_server as s3
+
+    server = s3.start()
+    yield server
+    server.server.stop()
+
+
+@pytest.fixture()
+def s3_url(s3_server) -> str:
+    """``s3://<fresh bucket>/registry`` on :func:`s3_server`."""
+    return f"s3://{s3_server.new_bucket()}/registry"

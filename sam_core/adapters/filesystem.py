@@ -62,7 +62,7 @@ StatSignature: TypeAlias = tuple[tuple[str, int, int, int, int], ...]
 """(name, inode, size, mtime_ns, ctime_ns) of a folder ("" for itself) and of its entries, in name order."""
 
 
-def _stat_signature(path: Path) -> StatSignature | None:
+def stat_signature(path: Path) -> StatSignature | None:
     """(inode, size, mtime, ctime) of a file or folder and of a folder's entries; None if missing."""
     try:
         st = os.stat(path)
@@ -76,7 +76,7 @@ def _stat_signature(path: Path) -> StatSignature | None:
     return tuple(parts)
 
 
-def _trusted(signature: StatSignature | None) -> bool:
+def trusted_signature(signature: StatSignature | None) -> bool:
     """A signature can vouch for unchanged content only once its newest timestamp is safely in the past."""
     if signature is None:
         return False
@@ -116,10 +116,10 @@ class FileSystemAdapterStore:
     def _read_index(self, *, fresh: bool = False) -> dict[str, Any]:
         """The parsed index; callers must not mutate it unless ``fresh`` (then it is a private copy)."""
         if not fresh:
-            signature = _stat_signature(self._index_path)
+            signature = stat_signature(self._index_path)
             with self._cache_lock:
                 cached = self._index_cache
-            if cached is not None and cached[0] == signature and _trusted(signature):
+            if cached is not None and cached[0] == signature and trusted_signature(signature):
                 return cached[1]
         try:
             with open(self._index_path, "rb") as handle:
@@ -167,10 +167,10 @@ class FileSystemAdapterStore:
     def _verify(self, version: AdapterVersion) -> None:
         """AdapterInvalid unless the folder's content sha256 still matches the index."""
         path = version.path
-        before = _stat_signature(path)
+        before = stat_signature(path)
         with self._cache_lock:
             cached = self._verified.get(path)
-        if before is not None and cached == (before, version.sha256) and _trusted(before):
+        if before is not None and cached == (before, version.sha256) and trusted_signature(before):
             return
         try:
             actual = content_sha256(path)
@@ -181,9 +181,9 @@ class FileSystemAdapterStore:
             raise AdapterInvalid(f"stored adapter {version.ref!r} {state}, but the registry recorded "
                                  f"{version.sha256[:16]}...; it was changed on disk and must not be served",
                                  field="adapter")
-        after = _stat_signature(path)
+        after = stat_signature(path)
         with self._cache_lock:
-            if after is not None and after == before and _trusted(after):
+            if after is not None and after == before and trusted_signature(after):
                 self._verified[path] = (after, version.sha256)
             else:
                 self._verified.pop(path, None)
