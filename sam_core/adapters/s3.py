@@ -12,7 +12,7 @@ the version added to ``index.json`` with a conditional put on the ETag that was 
 *`` for the first write). A concurrent writer makes the put fail with 412 (or 409); the writer then re-reads the
 index and applies its change again, at most ``_COMMIT_ATTEMPTS`` times (then :class:`~sam_core.errors.Unavailable`).
 Readers resolve only through the index, so files of an upload that never reached the index (a publisher killed
-mid-upload) are invisible; they are orphans under ``uploads/`` for a bucket lifecycle rule to expire. Version
+mid-upload) are invisible; they stay as unreferenced orphans under ``uploads/`` (no sweep yet). Version
 numbers are allocated by the index commit, so they are dense and never reused; aliases, alias history, tenancy
 and the revision counter behave exactly as in the file-system store (same index functions).
 
