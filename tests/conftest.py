@@ -148,3 +148,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto) on a free loopback port, for the whole session (see tests/s3_server.py)."""
+    from tests import s3_server as s3
+
+    server = s3.start()
+    yield server
+    server.server.stop()
+
+
+@pytest.fixture()
+def s3_url(s3_server) -> str:
+    """``s3://<fresh bucket>/registry`` on :func:`s3_server`."""
+    return f"s3://{s3_server.new_bucket()}/registry"

@@ -23,7 +23,6 @@ Names, references, versions and the tenancy rules are those of :mod:`sam_core.ad
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import fcntl
 import json
 import logging
@@ -38,15 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from sam_core.adapters.artifact import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    AdapterConfig,
-    read_adapter_config,
-    read_adapter_tensors,
-)
+from sam_core.adapters import index as ix
 from sam_core.adapters.store import (
-    AdapterConflict,
     AdapterRef,
     AdapterVersion,
     content_sha256,
@@ -55,8 +47,8 @@ from sam_core.adapters.store import (
     validate_version,
     watch_revision,
 )
-from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
-from sam_core.files import atomic_write_text, file_sha256, fsync_tree, rename_durably
+from sam_core.errors import AdapterInvalid
+from sam_core.files import atomic_write_text, rename_durably
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +56,13 @@ INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 STAGING_NAME = ".staging"
 _STAGING_MAX_AGE = 24 * 3600.0  # staging folders older than this are leftovers of crashed processes
-INDEX_FORMAT_VERSION = 1
-ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 _RACY_SECONDS = 2.0  # stat signatures younger than this are never trusted (coarse fs timestamps)
 
 StatSignature: TypeAlias = tuple[tuple[str, int, int, int, int], ...]
 """(name, inode, size, mtime_ns, ctime_ns) of a folder ("" for itself) and of its entries, in name order."""
 
 
-def _file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of each artifact file in ``folder`` (recorded in the index next to the content digest)."""
-    return {name: file_sha256(folder / name) for name in ARTIFACT_FILES}
-
-
-def _stat_signature(path: Path) -> StatSignature | None:
+def stat_signature(path: Path) -> StatSignature | None:
     """(inode, size, mtime, ctime) of a file or folder and of a folder's entries; None if missing."""
     try:
         st = os.stat(path)
@@ -91,69 +76,12 @@ def _stat_signature(path: Path) -> StatSignature | None:
     return tuple(parts)
 
 
-def _trusted(signature: StatSignature | None) -> bool:
+def trusted_signature(signature: StatSignature | None) -> bool:
     """A signature can vouch for unchanged content only once its newest timestamp is safely in the past."""
     if signature is None:
         return False
     newest = max(max(part[3], part[4]) for part in signature)
     return time.time_ns() - newest > _RACY_SECONDS * 1e9
-
-
-def _empty_index() -> dict[str, Any]:
-    return {"format_version": INDEX_FORMAT_VERSION, "revision": 0, "tenants": {}}
-
-
-def _not_found(ref: AdapterRef | str) -> NotFound:
-    """The same error whether the tenant, the name or the version is unknown: no existence leak."""
-    return NotFound(f"adapter {str(ref)!r} not found", field="adapter")
-
-
-def _parent_ref(parent: str | AdapterRef | None) -> AdapterRef | None:
-    """``parent`` as a reference; a malformed one is InvalidInput on the field ``parent``."""
-    if parent is None or isinstance(parent, AdapterRef):
-        return parent
-    try:
-        return AdapterRef.parse(parent)
-    except InvalidInput as exc:
-        raise InvalidInput(exc.detail, field="parent") from exc
-
-
-def _artifact_source(source: Path) -> Path:
-    """``source`` if it is a folder holding both artifact files (NotFound / AdapterInvalid otherwise)."""
-    if not source.is_dir():
-        raise NotFound(f"{source} is not a folder", field="source_dir")
-    missing = [f for f in ARTIFACT_FILES if not (source / f).is_file()]
-    if missing:
-        raise AdapterInvalid(f"{source} is not a complete adapter artifact: missing {', '.join(missing)}",
-                             field="adapter")
-    return source
-
-
-def _stage_artifact(source: Path, staged: Path) -> dict[str, Any]:
-    """Copy the artifact files into ``staged`` (read-only, fsynced), validate the copy, return its index record.
-
-    Exactly the bytes that will become visible are validated; a broken artifact is AdapterInvalid.
-    """
-    for file_name in ARTIFACT_FILES:
-        shutil.copyfile(source / file_name, staged / file_name)
-        os.chmod(staged / file_name, 0o444)  # immutable by convention; a hint against in-place edits
-    fsync_tree(staged)
-    try:
-        config = read_adapter_config(staged)
-        read_adapter_tensors(staged, config)
-    except NotFound as exc:
-        raise AdapterInvalid(f"{source}: {exc.detail}", field="adapter") from exc
-    return _index_record(staged, config)
-
-
-def _index_record(folder: Path, config: AdapterConfig) -> dict[str, Any]:
-    """What the index stores about one version (``parent`` is filled in at install time)."""
-    return {
-        "sha256": content_sha256(folder), "files": _file_digests(folder), "method": config.method,
-        "base_model_id": config.base_model_id, "shares_base_embeddings": config.shares_base_embeddings,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": dict(config.metrics), "n_parameters": int(config.n_parameters), "parent": None,
-    }
 
 
 class FileSystemAdapterStore:
@@ -188,23 +116,22 @@ class FileSystemAdapterStore:
     def _read_index(self, *, fresh: bool = False) -> dict[str, Any]:
         """The parsed index; callers must not mutate it unless ``fresh`` (then it is a private copy)."""
         if not fresh:
-            signature = _stat_signature(self._index_path)
+            signature = stat_signature(self._index_path)
             with self._cache_lock:
                 cached = self._index_cache
-            if cached is not None and cached[0] == signature and _trusted(signature):
+            if cached is not None and cached[0] == signature and trusted_signature(signature):
                 return cached[1]
         try:
             with open(self._index_path, "rb") as handle:
                 st = os.fstat(handle.fileno())
                 raw = handle.read()
         except FileNotFoundError:
-            return _empty_index()
+            return ix.empty_index()
         try:
             index = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterInvalid(f"{self._index_path} is not valid JSON ({exc})", field="index") from exc
-        if not isinstance(index, dict) or index.get("format_version", 0) > INDEX_FORMAT_VERSION:
-            raise AdapterInvalid(f"{self._index_path} has an unsupported format", field="index")
+        ix.check_format(index, str(self._index_path))
         signature = (("", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),)
         with self._cache_lock:
             self._index_cache = (signature, index)
@@ -212,7 +139,7 @@ class FileSystemAdapterStore:
 
     def _commit(self, index: dict[str, Any]) -> None:
         """Bump the revision and atomically replace index.json (call with the lock held)."""
-        index["revision"] = int(index.get("revision", 0)) + 1
+        ix.bump(index)
         atomic_write_text(self._index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
 
     def _staging_dir(self, prefix: str) -> Path:
@@ -228,48 +155,22 @@ class FileSystemAdapterStore:
                 pass
         return Path(tempfile.mkdtemp(prefix=prefix, dir=staging))
 
-    @staticmethod
-    def _entry(index: dict[str, Any], tenant: str, name: str) -> dict[str, Any] | None:
-        entry: dict[str, Any] | None = index["tenants"].get(tenant, {}).get(name)
-        return entry
-
     def _version_path(self, tenant: str, name: str, version: int) -> Path:
         return tenant_dir(self.root, tenant) / validate_name("name", name) / f"v{version}"
 
-    def _to_version(self, tenant: str, name: str, version: int, entry: dict[str, Any]) -> AdapterVersion:
-        record = entry["versions"][str(version)]
-        aliases = tuple(sorted(a for a, v in entry["aliases"].items() if v == version))
-        return AdapterVersion(
-            tenant=tenant, name=name, version=version, sha256=record["sha256"], method=record["method"],
-            base_model_id=record["base_model_id"], shares_base_embeddings=record["shares_base_embeddings"],
-            created_at=record["created_at"], parent=record["parent"], aliases=aliases,
-            metrics=copy.deepcopy(record["metrics"]), n_parameters=record["n_parameters"],
-            path=self._version_path(tenant, name, version),
-        )
-
     def _lookup(self, index: dict[str, Any], tenant: str, ref: AdapterRef) -> AdapterVersion:
-        entry = self._entry(index, tenant, ref.name)
-        if entry is None or not entry["versions"]:
-            raise _not_found(ref)
-        if ref.alias is not None:
-            if ref.alias not in entry["aliases"]:
-                raise _not_found(ref)
-            version = entry["aliases"][ref.alias]
-        elif ref.version is not None:
-            version = ref.version
-        else:
-            version = max(int(v) for v in entry["versions"])
-        if str(version) not in entry["versions"]:
-            raise _not_found(ref)
-        return self._to_version(tenant, ref.name, version, entry)
+        version = ix.lookup(index, tenant, ref)
+        entry = ix.entry_of(index, tenant, ref.name)
+        assert entry is not None
+        return ix.to_version(tenant, ref.name, version, entry, self._version_path(tenant, ref.name, version))
 
     def _verify(self, version: AdapterVersion) -> None:
         """AdapterInvalid unless the folder's content sha256 still matches the index."""
         path = version.path
-        before = _stat_signature(path)
+        before = stat_signature(path)
         with self._cache_lock:
             cached = self._verified.get(path)
-        if before is not None and cached == (before, version.sha256) and _trusted(before):
+        if before is not None and cached == (before, version.sha256) and trusted_signature(before):
             return
         try:
             actual = content_sha256(path)
@@ -280,9 +181,9 @@ class FileSystemAdapterStore:
             raise AdapterInvalid(f"stored adapter {version.ref!r} {state}, but the registry recorded "
                                  f"{version.sha256[:16]}...; it was changed on disk and must not be served",
                                  field="adapter")
-        after = _stat_signature(path)
+        after = stat_signature(path)
         with self._cache_lock:
-            if after is not None and after == before and _trusted(after):
+            if after is not None and after == before and trusted_signature(after):
                 self._verified[path] = (after, version.sha256)
             else:
                 self._verified.pop(path, None)
@@ -316,12 +217,8 @@ class FileSystemAdapterStore:
         validate_name("tenant", tenant)
         if name is not None:
             validate_name("name", name)
-        entries = self._read_index()["tenants"].get(tenant, {})
-        out: list[AdapterVersion] = []
-        for adapter in sorted(entries if name is None else [name] if name in entries else []):
-            entry = entries[adapter]
-            out.extend(self._to_version(tenant, adapter, v, entry) for v in sorted(int(k) for k in entry["versions"]))
-        return out
+        return [ix.to_version(tenant, adapter, v, entry, self._version_path(tenant, adapter, v))
+                for adapter, v, entry in ix.versions_of(self._read_index(), tenant, name)]
 
     def path_of(self, version: AdapterVersion) -> Path:
         """The local folder holding ``version``'s artifact (NotFound if it is not there)."""
@@ -330,7 +227,7 @@ class FileSystemAdapterStore:
         validate_version(version.version)
         path = self._version_path(version.tenant, version.name, version.version)
         if not path.is_dir():
-            raise _not_found(AdapterRef(version.name, version=version.version))
+            raise ix.not_found(AdapterRef(version.name, version=version.version))
         return path
 
     def watch(self, callback: Callable[[int], None], *, interval: float = 1.0) -> Callable[[], None]:
@@ -350,11 +247,11 @@ class FileSystemAdapterStore:
         """
         validate_name("tenant", tenant)
         validate_name("name", name)
-        parent_ref = _parent_ref(parent)
-        source = _artifact_source(Path(source_dir))
+        parent_ref = ix.parent_ref(parent)
+        source = ix.artifact_source(Path(source_dir))
         staged = self._staging_dir("tmp-")
         try:
-            record = _stage_artifact(source, staged)
+            record = ix.stage_artifact(source, staged)
             result = self._install(tenant, name, staged, record, parent_ref)
         finally:
             shutil.rmtree(staged, ignore_errors=True)  # already gone once installed
@@ -369,14 +266,7 @@ class FileSystemAdapterStore:
         """
         with self._locked():
             index = self._read_index(fresh=True)
-            if parent_ref is not None:
-                try:
-                    record["parent"] = self._lookup(index, tenant, parent_ref).ref
-                except NotFound as exc:
-                    raise NotFound(f"parent {str(parent_ref)!r} not found", field="parent") from exc
-            entry = index["tenants"].setdefault(tenant, {}).setdefault(
-                name, {"next_version": 1, "versions": {}, "aliases": {}, "alias_history": {}})
-            number = int(entry["next_version"])
+            number = ix.add_version(index, tenant, name, record, parent_ref)
             target = self._version_path(tenant, name, number)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():  # left by a publisher that crashed before its index write: never visible
@@ -384,22 +274,11 @@ class FileSystemAdapterStore:
                 shutil.rmtree(target)
             try:
                 rename_durably(staged, target)
-                entry["versions"][str(number)] = record
-                entry["next_version"] = number + 1
                 self._commit(index)
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
-            return self._to_version(tenant, name, number, entry)
-
-    def _move_alias(self, index: dict[str, Any], entry: dict[str, Any], tenant: str, name: str, alias: str,
-                    version: int, *, action: str) -> AdapterVersion:
-        """Point ``name@alias`` at ``version`` in ``index``, commit and log it (call with the lock held)."""
-        was = entry["aliases"].get(alias)
-        entry["aliases"][alias] = version
-        self._commit(index)
-        log.info("adapter registry: %s %s/%s@%s: %s -> %s", action, tenant, name, alias, was, version)
-        return self._to_version(tenant, name, version, entry)
+            return self._lookup(index, tenant, AdapterRef(name, version=number))
 
     def promote(self, tenant: str, name: str, alias: str, version: int) -> AdapterVersion:
         """Point ``name@alias`` at ``version`` (which must verify); the previous target goes on the history.
@@ -413,15 +292,11 @@ class FileSystemAdapterStore:
         self._verify(self._lookup(self._read_index(), tenant, AdapterRef(name, version=version)))
         with self._locked():
             index = self._read_index(fresh=True)
-            target = self._lookup(index, tenant, AdapterRef(name, version=version))  # may be gone meanwhile
-            entry = self._entry(index, tenant, name)
-            assert entry is not None
-            previous = entry["aliases"].get(alias)
-            if previous == version:
-                return target
-            if previous is not None:
-                entry["alias_history"].setdefault(alias, []).append(previous)
-            return self._move_alias(index, entry, tenant, name, alias, version, action="promoted")
+            previous = ix.promote(index, tenant, name, alias, version)  # NotFound if deleted meanwhile
+            if previous != version:
+                self._commit(index)
+                log.info("adapter registry: promoted %s/%s@%s: %s -> %s", tenant, name, alias, previous, version)
+            return self._lookup(index, tenant, AdapterRef(name, version=version))
 
     def rollback(self, tenant: str, name: str, alias: str) -> AdapterVersion:
         """Move ``name@alias`` back to the version it pointed to before its last move.
@@ -434,16 +309,12 @@ class FileSystemAdapterStore:
         validate_name("alias", alias)
         with self._locked():
             index = self._read_index(fresh=True)
-            entry = self._entry(index, tenant, name)
-            if entry is None or not entry["versions"] or alias not in entry["aliases"]:
-                raise _not_found(AdapterRef(name, alias=alias))
-            history = entry["alias_history"].get(alias, [])
-            if not history:
-                raise AdapterConflict(f"{name}@{alias} has no earlier version to roll back to", field="alias")
-            previous = history[-1]
-            self._verify(self._to_version(tenant, name, previous, entry))
-            history.pop()
-            return self._move_alias(index, entry, tenant, name, alias, previous, action="rolled back")
+            self._verify(self._lookup(index, tenant, AdapterRef(name, version=ix.rollback_target(
+                index, tenant, name, alias))))
+            was, previous = ix.rollback(index, tenant, name, alias)
+            self._commit(index)
+            log.info("adapter registry: rolled back %s/%s@%s: %s -> %s", tenant, name, alias, was, previous)
+            return self._lookup(index, tenant, AdapterRef(name, version=previous))
 
     def delete(self, tenant: str, name: str, version: int) -> None:
         """Remove one version (its number is never reused). Refused while an alias points at it."""
@@ -453,15 +324,7 @@ class FileSystemAdapterStore:
         with self._locked():
             index = self._read_index(fresh=True)
             found = self._lookup(index, tenant, AdapterRef(name, version=version))
-            if found.aliases:
-                shown = ", ".join(f"{name}@{a}" for a in found.aliases)
-                raise AdapterConflict(f"{found.ref} is the target of alias {shown}; promote the alias to another "
-                                      "version (or roll it back) before deleting", field="version")
-            entry = self._entry(index, tenant, name)
-            assert entry is not None
-            del entry["versions"][str(version)]
-            for alias, history in entry["alias_history"].items():
-                entry["alias_history"][alias] = _compact(history, entry["aliases"].get(alias), version)
+            ix.delete(index, tenant, name, version)
             self._commit(index)
             if found.path.exists():  # out of v<N> first, so a half-removed folder is never at its path
                 doomed = self._staging_dir("deleted-")
@@ -471,13 +334,3 @@ class FileSystemAdapterStore:
             self._verified.pop(found.path, None)
         log.info("adapter registry: deleted %s/%s", tenant, found.ref)
 
-
-def _compact(history: list[int], current: int | None, deleted: int) -> list[int]:
-    """History without ``deleted``, without repeats and without a top equal to the current target."""
-    out: list[int] = []
-    for version in history:
-        if version != deleted and (not out or out[-1] != version):
-            out.append(version)
-    while out and out[-1] == current:
-        out.pop()
-    return out

@@ -7,9 +7,10 @@ previous target; ``rollback`` walks that per-alias history back one step at a ti
 
 :class:`AdapterStore` is the resolver interface (vLLM ``lora/`` style) the trainer publishes into and the
 encoder/decoder services resolve from per request; :class:`sam_core.adapters.filesystem.FileSystemAdapterStore`
-is the local implementation (an object-store one can come later). A version's identity is its content
-digest, :func:`content_sha256`; :func:`watch_revision` is the polling ``watch`` of any store with a
-revision counter.
+is the local implementation, :class:`sam_core.adapters.s3.S3AdapterStore` the object-store one
+(``s3://bucket/prefix``, :func:`parse_s3_url`); :func:`sam_core.adapters.factory.open_store` picks one.
+A version's identity is its content digest, :func:`content_sha256`; :func:`watch_revision` is the polling
+``watch`` of any store with a revision counter.
 
 Names are validated before they touch a path (``[a-z0-9][a-z0-9._-]{0,62}``, no ``..``): that is the
 path-traversal guard. A tenant only ever sees its own adapters; another tenant's adapter is reported
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from sam_core.errors import AdapterInvalid, InvalidInput
 from sam_core.files import file_sha256
@@ -141,6 +143,14 @@ class AdapterVersion:
     def ref(self) -> str:
         """``name:N`` — the reference that always means exactly this content."""
         return f"{self.name}:{self.version}"
+
+
+def parse_s3_url(url: str, field_name: str = "registry_url") -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (bucket, "some/prefix"); InvalidInput(field=field_name) otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment or ".." in parts.path.split("/"):
+        raise InvalidInput(f"{url!r} is not an s3://bucket[/prefix] URL", field=field_name)
+    return parts.netloc, parts.path.strip("/")
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self
 
+from sam_core.adapters.store import parse_s3_url
 from sam_core.errors import InvalidInput
 from services.common.memory import DECODE_BYTES_PER_PIXEL
 
@@ -100,6 +101,16 @@ class Choice:
         raise InvalidInput(f"must be {listed}, got {raw!r}", field=name)
 
 
+@dataclass(frozen=True)
+class RegistryUrl:
+    """Empty (the file-system registry) or an ``s3://bucket[/prefix]`` URL."""
+
+    def __call__(self, raw: str, name: str) -> str:
+        if raw:
+            parse_s3_url(raw, name)
+        return raw
+
+
 LOG_LEVELS = Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), ignore_case=True)
 
 
@@ -132,6 +143,10 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_DEVICE", "auto", "auto | cpu | cuda | cuda:N"),
     Var("SAMFORGE_THREADS", "0", "torch intra-op threads (0 = torch default)", parse=Integer()),
     Var("SAMFORGE_REGISTRY_DIR", "./var/registry", "adapter registry root (shared volume in Kubernetes)"),
+    Var("SAMFORGE_REGISTRY_URL", "", "empty: the registry is SAMFORGE_REGISTRY_DIR; s3://bucket/prefix: an "
+        "S3-compatible store, SAMFORGE_REGISTRY_DIR is then its writable download cache", parse=RegistryUrl()),
+    Var("SAMFORGE_S3_ENDPOINT_URL", "", "S3 API endpoint for a non-AWS server (MinIO, Ceph); empty: AWS. "
+        "Credentials: the standard AWS_* variables"),
     Var("SAMFORGE_ADAPTER_CACHE", "4", "loaded adapters kept in memory (LRU, evicts before loading)",
         ("encoder", "decoder"), parse=Integer(1)),
     Var("SAMFORGE_MAX_IMAGE_BYTES", "33554432", "largest accepted encoded image", ("encoder", "decoder"),
@@ -233,6 +248,8 @@ class CommonSettings:
     device: str = setting("SAMFORGE_DEVICE")
     threads: int = setting("SAMFORGE_THREADS")
     registry_dir: str = setting("SAMFORGE_REGISTRY_DIR")
+    registry_url: str = setting("SAMFORGE_REGISTRY_URL")
+    s3_endpoint_url: str = setting("SAMFORGE_S3_ENDPOINT_URL")
 
     @classmethod
     def variables(cls) -> dict[str, str]:

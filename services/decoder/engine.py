@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.factory import open_store
 from sam_core.adapters.store import AdapterStore
 from sam_core.errors import InvalidInput, InvalidMaskInput, TooManyPrompts
 from sam_core.inference.automatic import EverythingOptions, generate
@@ -208,7 +208,8 @@ def build_engine(settings: DecoderSettings, source: EmbeddingSource) -> DecoderE
     model = load_model(settings.model, settings.checkpoint or None, device=device)
     runtime = select_runtime(settings.runtime, device=device, max_prompts=settings.max_prompts,
                              cache_dir=settings.onnx_cache_dir, threads=settings.threads)
-    engine = DecoderEngine(model, settings, source, runtime, store=FileSystemAdapterStore(settings.registry_dir))
+    store = open_store(settings.registry_url, settings.registry_dir, endpoint_url=settings.s3_endpoint_url)
+    engine = DecoderEngine(model, settings, source, runtime, store=store)
     budget = memory_budget(settings, model.spec.low_res_size)
     metrics.MEMORY_BUDGET.set(budget.total)
     log.info("memory budget above the idle base: %s", budget.describe())

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.factory import open_store
 from sam_core.adapters.store import AdapterStore
 from sam_core.errors import InvalidInput, NotFound, SamforgeError
 from sam_core.inference.embedding_cache import MemoryEmbeddingLRU, embedding_key
@@ -434,8 +434,8 @@ def build_engine(settings: EncoderSettings) -> EmbeddingEngine:
         except ValueError as exc:
             raise InvalidInput(f"not a usable Redis URL ({exc})", field="SAMFORGE_REDIS_URL") from exc
     backend = build_backend(settings, model)
-    engine = EmbeddingEngine(model, settings, device=device, store=FileSystemAdapterStore(settings.registry_dir),
-                             l2=l2, backend=backend)
+    store = open_store(settings.registry_url, settings.registry_dir, endpoint_url=settings.s3_endpoint_url)
+    engine = EmbeddingEngine(model, settings, device=device, store=store, l2=l2, backend=backend)
     budget = memory_budget(engine, settings)
     metrics.MEMORY_BUDGET.set(budget.total)
     log.info("memory budget above the idle base: %s", budget.describe())

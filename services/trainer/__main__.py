@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.factory import open_store
 from sam_core.modeling.registry import load_model, resolve_device
 from services.common.server import Loaded, exit_now, serve
 from services.common.settings import TrainerSettings
@@ -25,7 +25,7 @@ log = logging.getLogger("samforge.trainer")
 def load(settings: TrainerSettings) -> Loaded:
     """The base model, the adapter store and the job manager (which resumes unfinished jobs)."""
     model = load_model(settings.model, settings.checkpoint or None, device=resolve_device(settings.device))
-    store = FileSystemAdapterStore(settings.registry_dir)
+    store = open_store(settings.registry_url, settings.registry_dir, endpoint_url=settings.s3_endpoint_url)
     manager = JobManager(settings, model, store)
     log.info("model %s loaded (%s); jobs in %s", settings.model, model.model_id, manager.jobs_dir)
 

@@ -1,4 +1,9 @@
-"""FileSystemAdapterStore: versions, aliases, atomic publish, on-disk verification, tenancy, locking, watch."""
+"""The AdapterStore suite: versions, aliases, atomic publish, verification, tenancy, locking, watch.
+
+The ``store`` fixture runs every contract test against both stores, the file-system store and the S3 store
+on a real S3 API server (moto); tests of one store's own mechanics (fsync, flock, the on-disk verification
+cache) use ``fs_store``. The S3 store's concurrency and crash tests are in test_adapter_store_s3.py.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +14,42 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
-from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME, adapted_net, save_adapter
+from sam_core.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME
 from sam_core.adapters.filesystem import FileSystemAdapterStore
+from sam_core.adapters.s3 import S3AdapterStore
 from sam_core.adapters.store import AdapterConflict, AdapterRef, AdapterStore, content_sha256
 from sam_core.errors import AdapterInvalid, InvalidInput, NotFound
-from sam_core.training.methods import MethodConfig, trainable_state
 
 
 @pytest.fixture()
-def make_artifact(tiny_model, tmp_path):
-    """make_artifact(seed) -> a fresh decoder artifact folder whose tensors depend on ``seed``."""
-    cfg = MethodConfig("decoder")
-    counter = iter(range(1000))
-
-    def make(seed: int = 0) -> Path:
-        sam = adapted_net(tiny_model, cfg)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            param = next(p for p in sam.mask_decoder.parameters() if p.requires_grad)
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-        out = tmp_path / "artifacts" / f"a{next(counter)}"
-        save_adapter(out, tiny_model, trainable_state(sam), cfg, metrics={"val_dice": 0.5 + seed / 100})
-        return out
-
-    return make
-
-
-@pytest.fixture()
-def store(tmp_path) -> FileSystemAdapterStore:
+def fs_store(tmp_path) -> FileSystemAdapterStore:
     return FileSystemAdapterStore(tmp_path / "registry")
 
 
-def _published(store: FileSystemAdapterStore, make_artifact, n: int, tenant: str = "acme", name: str = "ships"):
+@pytest.fixture(params=["filesystem", "s3"])
+def store(request, tmp_path) -> AdapterStore:
+    if request.param == "filesystem":
+        return FileSystemAdapterStore(tmp_path / "registry")
+    server = request.getfixturevalue("s3_server")
+    return S3AdapterStore(request.getfixturevalue("s3_url"), server.client(), cache_dir=tmp_path / "s3-cache")
+
+
+def _published(store: AdapterStore, make_artifact, n: int, tenant: str = "acme", name: str = "ships"):
     return [store.publish(tenant, name, make_artifact(seed)) for seed in range(n)]
 
 
 def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def _stored(store: AdapterStore) -> list[str]:
+    """Everything the store keeps: the files under its root, or the object keys in its bucket."""
+    if isinstance(store, FileSystemAdapterStore):
+        return _tree(store.root)
+    assert isinstance(store, S3AdapterStore)
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)
+    return sorted(item["Key"] for item in listed.get("Contents", []))
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -64,7 +66,7 @@ def test_path_traversal_never_reaches_the_file_system(store, make_artifact, tmp_
         with pytest.raises(InvalidInput):
             call()
     assert not (tmp_path / "x").exists()
-    assert [p for p in _tree(store.root) if not p.startswith(".")] == []
+    assert [p for p in _stored(store) if not p.startswith(".")] == []
 
 
 # ---------------------------------------------------------------------------------------------- versions
@@ -84,7 +86,9 @@ def test_publish_resolve_latest_version_and_metadata(store, make_artifact):
     assert store.list("acme") == [v1, v2] == store.list("acme", "ships")
     assert store.list("acme", "boats") == []
     path = store.path_of(v1)
-    assert path == store.root / "acme" / "ships" / "v1" and path == v1.path
+    assert path == v1.path
+    if isinstance(store, FileSystemAdapterStore):
+        assert path == store.root / "acme" / "ships" / "v1"
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert content_sha256(path) == v1.sha256
     assert {v1, v2} == {v1, v2}  # hashable (e.g. as an LRU key)
@@ -163,7 +167,7 @@ def test_delete_is_refused_while_aliased(store, make_artifact):
     store.delete("acme", "ships", 1)
     assert store.revision() == revision + 1
     assert [v.version for v in store.list("acme")] == [2]
-    assert not (store.root / "acme" / "ships" / "v1").exists()
+    assert len([p for p in _stored(store) if p.endswith(WEIGHTS_NAME)]) == 1  # the files of v1 are gone
     with pytest.raises(NotFound):
         store.resolve("acme", "ships:1")
     with pytest.raises(NotFound):
@@ -186,7 +190,7 @@ def _corrupt_weights(folder: Path) -> None:
 @pytest.mark.parametrize("damage", ["weights_bytes", "weights_missing", "config_json", "config_keys", "truncated"])
 def test_corrupt_source_artifact_is_refused_and_nothing_is_visible(store, make_artifact, damage):
     store.publish("acme", "boats", make_artifact(9))
-    before_tree, before_revision = _tree(store.root), store.revision()
+    before_tree, before_revision = _stored(store), store.revision()
     source = make_artifact(0)
     if damage == "weights_bytes":
         _corrupt_weights(source)
@@ -204,56 +208,56 @@ def test_corrupt_source_artifact_is_refused_and_nothing_is_visible(store, make_a
     with pytest.raises(AdapterInvalid):
         store.publish("acme", "ships", source)
     assert store.list("acme", "ships") == [] and store.revision() == before_revision
-    assert _tree(store.root) == before_tree
+    assert _stored(store) == before_tree
     with pytest.raises(NotFound):
         store.resolve("acme", "ships")
     with pytest.raises(NotFound):
         store.publish("acme", "ships", source.parent / "does-not-exist")
 
 
-def test_version_changed_on_disk_is_refused_at_resolve(store, make_artifact):
-    v1, v2, v3 = _published(store, make_artifact, 3)
-    store.resolve("acme", "ships:1")
+def test_version_changed_on_disk_is_refused_at_resolve(fs_store, make_artifact):
+    v1, v2, v3 = _published(fs_store, make_artifact, 3)
+    fs_store.resolve("acme", "ships:1")
     _corrupt_weights(v1.path)
     with pytest.raises(AdapterInvalid) as err:
-        store.resolve("acme", "ships:1")
+        fs_store.resolve("acme", "ships:1")
     assert err.value.field == "adapter" and "ships:1" in str(err.value)
     with pytest.raises(AdapterInvalid):
-        store.promote("acme", "ships", "prod", 1)  # an alias never moves to a broken version
+        fs_store.promote("acme", "ships", "prod", 1)  # an alias never moves to a broken version
     (v2.path / "extra.txt").write_text("not part of the artifact")
     with pytest.raises(AdapterInvalid):
-        store.resolve("acme", "ships:2")
+        fs_store.resolve("acme", "ships:2")
     os.chmod(v3.path / CONFIG_NAME, 0o644)
     (v3.path / CONFIG_NAME).unlink()
     with pytest.raises(AdapterInvalid):
-        store.resolve("acme", "ships")
+        fs_store.resolve("acme", "ships")
 
 
-def test_verification_is_cached_until_the_files_change(store, make_artifact, monkeypatch):
+def test_verification_is_cached_until_the_files_change(fs_store, make_artifact, monkeypatch):
     import sam_core.adapters.filesystem as filesystem
 
-    v1 = store.publish("acme", "ships", make_artifact(0))
+    v1 = fs_store.publish("acme", "ships", make_artifact(0))
     monkeypatch.setattr(filesystem, "_RACY_SECONDS", 0.0)  # trust stat signatures at once (normally after 2 s)
-    store.resolve("acme", "ships:1")
+    fs_store.resolve("acme", "ships:1")
     real, calls = filesystem.content_sha256, []
     monkeypatch.setattr(filesystem, "content_sha256", lambda folder: calls.append(folder) or real(folder))
-    assert store.resolve("acme", "ships:1") == v1 and calls == []  # served from the verification cache
+    assert fs_store.resolve("acme", "ships:1") == v1 and calls == []  # served from the verification cache
     weights = v1.path / WEIGHTS_NAME
     os.chmod(weights, 0o644)
     with open(weights, "ab") as handle:
         handle.write(b"tail")
     with pytest.raises(AdapterInvalid):
-        store.resolve("acme", "ships:1")
+        fs_store.resolve("acme", "ships:1")
     assert calls == [v1.path]
 
 
-def test_publish_fsyncs_files_folders_and_index(store, make_artifact, fsynced):
+def test_publish_fsyncs_files_folders_and_index(fs_store, make_artifact, fsynced):
     source = make_artifact(0)
-    store.publish("acme", "boats", make_artifact(1))  # the root, the lock and the staging area exist
+    fs_store.publish("acme", "boats", make_artifact(1))  # the root, the lock and the staging area exist
     fsynced.clear()
     synced = fsynced
-    v1 = store.publish("acme", "ships", source)
-    root = store.root.resolve()
+    v1 = fs_store.publish("acme", "ships", source)
+    root = fs_store.root.resolve()
     staged = [Path(p) for p in synced if Path(p).parent.parent == root / ".staging"]
     assert sorted(p.name for p in staged) == [CONFIG_NAME, WEIGHTS_NAME]  # the copies, before the rename
     assert str(staged[0].parent) in synced  # the staged folder itself
@@ -262,15 +266,15 @@ def test_publish_fsyncs_files_folders_and_index(store, make_artifact, fsynced):
     assert synced[index_temp + 1] == str(root)  # the index replacement, then its folder
 
 
-def test_orphan_of_a_crashed_publish_is_replaced(store, make_artifact):
-    store.publish("acme", "ships", make_artifact(0))
-    orphan = store.root / "acme" / "ships" / "v2"  # renamed in, but the index was never written
+def test_orphan_of_a_crashed_publish_is_replaced(fs_store, make_artifact):
+    fs_store.publish("acme", "ships", make_artifact(0))
+    orphan = fs_store.root / "acme" / "ships" / "v2"  # renamed in, but the index was never written
     orphan.mkdir()
     (orphan / WEIGHTS_NAME).write_bytes(b"half")
     with pytest.raises(NotFound):
-        store.resolve("acme", "ships:2")
-    v2 = store.publish("acme", "ships", make_artifact(1))
-    assert v2.version == 2 and store.resolve("acme", "ships:2") == v2
+        fs_store.resolve("acme", "ships:2")
+    v2 = fs_store.publish("acme", "ships", make_artifact(1))
+    assert v2.version == 2 and fs_store.resolve("acme", "ships:2") == v2
     assert sorted(p.name for p in v2.path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
@@ -308,11 +312,12 @@ def _publish_in_process(root: str, source: str, ready, results) -> None:
 
 
 @pytest.mark.slow  # two spawned interpreters import torch + torchvision (~4-5 s CPU each)
-def test_concurrent_publish_from_two_processes(store, make_artifact):
+def test_concurrent_publish_from_two_processes(fs_store, make_artifact):
     sources = [make_artifact(0), make_artifact(1)]
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Barrier(len(sources)), ctx.Queue()
-    procs = [ctx.Process(target=_publish_in_process, args=(str(store.root), str(s), ready, results)) for s in sources]
+    procs = [ctx.Process(target=_publish_in_process, args=(str(fs_store.root), str(s), ready, results))
+             for s in sources]
     try:
         for proc in procs:
             proc.start()
@@ -325,13 +330,13 @@ def test_concurrent_publish_from_two_processes(store, make_artifact):
             if proc.is_alive():
                 proc.terminate()
     assert got == [1, 2]
-    versions = store.list("acme", "ships")
-    assert [v.version for v in versions] == [1, 2] and store.revision() == 2
+    versions = fs_store.list("acme", "ships")
+    assert [v.version for v in versions] == [1, 2] and fs_store.revision() == 2
     assert {v.sha256 for v in versions} == {content_sha256(s) for s in sources}
     for v in versions:
-        assert store.resolve("acme", v.ref) == v
-    assert list((store.root / ".staging").iterdir()) == []
-    assert sorted(p.name for p in (store.root / "acme" / "ships").iterdir()) == ["v1", "v2"]
+        assert fs_store.resolve("acme", v.ref) == v
+    assert list((fs_store.root / ".staging").iterdir()) == []
+    assert sorted(p.name for p in (fs_store.root / "acme" / "ships").iterdir()) == ["v1", "v2"]
 
 
 def test_watch_fires_after_a_promote(store, make_artifact):

@@ -79,6 +79,10 @@ def test_common_fields_read_the_services_own_ports():
     (DecoderSettings, {"SAMFORGE_DECODER_RUNTIME": "tensorrt"}, "SAMFORGE_DECODER_RUNTIME"),
     (DecoderSettings, {"SAMFORGE_ENCODER_TIMEOUT_SECONDS": "inf"}, "SAMFORGE_ENCODER_TIMEOUT_SECONDS"),
     (DecoderSettings, {"SAMFORGE_MAX_PROMPTS": "0"}, "SAMFORGE_MAX_PROMPTS"),
+    (DecoderSettings, {"SAMFORGE_REGISTRY_URL": "/var/registry"}, "SAMFORGE_REGISTRY_URL"),
+    (EncoderSettings, {"SAMFORGE_REGISTRY_URL": "gs://bucket/prefix"}, "SAMFORGE_REGISTRY_URL"),
+    (TrainerSettings, {"SAMFORGE_REGISTRY_URL": "s3:///no-bucket"}, "SAMFORGE_REGISTRY_URL"),
+    (TrainerSettings, {"SAMFORGE_REGISTRY_URL": "s3://bucket/../up"}, "SAMFORGE_REGISTRY_URL"),
 ])
 def test_a_bad_value_names_its_variable(kind, env, variable):
     with pytest.raises(InvalidInput) as info:
