@@ -8,6 +8,7 @@ This is what ``samforge train`` and the trainer service run; both only translate
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,10 +73,16 @@ class FinetuneResult:
             "method": self.adapter.method,
             "n_parameters": self.adapter.n_parameters,
             "seconds": round(self.seconds, 1),
-            "val": {r.label: {k: r.summary.get(k) for k in ("dice_mean", "iou_mean", "nsd_mean", "n_instances")}
+            "val": {r.label: {k: _finite(r.summary.get(k)) for k in ("dice_mean", "dice_resolvable_mean", "iou_mean",
+                                                                      "nsd_mean", "n_instances", "n_resolvable")}
                     for r in self.reports},
             "report": str(self.report_files.get("report", "")),
         }
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite value (``nan`` over an empty set), for strict JSON."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def split(spec: FinetuneSpec) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -141,7 +148,7 @@ def _fit_one_shot(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Seg
         return np.repeat(mask[None], len(prompts), axis=0)
 
     label = f"{spec.train.method.method} (one-shot)"
-    tuned = evaluate_fn(segment, val_ds, spec.eval, label=label, model_id=model.model_id)
+    tuned = evaluate_fn(segment, val_ds, spec.eval, label=label, model_id=model.model_id, img_size=model.spec.img_size)
     adapter_dir = Path(spec.out_dir) / "adapter"
     metrics = {"val_dice": tuned.summary.get("dice_mean"), "zero_shot_val_dice": zero_shot.summary.get("dice_mean"),
                "reference": sample.image_id}
