@@ -30,6 +30,9 @@ class ProgressBar:
     def __call__(self, event: ProgressEvent) -> None:
         if event.val_dice is not None:
             self.last_val = event.val_dice
+        if event.state is Phase.CHECKING_DATA:
+            print(event.message, file=self.stream, flush=True)
+            return
         if event.state in (Phase.EMBEDDING, Phase.VALIDATING, Phase.EVALUATING):
             if not self.tty and event.state is Phase.VALIDATING:
                 print(f"[{event.state.value}] step {event.step}", file=self.stream, flush=True)

@@ -25,6 +25,10 @@ def test_train_publishes_adapter_and_report(trained, capsys):
     assert [r["label"] for r in report["reports"]] == ["zero-shot", "fine-tuned (lora)"]
     assert (trained / "eval" / "training_curves.png").stat().st_size > 1000
     assert (trained / "eval" / "dice_histogram.png").stat().st_size > 1000
+    diagnostics = json.loads((trained / "diagnostics.json").read_text())
+    assert diagnostics["model"] == "tiny" and diagnostics["n_images"] == 6 and diagnostics["recommendations"] == []
+    val = report["reports"][0]["summary"]
+    assert val["n_resolvable"] == val["n_instances"] and val["dice_resolvable_mean"] == val["dice_mean"]
 
 
 def test_eval_and_inspect(trained, blob_dataset_dir, tmp_path, capsys):
