@@ -57,3 +57,16 @@ def test_inspect_reports_a_corrupt_adapter(trained, tmp_path, capsys):
 def test_train_rejects_a_bad_data_path(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_progress_bar_prints_the_data_check_line():
+    import io
+
+    from sam_core.training.config import Phase, ProgressEvent
+    from services.cli_finetune import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar(ProgressEvent(Phase.CHECKING_DATA, 0, 0, 0, message="data: 6 images, 8 instances"))
+    bar(ProgressEvent(Phase.TRAINING, 1, 4, 0, loss=0.5))
+    assert stream.getvalue().splitlines()[0] == "data: 6 images, 8 instances"
