@@ -36,6 +36,7 @@ def test_eval_and_inspect(trained, blob_dataset_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["dice_mean"]) == {"zero-shot", next(k for k in summary["dice_mean"] if k.startswith("blobs-"))}
+    assert summary["dice_resolvable_mean"] == summary["dice_mean"] and summary["n_resolvable"] == summary["n_instances"]
     assert main(["adapters", "inspect", str(trained / "adapter"), "--model", "tiny"]) == 0
     inspected = json.loads(capsys.readouterr().out)
     assert inspected["tensors"]["checksum"] == "ok" and inspected["loads_on"] == "tiny"

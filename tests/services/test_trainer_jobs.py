@@ -64,6 +64,8 @@ def test_job_succeeds_streams_ordered_events_and_publishes_new_versions(manager,
     done = events[-1].job
     assert done.state is JobState.SUCCEEDED and done.adapter_version == 1 and done.error == ""
     assert 0 <= done.metrics["finetuned_dice_mean"] <= 1 and "zero_shot_dice_mean" in done.metrics
+    assert done.metrics["finetuned_n_resolvable"] == done.metrics["finetuned_n_instances"] > 0  # no specks here
+    assert done.metrics["finetuned_dice_resolvable_mean"] == done.metrics["finetuned_dice_mean"]
     folder = dirs["jobs"] / "default" / job.id
     assert json.loads((folder / "job.json").read_text())["state"] == "SUCCEEDED"
     assert not (folder / "checkpoints").exists() and (folder / "adapter").is_dir()
