@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sam_core.errors import SamforgeError
+from services.cli_data import add_data_args
 from services.cli_finetune import add_train_args
 from services.stack import add_up_args
 
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-image", help="compare with PyTorch on this image: embedding error, mask IoU")
     e.set_defaults(func=cmd_export_onnx)
     add_train_args(sub)
+    add_data_args(sub)
     add_up_args(sub)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ class ProgressBar:
     def __call__(self, event: ProgressEvent) -> None:
         if event.val_dice is not None:
             self.last_val = event.val_dice
+        if event.state is Phase.CHECKING_DATA:
+            print(event.message, file=self.stream, flush=True)
+            return
         if event.state in (Phase.EMBEDDING, Phase.VALIDATING, Phase.EVALUATING):
             if not self.tty and event.state is Phase.VALIDATING:
                 print(f"[{event.state.value}] step {event.step}", file=self.stream, flush=True)
@@ -183,8 +187,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reports.append(evaluate(Predictor(adapted), ds, cfg, label=f"{adapted.adapter_id}", embeddings=cache))
     files = write_report(args.out, reports, dataset=ds)
     print(format_table(compare(reports)), file=sys.stderr)
-    print(json.dumps({"report": str(files["report"]),
-                      "dice_mean": {r.label: r.summary.get("dice_mean") for r in reports}}, indent=2))
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None  # nan: no (resolvable) instance
+
+    dice = {key: {r.label: finite(r.summary[key]) for r in reports} for key in ("dice_mean", "dice_resolvable_mean")}
+    summary = {"report": str(files["report"]), **dice,
+               "n_instances": reports[0].summary["n_instances"], "n_resolvable": reports[0].summary["n_resolvable"]}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

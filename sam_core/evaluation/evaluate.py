@@ -13,6 +13,11 @@ prompts. Every instance gets one prompt; all instances of an image are decoded i
 (split only beyond the predictor's ``max_prompts``) and scored with Dice, IoU, HD95 and NSD. Only the
 ``keep_worst`` lowest-Dice masks are kept in memory.
 
+Every score says whether its instance is resolvable at the model's input scale
+(:func:`sam_core.data.resolution.is_resolvable`: the whole image resized to ``img_size``, or a native tile
+with ``cfg.tiled``), and the summary gives Dice over all instances (``dice_mean``) and over the resolvable
+ones (``dice_resolvable_mean``, ``n_resolvable``): a set of specks no input can resolve is noise in the first.
+
 JSON (:meth:`EvalReport.to_json`, ``report.json``): non-finite floats (``inf`` HD95 when one mask is
 empty, ``nan`` aggregates of an empty set) are written as ``null``; ``summary.hd95_inf_count`` says how
 many HD95 values were infinite.
@@ -35,6 +40,7 @@ from typing import TypeAlias, TypedDict, overload
 import numpy as np
 
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
+from sam_core.data.resolution import is_resolvable
 from sam_core.data.samples import Instance, Sample
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.metrics import InstanceScore, score_instance, summarize
@@ -52,7 +58,8 @@ ProgressFn = Callable[[int, int], None]
 EmbeddingCache = MutableMapping[str, "Embedding | TiledEmbedding"]
 
 COMPARE_KEYS: tuple[str, ...] = (
-    "dice_mean", "iou_mean", "hd95_mean", "nsd_mean", "dice_image_mean", "n_instances", "seconds",
+    "dice_mean", "dice_resolvable_mean", "iou_mean", "hd95_mean", "nsd_mean", "dice_image_mean", "n_instances",
+    "n_resolvable", "seconds",
 )
 _Segmenter = Callable[[Sample, list[PromptDict]], np.ndarray]
 
@@ -256,11 +263,14 @@ class _WorstKeeper:
 
 
 def _score_image(sample: Sample, instances: Sequence[Instance], preds: np.ndarray, prompts: Sequence[PromptDict],
-                 cfg: EvalConfig, worst: _WorstKeeper) -> list[InstanceScore]:
-    """preds: N x H x W bool, one per instance."""
+                 cfg: EvalConfig, worst: _WorstKeeper, img_size: int | None) -> list[InstanceScore]:
+    """preds: N x H x W bool, one per instance; ``img_size`` None: every instance counts as resolvable."""
     scores = []
+    tile = img_size if cfg.tiled else None
     for inst, pred, prompt in zip(instances, preds, prompts, strict=True):
-        score = score_instance(sample.image_id, inst.instance_id, pred, inst.mask, tolerance=cfg.nsd_tolerance)
+        resolvable = img_size is None or is_resolvable(inst.mask, img_size, tile=tile)
+        score = score_instance(sample.image_id, inst.instance_id, pred, inst.mask, tolerance=cfg.nsd_tolerance,
+                               resolvable=resolvable)
         worst.offer(score, pred, inst.mask, prompt)
         scores.append(score)
     return scores
@@ -272,7 +282,7 @@ def _image_summary(scores: Sequence[InstanceScore]) -> dict[str, float]:
 
 
 def _evaluate_loop(segmenter: _Segmenter, dataset: Sequence[Sample], cfg: EvalConfig, *, label: str,
-                   model_id: str, progress: ProgressFn | None) -> EvalReport:
+                   model_id: str, progress: ProgressFn | None, img_size: int | None) -> EvalReport:
     """The shared loop: prompts, one segmenter call per image, scores, worst cases."""
     t0 = time.perf_counter()
     scores: list[InstanceScore] = []
@@ -285,7 +295,7 @@ def _evaluate_loop(segmenter: _Segmenter, dataset: Sequence[Sample], cfg: EvalCo
             prompts = image_prompts(sample.image_id, instances, cfg.prompt, cfg.seed)
             size = instances[0].mask.shape
             preds = _checked_masks(segmenter(sample, prompts), len(instances), size)
-            image_scores = _score_image(sample, instances, preds, prompts, cfg, worst)
+            image_scores = _score_image(sample, instances, preds, prompts, cfg, worst, img_size)
             per_image[sample.image_id] = _image_summary(image_scores)
             scores += image_scores
         if progress is not None:
@@ -354,23 +364,26 @@ def evaluate(predictor: Predictor, dataset: Sequence[Sample], cfg: EvalConfig | 
     """
     cfg = cfg or EvalConfig()
     segmenter = _predictor_segmenter(predictor, cfg, embeddings)
-    return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=predictor.model_id, progress=progress)
+    return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=predictor.model_id, progress=progress,
+                          img_size=predictor.spec.img_size)
 
 
 def evaluate_fn(segment: SegmentFn, dataset: Sequence[Sample], cfg: EvalConfig | None = None, *,
                 label: str = "model", model_id: str = "external",
-                progress: ProgressFn | None = None) -> EvalReport:
+                progress: ProgressFn | None = None, img_size: int | None = None) -> EvalReport:
     """Evaluate any ``segment(image, prompts) -> N x H x W bool`` with the same prompts and scoring.
 
     ``prompts`` are the N simulate_prompt dicts of the image (a prompt-free model may ignore them but must
-    still return one mask per instance, in order).
+    still return one mask per instance, in order). ``img_size``: the segmenter's model input size, which
+    decides which instances are resolvable; None counts every instance as resolvable.
     """
     cfg = cfg or EvalConfig()
 
     def segmenter(sample: Sample, prompts: list[PromptDict]) -> np.ndarray:
         return segment(sample.load_image(), prompts)
 
-    return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=model_id, progress=progress)
+    return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=model_id, progress=progress,
+                          img_size=img_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +416,7 @@ def compare(reports: Sequence[EvalReport]) -> Comparison:
 def _fmt(key: str, value: float | None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    if key == "n_instances":
+    if key in ("n_instances", "n_resolvable"):
         return f"{int(value):+d}" if signed else f"{int(value)}"
     digits = 2 if key in ("hd95_mean", "seconds") else 4
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"

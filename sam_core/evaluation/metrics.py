@@ -137,6 +137,7 @@ class InstanceScore:
     iou: float
     hd95: float
     nsd: float
+    resolvable: bool = True
 
 
 def score_instance(
@@ -147,15 +148,20 @@ def score_instance(
     *,
     tolerance: float = 2.0,
     spacing: tuple[float, float] = (1.0, 1.0),
+    resolvable: bool = True,
 ) -> InstanceScore:
-    """All four metrics for one H x W pair, computing the surface distances only once."""
+    """All four metrics for one H x W pair, computing the surface distances only once.
+
+    ``resolvable``: whether the model can resolve the ground truth at its input scale
+    (:func:`sam_core.data.resolution.is_resolvable`); carried into the score for :func:`summarize`.
+    """
     p, g = _pair(pred, gt)
     hd = _empty_case(p, g, 0.0, math.inf)
     ns = _empty_case(p, g, 1.0, 0.0)
     if hd is None or ns is None:  # both None together: neither mask is empty
         d_pg, d_gp = surface_distances(p, g, spacing)
         hd, ns = _hd95_from(d_pg, d_gp), _nsd_from(d_pg, d_gp, tolerance)
-    return InstanceScore(image_id, int(instance_id), dice(p, g), iou(p, g), float(hd), float(ns))
+    return InstanceScore(image_id, int(instance_id), dice(p, g), iou(p, g), float(hd), float(ns), resolvable)
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -174,6 +180,8 @@ def summarize(scores: Sequence[InstanceScore]) -> dict[str, float]:
     (dice, iou, hd95, nsd): ``m_mean`` (over instances), ``m_median`` (over instances) and ``m_image_mean``
     (mean of each image's instance mean, then over images). Infinite HD95 values (one mask empty) are
     excluded from every HD95 aggregate and counted in ``hd95_inf_count``. Empty input -> nan aggregates.
+    ``n_resolvable``, ``dice_resolvable_mean`` and ``iou_resolvable_mean`` are over the instances the model
+    can resolve at its input scale only (nan when there is none).
     """
     out: dict[str, float] = {
         "n_instances": len(scores),
@@ -187,4 +195,8 @@ def summarize(scores: Sequence[InstanceScore]) -> dict[str, float]:
         out[f"{m}_mean"], out[f"{m}_median"] = _stats([getattr(s, m) for s in scores])
         image_means = [_stats([getattr(s, m) for s in group])[0] for group in by_image.values()]
         out[f"{m}_image_mean"] = _stats(image_means)[0]
+    resolvable = [s for s in scores if s.resolvable]
+    out["n_resolvable"] = len(resolvable)
+    for m in ("dice", "iou"):
+        out[f"{m}_resolvable_mean"] = _stats([getattr(s, m) for s in resolvable])[0]
     return out

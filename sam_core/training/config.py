@@ -21,6 +21,7 @@ from sam_core.training.methods import MethodConfig
 class Phase(str, enum.Enum):
     """Progress phases of a fine-tuning job, in the order they usually occur."""
 
+    CHECKING_DATA = "checking_data"  # data diagnostics; the message is their one-line summary
     EMBEDDING = "embedding"  # caching the frozen encoder's embeddings
     VALIDATING = "validating"
     TRAINING = "training"

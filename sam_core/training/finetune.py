@@ -1,5 +1,7 @@
-"""One fine-tuning job end to end: load and split the data, train (or fit PerSAM), evaluate zero-shot
-vs fine-tuned on the validation split, write the report and plots, publish the adapter.
+"""One fine-tuning job end to end: load the data, diagnose it (:func:`sam_core.data.diagnostics.diagnose`:
+``diagnostics.json`` in the run folder, its one-line summary as the first progress event, phase
+``checking_data``), split it, train (or fit PerSAM), evaluate zero-shot vs fine-tuned on the validation split,
+write the report and plots, publish the adapter.
 
 This is what ``samforge train`` and the trainer service run; both only translate their inputs into a
 :class:`FinetuneSpec` and forward :class:`~sam_core.training.loop.ProgressEvent` s.
@@ -8,6 +10,8 @@ This is what ``samforge train`` and the trainer service run; both only translate
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ import numpy as np
 
 from sam_core.adapters.artifact import AdapterConfig, read_adapter_config
 from sam_core.data.dataset import SegmentationDataset, load_dataset
+from sam_core.data.diagnostics import diagnose
 from sam_core.data.splits import split_dataset, split_first_last
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.evaluate import (
@@ -29,6 +34,7 @@ from sam_core.evaluation.evaluate import (
     format_table,
     write_report,
 )
+from sam_core.files import atomic_write_text
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
 from sam_core.training.config import Phase, ProgressEvent, TrainConfig
@@ -72,14 +78,21 @@ class FinetuneResult:
             "method": self.adapter.method,
             "n_parameters": self.adapter.n_parameters,
             "seconds": round(self.seconds, 1),
-            "val": {r.label: {k: r.summary.get(k) for k in ("dice_mean", "iou_mean", "nsd_mean", "n_instances")}
+            "val": {r.label: {k: _finite(r.summary.get(k)) for k in ("dice_mean", "dice_resolvable_mean", "iou_mean",
+                                                                      "nsd_mean", "n_instances", "n_resolvable")}
                     for r in self.reports},
             "report": str(self.report_files.get("report", "")),
         }
 
 
-def split(spec: FinetuneSpec) -> tuple[SegmentationDataset, SegmentationDataset]:
-    ds = load_dataset(spec.data, min_area=spec.split.min_area)
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite value (``nan`` over an empty set), for strict JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def split(spec: FinetuneSpec, ds: SegmentationDataset | None = None) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, val) of ``ds`` (loaded from ``spec.data`` when not given) as ``spec.split`` says."""
+    ds = ds if ds is not None else load_dataset(spec.data, min_area=spec.split.min_area)
     if spec.split.first_last is not None:
         return split_first_last(ds, *spec.split.first_last)
     return split_dataset(ds, val_fraction=spec.split.val_fraction, seed=spec.split.seed)
@@ -93,10 +106,13 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     """
     t0 = time.perf_counter()
     out = Path(spec.out_dir)
-    train_ds, val_ds = split(spec)
+    emit = callback or (lambda event: None)
+    ds = load_dataset(spec.data, min_area=spec.split.min_area)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+        check_data(ds, model, out, emit)
+    train_ds, val_ds = split(spec, ds)
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
-    emit = callback or (lambda event: None)
     trained: tuple[Path, LoadedModel, dict[str, list[float]]] | None = None
     if not spec.train.method.plugin.one_shot:
         result = train(model, train_ds, val_ds, spec.train, out, callback=emit, adapter_name=spec.adapter_name,
@@ -117,6 +133,15 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     files = write_report(out / "eval", reports, history=history, dataset=val_ds)
     return FinetuneResult(adapter_dir=adapter_dir, adapter=read_adapter_config(adapter_dir), reports=reports,
                           table=format_table(compare(reports)), seconds=time.perf_counter() - t0, report_files=files)
+
+
+def check_data(ds: SegmentationDataset, model: LoadedModel, out: Path,
+               emit: Callable[[ProgressEvent], None]) -> None:
+    """Diagnose ``ds`` for ``model``: ``out/diagnostics.json`` and a ``checking_data`` event with the summary line."""
+    report = diagnose(ds, model.spec)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "diagnostics.json", json.dumps(report.to_json(), indent=1, allow_nan=False))
+    emit(ProgressEvent(Phase.CHECKING_DATA, 0, 0, 0, message=report.summary_line()))
 
 
 def _fit_one_shot(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
@@ -141,7 +166,7 @@ def _fit_one_shot(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Seg
         return np.repeat(mask[None], len(prompts), axis=0)
 
     label = f"{spec.train.method.method} (one-shot)"
-    tuned = evaluate_fn(segment, val_ds, spec.eval, label=label, model_id=model.model_id)
+    tuned = evaluate_fn(segment, val_ds, spec.eval, label=label, model_id=model.model_id, img_size=model.spec.img_size)
     adapter_dir = Path(spec.out_dir) / "adapter"
     metrics = {"val_dice": tuned.summary.get("dice_mean"), "zero_shot_val_dice": zero_shot.summary.get("dice_mean"),
                "reference": sample.image_id}

@@ -7,6 +7,13 @@ resumed at step ``s`` sees exactly the batches an uninterrupted run sees. A chec
 (:mod:`sam_core.training.checkpoint`) holds the config, step, trainable tensors, optimizer state, history
 and best-so-far weights.
 
+Model selection: each validation scores the mean Dice over all validation instances (history ``val_dice_all``)
+and over the instances the model can resolve at its input scale (:mod:`sam_core.data.resolution`: at least
+2 px on a side in the resized image, or in the crop with ``cfg.crop``). The best state, early stopping,
+``best_val_dice``, the zero-shot score and history ``val_dice`` use the resolvable figure whenever the split has
+a resolvable instance (:attr:`~sam_core.training.validation.ValidationScore.selection`), the all-instance one
+otherwise: Dice on specks no input can resolve is noise.
+
 A method that leaves the image encoder unchanged (``decoder``) trains on embeddings computed once and
 cached on disk in an :class:`EmbeddingStore` signed by (model id, preprocessing version, data set
 fingerprint); the others run the image encoder in every step. One-shot methods are not trained here.
@@ -50,7 +57,7 @@ from sam_core.training.data import TrainingData
 from sam_core.training.distributed import DistInfo, any_rank, barrier, init_distributed, mean_across_ranks
 from sam_core.training.losses import segmentation_loss
 from sam_core.training.methods import train_mode, trainable_state
-from sam_core.training.validation import validation_dice
+from sam_core.training.validation import validation_score
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class TrainStep(nn.Module):
 
 
 def _empty_history() -> dict[str, list[float]]:
-    return {"step": [], "loss": [], "lr": [], "val_step": [], "val_dice": []}
+    return {"step": [], "loss": [], "lr": [], "val_step": [], "val_dice": [], "val_dice_all": []}
 
 
 @dataclass
@@ -231,8 +238,8 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
         log.info("resumed %s at step %d", path, run.state.step)
     elif run.val_data is not None and run.info.is_main:
         run.emit(ProgressEvent(Phase.VALIDATING, 0, run.total_steps, 0, message="zero-shot validation"))
-        run.state.zero_shot = validation_dice(Predictor(run.model, device=run.device), run.val_data,
-                                              run.cfg.eval_prompt, run.cfg.seed, run.frozen_encoder)
+        run.state.zero_shot = validation_score(Predictor(run.model, device=run.device), run.val_data,
+                                               run.cfg.eval_prompt, run.cfg.seed, run.frozen_encoder).selection
 
 
 def _load_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -300,16 +307,20 @@ def validate(run: TrainingRun, val_data: TrainingData, loss: float) -> bool:
     state, epoch = run.state, run.state.step // run.steps_per_epoch
     run.net.eval()
     run.emit(ProgressEvent(Phase.VALIDATING, state.step, run.total_steps, epoch))
-    score = validation_dice(_current_predictor(run), val_data, run.cfg.eval_prompt, run.cfg.seed,
-                            run.frozen_encoder)
+    measured = validation_score(_current_predictor(run), val_data, run.cfg.eval_prompt, run.cfg.seed,
+                                run.frozen_encoder)
+    score = measured.selection
     state.history["val_step"].append(state.step)
     state.history["val_dice"].append(score)
+    state.history.setdefault("val_dice_all", []).append(measured.dice_all)  # absent from older checkpoints
     if state.best_dice is None or score > state.best_dice:
         state.best_dice, state.best_state, state.bad_evals = score, trainable_state(run.net), 0
     else:
         state.bad_evals += 1
     run.emit(ProgressEvent(Phase.TRAINING, state.step, run.total_steps, epoch, loss=loss, val_dice=score,
-                           best_val_dice=state.best_dice))
+                           best_val_dice=state.best_dice,
+                           message=f"val Dice {measured.dice_resolvable:.4f} over {measured.n_resolvable} resolvable "
+                                   f"instances, {measured.dice_all:.4f} over all {measured.n}"))
     return run.cfg.patience > 0 and state.bad_evals >= run.cfg.patience
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import queue
 import shutil
@@ -84,13 +85,14 @@ def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
 
 
 def result_metrics(result: FinetuneResult) -> dict[str, float]:
-    """zero_shot_* / finetuned_* validation summaries plus the adapter's own metrics."""
+    """zero_shot_* / finetuned_* validation summaries (Dice over all and over resolvable instances) plus the
+    adapter's own metrics; a nan aggregate (no resolvable instance) is left out."""
     out = {f"adapter_{k}": v for k, v in numeric_metrics(result.adapter.metrics).items()}
     out.update(seconds=round(result.seconds, 3), n_parameters=float(result.adapter.n_parameters))
     for prefix, report in zip(("zero_shot", "finetuned"), result.reports, strict=False):
         summary = numeric_metrics(report.summary)
-        out.update({f"{prefix}_{k}": summary[k] for k in ("dice_mean", "iou_mean", "nsd_mean", "n_instances")
-                    if k in summary})
+        keys = ("dice_mean", "dice_resolvable_mean", "iou_mean", "nsd_mean", "n_instances", "n_resolvable")
+        out.update({f"{prefix}_{k}": summary[k] for k in keys if k in summary and math.isfinite(summary[k])})
     return out
 
 

@@ -250,3 +250,38 @@ def test_importing_does_not_load_matplotlib():
     for module in (sam_core.evaluation.evaluate, sam_core.evaluation.plots):
         imports = _top_level_imports(module)
         assert "numpy" in imports and "matplotlib" not in imports, module.__name__
+
+
+def big_boxes_only(image: np.ndarray, prompts: list[dict]) -> np.ndarray:
+    """Fills box prompts of at least 10 px (exact on square instances), misses everything smaller."""
+    out = np.zeros((len(prompts), *image.shape[:2]), bool)
+    for i, p in enumerate(prompts):
+        x0, y0, x1, y1 = (int(round(v)) for v in p["box"])
+        if min(x1 - x0, y1 - y0) >= 10:
+            out[i, y0:y1 + 1, x0:x1 + 1] = True
+    return out
+
+
+@pytest.fixture(scope="module")
+def speck_dataset(tmp_path_factory):
+    from tests.sam_core.test_diagnostics import write_speck_dataset
+
+    return load_dataset(write_speck_dataset(tmp_path_factory.mktemp("specks")))
+
+
+def test_dice_is_reported_over_all_and_over_resolvable_instances(speck_dataset):
+    report = evaluate_fn(big_boxes_only, speck_dataset, img_size=128)
+    # per image: one 60 px square (15 px at the 128 px input) and six 1-3 px specks (below 2 px there)
+    assert [s.resolvable for s in report.scores[:7]] == [True] + [False] * 6
+    assert report.summary["n_resolvable"] == 3 and report.summary["n_instances"] == 21
+    assert report.summary["dice_mean"] == pytest.approx(3 / 21)
+    assert report.summary["dice_resolvable_mean"] == 1.0
+    assert "dice_resolvable_mean" in format_table(compare([report]))
+    assert json.loads(json.dumps(report.to_json()))["scores"][1]["resolvable"] is False
+
+
+def test_resolvable_follows_the_model_input_and_tiling(speck_dataset, predictor):
+    one = speck_dataset.subset(["img0"])
+    assert evaluate(predictor, one).summary["n_resolvable"] == 1
+    # native 128 px tiles: the 2 and 3 px specks keep their size, the 1 px ones stay below 2 px
+    assert evaluate(predictor, one, EvalConfig(tiled=True)).summary["n_resolvable"] == 5

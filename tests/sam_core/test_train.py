@@ -221,3 +221,38 @@ def test_stop_training_checkpoints_the_current_step(tiny_model, splits, tmp_path
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 5
     resumed = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
     assert resumed.steps == cfg.epochs * (train_ds.n_instances // 2)
+
+
+@pytest.fixture(scope="module")
+def speck_ds(tmp_path_factory):
+    from tests.sam_core.test_diagnostics import write_speck_dataset
+
+    return load_dataset(write_speck_dataset(tmp_path_factory.mktemp("specks")))
+
+
+@pytest.mark.parametrize(("crop", "n_resolvable"), [(None, 3), (128, 15)])
+def test_validation_scores_all_and_resolvable_instances(tiny_model, speck_ds, crop, n_resolvable):
+    """Whole 512 px images at the 128 px input leave only the 60 px squares resolvable; native 128 px crops
+    also resolve the 2 and 3 px specks."""
+    from sam_core.training.data import TrainingData
+    from sam_core.training.validation import validation_score
+
+    predictor = Predictor(tiny_model)
+    data = TrainingData(speck_ds, predictor, cache_embeddings=False, store=None, crop=crop)
+    score = validation_score(predictor, data, TrainConfig().eval_prompt, 0, reuse_embeddings=False)
+    assert (score.n, score.n_resolvable) == (21, n_resolvable)
+    assert score.selection == score.dice_resolvable != score.dice_all
+
+
+def test_model_selection_uses_the_resolvable_dice(tiny_model, speck_ds, tmp_path):
+    from sam_core.evaluation.evaluate import EvalConfig, evaluate
+
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, checkpoint_every=100)
+    result = train(tiny_model, speck_ds, speck_ds, cfg, tmp_path / "run")
+    history = result.history
+    assert len(history["val_dice_all"]) == len(history["val_dice"]) >= 2
+    assert result.best_val_dice == max(history["val_dice"])
+    again = evaluate(Predictor(load_adapter(tiny_model, result.adapter_dir)), speck_ds,
+                     EvalConfig(prompt=cfg.eval_prompt, seed=cfg.seed))
+    assert again.summary["dice_resolvable_mean"] == pytest.approx(result.best_val_dice, abs=1e-9)
+    assert again.summary["dice_mean"] != pytest.approx(result.best_val_dice, abs=1e-6)

@@ -25,6 +25,10 @@ def test_train_publishes_adapter_and_report(trained, capsys):
     assert [r["label"] for r in report["reports"]] == ["zero-shot", "fine-tuned (lora)"]
     assert (trained / "eval" / "training_curves.png").stat().st_size > 1000
     assert (trained / "eval" / "dice_histogram.png").stat().st_size > 1000
+    diagnostics = json.loads((trained / "diagnostics.json").read_text())
+    assert diagnostics["model"] == "tiny" and diagnostics["n_images"] == 6 and diagnostics["recommendations"] == []
+    val = report["reports"][0]["summary"]
+    assert val["n_resolvable"] == val["n_instances"] and val["dice_resolvable_mean"] == val["dice_mean"]
 
 
 def test_eval_and_inspect(trained, blob_dataset_dir, tmp_path, capsys):
@@ -32,6 +36,7 @@ def test_eval_and_inspect(trained, blob_dataset_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["dice_mean"]) == {"zero-shot", next(k for k in summary["dice_mean"] if k.startswith("blobs-"))}
+    assert summary["dice_resolvable_mean"] == summary["dice_mean"] and summary["n_resolvable"] == summary["n_instances"]
     assert main(["adapters", "inspect", str(trained / "adapter"), "--model", "tiny"]) == 0
     inspected = json.loads(capsys.readouterr().out)
     assert inspected["tensors"]["checksum"] == "ok" and inspected["loads_on"] == "tiny"
@@ -53,3 +58,16 @@ def test_inspect_reports_a_corrupt_adapter(trained, tmp_path, capsys):
 def test_train_rejects_a_bad_data_path(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_progress_bar_prints_the_data_check_line():
+    import io
+
+    from sam_core.training.config import Phase, ProgressEvent
+    from services.cli_finetune import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar(ProgressEvent(Phase.CHECKING_DATA, 0, 0, 0, message="data: 6 images, 8 instances"))
+    bar(ProgressEvent(Phase.TRAINING, 1, 4, 0, loss=0.5))
+    assert stream.getvalue().splitlines()[0] == "data: 6 images, 8 instances"

@@ -58,12 +58,18 @@ def test_job_succeeds_streams_ordered_events_and_publishes_new_versions(manager,
     assert [e.job.step for e in training] == sorted(e.job.step for e in training) and training
     assert any(e.val_dice for e in events)
     assert events[-2].phase == "publishing" and events[-1].phase == "done"
+    started = next(i for i, e in enumerate(events) if e.job.state is JobState.RUNNING)
+    checked = events[started + 1]  # the run's first event: the data diagnostics in one line
+    assert checked.phase == "checking_data" and checked.message.startswith("data: 6 images, 8 instances, 0 (0%) below")
     done = events[-1].job
     assert done.state is JobState.SUCCEEDED and done.adapter_version == 1 and done.error == ""
     assert 0 <= done.metrics["finetuned_dice_mean"] <= 1 and "zero_shot_dice_mean" in done.metrics
+    assert done.metrics["finetuned_n_resolvable"] == done.metrics["finetuned_n_instances"] > 0  # no specks here
+    assert done.metrics["finetuned_dice_resolvable_mean"] == done.metrics["finetuned_dice_mean"]
     folder = dirs["jobs"] / "default" / job.id
     assert json.loads((folder / "job.json").read_text())["state"] == "SUCCEEDED"
     assert not (folder / "checkpoints").exists() and (folder / "adapter").is_dir()
+    assert json.loads((folder / "diagnostics.json").read_text())["n_instances"] == 8
 
     second = manager.wait("", manager.create(request(promote_to="staging")).id, timeout=120)
     assert second.state is JobState.SUCCEEDED and second.adapter_version == 2
