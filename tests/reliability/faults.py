@@ -120,14 +120,20 @@ def kill_and_restart(services: dict[str, ServiceProcess], label: str, specs: Spe
     return {"killed_at": killed, "kill_to_serving_s": round(serving - killed, 2)}
 
 
+def _check_listing(clients: Clients, name: str, seen: list[Any], wait_for_ready: bool = False) -> None:
+    """Each version of ``name`` listed now must resolve (files complete and matching the index): into ``seen``."""
+    listed = call(clients.registry.ListAdapters, trainer_pb2.ListAdaptersRequest(name=name), timeout=10,
+                  wait_for_ready=wait_for_ready)
+    for adapter in listed.reply.adapters if listed.code == grpc.StatusCode.OK else ():
+        got = call(clients.registry.GetAdapter, trainer_pb2.GetAdapterRequest(ref=f"{name}:{adapter.version}"),
+                   timeout=10, wait_for_ready=wait_for_ready)
+        seen.append((adapter.version, adapter.sha256, got.code, got.reply.sha256 if got.reply else ""))
+
+
 def _registry_poller(clients: Clients, name: str, stop: threading.Event, seen: list[Any]) -> None:
-    """Whenever ``name`` is listed, each listed version must resolve (files complete and matching the index)."""
+    """:func:`_check_listing` in a loop until ``stop`` (calls fail UNAVAILABLE while the trainer is down)."""
     while not stop.is_set():
-        listed = call(clients.registry.ListAdapters, trainer_pb2.ListAdaptersRequest(name=name), timeout=10)
-        for adapter in listed.reply.adapters if listed.code == grpc.StatusCode.OK else ():
-            got = call(clients.registry.GetAdapter, trainer_pb2.GetAdapterRequest(ref=f"{name}:{adapter.version}"),
-                       timeout=10)
-            seen.append((adapter.version, adapter.sha256, got.code, got.reply.sha256 if got.reply else ""))
+        _check_listing(clients, name, seen)
         time.sleep(0.05)  # poll interval
 
 
@@ -153,6 +159,9 @@ def train_through_a_kill(services: dict[str, ServiceProcess], specs: Specs, *, k
         finally:
             stop.set()
             poller.join(30)
+        # the job can end between two polls (or while the poller's channel backs off after the restart): one last
+        # look once it has ended, so the published version is always checked at least once
+        _check_listing(clients, name, seen, wait_for_ready=True)
     resumed = re.search(rf"resumed \S*{job.id}\S* at step (\d+)", services["trainer"].log())
     return {**times, "killed_at_step": before.job.step, "resumed_from_step": int(resumed.group(1)) if resumed else 0,
             "final": events[-1].job, "registry_seen": seen}

@@ -108,12 +108,13 @@ class Outcome:
 
 
 def call(method: Callable[..., Any], request: Any, *, metadata: Iterable[tuple[str, str]] = AS_A,
-         timeout: float = 60.0) -> Outcome:
-    """Run one RPC to its end; a client stream is given as a list of messages, a server stream is read fully."""
+         timeout: float = 60.0, wait_for_ready: bool = False) -> Outcome:
+    """Run one RPC to its end; a client stream is given as a list of messages, a server stream is read fully.
+    ``wait_for_ready``: wait (up to ``timeout``) for a channel that is reconnecting instead of failing UNAVAILABLE."""
     if isinstance(request, list):
         request = iter(request)
     try:
-        reply = method(request, metadata=tuple(metadata), timeout=timeout)
+        reply = method(request, metadata=tuple(metadata), timeout=timeout, wait_for_ready=wait_for_ready)
         if hasattr(reply, "__next__"):
             reply = list(reply)
     except grpc.RpcError as exc:
