@@ -172,7 +172,7 @@ class S3AdapterStore:
             except Exception as exc:
                 if _error_code(exc) not in _RETRY_CODES:
                     raise
-                time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))  # noqa: S311 - jitter, not crypto
+                time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))  # nosec B311  # backoff jitter, not a secret
                 continue
             with self._lock:
                 self._index_cache = (str(response["ETag"]), copy.deepcopy(index))
