@@ -9,6 +9,9 @@ Contract of :meth:`ByteSemaphore.hold` (a context manager):
   are free at once are granted even with no time left. Past the timeout it raises
   :class:`~sam_core.errors.Overloaded` (RESOURCE_EXHAUSTED) naming the setting, with a retry hint (the mean
   time a hold has lasted, at least 1 s); the refused request holds nothing;
+- a waiter whose caller went away (``is_active()`` false, checked at least every :data:`ACTIVE_POLL_S`) stops
+  waiting with :class:`~services.common.status.Cancelled` and holds nothing, so a client that disconnects
+  without a deadline never pins a worker thread;
 - ``weight`` must be 1..capacity (callers guarantee it, e.g. by a settings check), else ValueError.
 
 ``held``, ``waiting`` and ``peak`` (the most bytes held at once since creation) are for metrics and tests.
@@ -20,13 +23,20 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sam_core.errors import Overloaded
+from services.common.status import Cancelled
 
 _MEAN_WEIGHT = 0.2
 """Weight of the newest hold in the running mean of hold durations (the retry hint)."""
+ACTIVE_POLL_S = 0.5
+"""Longest wait between two checks that the waiting caller is still there."""
+
+
+def _always() -> bool:
+    return True
 
 
 class ByteSemaphore:
@@ -50,16 +60,16 @@ class ByteSemaphore:
             return len(self._waiters)
 
     @contextmanager
-    def hold(self, weight: int, timeout: float | None) -> Iterator[None]:
+    def hold(self, weight: int, timeout: float | None, is_active: Callable[[], bool] = _always) -> Iterator[None]:
         """Hold ``weight`` bytes for the block (see the module docstring)."""
-        self._acquire(weight, timeout)
+        self._acquire(weight, timeout, is_active)
         started = time.monotonic()
         try:
             yield
         finally:
             self._release(weight, time.monotonic() - started)
 
-    def _acquire(self, weight: int, timeout: float | None) -> None:
+    def _acquire(self, weight: int, timeout: float | None, is_active: Callable[[], bool]) -> None:
         if not 0 < weight <= self.capacity:
             raise ValueError(f"weight must be 1..{self.capacity} bytes, got {weight}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -71,7 +81,9 @@ class ByteSemaphore:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise self._refusal(weight)
-                    self._changed.wait(remaining)
+                    if not is_active():
+                        raise Cancelled("the caller went away while waiting for image-decoding memory")
+                    self._changed.wait(ACTIVE_POLL_S if remaining is None else min(remaining, ACTIVE_POLL_S))
             finally:
                 self._waiters.remove(ticket)
                 self._changed.notify_all()  # the next waiter may be first now

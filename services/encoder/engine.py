@@ -204,7 +204,7 @@ class EmbeddingEngine:
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         with open_image(image, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_pixels,
                         field="image") as header, \
-                self.decode_budget.hold(DECODE_BYTES_PER_PIXEL * header.pixels, _remaining(deadline)):
+                self.decode_budget.hold(DECODE_BYTES_PER_PIXEL * header.pixels, _remaining(deadline), is_active):
             started = self._start(tenant, header.decode(), adapter, tiling, is_active)
         if isinstance(started, EmbedResult):
             return started

@@ -9,6 +9,7 @@ import pytest
 
 from sam_core.errors import Overloaded
 from services.common.byte_semaphore import ByteSemaphore
+from services.common.status import Cancelled
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
@@ -94,3 +95,28 @@ def test_a_weight_over_the_capacity_is_a_programming_error():
             pytest.fail("must not enter")
     with pytest.raises(ValueError):
         ByteSemaphore(0, setting="SAMFORGE_DECODE_BYTES")
+
+
+def test_a_waiter_whose_caller_went_away_stops_waiting_and_holds_nothing():
+    """No deadline, and the client disconnects while waiting: the worker thread must not wait forever."""
+    budget = ByteSemaphore(100, setting="SAMFORGE_DECODE_BYTES")
+    caller_there = threading.Event()
+    caller_there.set()
+    outcome: list = []
+
+    def wait_without_deadline() -> None:
+        try:
+            with budget.hold(60, timeout=None, is_active=caller_there.is_set):
+                outcome.append("held")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertions
+            outcome.append(exc)
+
+    with budget.hold(70, timeout=1.0):
+        thread = threading.Thread(target=wait_without_deadline)
+        thread.start()
+        wait_for(lambda: budget.waiting == 1)
+        caller_there.clear()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(outcome[0], Cancelled) and "went away" in str(outcome[0])
+    assert budget.held == 0 and budget.waiting == 0
