@@ -311,6 +311,9 @@ class EmbeddingEngine:
         if not leader:
             return key, flight, None
         try:
+            shared = self._l2_get(key, tenant)  # before the resize: an L2 hit needs no job
+            if shared is not None:
+                return self._publish(key, tenant, flight, shared, 0.0, cached=True)
             return key, flight, self._job(handle, canonical, geometry, flight)
         except BaseException as exc:
             self._finish(key, flight, exc)
@@ -325,12 +328,18 @@ class EmbeddingEngine:
         return EncodeJob(predictor, _prepare(predictor, image), flight.any_active)
 
     def _lead(self, key: str, tenant: str, flight: _Flight, job: EncodeJob, deadline: float | None) -> EmbedResult:
-        """Compute ``key`` (L2, else the batcher), publish it to L1 and to the waiting followers."""
+        """Compute ``key`` with the batcher and publish it (L2 was looked up by :meth:`_start`)."""
         try:
-            value = self._l2_get(key, tenant)
-            cached, encode_ms = value is not None, 0.0
-            if value is None:
-                value, encode_ms = self.batcher.submit(job, _remaining(deadline)).result()
+            value, encode_ms = self.batcher.submit(job, _remaining(deadline)).result()
+        except BaseException as exc:
+            self._finish(key, flight, exc)
+            raise
+        return self._publish(key, tenant, flight, value, encode_ms, cached=False)
+
+    def _publish(self, key: str, tenant: str, flight: _Flight, value: ServedEmbedding, encode_ms: float, *,
+                 cached: bool) -> EmbedResult:
+        """Put ``value`` in L1 (and L2 when this request encoded it) and hand it to the flight's followers."""
+        try:
             value = self._place(value)
             self._l1_put(key, CachedEmbedding(tenant, value))
         except BaseException as exc:
