@@ -43,6 +43,7 @@ from sam_core.adapters.store import (
     AdapterVersion,
     content_sha256,
     tenant_dir,
+    validate_call,
     validate_name,
     validate_version,
     watch_revision,
@@ -207,9 +208,7 @@ class FileSystemAdapterStore:
 
     def get(self, tenant: str, name: str, version: int) -> AdapterVersion:
         """Metadata of one version (no content check; :meth:`resolve` is the serving path)."""
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_version(version)
+        validate_call(tenant, name=name, version=version)
         return self._lookup(self._read_index(), tenant, AdapterRef(name, version=version))
 
     def list(self, tenant: str, name: str | None = None) -> list[AdapterVersion]:
@@ -245,8 +244,7 @@ class FileSystemAdapterStore:
         raises AdapterInvalid and changes nothing. ``parent`` (a reference in the same tenant) is recorded
         as ``name:N``; NotFound(field="parent") if it does not resolve.
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
+        validate_call(tenant, name=name)
         parent_ref = ix.parent_ref(parent)
         source = ix.artifact_source(Path(source_dir))
         staged = self._staging_dir("tmp-")
@@ -285,10 +283,7 @@ class FileSystemAdapterStore:
 
         Promoting an alias to the version it already points to changes nothing (no history entry, same revision).
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_name("alias", alias)
-        validate_version(version)
+        validate_call(tenant, name=name, alias=alias, version=version)
         self._verify(self._lookup(self._read_index(), tenant, AdapterRef(name, version=version)))
         with self._locked():
             index = self._read_index(fresh=True)
@@ -304,9 +299,7 @@ class FileSystemAdapterStore:
         NotFound if the alias does not exist; AdapterConflict (FAILED_PRECONDITION) if it has no history;
         AdapterInvalid if the earlier version no longer verifies (the alias then stays where it is).
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_name("alias", alias)
+        validate_call(tenant, name=name, alias=alias)
         with self._locked():
             index = self._read_index(fresh=True)
             self._verify(self._lookup(index, tenant, AdapterRef(name, version=ix.rollback_target(
@@ -318,9 +311,7 @@ class FileSystemAdapterStore:
 
     def delete(self, tenant: str, name: str, version: int) -> None:
         """Remove one version (its number is never reused). Refused while an alias points at it."""
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_version(version)
+        validate_call(tenant, name=name, version=version)
         with self._locked():
             index = self._read_index(fresh=True)
             found = self._lookup(index, tenant, AdapterRef(name, version=version))

@@ -47,6 +47,7 @@ from sam_core.adapters.store import (
     AdapterVersion,
     content_sha256,
     parse_s3_url,
+    validate_call,
     validate_name,
     validate_version,
     watch_revision,
@@ -271,9 +272,7 @@ class S3AdapterStore:
 
     def get(self, tenant: str, name: str, version: int) -> AdapterVersion:
         """Metadata of one version (nothing downloaded; :meth:`resolve` is the serving path)."""
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_version(version)
+        validate_call(tenant, name=name, version=version)
         return self._version(self._read_index()[0], tenant, AdapterRef(name, version=version))[0]
 
     def list(self, tenant: str, name: str | None = None) -> list[AdapterVersion]:
@@ -307,8 +306,7 @@ class S3AdapterStore:
         The artifact is validated before anything is uploaded (AdapterInvalid, nothing changes); ``parent`` is
         recorded as ``name:N`` (NotFound(field="parent") if it does not resolve; the upload is then removed).
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
+        validate_call(tenant, name=name)
         parent_ref = ix.parent_ref(parent)
         source = ix.artifact_source(Path(source_dir))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -351,10 +349,7 @@ class S3AdapterStore:
 
         Promoting an alias to the version it already points to changes nothing (no history entry, same revision).
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_name("alias", alias)
-        validate_version(version)
+        validate_call(tenant, name=name, alias=alias, version=version)
         self._materialize(*self._version(self._read_index()[0], tenant, AdapterRef(name, version=version)))
 
         def change(index: dict[str, Any]) -> tuple[int | None, bool]:
@@ -372,9 +367,7 @@ class S3AdapterStore:
         NotFound if the alias does not exist; AdapterConflict (FAILED_PRECONDITION) if it has no history;
         AdapterInvalid if the earlier version no longer verifies (the alias then stays where it is).
         """
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_name("alias", alias)
+        validate_call(tenant, name=name, alias=alias)
 
         def change(index: dict[str, Any]) -> tuple[tuple[int, int], bool]:
             target = ix.rollback_target(index, tenant, name, alias)
@@ -387,9 +380,7 @@ class S3AdapterStore:
 
     def delete(self, tenant: str, name: str, version: int) -> None:
         """Remove one version from the index, then its objects (its number is never reused). Refused while aliased."""
-        validate_name("tenant", tenant)
-        validate_name("name", name)
-        validate_version(version)
+        validate_call(tenant, name=name, version=version)
         record, _ = self._update(lambda index: (ix.delete(index, tenant, name, version), True))
         self._remove_objects(record["location"])
         log.info("adapter registry: deleted %s/%s:%d", tenant, name, version)

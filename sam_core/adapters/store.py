@@ -63,6 +63,21 @@ def validate_name(kind: str, value: object) -> str:
     return value
 
 
+_NOT_TAKEN = object()  # validate_call: the call takes no such argument (None is a value, and is refused)
+
+
+def validate_call(tenant: object, *, name: object = _NOT_TAKEN, alias: object = _NOT_TAKEN,
+                  version: object = _NOT_TAKEN) -> None:
+    """The tenant and whichever of name / alias / version a store call takes, each checked by
+    :func:`validate_name` / :func:`validate_version` (InvalidInput naming the field)."""
+    validate_name("tenant", tenant)
+    for kind, value in (("name", name), ("alias", alias)):
+        if value is not _NOT_TAKEN:
+            validate_name(kind, value)
+    if version is not _NOT_TAKEN:
+        validate_version(version)
+
+
 def tenant_dir(root: str | os.PathLike[str], tenant: str) -> Path:
     """``<root>/<tenant>``: the one way a path is built from a tenant (the name is validated first, so it can
     never leave ``root``: no ``/``, no ``..``, no upper case that would split one tenant into two trees)."""
