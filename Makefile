@@ -8,6 +8,8 @@ TRITON_PY := $(TRITON_VENV)/bin/python
 
 # no wheel cache: the pinned torch build is several GB and a cached copy would double it on disk
 export PIP_NO_CACHE_DIR := 1
+# sam2 (SAM 2.1 models) is an sdist: skip its optional CUDA extension
+export SAM2_BUILD_CUDA := 0
 
 .PHONY: demo demo-local test test-fast typecheck lint install protos system triton-env scan-env
 
@@ -16,6 +18,9 @@ $(BIN)/samforge: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision first, exactly the pinned pair (served from local disk on our machines)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	# sam2's build imports torch: build it against the pinned torch, not a second one in an isolated env
+	$(BIN)/pip install -q setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation sam2==1.1.0
 	$(BIN)/pip install -q -e ".[cpu,dev]"
 	touch $(BIN)/samforge
 

@@ -2,14 +2,14 @@
 
 A folder holds exactly what a fine-tuning run changed: the trainable tensors of its method (see
 :mod:`sam_core.training.methods`) or, for a one-shot method, its fitted tensors. The config
-(sorted keys) records the method and its hyper-parameters, the base model id and weights sha256,
+(sorted keys) records the method and its hyper-parameters, the base model id, family and weights sha256,
 the trained modules, metrics, creation time, the parent version and the sha256 of the tensor file.
 
 :func:`save_adapter` writes to a temporary folder, fsyncs and renames, so a partial artifact is never
 visible. :func:`load_adapter` refuses — with one :class:`AdapterInvalid` naming every problem — a wrong
-base model, a checksum mismatch, missing or extra tensors and wrong shapes; it returns a *new*
-``LoadedModel`` and never modifies the base. A decoder-only adapter shares the base model's image
-encoder module and embeddings (``shares_base_embeddings``).
+base model (another family's named as such, with both model ids), a checksum mismatch, missing or extra
+tensors and wrong shapes; it returns a *new* ``LoadedModel`` and never modifies the base. A decoder-only
+adapter shares the base model's image encoder module and embeddings (``shares_base_embeddings``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class AdapterConfig:
     created_at: str = ""
     parent: str | None = None
     name: str | None = None
+    base_family: str = "sam1"  # the base's ModelSpec.family; artifacts written before it existed are SAM 1
     format_version: int = FORMAT_VERSION
 
     @property
@@ -113,7 +114,8 @@ def save_adapter(out_dir: str | os.PathLike[str], model: LoadedModel, tensors: d
                   metadata={"format": "pt", "method": method.method})
         config = AdapterConfig(
             method=method.method, base_model=model.spec.name, base_model_id=model.model_id,
-            base_weights_sha256=model.weights_sha256, weights_sha256=file_sha256(weights),
+            base_weights_sha256=model.weights_sha256, base_family=model.spec.family,
+            weights_sha256=file_sha256(weights),
             shares_base_embeddings=not method.changes_image_encoder, rank=method.rank, alpha=method.alpha,
             adapter_ratio=method.adapter_ratio, trained_modules=_module_prefixes(set(tensors)),
             n_parameters=int(sum(t.numel() for t in tensors.values())), metrics=dict(metrics or {}),
@@ -171,6 +173,9 @@ def check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tens
 
 
 def check_base(config: AdapterConfig, model: LoadedModel, source: str) -> None:
+    if config.base_family != model.spec.family:
+        raise AdapterInvalid(f"{source} is a {config.base_family} family adapter trained on {config.base_model_id}; "
+                             f"{model.model_id} is a {model.spec.family} family model", field="adapter")
     if config.base_model_id != model.model_id or config.base_weights_sha256 != model.weights_sha256:
         raise AdapterInvalid(f"{source} was trained on {config.base_model_id}, not on {model.model_id}",
                              field="adapter")

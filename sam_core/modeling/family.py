@@ -33,6 +33,7 @@ Features = dict[str, torch.Tensor]
 """Named feature tensors of a batch of images: name -> ``B x C_l x h_l x w_l`` (float32)."""
 
 IMAGE_NORMALIZATIONS = ("imagenet", "minmax")
+RESIZE_MODES = ("longest_side", "square")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
@@ -44,6 +45,10 @@ class ModelSpec:
     ``normalization`` is ``"imagenet"`` (SAM: (x - mean) / std on 0..255 pixels) or ``"minmax"``
     (LiteMedSAM: per-image (x - min) / (max - min) to [0, 1] after the resize). ``family`` names the
     :class:`SegmentationModel` implementation (adapters record it; loading one onto another family is refused).
+    ``resize`` is ``"longest_side"`` (SAM 1: scale the longest side to ``img_size`` keeping the aspect ratio,
+    zero-pad the rest; pixels 0..255) or ``"square"`` (SAM 2's ``SAM2Transforms``: pixels to 0..1, then an
+    antialiased bilinear resize to ``img_size x img_size`` ignoring the aspect ratio, no padding; mean and std
+    are then in 0..1 units). :mod:`sam_core.modeling.preprocess` implements both.
     """
 
     name: str
@@ -53,10 +58,13 @@ class ModelSpec:
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     family: str = "sam1"
+    resize: str = "longest_side"
 
     def __post_init__(self) -> None:
         if self.normalization not in IMAGE_NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {IMAGE_NORMALIZATIONS}, got {self.normalization!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     @property
     def low_res_size(self) -> int:
@@ -65,6 +73,8 @@ class ModelSpec:
 
     @property
     def preprocess_version(self) -> str:
+        if self.resize == "square":
+            return f"{self.normalization}-square-{self.img_size}-v1"
         resize = "cv2area" if self.normalization == "minmax" else "pilbilinear"
         return f"{self.normalization}-{resize}-{self.img_size}-v1"
 

@@ -10,6 +10,10 @@ and adapter manifests).
   (sha256 verified before loading), TinyViT encoder, official PromptEncoder/MaskDecoder. 256 px.
 - ``vit_b`` / ``vit_l`` / ``vit_h``: official SAM from a checkpoint path the user gives. 1024 px.
 - ``tiny``: a small randomly initialised SAM built from the same classes, for fast unit tests.
+- ``sam2.1_hiera_t|s|b+|l`` and ``sam2_hiera_t|s|b+|l``: SAM 2.1 / SAM 2 image models
+  (:mod:`sam_core.modeling.sam2`) built from the ``sam2`` package's configs and loaded from the official
+  checkpoint the user gives (``{"model": state_dict}``; the video-only keys are ignored). 1024 px, square resize.
+- ``tiny_sam2``: a small randomly initialised SAM 2 built from the same classes, for fast unit tests.
 
 Weights are read with ``torch.load(weights_only=True)`` or safetensors; nothing is ever unpickled.
 """
@@ -28,7 +32,7 @@ import torch
 
 from sam_core.errors import InvalidInput, ModelLoadError
 from sam_core.files import file_sha256
-from sam_core.modeling import sam1
+from sam_core.modeling import sam1, sam2
 from sam_core.modeling.family import ModelSpec, SegmentationModel
 
 if TYPE_CHECKING:
@@ -68,6 +72,14 @@ SPECS: dict[str, ModelSpec] = {
     "vit_h": ModelSpec("vit_h", 1024, 64, "imagenet"),
     "tiny": ModelSpec("tiny", 128, 8, "imagenet"),
 }
+SAM2_MEAN, SAM2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms, on 0..1 pixels
+SAM2_CONFIGS = {  # model name -> config file in the sam2 package
+    f"{generation}_hiera_{size}": f"configs/{generation}/{generation}_hiera_{size}.yaml"
+    for generation in ("sam2.1", "sam2") for size in ("t", "s", "b+", "l")
+}
+for _name in SAM2_CONFIGS:
+    SPECS[_name] = ModelSpec(_name, 1024, 64, "imagenet", SAM2_MEAN, SAM2_STD, family="sam2", resize="square")
+SPECS["tiny_sam2"] = ModelSpec("tiny_sam2", 128, 8, "imagenet", SAM2_MEAN, SAM2_STD, family="sam2", resize="square")
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -173,12 +185,43 @@ def build_tiny(checkpoint: str | os.PathLike[str] | None = None, seed: int = 0) 
     return LoadedModel(net=net, spec=spec, weights_sha256=state_dict_sha256(net.state_dict()), source=source)
 
 
+def _build_sam2(name: str, checkpoint: str | os.PathLike[str] | None) -> LoadedModel:
+    """SAM 2 / 2.1 from an official checkpoint (video-only keys dropped, every image key required)."""
+    if checkpoint is None:
+        raise ModelLoadError(f"model {name} needs a checkpoint path (e.g. {name.replace('_t', '_tiny')}.pt)",
+                             field="checkpoint")
+    path = Path(checkpoint)
+    state = sam2.image_state(_read_state(path, name))
+    net = sam2.from_config(SAM2_CONFIGS[name])
+    _load_state(net, state, path, name)
+    return LoadedModel(net=net, spec=SPECS[name], weights_sha256=file_sha256(path), source=str(path))
+
+
+def build_tiny_sam2(checkpoint: str | os.PathLike[str] | None = None, seed: int = 0) -> LoadedModel:
+    """A ~0.35M-parameter SAM 2 (Hiera, 128 px, 8x8 embedding + two high-res levels, 32x32 low-res masks).
+
+    Randomly initialised from ``seed`` (deterministic), or loaded from ``checkpoint`` (official format).
+    """
+    spec = SPECS["tiny_sam2"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = sam2.tiny_sam2(spec)
+    source = f"random(seed={seed})"
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        _load_state(net, sam2.image_state(_read_state(path, "tiny_sam2")), path, "tiny_sam2")
+        source = str(path)
+    return LoadedModel(net=net, spec=spec, weights_sha256=state_dict_sha256(net.state_dict()), source=source)
+
+
 MODEL_REGISTRY: dict[str, Callable[..., LoadedModel]] = {
     "litemedsam": build_litemedsam,
     "vit_b": partial(_build_vit, "vit_b", 768, 12, 12, [2, 5, 8, 11]),
     "vit_l": partial(_build_vit, "vit_l", 1024, 24, 16, [5, 11, 17, 23]),
     "vit_h": partial(_build_vit, "vit_h", 1280, 32, 16, [7, 15, 23, 31]),
     "tiny": build_tiny,
+    **{name: partial(_build_sam2, name) for name in SAM2_CONFIGS},
+    "tiny_sam2": build_tiny_sam2,
 }
 
 

@@ -12,7 +12,8 @@ from sam_core.modeling.registry import MODEL_REGISTRY, SPECS, load_model
 
 
 def test_registry_has_every_model():
-    assert set(MODEL_REGISTRY) == {"litemedsam", "vit_b", "vit_l", "vit_h", "tiny"}
+    sam2 = {f"{generation}_hiera_{size}" for generation in ("sam2", "sam2.1") for size in ("t", "s", "b+", "l")}
+    assert set(MODEL_REGISTRY) == {"litemedsam", "vit_b", "vit_l", "vit_h", "tiny", "tiny_sam2"} | sam2
     assert set(SPECS) == set(MODEL_REGISTRY)
 
 
