@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", type=_box, action="append", help="x0,y0,x1,y1 in pixels; repeat for more prompts")
     p.add_argument("--point", type=_point, action="append",
                    help="x,y[,label] (label 1 = foreground (default), 0 = background); all points form one prompt")
-    p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), vit_b, vit_l, vit_h, tiny")
-    p.add_argument("--checkpoint", help="weights file for vit_b/vit_l/vit_h (or to override litemedsam)")
+    p.add_argument("--model", default="litemedsam",
+                   help="litemedsam (default, bundled), vit_b, vit_l, vit_h, sam2.1_hiera_t|s|b+|l, sam2_hiera_*, tiny")
+    p.add_argument("--checkpoint", help="weights file for vit_*/sam2*_hiera_* (or to override litemedsam)")
     p.add_argument("--tile", action="store_true", help="embed overlapping native-resolution tiles (small objects)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (with --tile)")
     p.add_argument("--multimask", action="store_true", help="predict 3 masks per prompt, keep the best scored")
