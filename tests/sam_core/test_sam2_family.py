@@ -15,7 +15,7 @@ from sam_core.adapters.artifact import adapted_net, load_adapter, read_adapter_c
 from sam_core.errors import AdapterInvalid, ModelLoadError
 from sam_core.modeling.family import ParamGroup, PromptBatch, SegmentationModel
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
-from sam_core.modeling.registry import SPECS, build_tiny_sam2, load_model
+from sam_core.modeling.registry import SAM2_CONFIGS, SPECS, build_tiny_sam2, load_model
 from sam_core.modeling.sam2 import FEATURE_NAMES, VIDEO_ONLY_KEYS, Sam2Model
 from sam_core.training.methods import MethodConfig, get_method, method_names, trainable_state
 from tests.conftest import save_perturbed_adapter
@@ -206,3 +206,22 @@ def test_an_adapter_of_the_other_family_is_refused_naming_both_models(tiny2, tin
             load_adapter(base, folder)
         message = str(raised.value)
         assert base.model_id in message and other.model_id in message and "family" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SAM2_CONFIGS))
+def test_every_config_has_the_official_image_keys_and_shapes(name):
+    """An official checkpoint of every size loads: our state dict is the official SAM2Base's minus exactly the
+    video-only keys."""
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sam_core.modeling.sam2 import POSTPROCESSING_OVERRIDES, from_config, image_state
+
+    cfg = compose(config_name=SAM2_CONFIGS[name], overrides=list(POSTPROCESSING_OVERRIDES))
+    OmegaConf.resolve(cfg)
+    official = {k: v.shape for k, v in instantiate(cfg.model, _recursive_=True).state_dict().items()}
+    ours = {k: v.shape for k, v in from_config(SAM2_CONFIGS[name]).state_dict().items()}
+    assert image_state(official) == ours
+    assert set(official) - set(ours) and all(k.startswith(VIDEO_ONLY_KEYS) for k in set(official) - set(ours))
