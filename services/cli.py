@@ -157,9 +157,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         prompts = [Prompt(box=b) for b in boxes]
         if args.part == "encoder":
             features = OnnxEncoder(path)(preprocess(image, loaded.spec)[0])
-            ours = Embedding(features, ref.original_size, ref.input_size, ref.model_id, ref.preprocess_version,
-                             ref.encoder_adapter)
-            summary["embedding_max_abs_error"] = float((features - ref.features).abs().max())
+            ours = Embedding(loaded.net.features_from_encoder(features), ref.original_size, ref.input_size,
+                             ref.model_id, ref.preprocess_version, ref.encoder_adapter)
+            summary["embedding_max_abs_error"] = max(float((ours.features[name] - level).abs().max())
+                                                     for name, level in ref.features.items())
             a, b = torch_predictor.decode(ref, prompts).masks, torch_predictor.decode(ours, prompts).masks
         else:
             onnx_predictor = make_onnx_predictor(loaded, onnx_path=path)
