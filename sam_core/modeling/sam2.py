@@ -30,7 +30,6 @@ re-associated fast decoder is not ported: ``mask_decoding(fast=True)`` runs the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +44,14 @@ from torch import nn
 
 from sam_core.modeling.family import (
     AttentionSite,
+    EncoderOutput,
     Features,
     MaskDecoding,
     ModelSpec,
     ParamGroup,
     PromptBatch,
     SegmentationModel,
+    named_features,
 )
 
 FEATURE_NAMES = ("image_embed", "high_res_feat_s0", "high_res_feat_s1")
@@ -118,10 +119,8 @@ class Sam2Model(SegmentationModel):
         source = copy.deepcopy(self).requires_grad_(False).eval() if optimize else self
         return _TupleEncoder(source)
 
-    def features_from_encoder(self, output: torch.Tensor | Sequence[torch.Tensor]) -> Features:
-        if isinstance(output, torch.Tensor) or len(output) != len(FEATURE_NAMES):
-            raise ValueError(f"a SAM 2 encoder outputs {len(FEATURE_NAMES)} tensors ({', '.join(FEATURE_NAMES)})")
-        return dict(zip(FEATURE_NAMES, output, strict=True))
+    def features_from_encoder(self, output: EncoderOutput) -> Features:
+        return named_features(FEATURE_NAMES, output)
 
     def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
         dim = int(self.sam_prompt_encoder.embed_dim)
