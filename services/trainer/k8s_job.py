@@ -63,6 +63,8 @@ JOB_ID_LABEL = "samforge.io/job-id"
 TENANT_ANNOTATION = "samforge.io/tenant"
 CONTAINER = "train"
 UID = 10001
+TMP_MOUNT = "/tmp"  # nosec B108  # mount path of the pod's own emptyDir (read-only root file system)
+SHM_MOUNT = "/dev/shm"  # nosec B108  # the pod's memory-backed emptyDir (torch DataLoader workers share tensors)
 _JOB_ID = re.compile(r"[a-z0-9]{1,40}", re.ASCII)
 _QUANTITY = re.compile(r"([0-9.]+)([a-zA-Z]*)", re.ASCII)
 
@@ -127,7 +129,7 @@ def pod_command(settings: TrainerSettings, job: TrainingJob) -> list[str]:
     """The container's command: torchrun (static rendezvous at pod 0) running ``samforge train``."""
     name, out = object_name(job.job_id), out_dir(settings, job.tenant, job.job_id)
     data = Path(job.data)
-    if not data.is_relative_to(settings.data_dir):
+    if ".." in data.parts or not data.is_relative_to(settings.data_dir):
         raise InvalidInput(f"{job.data!r} is not under SAMFORGE_DATA_DIR ({settings.data_dir})", field="dataset")
     train = ["samforge", "train", "--data", str(data), "--out", str(out), *job.train_args]
     if job.events:
@@ -177,8 +179,8 @@ def _container(settings: TrainerSettings, job: TrainingJob) -> dict[str, Any]:
                             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
         "volumeMounts": [{"name": "jobs", "mountPath": settings.jobs_dir},
                          {"name": "data", "mountPath": settings.data_dir, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"},  # nosec B108  # an emptyDir of the pod
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+                         {"name": "tmp", "mountPath": TMP_MOUNT},
+                         {"name": "dshm", "mountPath": SHM_MOUNT}],
     }
 
 

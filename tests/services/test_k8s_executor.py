@@ -140,6 +140,9 @@ def test_a_bad_job_reaches_no_api(settings, api):
     with pytest.raises(InvalidInput) as info:
         KubernetesExecutor(settings, api, api).start(a_job(settings, data="/etc"))
     assert info.value.field == "dataset"
+    with pytest.raises(InvalidInput) as info:
+        KubernetesExecutor(settings, api, api).start(a_job(settings, data=f"{settings.data_dir}/acme/../../x"))
+    assert info.value.field == "dataset"
     no_image = TrainerSettings.from_env({"SAMFORGE_DATA_DIR": settings.data_dir})
     with pytest.raises(InvalidInput) as info:
         KubernetesExecutor(no_image, api, api).start(a_job(no_image))
