@@ -77,6 +77,11 @@ class Resources:
     processes_per_node: int = 1
     gpus_per_process: int = 0
 
+    @classmethod
+    def of(cls, nodes: int, processes_per_node: int, gpus_per_process: int) -> Resources:
+        """From a CreateJob request's ``resources``, where 0 means the default (1 node, 1 process, no GPU)."""
+        return cls(nodes or 1, processes_per_node or 1, gpus_per_process)
+
     def __post_init__(self) -> None:
         for name in ("nodes", "processes_per_node"):
             if getattr(self, name) < 1:

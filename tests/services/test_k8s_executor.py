@@ -238,6 +238,14 @@ def test_job_status_waits_on_a_pod_pulling_its_image():
     assert status.state is ClusterJobState.PENDING and "ImagePullBackOff" in status.reason
 
 
+def test_request_resources_default_to_one_node_of_one_process():
+    assert Resources.of(0, 0, 0) == Resources(1, 1, 0)
+    assert Resources.of(2, 4, 1) == Resources(2, 4, 1)
+    with pytest.raises(InvalidInput) as info:
+        Resources.of(1, 1, -1)
+    assert info.value.field == "resources.gpus_per_process"
+
+
 def test_quantities_scale_per_process():
     assert [scaled("4", 2), scaled("500m", 3), scaled("16Gi", 2), scaled("1.5", 2)] == ["8", "1500m", "32Gi", "3.0"]
     assert [threads("4"), threads("500m"), threads("2500m")] == [4, 1, 2]
