@@ -50,6 +50,7 @@ from .k8s import (
     mount_for,
     named,
     of_kind,
+    quantity,
     samforge_containers,
     selector_matches,
     validation_errors,
@@ -250,6 +251,18 @@ def test_training_pods_reach_each_other_on_rendezvous_and_ephemeral_ports_only(o
         for port in [p[1] for p in service.ports] + [RENDEZVOUS_PORT]:
             assert not allowed(policies, train, service, port, managed_namespaces=ns), (component, port)
             assert not allowed(policies, service, train, RENDEZVOUS_PORT, managed_namespaces=ns), component
+
+
+def test_a_one_process_training_pod_is_sized_like_the_trainer(overlay):
+    """Where the trainer runs jobs itself today, a 1-node x 1-process Job fits the same room."""
+    _, objects = overlay
+    settings = trainer_settings(objects)
+    job = render_job(settings, TrainingJob(JOB_ID, "default", f"{settings.data_dir}/default/ships"))
+    ours = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    theirs = trainer(objects)[1]["resources"]
+    for resource in ("cpu", "memory"):
+        assert quantity(ours["requests"][resource]) <= quantity(theirs["limits"][resource]), resource
+        assert ours["requests"][resource] == ours["limits"][resource], resource
 
 
 def test_the_training_image_is_the_trainers_pinned_image(overlay):
