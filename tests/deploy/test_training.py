@@ -295,6 +295,7 @@ def test_kubernetes_executor_component(tmp_path, overlay_name):
     workload, container = trainer(objects)
     env = effective_env(objects, container)
     assert env["SAMFORGE_TRAINER_EXECUTOR"] == "kubernetes"
+    trainer_settings(objects)  # the trainer starts with these settings (the executor is one it knows)
     mount = mount_for(container, "/var/run/secrets/kubernetes.io/serviceaccount/token")
     assert mount["readOnly"] is True
     sources = workload.volume(mount["name"])["projected"]["sources"]
