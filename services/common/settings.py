@@ -207,6 +207,19 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
         parse=Integer(1)),
     Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_TRAINER_EXECUTOR", "process", "where a training job runs: process (its own worker process, "
+        "`samforge train`, under torchrun when it asks for several processes) or inline (a thread of the trainer; "
+        "mechanics tests only)", ("trainer",), parse=Choice(("process", "inline"))),
+    Var("SAMFORGE_MAX_RESUMES", "3", "times a job whose worker died (killed, crashed) is resumed from its "
+        "checkpoints before it is FAILED", ("trainer",), parse=Integer()),
+    Var("SAMFORGE_DETACH_WORKERS", "true", "process executor: on SIGTERM the trainer leaves job workers running and "
+        "re-attaches at its next start; false: it stops them (they checkpoint; jobs resume at the next start). "
+        "`samforge up` sets false", ("trainer",), parse=Flag()),
+    Var("SAMFORGE_MAX_NODES", "1", "largest CreateJob resources.nodes", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_PROCESSES_PER_NODE", "4", "largest CreateJob resources.processes_per_node (torchrun ranks "
+        "per node)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_GPUS_PER_PROCESS", "1", "largest CreateJob resources.gpus_per_process", ("trainer",),
+        parse=Integer()),
     Var("SAMFORGE_METRICS_JOB_LABELS", "false", "per-job gauges (step, loss, val Dice) labelled job=<id> on the "
         "trainer's /metrics; exposes every tenant's job ids and progress to whoever reads /metrics", ("trainer",),
         parse=Flag()),
@@ -339,6 +352,12 @@ class TrainerSettings(CommonSettings):
     max_extracted_bytes: int = setting("SAMFORGE_MAX_EXTRACTED_BYTES")
     max_extract_ratio: float = setting("SAMFORGE_MAX_EXTRACT_RATIO")
     metrics_job_labels: bool = setting("SAMFORGE_METRICS_JOB_LABELS")
+    executor: str = setting("SAMFORGE_TRAINER_EXECUTOR")
+    max_resumes: int = setting("SAMFORGE_MAX_RESUMES")
+    detach_workers: bool = setting("SAMFORGE_DETACH_WORKERS")
+    max_nodes: int = setting("SAMFORGE_MAX_NODES")
+    max_processes_per_node: int = setting("SAMFORGE_MAX_PROCESSES_PER_NODE")
+    max_gpus_per_process: int = setting("SAMFORGE_MAX_GPUS_PER_PROCESS")
 
     def check(self) -> None:
         super().check()
