@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.trainer.worker import write_result as write
 
     spec = spec_from_args(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"samforge train: rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}", file=sys.stderr)
     if args.no_resume:
         import shutil
 
