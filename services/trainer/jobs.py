@@ -43,6 +43,7 @@ from services.common.settings import TrainerSettings
 
 from .executors import JobLaunch, Outcome, RunResult, make_executor
 from .executors.base import GENERIC_ERROR
+from .executors.process import start_ticks
 from .job_metrics import JobMetrics
 from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, summary_metrics, write_job
 from .job_spec import (
@@ -163,8 +164,9 @@ class JobManager:
                 if event.job.state.terminal:
                     return
 
-    def cancel(self, tenant: str, job_id: str, *, wait: float = 5.0) -> Job:
-        """Cancel a queued job at once, a running one at its next event (waits up to ``wait`` s for that).
+    def cancel(self, tenant: str, job_id: str, *, wait: float | None = None) -> Job:
+        """Cancel a queued job at once, a running one at its next event (waits up to ``wait`` s for that,
+        default SAMFORGE_GRACE_SECONDS: its worker checkpoints and exits first).
 
         Cancelling a finished job (or one already publishing its adapter) changes nothing.
         """
@@ -176,7 +178,8 @@ class JobManager:
             elif job.state is JobState.RUNNING and not job.publishing:
                 live.cancel = True
                 log.info("job %s: cancel requested", job.id)
-                live.cond.wait_for(lambda: live.job.state.terminal, timeout=wait)
+                timeout = self.settings.grace_seconds if wait is None else wait
+                live.cond.wait_for(lambda: live.job.state.terminal, timeout=timeout)
             return live.job.snapshot()
 
     def wait(self, tenant: str, job_id: str, timeout: float | None = None) -> Job:
@@ -215,8 +218,6 @@ class JobManager:
 
     def _recover(self) -> None:
         """Re-attach to live workers first (they hold job slots), then re-queue the other unfinished jobs."""
-        from .executors.process import start_ticks
-
         pending: list[_Live] = []
         for job in load_jobs(self.jobs_dir):
             live = _Live(job)
@@ -284,7 +285,7 @@ class JobManager:
         if outcome is Outcome.DETACHED:
             with live.cond:
                 self._write(live)  # the worker record and events offset, for the next start
-        elif outcome is Outcome.STOPPED and live.cancel or outcome is Outcome.PUBLISH and live.cancel:
+        elif live.cancel and outcome in (Outcome.STOPPED, Outcome.PUBLISH):
             self._finish(live, JobState.CANCELLED, message="cancelled")  # a cancel after the last event still wins
         elif outcome is Outcome.PUBLISH:
             self._publish(live, result.summary)

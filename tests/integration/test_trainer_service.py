@@ -29,7 +29,8 @@ def trainer_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
     write_blob_dataset(root / "data" / "acme" / "blobs")
     env = {"SAMFORGE_MODEL": "tiny", "SAMFORGE_DATA_DIR": str(root / "data"), "SAMFORGE_JOBS_DIR": str(root / "jobs"),
            "SAMFORGE_REGISTRY_DIR": str(root / "registry"), "SAMFORGE_MAX_UPLOAD_BYTES": str(2 << 20),
-           "SAMFORGE_GRACE_SECONDS": "5", "SAMFORGE_DETACH_WORKERS": "false"}  # SIGTERM stops job workers
+           "SAMFORGE_GRACE_SECONDS": "20",  # SIGTERM: the job worker checkpoints and exits within it
+           "SAMFORGE_DETACH_WORKERS": "false"}
     return env, root
 
 
