@@ -241,6 +241,21 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
         parse=Integer(1)),
     Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_TRAINER_EXECUTOR", "process", "where a training job runs: process (its own worker process, "
+        "`samforge train`, under torchrun when it asks for several processes) or inline (a thread of the trainer; "
+        "mechanics tests only) or kubernetes (a batch/v1 Indexed Job per job; deploy/components/kubernetes-executor)",
+        ("trainer",), parse=Choice(("process", "inline", "kubernetes"))),
+    Var("SAMFORGE_MAX_RESUMES", "3", "times a job whose worker died (killed, crashed) is resumed from its "
+        "checkpoints before it is FAILED", ("trainer",), parse=Integer()),
+    Var("SAMFORGE_DETACH_WORKERS", "true", "process executor: on SIGTERM the trainer leaves job workers running and "
+        "re-attaches at its next start; false: it stops them (they checkpoint; jobs resume at the next start). "
+        "`samforge up` sets false", ("trainer",), parse=Flag()),
+    Var("SAMFORGE_MAX_NODES", "1", "largest CreateJob resources.nodes (the process executor runs one node; raise it "
+        "for the kubernetes executor)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_PROCESSES_PER_NODE", "4", "largest CreateJob resources.processes_per_node (torchrun ranks "
+        "per node)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_GPUS_PER_PROCESS", "1", "largest CreateJob resources.gpus_per_process", ("trainer",),
+        parse=Integer()),
     Var("SAMFORGE_METRICS_JOB_LABELS", "false", "per-job gauges (step, loss, val Dice) labelled job=<id> on the "
         "trainer's /metrics; exposes every tenant's job ids and progress to whoever reads /metrics", ("trainer",),
         parse=Flag()),
@@ -401,6 +416,12 @@ class TrainerSettings(CommonSettings):
     k8s_data_pvc: str = setting("SAMFORGE_K8S_DATA_PVC")
     k8s_cpu_per_process: str = setting("SAMFORGE_K8S_CPU_PER_PROCESS")
     k8s_memory_per_process: str = setting("SAMFORGE_K8S_MEMORY_PER_PROCESS")
+    executor: str = setting("SAMFORGE_TRAINER_EXECUTOR")
+    max_resumes: int = setting("SAMFORGE_MAX_RESUMES")
+    detach_workers: bool = setting("SAMFORGE_DETACH_WORKERS")
+    max_nodes: int = setting("SAMFORGE_MAX_NODES")
+    max_processes_per_node: int = setting("SAMFORGE_MAX_PROCESSES_PER_NODE")
+    max_gpus_per_process: int = setting("SAMFORGE_MAX_GPUS_PER_PROCESS")
 
     def check(self) -> None:
         super().check()

@@ -38,7 +38,6 @@ its output).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,12 +50,11 @@ from sam_core.errors import InvalidInput, Unavailable
 from services.common.settings import TrainerSettings
 
 from .job_model import job_dir
+from .worker import EVENTS_FILE, RESULT_FILE, read_result
 
 RENDEZVOUS_PORT = 29500  # torchrun's default master port
 RETRIES = 2  # pod failures tolerated per node (each retry resumes from the last checkpoint)
 TTL_SECONDS = 86400  # finished Jobs (and their pods) are deleted a day later
-EVENTS_FILE = "events.jsonl"  # progress events of `samforge train --events`, in the job's folder
-RESULT_FILE = "result.json"  # written by rank 0 into the job's folder
 EXIT_BAD_INPUT, EXIT_REJECTED = 2, 3  # `samforge train` exit statuses that a retry cannot change
 COMPONENT = "training"
 JOB_ID_LABEL = "samforge.io/job-id"
@@ -342,18 +340,6 @@ def job_status(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     return ClusterJobStatus(ClusterJobState.PENDING, _waiting(pods))
 
 
-def read_result(folder: Path) -> Mapping[str, Any] | None:
-    """``folder/result.json`` as a dict; None when rank 0 has not written it (or it is not a JSON object)."""
-    try:
-        value: object = json.loads((folder / RESULT_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not isinstance(value, dict):
-        return None
-    result: dict[str, Any] = value
-    return result
-
-
 # ---------------------------------------------------------------------------------------------- executor
 NOT_FOUND, CONFLICT = 404, 409
 
@@ -386,6 +372,18 @@ class KubernetesExecutor:
             if created:
                 self._delete(self.core.delete_namespaced_service, object_name(job.job_id))
             raise
+
+    def exists(self, job_id: str) -> bool:
+        """True if the job's Job object exists (running or finished, not yet garbage-collected)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.read_namespaced_job(object_name(job_id), self.namespace)
+        except ApiException as exc:
+            if exc.status == NOT_FOUND:
+                return False
+            raise _unavailable("read", object_name(job_id), exc) from exc
+        return True
 
     def poll(self, tenant: str, job_id: str) -> ClusterJobStatus:
         from kubernetes.client import ApiClient

@@ -202,7 +202,8 @@ def test_poll_follows_the_job_and_reads_rank_0s_result(settings, api):
     assert missing.state is ClusterJobState.FAILED and "result.json" in missing.reason
     folder = out_dir(settings, "acme", JOB_ID)
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"adapter_dir": str(folder / "adapter"), "steps": 2}))
+    (folder / "result.json").write_text(json.dumps({"status": "published", "adapter_dir": str(folder / "adapter"),
+                                                    "steps": 2}))
     finished = executor.poll("acme", JOB_ID)
     assert finished.state is ClusterJobState.SUCCEEDED and finished.result["steps"] == 2 and finished.exit_code == 0
 
