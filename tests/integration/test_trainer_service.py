@@ -29,7 +29,8 @@ def trainer_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
     write_blob_dataset(root / "data" / "acme" / "blobs")
     env = {"SAMFORGE_MODEL": "tiny", "SAMFORGE_DATA_DIR": str(root / "data"), "SAMFORGE_JOBS_DIR": str(root / "jobs"),
            "SAMFORGE_REGISTRY_DIR": str(root / "registry"), "SAMFORGE_MAX_UPLOAD_BYTES": str(2 << 20),
-           "SAMFORGE_GRACE_SECONDS": "5"}
+           "SAMFORGE_GRACE_SECONDS": "20",  # SIGTERM: the job worker checkpoints and exits within it
+           "SAMFORGE_DETACH_WORKERS": "false"}
     return env, root
 
 
@@ -187,6 +188,11 @@ def test_metrics_carry_no_job_or_tenant_labels(stubs, trainer, first_job):
       for name in ("rank", "epochs", "batch_size", "warmup_steps", "checkpoint_every", "crop")],
     ({"hyperparameters": trainer_pb2.Hyperparameters(lr=1e30)}, "hyperparameters.lr: must be 0 (the default) or > 0 "
                                                                 "and <= 1"),
+    ({"resources": trainer_pb2.Resources(nodes=2)}, "resources.nodes: must be 0 (the default) or 1 to 1"),
+    ({"resources": trainer_pb2.Resources(processes_per_node=64)}, "resources.processes_per_node: must be 0"),
+    ({"resources": trainer_pb2.Resources(processes_per_node=3)}, "resources.processes_per_node: the global batch"),
+    ({"resources": trainer_pb2.Resources(gpus_per_process=-1)}, "resources.gpus_per_process: must be 0"),
+    ({"resources": trainer_pb2.Resources(gpus_per_process=1)}, "resources.gpus_per_process: asks for 1 GPU"),
 ])
 def test_bad_job_requests_are_invalid_argument(stubs, trainer, fields, needle):
     jobs, _ = stubs
