@@ -114,3 +114,50 @@ def test_strict_loading_names_a_missing_and_an_unexpected_key(official, tmp_path
     torch.save({"model": extra}, tmp_path / "extra.pt")
     with pytest.raises(ModelLoadError, match=r"unexpected.*image_encoder\.trunk\.extra_head\.weight"):
         load_model(NAME, checkpoint=tmp_path / "extra.pt")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+BOX = [40.0, 30.0, 330.0, 250.0]
+
+
+def _official_box(predictor):
+    logits, iou, _ = predictor.predict(box=np.array(BOX), multimask_output=False, return_logits=True)
+    return logits[0], float(iou[0])
+
+
+def _assert_same_mask(mask: np.ndarray, logits: np.ndarray) -> None:
+    """Equal wherever the official logit is not within 1e-3 of the threshold."""
+    decided = np.abs(logits) > 1e-3
+    assert decided.mean() > 0.9
+    np.testing.assert_array_equal(mask[decided], logits[decided] > 0)
+
+
+def test_predictor_matches_the_official_predictor(official, ours):
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.prompts import Prompt
+
+    predictor, _, image = official
+    loaded, _ = ours
+    ours_predictor = Predictor(loaded)
+    result = ours_predictor.decode(ours_predictor.encode_one(image), [Prompt.from_box(BOX)], multimask=False)
+    logits, iou = _official_box(predictor)
+    assert abs(float(result.iou_scores[0, 0]) - iou) < 1e-3
+    _assert_same_mask(result.masks[0, 0], logits)
+
+
+def test_cli_predict_with_the_checkpoint_matches_the_official_predictor(official, tmp_path, capsys):
+    import json
+
+    from sam_core.io.masks import decode_png
+    from services.cli import main
+    from tests.conftest import png_bytes
+
+    predictor, path, image = official
+    (tmp_path / "image.png").write_bytes(png_bytes(image))
+    code = main(["predict", "--model", NAME, "--checkpoint", str(path), "--image", str(tmp_path / "image.png"),
+                 "--box", ",".join(str(int(v)) for v in BOX), "--out", str(tmp_path / "mask.png")])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    logits, iou = _official_box(predictor)
+    assert abs(summary["prompts"][0]["iou_score"] - iou) < 1e-3
+    _assert_same_mask(decode_png((tmp_path / "mask.png").read_bytes()).astype(bool), logits)
