@@ -40,7 +40,7 @@ from sam_core.files import atomic_output
 from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
 from sam_core.inference.prompts import Prompt, all_present
 from sam_core.modeling.family import Features, image_embedding
-from sam_core.modeling.preprocess import transform_boxes, transform_coords
+from sam_core.modeling.preprocess import SizeOrSpec, transform_boxes, transform_coords
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
 from sam_core.modeling.sam1 import Sam1Model, require_sam1
 
@@ -203,7 +203,7 @@ def default_providers() -> list[str]:
 
 
 def prompt_arrays(prompts: Sequence[Prompt], original_size: tuple[int, int],
-                  img_size: int) -> tuple[np.ndarray, np.ndarray]:
+                  img_size: SizeOrSpec) -> tuple[np.ndarray, np.ndarray]:
     """Prompts of one signature -> (B x P' x 2 float32 coords in the model frame, B x P' float32 labels).
 
     Points first, then the box's two corners (labels 2, 3); point-only prompts get PromptEncoder's
@@ -305,7 +305,7 @@ class OnnxDecoder:
             for start in range(0, len(indices), self.decode_batch):
                 chunk = indices[start:start + self.decode_batch]
                 group = [prompts[i] for i in chunk]
-                coords, labels = prompt_arrays(group, original_size, self.spec.img_size)
+                coords, labels = prompt_arrays(group, original_size, self.spec)
                 masks = np.stack(all_present(p.mask_input for p in group)) if group[0].mask_input is not None else None
                 lr, sc = self.run(feats, coords, labels, masks)
                 low_res[chunk] = lr[:, mask_slice]

@@ -154,7 +154,7 @@ class Predictor:
 
     def prompt_batch(self, prompts: Sequence[Prompt], original_size: tuple[int, int]) -> PromptBatch:
         """Validated prompts of one signature -> tensors in the model's input frame on this device."""
-        size = self.spec.img_size
+        size = self.spec
         first = prompts[0]
         points = boxes = masks = None
         if first.point_coords is not None:
@@ -198,7 +198,7 @@ class Predictor:
 
     def upscale(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         """N x M x L x L -> N x M x H x W logits in the embedding's original frame."""
-        return upscale_logits(low_res, self.spec.img_size, embedding.input_size, embedding.original_size)
+        return upscale_logits(low_res, self.spec, embedding.input_size, embedding.original_size)
 
     @torch.inference_mode()
     def postprocess(self, low_res: torch.Tensor, embedding: Embedding, threshold: float, masks: np.ndarray,

@@ -25,15 +25,19 @@ from sam_core.inference.embedding_store import EmbeddingStore
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.types import Embedding
 from sam_core.io.images import image_content_hash
-from sam_core.modeling.family import Features, PromptBatch
+from sam_core.modeling.family import Features, ModelSpec, PromptBatch
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords
 
 
-def low_res_target(mask: np.ndarray, img_size: int, low_res: int) -> np.ndarray:
-    """H x W bool -> L x L float32 target in the decoder's low-res frame (resized like the image, padded)."""
+def low_res_target(mask: np.ndarray, spec: ModelSpec, low_res: int) -> np.ndarray:
+    """H x W bool -> L x L float32 target in the decoder's low-res frame (resized like the image: longest side
+    then padded, or to a square for ``spec.resize == "square"``)."""
     h, w = mask.shape
-    scale = low_res / max(h, w)
-    th, tw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    if spec.resize == "square":
+        th, tw = low_res, low_res
+    else:
+        scale = low_res / max(h, w)
+        th, tw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
     small = cv2.resize(mask.astype(np.float32), (tw, th), interpolation=cv2.INTER_AREA) >= 0.5
     out = np.zeros((low_res, low_res), np.float32)
     out[:th, :tw] = small
@@ -134,7 +138,7 @@ class TrainingData:
               device: torch.device) -> TrainingBatch:
         """(position in the global batch, item) pairs -> one :class:`TrainingBatch`. A prompt depends on (seed,
         step, position) only, so it is the same whichever rank draws it."""
-        size, low = self.spec.img_size, self.spec.low_res_size
+        size, low = self.spec, self.spec.low_res_size
         images: list[torch.Tensor] = []
         embeds: list[Features] = []
         coords: list[np.ndarray] = []
