@@ -1,6 +1,7 @@
 """One ``lora`` epoch with and without the frozen-prefix activation cache, same data, one invocation.
 
     python bench/prefix_cache_speed.py [--data DIR] [--images 8] [--batch 2] [--repeats 2] [--method lora]
+                                       [--model litemedsam]
 
 Data: the first ``--images`` images of ``--data`` (default ``../shared/data/ph2_skin_lesions``, one lesion per
 image; synthetic blob images when absent). The two variants run interleaved (uncached, cached, uncached, ...)
@@ -67,9 +68,10 @@ def one_run(model: LoadedModel, ds: SegmentationDataset, cfg: TrainConfig, out: 
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_model("litemedsam")
+    model = load_model(args.model)
     with tempfile.TemporaryDirectory() as scratch:
         ds, source = dataset(Path(args.data), args.images, Path(scratch))
+        n_instances = sum(len(s.instances) for s in ds)
         runs: dict[str, list[dict[str, Any]]] = {"uncached": [], "cached": []}
         for r in range(args.repeats):
             for variant in runs:
@@ -82,7 +84,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     best = {v: min(rs, key=lambda x: x["epoch_s"]) for v, rs in runs.items()}
     step_best = {v: min(x["step_s"] for x in rs if x["step_s"] is not None) for v, rs in runs.items()}
     worst_gap = max(abs(a - b) for a, b in zip(best["uncached"]["losses"], best["cached"]["losses"], strict=True))
-    return {"method": args.method, "data": source, "images": len(ds), "instances": sum(len(s.instances) for s in ds),
+    return {"model": args.model, "method": args.method, "data": source, "images": len(ds), "instances": n_instances,
             "batch": args.batch, "repeats": args.repeats, "runs": runs,
             "epoch_ratio": best["uncached"]["epoch_s"] / best["cached"]["epoch_s"],
             "step_ratio": step_best["uncached"] / step_best["cached"], "best_step_s": step_best,
@@ -90,7 +92,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# `{result['method']}` epoch with and without the frozen-prefix cache (LiteMedSAM)", "",
+    lines = [f"# `{result['method']}` epoch with and without the frozen-prefix cache ({result['model']})", "",
              f"CPU: {result['cpu']}, torch {result['torch']}, {result['threads']} threads. Data: {result['data']}, "
              f"{result['images']} images, {result['instances']} instances, batch {result['batch']}, "
              f"{result['repeats']} interleaved repeats (best kept).", "",
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--method", default="lora")
+    parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     import torch
