@@ -273,7 +273,7 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
     path = checkpoint.latest_checkpoint(run.out) if resume else None
     if path is not None:
         saved = checkpoint.load_checkpoint(path)
-        if saved["config"] != run.cfg.to_json() or saved["model_id"] != run.model.model_id:
+        if not _same_run(saved["config"], run.cfg) or saved["model_id"] != run.model.model_id:
             raise InvalidInput(f"{run.out} holds a checkpoint of a different run; use another output folder or "
                                "resume=False", field="out")
         _load_trainable(run.net, saved["trainable"])
@@ -285,6 +285,15 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
         run.emit(ProgressEvent(Phase.VALIDATING, 0, run.total_steps, 0, message="zero-shot validation"))
         run.state.zero_shot = validation_score(Predictor(run.model, device=run.device), run.val_data,
                                                run.cfg.eval_prompt, run.cfg.seed, run.frozen_encoder).selection
+
+
+def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """True when a checkpoint's config is ``cfg`` up to the prefix-cache switch, which changes how a step
+    computes, not what (a run resumes across it, and from checkpoints written before it existed)."""
+    def what(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "prefix_cache"}
+
+    return what(saved) == what(cfg.to_json())
 
 
 def _load_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

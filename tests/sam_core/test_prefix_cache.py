@@ -161,3 +161,19 @@ def test_litemedsam_loss_trajectory_with_the_cache(method, litemedsam_model, tmp
     plain = train(litemedsam_model, ds, None, TrainConfig(**{**cfg.__dict__, "prefix_cache": False}),
                   tmp_path / "plain")
     np.testing.assert_allclose(cached.history["loss"], plain.history["loss"], rtol=0, atol=1e-6)
+
+
+def test_a_run_resumes_across_the_cache_switch(tiny_model, splits, tmp_path):
+    """The cache changes how a step computes, not what: an uncached run's checkpoint resumes cached."""
+    train_ds, val_ds = splits
+
+    def stop_at_2(event) -> None:
+        if event.state == "training" and event.step == 2 and event.loss is not None:
+            raise StopTraining
+
+    cfg = _cfg("lora", max_steps=4, checkpoint_every=2, eval_every=0)
+    with pytest.raises(StopTraining):
+        train(tiny_model, train_ds, val_ds, TrainConfig(**{**cfg.__dict__, "prefix_cache": False}), tmp_path / "r",
+              callback=stop_at_2)
+    resumed = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "r")
+    assert resumed.steps == 4 and len(_entries(tmp_path / "r")) > 0
