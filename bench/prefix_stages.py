@@ -5,9 +5,10 @@
 For every stage of :meth:`~sam_core.modeling.family.SegmentationModel.encoder_stages` (LiteMedSAM's TinyViT:
 patch_embed, the full-resolution conv stage ``layers.0``, the three attention stages, the neck) it reports the
 forward FLOPs (``torch.utils.flop_counter``) and the forward time at ``--batch`` images of the model's input
-size, then the time of one forward + backward of the whole encoder with ``lora`` injected (the gradient stops
-at the first trained block: the frozen prefix costs its forward only) against the same step starting from the
-prefix's activations. Writes ``bench/results/prefix_stages.{json,md}`` with the CPU named.
+size (the best of ``--repeats``, in this process's CPU seconds: on a shared machine wall time swings with the
+other processes' load), then one forward + backward of the whole encoder with ``lora`` injected (the
+gradient stops at the first trained block: the frozen prefix costs its forward only) against the same step
+starting from the prefix's activations. Writes ``bench/results/prefix_stages.{json,md}`` with the CPU named.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def cpu_name() -> str:
 
 
 def best_of(repeats: int, fn: Any) -> float:
+    """The least process CPU seconds of ``repeats`` calls of ``fn``."""
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
@@ -93,7 +95,8 @@ def measure(model_name: str, batch: int, repeats: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Encoder stages under lora: {result['model']}, {result['img_size']} px, batch {result['batch']}",
              "", f"CPU: {result['cpu']}, torch {result['torch']}, {result['threads']} threads.", "",
-             "| stage | output | GFLOP fwd | FLOP share | fwd s | time share |", "|---|---|---|---|---|---|"]
+             "Times are process CPU seconds (all threads), the best of the repeats.", "",
+             "| stage | output | GFLOP fwd | FLOP share | fwd CPU s | time share |", "|---|---|---|---|---|---|"]
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {'x'.join(map(str, s['out_shape']))} | {s['gflops_fwd']:.2f} | "
                      f"{s['flop_share']:.1%} | {s['seconds_fwd']:.3f} | {s['time_share']:.1%} |")

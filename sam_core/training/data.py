@@ -119,8 +119,8 @@ class TrainingData:
             self.embeddings[index, window] = compute() if store is None else store.get_or_compute(key, compute)
         return self.embeddings[index, window]
 
-    def prefix_activations(self, index: int, window: Window) -> torch.Tensor:
-        """1 x ... activations of the frozen encoder prefix for the view (read from the prefix cache's store)."""
+    def prefix_activations(self, index: int, window: Window) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The view's frozen-prefix activations (see :meth:`PrefixCache.activations`), from the cache's store."""
         assert self.prefix is not None
         image = self.view(index, window)
         return self.prefix.activations(image_content_hash(image), lambda: preprocess(image, self.spec)[0][0])
@@ -146,7 +146,7 @@ class TrainingData:
         size, low = self.spec.img_size, self.spec.low_res_size
         images: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
-        activations: list[torch.Tensor] = []
+        activations: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         coords: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         boxes: list[np.ndarray] = []
@@ -181,7 +181,7 @@ class TrainingData:
             prompts=PromptBatch(points=(stacked(coords), stacked(labels, torch.int64)) if coords else None,
                                 boxes=stacked(boxes) if boxes else None),
             targets=stacked(targets)[:, None],
-            activations=torch.cat(activations).to(device) if activations else None,
+            activations=PrefixCache.assemble(activations, device) if activations else None,
         )
 
 

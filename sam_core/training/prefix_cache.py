@@ -14,8 +14,10 @@ activations are not embeddings): one safetensors file per key (``<root>/<key[:2]
 entry is read, a sha256 of the tensor's bytes, atomic writes (:func:`sam_core.files.atomic_write_bytes`). A
 store or entry with another signature is an error (or, on open with ``reset_on_mismatch``, wiped), never
 reused; a corrupt or truncated entry is deleted and recomputed. Activations keep the dtype the prefix produced
-(bfloat16 under bf16 autocast, which the signature names), so the cached path computes what the uncached one
-does.
+(bfloat16 under bf16 autocast, which the signature names) and their memory layout: an entry holds them in
+physical order (``permutation`` in its metadata) and :meth:`PrefixCache.assemble` batches them into the
+strides the batched prefix would have produced (TinyViT's is a transposed view; kernels round differently on
+another layout), so the cached path computes what the uncached one does.
 """
 
 from __future__ import annotations
@@ -107,18 +109,21 @@ class ActivationStore:
         key = _check_key(key)
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def put(self, key: str, activations: torch.Tensor) -> torch.Tensor:
-        """Store ``activations`` (batch of one) atomically under ``key``; returns the stored CPU tensor."""
-        stored = activations.detach().to("cpu").contiguous()
+    def put(self, key: str, activations: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Store ``activations`` (batch of one) atomically under ``key`` in physical order; returns that CPU
+        tensor and the permutation of its dimensions (``activations.permute(perm)`` is it)."""
+        perm = physical_order(activations)
+        stored = activations.detach().to("cpu").permute(perm).contiguous()
         metadata = {"format": ENTRY_FORMAT, "key": key, "signature": self._signature_json,
-                    "sha256": _digest(stored)}
+                    "permutation": json.dumps(list(perm)), "sha256": _digest(stored)}
         path = self.path_for(key)
         path.parent.mkdir(exist_ok=True)
         atomic_write_bytes(path, safetensors.torch.save({"activations": stored}, metadata=metadata))
-        return stored
+        return stored, perm
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The activations stored under ``key`` (CPU), or None when absent or corrupt (then deleted).
+    def get(self, key: str) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+        """(activations in physical order, CPU; their permutation) stored under ``key``, or None when absent
+        or corrupt (then deleted).
         An entry written under another signature or key raises InvalidInput (field ``prefix_cache``)."""
         path = self.path_for(key)
         if not path.is_file():
@@ -134,7 +139,7 @@ class ActivationStore:
             raise InvalidInput(f"entry {path} was written for key {metadata.get('key')!r} under signature "
                                f"{metadata.get('signature')}, not for {key!r} under {self._signature_json}",
                                field=_FIELD)
-        return tensor
+        return tensor, tuple(json.loads(metadata["permutation"]))
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, str], torch.Tensor]:
@@ -148,6 +153,12 @@ class ActivationStore:
             raise _CorruptEntry(str(exc)) from exc
         if metadata.get("format") != ENTRY_FORMAT or metadata.get("sha256") != _digest(tensor.contiguous()):
             raise _CorruptEntry("format or checksum mismatch")
+        try:
+            perm = json.loads(metadata["permutation"])
+        except (KeyError, ValueError) as exc:
+            raise _CorruptEntry(f"bad permutation: {exc}") from exc
+        if not isinstance(perm, list) or sorted(perm) != list(range(tensor.ndim)) or perm[0] != 0:
+            raise _CorruptEntry(f"bad permutation {perm!r}")
         return metadata, tensor
 
     def clear(self) -> None:
@@ -184,12 +195,29 @@ class PrefixCache:
                                "cannot be cached", field="method")
         return activations
 
-    def activations(self, key: str, model_input: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The window's activations (batch of one, CPU) from the store, else computed and stored."""
+    def activations(self, key: str, model_input: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The window's activations (batch of one, CPU, physical order; their permutation) from the store, else
+        computed and stored."""
         found = self.store.get(key)
-        if found is not None:
-            return found
-        return self.store.put(key, self.compute(model_input()))
+        return found if found is not None else self.store.put(key, self.compute(model_input()))
+
+    @staticmethod
+    def assemble(parts: list[tuple[torch.Tensor, tuple[int, ...]]], device: torch.device) -> torch.Tensor:
+        """Windows' activations -> one batch with the strides the batched prefix produces."""
+        perms = {perm for _, perm in parts}
+        if len(perms) != 1:
+            raise InvalidInput(f"cached activations disagree on their layout: {sorted(perms)}", field=_FIELD)
+        perm = perms.pop()
+        inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+        return torch.cat([tensor for tensor, _ in parts]).to(device).permute(inverse)
+
+
+def physical_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The batch dimension, then the others from the largest stride to the smallest (``tensor.permute`` of it
+    is contiguous for a dense tensor)."""
+    strides = tensor.stride()
+    rest = sorted(range(1, tensor.ndim), key=lambda d: -strides[d])
+    return (0, *rest)
 
 
 def prefix_signature(model_id: str, weights_sha256: str, preprocess_version: str, cut: str, bf16: bool,

@@ -37,7 +37,7 @@ def _cfg(method: str, **kwargs) -> TrainConfig:
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model", pytest.param("litemedsam_model", marks=pytest.mark.slow)])
-def test_encoder_prefix_composes_to_the_whole_encoder(model_fixture, request):
+def test_encoder_prefix_composes_to_the_whole_encoder(model_fixture, request, tmp_path):
     model = request.getfixturevalue(model_fixture)
     net = adapted_net(model, MethodConfig("lora"))
     first = get_method("lora").first_trained_module(net)
@@ -51,6 +51,15 @@ def test_encoder_prefix_composes_to_the_whole_encoder(model_fixture, request):
     assert parts.keys() == whole.keys()
     for name in whole:
         torch.testing.assert_close(parts[name], whole[name], atol=0, rtol=0)
+    # windows cached one by one, batched again: the batched prefix's layout, so the suffix computes the same bits
+    cache = PrefixCache(cut, ActivationStore(tmp_path / "s", signature={"m": "x"}), torch.device("cpu"), False)
+    entries = [cache.activations(f"{i:08x}", lambda i=i: x[i]) for i in range(2)]
+    with torch.no_grad():
+        batch = cache.assemble(entries, torch.device("cpu"))
+        assert batch.stride() == cut.prefix(x).stride()
+        again = cut.suffix(batch)
+    for name in whole:
+        torch.testing.assert_close(again[name], whole[name], atol=0, rtol=0)
 
 
 def test_methods_declare_what_they_train_first(tiny_model):
@@ -102,7 +111,9 @@ def test_store_signature_and_entries_are_validated(tmp_path):
     store = ActivationStore(tmp_path / "a", signature=signature)
     acts = torch.randn(1, 16, 8)
     store.put("ab" * 16, acts)
-    torch.testing.assert_close(store.get("ab" * 16), acts, atol=0, rtol=0)
+    stored = store.get("ab" * 16)
+    assert stored is not None and stored[1] == (0, 1, 2)
+    torch.testing.assert_close(stored[0], acts, atol=0, rtol=0)
     with pytest.raises(InvalidInput) as err:  # opening with another signature is an error ...
         ActivationStore(tmp_path / "a", signature={**signature, "cut": "image_encoder.layers.2"})
     assert err.value.field == "prefix_cache" and "cut" in err.value.detail
