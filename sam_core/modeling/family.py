@@ -16,13 +16,16 @@ callers talk only to this interface, never to a family's submodules:
   with autograd), the parameter groups a fine-tuning method may target (:class:`ParamGroup`) and the
   attention projections it may adapt (:class:`AttentionSite`);
 - **sharing**: :meth:`SegmentationModel.sharing_encoder` — a model that shares the image and prompt
-  encoders' modules and owns a copy of the mask decoder (what a decoder-only adapter needs).
+  encoders' modules and owns a copy of the mask decoder (what a decoder-only adapter needs);
+- **frozen prefix**: :meth:`SegmentationModel.encoder_prefix` cuts the image encoder before the stage holding
+  the first module a method trains (:class:`EncoderPrefix`), so training can cache the prefix's activations
+  once per image and run only the suffix (None: the family offers no cut there).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,6 +145,20 @@ class AttentionSite:
     dim: int
 
 
+@dataclass(frozen=True)
+class EncoderPrefix:
+    """The image encoder cut before its stage ``cut`` (a module name such as ``image_encoder.layers.1``).
+
+    ``prefix``: B x 3 x S x S preprocessed images -> the activations entering ``cut`` (one tensor, batch
+    first); ``suffix``: those activations -> the named features, with autograd. ``suffix(prefix(x))`` runs
+    the same operations as :meth:`SegmentationModel.encode`.
+    """
+
+    cut: str
+    prefix: Callable[[torch.Tensor], torch.Tensor]
+    suffix: Callable[[torch.Tensor], Features]
+
+
 class MaskDecoding(Protocol):
     """Inference decoding against one image's features (may remember products of the last call)."""
 
@@ -200,6 +217,11 @@ class SegmentationModel(nn.Module):
         """A new model sharing this one's image and prompt encoders (same module objects) with its own deep
         copy of the mask decoder."""
         raise NotImplementedError
+
+    def encoder_prefix(self, first_trained: str) -> EncoderPrefix | None:
+        """The encoder cut before the stage holding module ``first_trained`` (a name in ``named_modules``), or
+        None when no stage precedes it or the family has no cut there (then nothing is cached)."""
+        return None
 
     def group_parameters(self, group: ParamGroup) -> Iterator[nn.Parameter]:
         for module in self.group_modules(group):

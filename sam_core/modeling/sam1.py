@@ -5,7 +5,8 @@ implementing :class:`~sam_core.modeling.family.SegmentationModel`: one feature l
 (``B x 256 x 64 x 64`` for SAM and LiteMedSAM); decoding through the re-associated
 :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder` or the eager ``MaskDecoder`` (same logits to
 float32 rounding); attention sites for both SAM ViT (``[q | k | v]``) and TinyViT (per head
-``[q(kd) | k(kd) | v(d)]``) qkv layouts.
+``[q(kd) | k(kd) | v(d)]``) qkv layouts; encoder stages (:meth:`Sam1Model.encoder_stages`: SAM ViT's
+patch_embed + pos_embed, blocks, neck; TinyViT's patch_embed, four layers, neck) for frozen-prefix caching.
 
 The builders below (like segment-anything's ``build_sam.py``) assemble the networks from the official
 classes; :mod:`sam_core.modeling.registry` maps model names to them and loads weights.
@@ -14,6 +15,8 @@ classes; :mod:`sam_core.modeling.registry` maps model names to them and loads we
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -26,6 +29,7 @@ from sam_core.modeling.encoder_opt import optimized_encoder
 from sam_core.modeling.family import (
     AttentionSite,
     EncoderOutput,
+    EncoderPrefix,
     Features,
     MaskDecoding,
     ModelSpec,
@@ -59,6 +63,47 @@ class Sam1Model(Sam, SegmentationModel):  # type: ignore[misc]  # segment_anythi
 
     def features_from_encoder(self, output: EncoderOutput) -> Features:
         return named_features(self.feature_names, output)
+
+    def encoder_stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The image encoder as (module name, stage) in forward order; composed they are its ``forward``
+        (same operations); the last stage's output is ``image_embed``."""
+        enc: Any = self.image_encoder  # ImageEncoderViT or TinyViT (untyped modules)
+        if isinstance(enc, ImageEncoderViT):
+            def embed(x: torch.Tensor) -> torch.Tensor:
+                x = enc.patch_embed(x)
+                return x if enc.pos_embed is None else x + enc.pos_embed
+
+            def vit_neck(x: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor = enc.neck(x.permute(0, 3, 1, 2))
+                return out
+
+            return [("image_encoder.patch_embed", embed),
+                    *((f"image_encoder.blocks.{i}", block) for i, block in enumerate(enc.blocks)),
+                    ("image_encoder.neck", vit_neck)]
+
+        def tinyvit_neck(x: torch.Tensor) -> torch.Tensor:  # TinyViT.forward_features' tail
+            side = math.isqrt(x.shape[1])
+            out: torch.Tensor = enc.neck(x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2))
+            return out
+
+        return [("image_encoder.patch_embed", enc.patch_embed),
+                *((f"image_encoder.layers.{i}", layer) for i, layer in enumerate(enc.layers)),
+                ("image_encoder.neck", tinyvit_neck)]
+
+    def encoder_prefix(self, first_trained: str) -> EncoderPrefix | None:
+        stages = self.encoder_stages()
+        cut = next((i for i, (name, _) in enumerate(stages)
+                    if first_trained == name or first_trained.startswith(name + ".")), 0)
+        if cut == 0:
+            return None
+
+        def run(parts: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]], x: torch.Tensor) -> torch.Tensor:
+            for _, stage in parts:
+                x = stage(x)
+            return x
+
+        return EncoderPrefix(cut=stages[cut][0], prefix=lambda x: run(stages[:cut], x),
+                             suffix=lambda x: {FEATURE: run(stages[cut:], x)})
 
     def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
         h, w = (int(v) for v in self.prompt_encoder.image_embedding_size)

@@ -60,6 +60,9 @@ class TrainConfig:
     # Wall-clock budget: stop (checkpointed, adapter published) once exceeded. Breaks exact
     # reproducibility, so it is for benchmarks and quick trials, not for resumable production jobs.
     max_seconds: float | None = None
+    # Cache the frozen encoder prefix's activations of methods that train the encoder from some block on
+    # (lora, adapter; sam_core.training.prefix_cache). False runs the whole encoder in every step.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):

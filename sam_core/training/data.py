@@ -4,7 +4,8 @@ prompts and low-resolution targets.
 
 A prompt depends on (seed, step, position in the global batch) only, so it is the same whichever DDP rank
 draws it; embeddings of the frozen encoder are cached in memory and, when given, in an
-:class:`~sam_core.inference.embedding_store.EmbeddingStore`.
+:class:`~sam_core.inference.embedding_store.EmbeddingStore`; with a :class:`PrefixCache` (``lora``,
+``adapter``) a batch carries the windows' frozen-prefix activations instead of their images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sam_core.inference.types import Embedding
 from sam_core.io.images import image_content_hash
 from sam_core.modeling.family import Features, ModelSpec, PromptBatch
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords
+from sam_core.training.prefix_cache import PrefixCache
 
 
 def low_res_target(mask: np.ndarray, spec: ModelSpec, low_res: int) -> np.ndarray:
@@ -98,6 +100,7 @@ class TrainingData:
         self.inputs: dict[tuple[int, Window], torch.Tensor] = {}
         self.store = store
         self.cache_embeddings = cache_embeddings
+        self.prefix: PrefixCache | None = None  # set by the loop when the method's encoder prefix is cached
 
     @property
     def windows(self) -> list[tuple[int, Window]]:
@@ -120,6 +123,12 @@ class TrainingData:
             self.embeddings[index, window] = compute() if store is None else store.get_or_compute(key, compute)
         return self.embeddings[index, window]
 
+    def prefix_activations(self, index: int, window: Window) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The view's frozen-prefix activations (see :meth:`PrefixCache.activations`), from the cache's store."""
+        assert self.prefix is not None
+        image = self.view(index, window)
+        return self.prefix.activations(image_content_hash(image), lambda: preprocess(image, self.spec)[0][0])
+
     def model_input(self, index: int, window: Window) -> torch.Tensor:
         """3 x S x S preprocessed view (kept in memory: training splits are small)."""
         if (index, window) not in self.inputs:
@@ -141,6 +150,7 @@ class TrainingData:
         size, low = self.spec, self.spec.low_res_size
         images: list[torch.Tensor] = []
         embeds: list[Features] = []
+        activations: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         coords: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         boxes: list[np.ndarray] = []
@@ -151,6 +161,8 @@ class TrainingData:
             prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
             if self.cache_embeddings:
                 embeds.append(self.embedding(item.sample_index, item.window).features)
+            elif self.prefix is not None:
+                activations.append(self.prefix_activations(item.sample_index, item.window))
             else:
                 images.append(self.model_input(item.sample_index, item.window))
             if prompt["box"] is not None:
@@ -173,18 +185,21 @@ class TrainingData:
             prompts=PromptBatch(points=(stacked(coords), stacked(labels, torch.int64)) if coords else None,
                                 boxes=stacked(boxes) if boxes else None),
             targets=stacked(targets)[:, None],
+            activations=PrefixCache.assemble(activations, device) if activations else None,
         )
 
 
 @dataclass
 class TrainingBatch:
-    """B instances: their preprocessed images (B x 3 x S x S) or, for a frozen encoder, their cached features;
-    one prompt each in the model's input frame; low-res targets B x 1 x L x L."""
+    """B instances: their preprocessed images (B x 3 x S x S), or for a frozen encoder their cached features, or
+    for a frozen encoder prefix its cached activations (B x ...); one prompt each in the model's input frame;
+    low-res targets B x 1 x L x L."""
 
     images: torch.Tensor | None
     features: Features | None
     prompts: PromptBatch
     targets: torch.Tensor
+    activations: torch.Tensor | None = None
 
 
 def stack_features(per_image: list[Features], device: torch.device | str) -> Features:

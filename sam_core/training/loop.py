@@ -16,15 +16,19 @@ otherwise: Dice on specks no input can resolve is noise.
 
 A method that leaves the image encoder unchanged (``decoder``) trains on embeddings computed once and
 cached on disk in an :class:`EmbeddingStore` signed by (model id, preprocessing version, data set
-fingerprint); the others run the image encoder in every step. One-shot methods are not trained here.
+fingerprint). A method that trains the encoder from some block on (``lora``, ``adapter``: the first
+attention block) trains on the frozen prefix's activations, computed once per window and stored in
+``prefix_cache/`` signed by (model, weights, preprocessing, cut, precision, data set, torch version)
+(:mod:`sam_core.training.prefix_cache`): only the suffix runs in a step, and the steps compute what they would
+from the images. ``full`` runs the whole image encoder in every step. One-shot methods are not trained here.
 
 Distributed (:mod:`sam_core.training.distributed`): launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank
 takes an equal share of every global batch and DDP averages the gradients. Rank 0 evaluates, checkpoints,
 reports progress and publishes the adapter.
 
 :func:`train` is a plain sequence of small steps: :func:`prepare_run`, :func:`embed_frozen`,
-:func:`resume_or_score_base`, then :func:`train_step` / :func:`validate` / :func:`save_checkpoint` until
-done, then :func:`publish`.
+:func:`cache_prefix`, :func:`resume_or_score_base`, then :func:`train_step` / :func:`validate` /
+:func:`save_checkpoint` until done, then :func:`publish`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from sam_core.data.fingerprint import dataset_fingerprint
 from sam_core.errors import InvalidInput
 from sam_core.inference.embedding_store import EmbeddingStore
 from sam_core.inference.predictor import Predictor
-from sam_core.modeling.family import Features, PromptBatch, SegmentationModel
+from sam_core.modeling.family import EncoderPrefix, Features, PromptBatch, SegmentationModel
 from sam_core.modeling.registry import LoadedModel
 from sam_core.training import checkpoint
 from sam_core.training.config import Phase, ProgressEvent, StopTraining, TrainConfig, TrainResult, get_lr
@@ -57,20 +61,26 @@ from sam_core.training.data import TrainingData
 from sam_core.training.distributed import DistInfo, any_rank, barrier, init_distributed, mean_across_ranks
 from sam_core.training.losses import segmentation_loss
 from sam_core.training.methods import train_mode, trainable_state
+from sam_core.training.prefix_cache import ActivationStore, PrefixCache, prefix_signature
 from sam_core.training.validation import validation_score
 
 log = logging.getLogger(__name__)
 
 
 class TrainStep(nn.Module):
-    """forward(images or features, prompts) -> (B x 1 x L x L logits, B x 1 IoU); what DDP wraps."""
+    """forward(images, features or the frozen prefix's activations, prompts) -> (B x 1 x L x L logits, B x 1
+    IoU); what DDP wraps."""
 
-    def __init__(self, net: SegmentationModel) -> None:
+    def __init__(self, net: SegmentationModel, prefix: EncoderPrefix | None) -> None:
         super().__init__()
         self.net = net
+        self.prefix = prefix
 
-    def forward(self, images: torch.Tensor | None, features: Features | None,
-                prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor | None, features: Features | None, prompts: PromptBatch,
+                activations: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if activations is not None:
+            assert self.prefix is not None
+            features = self.prefix.suffix(activations)
         if features is None:
             assert images is not None
             features = self.net.encode(images)
@@ -139,6 +149,7 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
                            field="method")
     run = prepare_run(model, train_ds, val_ds, cfg, Path(out_dir), callback, device)
     embed_frozen(run)
+    cache_prefix(run)
     resume_or_score_base(run, resume)
     first_step = run.state.step
     run.loop_start = (time.perf_counter(), first_step)
@@ -176,13 +187,16 @@ def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
     base = Predictor(model, device=dev)
     train_data = TrainingData(train_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop)
     val_data = TrainingData(val_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop) if val_ds else None
+    prefix = _prefix_cache(model, net, train_ds, val_ds, cfg, out, info, dev)
+    train_data.prefix = prefix
     if len(train_data.items) < info.world:
         raise InvalidInput(f"{len(train_data.items)} training instances cannot feed {info.world} ranks", field="data")
     # drop_last: every step sees a full global batch (so DDP ranks always get equal shares)
     steps_per_epoch = max(1, len(train_data.items) // cfg.batch_size)
     trainable = [p for p in net.parameters() if p.requires_grad]
     return TrainingRun(
-        model=model, cfg=cfg, out=out, info=info, device=dev, net=net, module=_wrap(net, info, dev),
+        model=model, cfg=cfg, out=out, info=info, device=dev, net=net,
+        module=_wrap(net, prefix.split if prefix else None, info, dev),
         # fused: one kernel over all trainable tensors instead of a per-tensor loop
         optimizer=torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
         trainable=trainable, train_data=train_data, val_data=val_data,
@@ -203,8 +217,25 @@ def _embedding_store(model: LoadedModel, train_ds: SegmentationDataset, val_ds: 
     return EmbeddingStore(out / "embeddings", signature=signature)
 
 
-def _wrap(net: SegmentationModel, info: DistInfo, device: torch.device) -> nn.Module:
-    module: nn.Module = TrainStep(net)
+def _prefix_cache(model: LoadedModel, net: SegmentationModel, train_ds: SegmentationDataset,
+                  val_ds: SegmentationDataset | None, cfg: TrainConfig, out: Path, info: DistInfo,
+                  device: torch.device) -> PrefixCache | None:
+    """The frozen-prefix cache of a method that trains the encoder from some block on, else None."""
+    first = cfg.method.plugin.first_trained_module(net)
+    split = net.encoder_prefix(first) if cfg.prefix_cache and first is not None else None
+    if split is None:
+        return None
+    fingerprint = dataset_fingerprint(train_ds) + (dataset_fingerprint(val_ds) if val_ds else "")
+    signature = prefix_signature(model.model_id, model.weights_sha256, model.spec.preprocess_version, split.cut,
+                                 cfg.bf16, fingerprint)
+    if info.is_main:  # rank 0 validates (or resets) the store before the others open it
+        ActivationStore(out / "prefix_cache", signature=signature, reset_on_mismatch=True)
+    barrier(info)
+    return PrefixCache(split, ActivationStore(out / "prefix_cache", signature=signature), device, cfg.bf16)
+
+
+def _wrap(net: SegmentationModel, prefix: EncoderPrefix | None, info: DistInfo, device: torch.device) -> nn.Module:
+    module: nn.Module = TrainStep(net, prefix)
     if info.world > 1:
         # find_unused_parameters: the single-mask step never touches the multimask heads, nor the key
         # biases of token->image attention (they cancel in the softmax), so those get no gradient
@@ -224,12 +255,26 @@ def embed_frozen(run: TrainingRun) -> None:
     barrier(run.info)
 
 
+def cache_prefix(run: TrainingRun) -> None:
+    """With a cached encoder prefix, compute every training window's activations once (rank 0 fills the
+    shared store, the others read it)."""
+    data = run.train_data
+    if data.prefix is None:
+        return
+    train_mode(run.net)  # the mode the training step runs the prefix in
+    for i, window in data.windows if run.info.is_main else ():
+        data.prefix_activations(i, window)
+        run.emit(ProgressEvent(Phase.EMBEDDING, 0, run.total_steps, 0,
+                               message=f"cached the encoder prefix of {data.ds.image_ids[i]}"))
+    barrier(run.info)
+
+
 def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
     """Continue from the latest checkpoint of this run, or score the base model on the validation split."""
     path = checkpoint.latest_checkpoint(run.out) if resume else None
     if path is not None:
         saved = checkpoint.load_checkpoint(path)
-        if saved["config"] != run.cfg.to_json() or saved["model_id"] != run.model.model_id:
+        if not _same_run(saved["config"], run.cfg) or saved["model_id"] != run.model.model_id:
             raise InvalidInput(f"{run.out} holds a checkpoint of a different run; use another output folder or "
                                "resume=False", field="out")
         _load_trainable(run.net, saved["trainable"])
@@ -241,6 +286,15 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
         run.emit(ProgressEvent(Phase.VALIDATING, 0, run.total_steps, 0, message="zero-shot validation"))
         run.state.zero_shot = validation_score(Predictor(run.model, device=run.device), run.val_data,
                                                run.cfg.eval_prompt, run.cfg.seed, run.frozen_encoder).selection
+
+
+def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """True when a checkpoint's config is ``cfg`` up to the prefix-cache switch, which changes how a step
+    computes, not what (a run resumes across it, and from checkpoints written before it existed)."""
+    def what(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "prefix_cache"}
+
+    return what(saved) == what(cfg.to_json())
 
 
 def _load_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -285,7 +339,7 @@ def train_step(run: TrainingRun) -> float:
     train_mode(run.net)
     batch = run.train_data.batch(local, [cfg.seed, state.step], cfg.prompt, run.device)
     with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        logits, iou_pred = run.module(batch.images, batch.features, batch.prompts)
+        logits, iou_pred = run.module(batch.images, batch.features, batch.prompts, batch.activations)
     loss, parts = segmentation_loss(logits.float(), batch.targets, iou_pred.float(), cfg.loss)
     run.optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss)

@@ -55,3 +55,6 @@ class AdapterMethod(FineTuningMethod):
     def injected_modules(self, net: SegmentationModel) -> list[nn.Module]:
         return [module.adapter for module in net.modules() if isinstance(module, AttentionWithAdapter)]
 
+    def first_trained_module(self, net: SegmentationModel) -> str | None:
+        sites = net.attention_sites()  # in forward order: the encoder before the first one stays frozen
+        return sites[0].name if sites else "image_encoder"

@@ -10,6 +10,8 @@ switches on a method's name:
   type, never by parameter-name substrings). After :meth:`~FineTuningMethod.prepare` the trainable tensors are
   exactly what the method's adapter artifact stores (:func:`trainable_state`);
 - ``changes_image_encoder``: its embeddings are its own (they never share the base model's cache entries);
+  :meth:`~FineTuningMethod.first_trained_module` names the first encoder module it trains: training caches
+  the activations of everything before that module's stage (:mod:`sam_core.training.prefix_cache`);
 - ``one_shot``: fitted from one example by its own procedure (PerSAM), not by the training loop; its artifact
   holds that procedure's tensors, not model weights.
 
@@ -76,6 +78,11 @@ class FineTuningMethod:
     def injected_modules(self, net: SegmentationModel) -> list[nn.Module]:
         """The modules :meth:`inject` added whose own parameters train (found by type)."""
         return []
+
+    def first_trained_module(self, net: SegmentationModel) -> str | None:
+        """Name of the first image-encoder module this method trains: None when the encoder stays frozen,
+        ``"image_encoder"`` (nothing to cache) by default when it changes."""
+        return "image_encoder" if self.changes_image_encoder else None
 
     def set_trainable(self, net: SegmentationModel) -> None:
         """``requires_grad`` on exactly the trained groups and the injected modules' parameters."""

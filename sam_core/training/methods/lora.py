@@ -67,3 +67,6 @@ class LoraMethod(FineTuningMethod):
     def injected_modules(self, net: SegmentationModel) -> list[nn.Module]:
         return [layer for module in net.modules() if isinstance(module, QVLoRA) for layer in module.low_rank_layers()]
 
+    def first_trained_module(self, net: SegmentationModel) -> str | None:
+        sites = net.attention_sites()  # in forward order: the encoder before the first one stays frozen
+        return sites[0].name if sites else "image_encoder"
