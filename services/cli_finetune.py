@@ -1,4 +1,9 @@
-"""``samforge train``, ``samforge eval`` and ``samforge adapters inspect``."""
+"""``samforge train``, ``samforge eval`` and ``samforge adapters inspect``.
+
+``samforge train`` exit status: 0 the candidate was accepted (``<out>/adapter/``), 3 the guard rejected it
+(``<out>/rejected/``, nothing in ``<out>/adapter/``; see :mod:`sam_core.training.guard`), 2 bad input, anything
+else a failure. ``<out>/result.json`` holds the run's summary (with the guard's verdict) and the exit status.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from sam_core.training.config import Phase, ProgressEvent
+from sam_core.training.guard import DEFAULT_HELDOUT_FRACTION, DEFAULT_MIN_IMPROVEMENT
 from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
 
 if TYPE_CHECKING:
     from sam_core.evaluation.evaluate import EmbeddingCache
+    from sam_core.training.finetune import FinetuneResult
+
+EXIT_REJECTED = 3  # the guard kept the candidate out of <out>/adapter/
 
 
 class ProgressBar:
@@ -96,6 +105,14 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--persam-steps", type=int, default=200)
     p.add_argument("--name", help="adapter name recorded in the artifact")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--baseline", help="champion adapter folder the run must beat on its held-out split (default: "
+                                      "the base model, with a new held-out split)")
+    p.add_argument("--min-improvement", type=float, default=DEFAULT_MIN_IMPROVEMENT,
+                   help="accept only if candidate >= baseline + this on the held-out split (Dice; default 0: no "
+                        "regression)")
+    p.add_argument("--allow-regression", action="store_true", help="publish even if the baseline scores higher")
+    p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
+                   help="share of the images a new held-out split takes (ignored when the baseline has one)")
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate the base model (and an adapter) on a data set")
@@ -134,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sam_core.modeling.registry import load_model, resolve_device
     from sam_core.training.config import TrainConfig
     from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
+    from sam_core.training.guard import GuardOptions
     from sam_core.training.methods import MethodConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
@@ -152,6 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval=EvalConfig(prompt=prompt_config(args.eval_prompt), seed=args.seed, tiled=bool(args.crop)),
         adapter_name=args.name,
         persam_steps=args.persam_steps,
+        guard=GuardOptions(baseline=args.baseline, min_improvement=args.min_improvement,
+                           allow_regression=args.allow_regression, heldout_fraction=args.heldout_fraction),
     )
     if args.no_resume:
         import shutil
@@ -162,8 +182,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None:  # a non-zero torchrun rank
         return 0
     print(result.table, file=sys.stderr)
+    print(result.guard.reason, file=sys.stderr)
+    code = 0 if result.accepted else EXIT_REJECTED
+    write_result(Path(args.out), result, code)
     print(json.dumps(result.summary(), indent=2))
-    return 0
+    return code
+
+
+def write_result(out: Path, result: FinetuneResult, code: int) -> None:
+    """``<out>/result.json``: the summary, the exit status and what it means."""
+    from sam_core.files import atomic_write_text
+
+    meaning = "published" if code == 0 else "rejected"
+    body = {**result.summary(), "exit_status": code, "outcome": meaning}
+    atomic_write_text(out / "result.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
