@@ -20,6 +20,7 @@ from typing import Any
 
 from sam_core.adapters.store import tenant_dir
 from sam_core.files import atomic_write_text
+from sam_core.training.guard import DEFAULT_MIN_IMPROVEMENT
 
 from .job_spec import Hyperparameters, JobRequest
 
@@ -37,10 +38,11 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"  # the publish guard kept the candidate out of the registry
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.REJECTED)
 
 
 @dataclass
@@ -83,7 +85,8 @@ class Job:
             "format_version": JOB_FORMAT_VERSION, "id": self.id, "tenant": self.tenant, "state": self.state.value,
             "created_at": self.created_at, "updated_at": time.time(),
             "request": {"dataset": req.dataset, "method": req.method, "adapter_name": req.adapter_name,
-                        "promote_to": req.promote_to, "hyperparameters": req.hyperparameters.to_json()},
+                        "promote_to": req.promote_to, "hyperparameters": req.hyperparameters.to_json(),
+                        "allow_regression": req.allow_regression, "min_improvement": req.min_improvement},
             "adapter_version": self.adapter_version, "step": self.step, "total_steps": self.total_steps,
             "error": self.error, "metrics": self.metrics, "publishing": self.publishing, "resumes": self.resumes,
             "events": self.events[-EVENT_TAIL:],
@@ -94,7 +97,9 @@ class Job:
         req = data["request"]
         request = JobRequest(tenant=data["tenant"], dataset=req["dataset"], method=req["method"],
                              adapter_name=req["adapter_name"], promote_to=req.get("promote_to", ""),
-                             hyperparameters=Hyperparameters.from_json(req.get("hyperparameters", {})))
+                             hyperparameters=Hyperparameters.from_json(req.get("hyperparameters", {})),
+                             allow_regression=bool(req.get("allow_regression", False)),
+                             min_improvement=float(req.get("min_improvement", DEFAULT_MIN_IMPROVEMENT)))
         return Job(id=data["id"], tenant=data["tenant"], request=request, state=JobState(data["state"]),
                    created_at=float(data["created_at"]), adapter_version=int(data.get("adapter_version", 0)),
                    step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0)),

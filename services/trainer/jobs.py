@@ -6,8 +6,12 @@
 - The progress callback appends to an in-memory event log guarded by a Condition: ``watch`` first yields the
   latest event (the job's current state), then live events until a terminal state.
 - ``cancel`` is cooperative: the callback raises :class:`JobCancelled` at the job's next progress event.
-- Success publishes ``<job>/adapter`` into the registry as ``(tenant, adapter_name)`` (and moves
-  ``promote_to`` to it). A typed ``sam_core`` error fails the job with its own message (server paths
+- Each run is judged against its champion (:func:`.registry.champion`: ``adapter_name@promote_to``, else the
+  name's latest version, else the base model; resolved when the run starts) on the name's signed held-out split
+  (:mod:`sam_core.training.guard`). An accepted run publishes ``<job>/adapter`` into the registry as
+  ``(tenant, adapter_name)`` (and moves ``promote_to`` to it); a rejected one ends REJECTED with
+  ``guard_candidate`` / ``guard_baseline`` in its metrics, publishes nothing and moves no alias. A typed
+  ``sam_core`` error fails the job with its own message (server paths
   removed); anything else with a generic message and a logged trace.
 - Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.training.loop`` resumes from the
   checkpoints in the job folder. ``shutdown`` interrupts running jobs at their next event and leaves them
@@ -48,6 +52,7 @@ from .job_spec import (
     resolve_dataset,
     tenant_root,
 )
+from .registry import champion
 
 log = logging.getLogger("samforge.trainer")
 
@@ -88,7 +93,8 @@ def result_metrics(result: FinetuneResult) -> dict[str, float]:
     """zero_shot_* / finetuned_* validation summaries (Dice over all and over resolvable instances) plus the
     adapter's own metrics; a nan aggregate (no resolvable instance) is left out."""
     out = {f"adapter_{k}": v for k, v in numeric_metrics(result.adapter.metrics).items()}
-    out.update(seconds=round(result.seconds, 3), n_parameters=float(result.adapter.n_parameters))
+    out.update(seconds=round(result.seconds, 3), n_parameters=float(result.adapter.n_parameters),
+               guard_candidate=result.guard.candidate, guard_baseline=result.guard.baseline)
     for prefix, report in zip(("zero_shot", "finetuned"), result.reports, strict=False):
         summary = numeric_metrics(report.summary)
         keys = ("dice_mean", "dice_resolvable_mean", "iou_mean", "nsd_mean", "n_instances", "n_resolvable")
@@ -263,7 +269,8 @@ class JobManager:
         out = job_dir(self.jobs_dir, job.tenant, job.id)
         try:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
-            spec = build_spec(job.request, data, out)
+            best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
+            spec = build_spec(job.request, data, out, baseline=None if best is None else self.store.path_of(best))
             result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
             if result is None:  # only the non-zero ranks of a distributed run get None; the service is one process
                 raise RuntimeError("run_finetune returned no result")
@@ -312,9 +319,12 @@ class JobManager:
         name, alias = job.adapter_name, job.request.promote_to
         with live.cond:
             self._check_flags(live)  # a cancel that arrived after the last event still wins
+            job.metrics.update(result_metrics(result))
+            if not result.accepted:
+                self._finish(live, JobState.REJECTED, message=result.guard.reason)
+                return
             retry = job.publishing  # a previous run crashed while publishing
             job.publishing = True
-            job.metrics.update(result_metrics(result))
             self._emit(live, "publishing", message=f"publishing {name}")
         version = self._published_copy(job, result.adapter_dir) if retry else None
         version = version or self.store.publish(job.tenant, name, result.adapter_dir)
@@ -336,7 +346,7 @@ class JobManager:
 
     def _finish(self, live: _Live, state: JobState, *, error: str = "", message: str = "") -> None:
         job = live.job
-        if state in (JobState.SUCCEEDED, JobState.CANCELLED):  # checkpoints are only needed to resume
+        if state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.REJECTED):  # only needed to resume
             out = job_dir(self.jobs_dir, job.tenant, job.id)
             for sub in ("checkpoints", "embeddings"):
                 shutil.rmtree(out / sub, ignore_errors=True)
