@@ -61,6 +61,7 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     publishing: bool = False  # set just before publishing: a restart then reuses an identical published version
     resumes: int = 0  # times the job was picked up again after a restart / shutdown
+    baseline: str | None = None  # the champion it must beat, fixed at its first start: "name:N", "" = base model
     events: list[dict[str, Any]] = field(default_factory=list)  # tail of recent events (for job.json)
 
     @property
@@ -89,6 +90,7 @@ class Job:
                         "allow_regression": req.allow_regression, "min_improvement": req.min_improvement},
             "adapter_version": self.adapter_version, "step": self.step, "total_steps": self.total_steps,
             "error": self.error, "metrics": self.metrics, "publishing": self.publishing, "resumes": self.resumes,
+            "baseline": self.baseline,
             "events": self.events[-EVENT_TAIL:],
         }
 
@@ -105,6 +107,7 @@ class Job:
                    step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0)),
                    error=str(data.get("error", "")), metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
                    publishing=bool(data.get("publishing", False)), resumes=int(data.get("resumes", 0)),
+                   baseline=data.get("baseline"),
                    events=list(data.get("events", []))[-EVENT_TAIL:])
 
 

@@ -7,7 +7,7 @@
   latest event (the job's current state), then live events until a terminal state.
 - ``cancel`` is cooperative: the callback raises :class:`JobCancelled` at the job's next progress event.
 - Each run is judged against its champion (:func:`.registry.champion`: ``adapter_name@promote_to``, else the
-  name's latest version, else the base model; resolved when the run starts) on the name's signed held-out split
+  name's latest version, else the base model; fixed at the job's first start) on the name's signed held-out split
   (:mod:`sam_core.training.guard`). An accepted run publishes ``<job>/adapter`` into the registry as
   ``(tenant, adapter_name)`` (and moves ``promote_to`` to it); a rejected one ends REJECTED with
   ``guard_candidate`` / ``guard_baseline`` in its metrics, publishes nothing and moves no alias. A typed
@@ -269,8 +269,7 @@ class JobManager:
         out = job_dir(self.jobs_dir, job.tenant, job.id)
         try:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
-            best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
-            spec = build_spec(job.request, data, out, baseline=None if best is None else self.store.path_of(best))
+            spec = build_spec(job.request, data, out, baseline=self._baseline(live))
             result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
             if result is None:  # only the non-zero ranks of a distributed run get None; the service is one process
                 raise RuntimeError("run_finetune returned no result")
@@ -286,6 +285,17 @@ class JobManager:
         except Exception:
             log.exception("job %s failed", job.id)
             self._finish(live, JobState.FAILED, error=GENERIC_ERROR)
+
+    def _baseline(self, live: _Live) -> Path | None:
+        """The champion's folder (None: the base model). Chosen at the job's first start and kept in job.json, so a
+        resumed job is judged against the same version (even if it published itself before a crash)."""
+        job = live.job
+        if job.baseline is None:
+            best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
+            with live.cond:
+                job.baseline = "" if best is None else best.ref
+                self._write(live)
+        return self.store.path_of(self.store.resolve(job.tenant, job.baseline)) if job.baseline else None
 
     def _check_flags(self, live: _Live) -> None:
         if live.cancel:

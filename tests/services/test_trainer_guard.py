@@ -59,6 +59,8 @@ def test_champion_and_challenger_on_the_same_split_and_the_promote_guard(manager
     assert first.state is JobState.SUCCEEDED and first.adapter_version == 1  # allow_regression
     sound = manager.wait("", manager.create(request(promote_to="prod", allow_regression=False)).id, timeout=180)
     assert sound.state is JobState.SUCCEEDED and sound.adapter_version == 2, sound.error
+    saved = json.loads((dirs["jobs"] / "default" / sound.id / "job.json").read_text())
+    assert saved["baseline"] == "blobs:1"  # the champion, fixed at the job's first start
     v1, v2 = store.get("default", "blobs", 1), store.get("default", "blobs", 2)
     assert sound.metrics["guard_baseline"] == v1.metrics["heldout_dice"] < v2.metrics["heldout_dice"]
     assert v1.metrics["heldout_signature"] == v2.metrics["heldout_signature"]  # the split is reused
