@@ -184,7 +184,7 @@ def heldout_split(spec: FinetuneSpec, ds: SegmentationDataset
         heldout = HeldoutSplit.create(ds, fraction=spec.guard.heldout_fraction, seed=spec.split.seed,
                                       min_area=spec.split.min_area, eval_cfg=spec.eval)
     else:
-        heldout = HeldoutSplit.from_json(stored, f"the baseline {baseline}")
+        heldout = HeldoutSplit.from_json(stored, "the baseline adapter")  # no server path in the message
     heldout_ds, rest = heldout.select(ds)
     if heldout.min_area != spec.split.min_area:
         heldout_ds, _ = heldout.select(load_dataset(spec.data, min_area=heldout.min_area))
