@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sam_core.errors import SamforgeError
+from sam_core.errors import InvalidInput, SamforgeError
 from services.cli_data import add_data_args
 from services.cli_finetune import add_train_args
 from services.stack import add_up_args
@@ -157,9 +157,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         prompts = [Prompt(box=b) for b in boxes]
         if args.part == "encoder":
             features = OnnxEncoder(path)(preprocess(image, loaded.spec)[0])
-            ours = Embedding(features, ref.original_size, ref.input_size, ref.model_id, ref.preprocess_version,
-                             ref.encoder_adapter)
-            summary["embedding_max_abs_error"] = float((features - ref.features).abs().max())
+            ours = Embedding(loaded.net.features_from_encoder(features), ref.original_size, ref.input_size,
+                             ref.model_id, ref.preprocess_version, ref.encoder_adapter)
+            summary["embedding_max_abs_error"] = max(float((ours.features[name] - level).abs().max())
+                                                     for name, level in ref.features.items())
             a, b = torch_predictor.decode(ref, prompts).masks, torch_predictor.decode(ours, prompts).masks
         else:
             onnx_predictor = make_onnx_predictor(loaded, onnx_path=path)
@@ -168,6 +169,17 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
                 for x, y in zip(a, b, strict=True)]
         summary["mask_iou_min"] = round(min(ious), 6)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_registry_sweep(args: argparse.Namespace) -> int:
+    from sam_core.adapters.s3 import S3AdapterStore
+
+    if args.older_than_hours < 0:
+        raise InvalidInput(f"must be >= 0, got {args.older_than_hours}", field="older_than_hours")
+    store = S3AdapterStore(args.registry_url, endpoint_url=args.endpoint_url or None)
+    removed = store.sweep_uploads(args.older_than_hours * 3600, dry_run=args.dry_run)
+    print(json.dumps({"dry_run": args.dry_run, "orphaned_uploads": list(removed)}, indent=2))
     return 0
 
 
@@ -199,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .onnx file (written atomically)")
     e.add_argument("--check-image", help="compare with PyTorch on this image: embedding error, mask IoU")
     e.set_defaults(func=cmd_export_onnx)
+    r = sub.add_parser("registry-sweep", help="delete orphaned uploads (a publisher killed mid-upload) from an "
+                       "s3:// adapter registry")
+    r.add_argument("--registry-url", required=True, help="s3://bucket/prefix (SAMFORGE_REGISTRY_URL)")
+    r.add_argument("--endpoint-url", default="", help="S3-compatible server (SAMFORGE_S3_ENDPOINT_URL)")
+    r.add_argument("--older-than-hours", type=float, default=24.0,
+                   help="grace period: uploads younger than this may still reach the index (default 24)")
+    r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    r.set_defaults(func=cmd_registry_sweep)
     add_train_args(sub)
     add_data_args(sub)
     add_up_args(sub)

@@ -1,8 +1,9 @@
 """``samforge train``, ``samforge eval`` and ``samforge adapters inspect``.
 
 ``samforge train`` exit status: 0 the candidate was accepted (``<out>/adapter/``), 3 the guard rejected it
-(``<out>/rejected/``, nothing in ``<out>/adapter/``; see :mod:`sam_core.training.guard`), 2 bad input, anything
-else a failure. ``<out>/result.json`` holds the run's summary (with the guard's verdict) and the exit status.
+(``<out>/rejected/``, nothing in ``<out>/adapter/``; see :mod:`sam_core.training.guard`), 2 bad input, 4 stopped
+by SIGTERM, anything else a failure. ``<out>/result.json`` (written by :func:`services.trainer.worker.write_result`)
+holds the status, the exit code and the run's summary with the guard's verdict.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +23,7 @@ from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
 
 if TYPE_CHECKING:
     from sam_core.evaluation.evaluate import EmbeddingCache
-    from sam_core.training.finetune import FinetuneResult
-
-EXIT_REJECTED = 3  # the guard kept the candidate out of <out>/adapter/
+    from sam_core.training.finetune import FinetuneSpec
 
 
 class ProgressBar:
@@ -113,6 +113,8 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--allow-regression", action="store_true", help="publish even if the baseline scores higher")
     p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
                    help="share of the images a new held-out split takes (ignored when the baseline has one)")
+    p.add_argument("--events", help="append one JSON line per progress event to this file (rank 0; the trainer "
+                                    "service tails it); <out>/result.json is written at the end either way")
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate the base model (and an adapter) on a data set")
@@ -145,12 +147,13 @@ def _first_last(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
+    """The run ``samforge train``'s arguments describe (the trainer builds its workers' argv to reproduce its
+    own :func:`services.trainer.job_spec.build_spec`)."""
     from sam_core.data.prompt_sim import prompt_config
     from sam_core.evaluation.evaluate import EvalConfig
-    from sam_core.modeling.registry import load_model, resolve_device
     from sam_core.training.config import TrainConfig
-    from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
+    from sam_core.training.finetune import FinetuneSpec, SplitSpec
     from sam_core.training.guard import GuardOptions
     from sam_core.training.methods import MethodConfig
 
@@ -163,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
         eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
     )
-    spec = FinetuneSpec(
+    return FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,
         split=SplitSpec(val_fraction=args.val_fraction, seed=args.seed, first_last=first_last,
                         min_area=args.min_area),
@@ -173,29 +176,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         guard=GuardOptions(baseline=args.baseline, min_improvement=args.min_improvement,
                            allow_regression=args.allow_regression, heldout_fraction=args.heldout_fraction),
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run the fine-tuning; rank 0 writes ``<out>/result.json`` and returns its exit status
+    (:mod:`services.trainer.worker`: 0 published, 2 bad input, 3 rejected by the guard, 4 stopped by SIGTERM)."""
+    from sam_core.errors import SamforgeError
+    from sam_core.modeling.registry import load_model, resolve_device
+    from sam_core.training.finetune import run_finetune
+    from services.trainer.worker import EventsFile, StopOnSigterm, StoppedBySignal, WorkerStatus, is_rank_zero
+    from services.trainer.worker import write_result as write
+
+    spec = spec_from_args(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"samforge train: rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}", file=sys.stderr)
     if args.no_resume:
         import shutil
 
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
-    result = run_finetune(load_model(args.model, args.checkpoint, device=resolve_device(args.device)), spec,
-                          callback=ProgressBar())
-    if result is None:  # a non-zero torchrun rank
+    events = EventsFile(args.events) if args.events and is_rank_zero() else None
+    bar = ProgressBar()
+
+    def report(event: ProgressEvent) -> None:
+        bar(event)
+        if events is not None:
+            events(event)
+
+    stop = StopOnSigterm()
+    stop.install()
+    main = is_rank_zero()
+    try:
+        result = run_finetune(load_model(args.model, args.checkpoint, device=resolve_device(args.device)), spec,
+                              callback=stop.wrap(report))
+    except StoppedBySignal:
+        print("samforge train: stopped by SIGTERM (checkpointed; run again to resume)", file=sys.stderr)
+        return write(args.out, WorkerStatus.STOPPED) if main else 0
+    except SamforgeError as exc:
+        if main:
+            write(args.out, WorkerStatus.INVALID_INPUT, error=str(exc), field=exc.field)
+        raise  # samforge's main prints it and exits 2
+    except Exception as exc:
+        if main:
+            write(args.out, WorkerStatus.STOPPED if stop.requested else WorkerStatus.FAILED,
+                  error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        stop.uninstall()
+        if events is not None:
+            events.close()
+    if result is None:  # a non-zero torchrun rank: it trained; rank 0 evaluates and publishes
         return 0
     print(result.table, file=sys.stderr)
     print(result.guard.reason, file=sys.stderr)
-    code = 0 if result.accepted else EXIT_REJECTED
-    write_result(Path(args.out), result, code)
     print(json.dumps(result.summary(), indent=2))
-    return code
-
-
-def write_result(out: Path, result: FinetuneResult, code: int) -> None:
-    """``<out>/result.json``: the summary, the exit status and what it means."""
-    from sam_core.files import atomic_write_text
-
-    meaning = "published" if code == 0 else "rejected"
-    body = {**result.summary(), "exit_status": code, "outcome": meaning}
-    atomic_write_text(out / "result.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
+    status = WorkerStatus.PUBLISHED if result.accepted else WorkerStatus.REJECTED
+    return write(args.out, status, summary=result.summary())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

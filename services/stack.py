@@ -14,6 +14,9 @@ Stopping never leaves a service behind:
   *thread* that forked the child exits, so the services are started from the main thread only; started from
   another thread they run without it. A child whose parent died before the prctl took effect sees a new
   parent pid and exits at once. This also covers a stop signal that lands inside a Popen call.
+- Training jobs run in worker processes of their own session; the stack's trainer runs with
+  ``SAMFORGE_DETACH_WORKERS=false``, so its SIGTERM stops them too (they checkpoint; the jobs resume at the
+  next ``up``).
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ def start_stack(var_dir: str | Path = "var", *, model: str = "litemedsam", base_
     env = {**os.environ, "SAMFORGE_MODEL": model, "SAMFORGE_REGISTRY_DIR": str(var / "registry"),
            "SAMFORGE_DATA_DIR": str(var / "data"), "SAMFORGE_JOBS_DIR": str(var / "jobs"),
            "SAMFORGE_ONNX_CACHE_DIR": str(var / "onnx"), "SAMFORGE_HOST": "127.0.0.1",
-           "SAMFORGE_ENCODER_ADDRESS": f"127.0.0.1:{ports['encoder']}", **(extra_env or {})}
+           "SAMFORGE_ENCODER_ADDRESS": f"127.0.0.1:{ports['encoder']}",
+           "SAMFORGE_DETACH_WORKERS": "false",  # stopping the stack stops its training workers too
+           **(extra_env or {})}
     for name in SERVICES:
         env[f"SAMFORGE_{name.upper()}_PORT"] = str(ports[name])
         env[f"SAMFORGE_{name.upper()}_METRICS_PORT"] = str(metrics[name])

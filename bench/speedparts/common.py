@@ -143,16 +143,18 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def mask_agreement(reference: Predictor, images: list[BenchImage],
                    encode_other: Callable[[np.ndarray], torch.Tensor]) -> dict[str, Any]:
-    """Masks decoded (by ``reference``'s decoder, ground-truth boxes) from ``encode_other(image)``'s features vs
-    from ``reference``'s own embedding: mask IoU min / mean over every instance, embedding relative error."""
+    """Masks decoded (by ``reference``'s decoder, ground-truth boxes) from ``encode_other(image)``'s features (SAM 1:
+    its one level) vs from ``reference``'s own embedding: mask IoU min / mean over every instance, embedding
+    relative error."""
     from sam_core.inference.prompts import Prompt
 
     ious, rel = [], []
     for _, image, boxes in images:
         prompts = [Prompt(box=b) for b in boxes]
         ref = reference.encode_one(image)
-        other = dataclasses.replace(ref, features=encode_other(image).to(ref.features.dtype))
-        rel.append(float((other.features - ref.features).norm() / ref.features.norm()))
+        other = dataclasses.replace(ref, features=reference.net.features_from_encoder(encode_other(image)))
+        mine, theirs = other.image_embedding.to(ref.image_embedding.dtype), ref.image_embedding
+        rel.append(float((mine - theirs).norm() / theirs.norm()))
         m_ref = reference.decode(ref, prompts).masks[:, 0]
         m_other = reference.decode(other, prompts).masks[:, 0]
         ious += [mask_iou(a, b) for a, b in zip(m_ref, m_other, strict=True)]

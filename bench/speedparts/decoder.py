@@ -98,7 +98,7 @@ def child_decoder(repeats: int, device: str) -> dict[str, Any]:
     embedding = fast.encode_one(image)
     sam_predictor = SamPredictor(model.net)
     sam_predictor.set_image(image)
-    sam_predictor.features = embedding.features.to(device)  # the same embedding for every runner
+    sam_predictor.features = embedding.image_embedding.to(device)  # the same embedding for every runner
     rows = []
     for n in PROMPT_COUNTS:
         rows.append(time_row(n, repeats, boxes, sam_predictor, runners, embedding))

@@ -115,7 +115,7 @@ def child_bf16_iou(device: str) -> dict[str, Any]:
         return {"bf16_mask_iou": "skipped: no ../shared/data"}
     model = load_model("litemedsam")
     fp32, bf16 = Predictor(model, device=device), Predictor(model, device=device, autocast_dtype=torch.bfloat16)
-    quality = mask_agreement(fp32, images, lambda image: bf16.encode_one(image).features)
+    quality = mask_agreement(fp32, images, lambda image: bf16.encode_one(image).image_embedding)
     return {f"bf16_{k}": v for k, v in quality.items()}
 
 

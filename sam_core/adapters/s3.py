@@ -12,7 +12,8 @@ the version added to ``index.json`` with a conditional put on the ETag that was 
 *`` for the first write). A concurrent writer makes the put fail with 412 (or 409); the writer then re-reads the
 index and applies its change again, at most ``_COMMIT_ATTEMPTS`` times (then :class:`~sam_core.errors.Unavailable`).
 Readers resolve only through the index, so files of an upload that never reached the index (a publisher killed
-mid-upload) are invisible; they stay as unreferenced orphans under ``uploads/`` (no sweep yet). Version
+mid-upload) are invisible; they stay as unreferenced orphans under ``uploads/`` until
+:meth:`S3AdapterStore.sweep_uploads` (``samforge registry-sweep``) deletes those older than a grace period. Version
 numbers are allocated by the index commit, so they are dense and never reused; aliases, alias history, tenancy
 and the revision counter behave exactly as in the file-system store (same index functions).
 
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -58,6 +59,7 @@ from sam_core.files import fsync_tree
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+DEFAULT_SWEEP_GRACE_S = 86400.0  # an upload younger than this may still be on its way to the index
 _COMMIT_ATTEMPTS = 32  # conditional index writes before giving up under contention
 _RETRY_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -377,6 +379,45 @@ class S3AdapterStore:
         (was, target), index = self._update(change)
         log.info("adapter registry: rolled back %s/%s@%s: %s -> %s", tenant, name, alias, was, target)
         return self._version(index, tenant, AdapterRef(name, version=target))[0]
+
+    def sweep_uploads(self, older_than_s: float = DEFAULT_SWEEP_GRACE_S, *, dry_run: bool = False) -> tuple[str, ...]:
+        """Delete the uploads no index version references whose newest object is older than ``older_than_s``.
+
+        The bucket is listed first and the index read after it: an upload that reaches the index meanwhile is
+        referenced, and one still being uploaded is younger than the grace period (keep it far above the longest
+        upload). Returns the upload locations removed (or that would be, with ``dry_run``).
+        """
+        uploads: dict[str, float] = {}  # location -> newest LastModified (unix seconds)
+        for key, modified in self._listed():
+            parts = key[len(self.prefix) + 1:].split("/") if self.prefix else key.split("/")
+            if len(parts) == 5 and parts[2] == "uploads":
+                location = "/".join(parts[:4])
+                uploads[location] = max(uploads.get(location, 0.0), modified)
+        index, _ = self._read_index(fresh=True)
+        referenced = {record["location"] for names in index["tenants"].values() for entry in names.values()
+                      for record in entry["versions"].values()}
+        cutoff = time.time() - older_than_s
+        orphans = tuple(sorted(loc for loc, newest in uploads.items() if loc not in referenced and newest < cutoff))
+        for location in () if dry_run else orphans:
+            self._remove_objects(location)
+        log.info("adapter registry: %s %d orphaned upload(s) in s3://%s/%s", "found" if dry_run else "removed",
+                 len(orphans), self.bucket, self.prefix)
+        return orphans
+
+    def _listed(self) -> Iterator[tuple[str, float]]:
+        """(key, LastModified as unix seconds) of every object under the prefix."""
+        token: dict[str, str] = {}
+        while True:
+            try:
+                page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), **token)
+            except Exception as exc:
+                raise Unavailable(f"adapter registry s3://{self.bucket}/{self.prefix}: listing failed: "
+                                  f"{_error_code(exc) or type(exc).__name__}", field="registry") from exc
+            for item in page.get("Contents", []):
+                yield item["Key"], item["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def delete(self, tenant: str, name: str, version: int) -> None:
         """Remove one version from the index, then its objects (its number is never reused). Refused while aliased."""

@@ -39,6 +39,7 @@ from torch.jit._trace import TracerWarning
 from sam_core.files import atomic_output
 from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
 from sam_core.inference.prompts import Prompt, all_present
+from sam_core.modeling.family import Features, image_embedding
 from sam_core.modeling.preprocess import transform_boxes, transform_coords
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
 from sam_core.modeling.sam1 import Sam1Model, require_sam1
@@ -283,14 +284,15 @@ class OnnxDecoder:
         low_res, iou = self.session.run(list(OUTPUT_NAMES), feeds)
         return low_res, iou
 
-    def decode_low_res(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
+    def decode_low_res(self, features: Features, prompts: Sequence[Prompt], original_size: tuple[int, int],
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated prompts -> (N x M x L x L low-res logits, N x M IoU) on the CPU, in input order.
 
-        Same contract as :meth:`Predictor.decode_low_res`: features 1 x C x h x w; prompts grouped by
-        signature and decoded ``decode_batch`` at a time; M = 3 with ``multimask`` else 1.
+        Same contract as :meth:`Predictor.decode_low_res`: one image's features (SAM 1: the one level
+        ``image_embed``, 1 x C x h x w); prompts grouped by signature and decoded ``decode_batch`` at a time;
+        M = 3 with ``multimask`` else 1.
         """
-        feats = np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
+        feats = np.ascontiguousarray(image_embedding(features).detach().to("cpu", torch.float32).numpy())
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature(), []).append(i)
@@ -326,7 +328,7 @@ class OnnxPredictor(Predictor):
         self.onnx = OnnxDecoder(model, onnx_path, providers=providers, threads=threads, cache_dir=cache_dir,
                                 decode_batch=self.decode_batch, opset=opset)
 
-    def decode_low_res(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
+    def decode_low_res(self, features: Features, prompts: Sequence[Prompt], original_size: tuple[int, int],
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated prompts -> (N x M x L x L, N x M) on ``self.device``; see :meth:`OnnxDecoder.decode_low_res`."""
         self.onnx.decode_batch = self.decode_batch

@@ -35,8 +35,9 @@ from sam_core.inference.types import Embedding
 
 logger = logging.getLogger(__name__)
 
-ENTRY_FORMAT = "samforge-embedding-v1"
-"""``format`` value in the safetensors metadata of every stored entry."""
+ENTRY_FORMAT = "samforge-embedding-v2"
+"""``format`` value in the safetensors metadata of every stored entry (v2: one tensor per named feature
+level; a v1 entry reads as corrupt, so it is deleted and recomputed)."""
 
 STORE_FORMAT = "samforge-embedding-store-v1"
 """``format`` value of ``signature.json``."""
@@ -57,10 +58,23 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _features_digest(features: torch.Tensor) -> str:
-    """SHA-256 of a contiguous CPU tensor's raw bytes (bfloat16 is viewed as int16 for numpy)."""
-    raw = features.view(torch.int16) if features.dtype == torch.bfloat16 else features
-    return hashlib.sha256(raw.numpy().data.cast("B")).hexdigest()
+def _features_digest(features: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes and raw bytes of contiguous CPU tensors, in order (bfloat16 is viewed
+    as int16 for numpy)."""
+    digest = hashlib.sha256()
+    for name, tensor in features.items():
+        raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(raw.numpy().data.cast("B"))
+    return digest.hexdigest()
+
+
+def _check_levels(features: object) -> None:
+    if not isinstance(features, dict) or not features or not all(
+            isinstance(name, str) and isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[0] == 1
+            and t.is_floating_point() for name, t in features.items()):
+        raise InvalidInput("features must map level names to 1 x C x h x w floating-point tensors",
+                           field="embedding.features")
 
 
 class _CorruptEntry(Exception):
@@ -194,12 +208,10 @@ class EmbeddingStore:
                     f"embedding has {name}={actual!r} but this store's signature has {expected!r}", field="embedding"
                 )
 
-    def _encode(self, key: str, embedding: Embedding) -> tuple[torch.Tensor, bytes]:
-        features = embedding.features
-        if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[0] != 1 \
-                or not features.is_floating_point():
-            raise InvalidInput("features must be a 1 x C x h x w floating-point tensor", field="embedding.features")
-        stored = features.detach().to(device="cpu", dtype=STORAGE_DTYPES[self.dtype]).contiguous()
+    def _encode(self, key: str, embedding: Embedding) -> tuple[dict[str, torch.Tensor], bytes]:
+        _check_levels(embedding.features)
+        stored = {name: t.detach().to(device="cpu", dtype=STORAGE_DTYPES[self.dtype]).contiguous()
+                  for name, t in embedding.features.items()}
         metadata = {
             "format": ENTRY_FORMAT,
             "key": key,
@@ -210,19 +222,20 @@ class EmbeddingStore:
             "model_id": embedding.model_id,
             "preprocess_version": embedding.preprocess_version,
             "encoder_adapter": canonical_encoder_adapter(embedding.encoder_adapter) or "",
+            "levels": json.dumps(list(stored)),  # safetensors sorts tensors by name: this keeps the model's order
             "features_sha256": _features_digest(stored),
         }
-        return stored, safetensors.torch.save({"features": stored}, metadata=metadata)
+        return stored, safetensors.torch.save(stored, metadata=metadata)
 
     def put(self, key: str, embedding: Embedding) -> None:
-        """Store ``embedding`` (features 1 x C x h x w) under ``key``, atomically replacing any old entry.
+        """Store ``embedding`` (every level 1 x C x h x w) under ``key``, atomically replacing any old entry.
 
         Raises InvalidInput (``field="embedding"``) if the embedding's model_id / preprocess_version /
         encoder_adapter contradict the store's signature.
         """
         self._write(key, embedding)
 
-    def _write(self, key: str, embedding: Embedding) -> torch.Tensor:
+    def _write(self, key: str, embedding: Embedding) -> dict[str, torch.Tensor]:
         """Validate, serialise and atomically write one entry; returns the stored (CPU, storage dtype) features."""
         path = self.path_for(key)
         self._check_embedding(embedding)
@@ -231,24 +244,26 @@ class EmbeddingStore:
         atomic_write_bytes(path, data)
         return stored
 
-    def _read(self, path: Path) -> tuple[dict[str, str], torch.Tensor]:
+    def _read(self, path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         try:
             with safetensors.safe_open(str(path), framework="pt") as fh:
                 metadata = fh.metadata() or {}
-                if list(fh.keys()) != ["features"]:
-                    raise _CorruptEntry(f"expected the single tensor 'features', found {list(fh.keys())}")
-                features = fh.get_tensor("features")
+                if metadata.get("format") != ENTRY_FORMAT:
+                    raise _CorruptEntry(f"metadata format is {metadata.get('format')!r}, expected {ENTRY_FORMAT!r}")
+                levels = json.loads(metadata.get("levels", "null"))
+                if not isinstance(levels, list) or sorted(levels) != sorted(fh.keys()) or not levels:
+                    raise _CorruptEntry(f"tensors {sorted(fh.keys())} do not match the levels {levels}")
+                features = {str(name): fh.get_tensor(name) for name in levels}
         except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _CorruptEntry(str(exc)) from exc
-        if metadata.get("format") != ENTRY_FORMAT:
-            raise _CorruptEntry(f"metadata format is {metadata.get('format')!r}, expected {ENTRY_FORMAT!r}")
-        if features.ndim != 4 or features.dtype not in STORAGE_DTYPES.values():
-            raise _CorruptEntry(f"features have shape {tuple(features.shape)} and dtype {features.dtype}")
-        if metadata.get("features_sha256") != _features_digest(features.contiguous()):
+        for name, tensor in features.items():
+            if tensor.ndim != 4 or tensor.dtype not in STORAGE_DTYPES.values():
+                raise _CorruptEntry(f"features {name!r} have shape {tuple(tensor.shape)} and dtype {tensor.dtype}")
+        if metadata.get("features_sha256") != _features_digest({n: t.contiguous() for n, t in features.items()}):
             raise _CorruptEntry("features checksum mismatch")
         return metadata, features
 
-    def _decode(self, key: str, path: Path, metadata: dict[str, str], features: torch.Tensor) -> Embedding:
+    def _decode(self, key: str, path: Path, metadata: dict[str, str], features: dict[str, torch.Tensor]) -> Embedding:
         if metadata.get("signature") != self._signature_json:
             raise InvalidInput(
                 f"entry {path} was written with signature {metadata.get('signature')}, "
@@ -258,7 +273,7 @@ class EmbeddingStore:
             raise InvalidInput(f"entry {path} says its key is {metadata.get('key')!r}, not {key!r}", field=_FIELD)
         try:
             embedding = Embedding(
-                features=features.float(),
+                features={name: t.float() for name, t in features.items()},
                 original_size=_pair(metadata["original_size"]),
                 input_size=_pair(metadata["input_size"]),
                 model_id=metadata["model_id"],
@@ -274,7 +289,7 @@ class EmbeddingStore:
         return embedding
 
     def get(self, key: str) -> Embedding | None:
-        """The embedding stored under ``key`` (features 1 x C x h x w float32), or None if absent.
+        """The embedding stored under ``key`` (every level 1 x C x h x w float32), or None if absent.
 
         A corrupt or truncated entry is deleted (with a warning) and reported absent; an entry whose
         metadata disagrees with the store's signature or with ``key`` raises InvalidInput
@@ -304,7 +319,7 @@ class EmbeddingStore:
         embedding = compute()
         stored = self._write(key, embedding)
         return Embedding(
-            features=stored.float(),
+            features={name: t.float() for name, t in stored.items()},
             original_size=(int(embedding.original_size[0]), int(embedding.original_size[1])),
             input_size=(int(embedding.input_size[0]), int(embedding.input_size[1])),
             model_id=embedding.model_id,

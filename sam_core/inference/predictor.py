@@ -23,7 +23,7 @@ from sam_core.errors import InvalidInput
 from sam_core.inference.postprocess import stability_score
 from sam_core.inference.prompts import DEFAULT_MAX_PROMPTS, Prompt, all_present, validate_prompts
 from sam_core.inference.types import DecodeResult, Embedding
-from sam_core.modeling.family import PromptBatch
+from sam_core.modeling.family import EncoderOutput, Features, PromptBatch
 from sam_core.modeling.preprocess import model_input, resize_image, transform_boxes, transform_coords, upscale_logits
 from sam_core.modeling.registry import LoadedModel
 
@@ -58,15 +58,15 @@ class Predictor:
     family's optimised inference encoder (SAM 1: BatchNorm folded, channels-last; a snapshot of the weights
     taken at the first encode, so a decode-only predictor never copies the encoder) unless
     ``optimize_encoder=False``. ``encoder_fn`` replaces the image encoder with another runtime of the same
-    weights (``B x 3 x S x S -> B x C x h x w``, e.g. ONNX Runtime or a Triton client); ``autocast_dtype`` and
-    ``optimize_encoder`` then do not apply to the encoder.
+    weights (``B x 3 x S x S ->`` one tensor per feature level in ``feature_names`` order, e.g. ONNX Runtime
+    or a Triton client); ``autocast_dtype`` and ``optimize_encoder`` then do not apply to the encoder.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None,
                  max_prompts: int = DEFAULT_MAX_PROMPTS, decode_batch: int = DEFAULT_DECODE_BATCH,
                  autocast_dtype: torch.dtype | None = None, fast_decoder: bool = True,
                  optimize_encoder: bool = True,
-                 encoder_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 encoder_fn: Callable[[torch.Tensor], EncoderOutput] | None = None) -> None:
         self.model = model
         self.net = model.net
         self.spec = model.spec
@@ -101,17 +101,19 @@ class Predictor:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @torch.inference_mode()
-    def encode_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S preprocessed input -> B x C x h x w float32 features."""
+    def encode_tensor(self, batch: torch.Tensor) -> Features:
+        """B x 3 x S x S preprocessed input -> named float32 features (name -> B x C_l x h_l x w_l)."""
         if self.encoder_fn is not None:
-            return self.encoder_fn(batch.float()).to(self.device, torch.float32)
-        batch = batch.to(self.device)
-        encoder = self.encoder
-        if self._channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            features: torch.Tensor = encoder(batch)
-        return features.float()
+            output = self.encoder_fn(batch.float())
+        else:
+            batch = batch.to(self.device)
+            encoder = self.encoder
+            if self._channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                output = encoder(batch)
+        features = self.net.features_from_encoder(output)
+        return {name: t.to(self.device, torch.float32) for name, t in features.items()}
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """A canonical image (H x W x 3 uint8 RGB) resized for this model: what :meth:`encode_prepared` takes."""
@@ -123,7 +125,8 @@ class Predictor:
         Embeddings record the encoder adapter (None for the base model and decoder-only adapters).
         """
         features = self.encode_tensor(torch.cat([model_input(p.resized, self.spec) for p in prepared]))
-        return [Embedding(features=features[i:i + 1].cpu(), original_size=p.original_size, input_size=p.input_size,
+        return [Embedding(features={name: t[i:i + 1].cpu() for name, t in features.items()},
+                          original_size=p.original_size, input_size=p.input_size,
                           model_id=self.model_id, preprocess_version=self.spec.preprocess_version,
                           encoder_adapter=self.model.encoder_adapter_id)
                 for i, p in enumerate(prepared)]
@@ -168,14 +171,14 @@ class Predictor:
         return PromptBatch(points=points, boxes=boxes, masks=masks)
 
     @torch.inference_mode()
-    def decode_low_res(self, features: torch.Tensor, prompts: Sequence[Prompt], original_size: tuple[int, int],
+    def decode_low_res(self, features: Features, prompts: Sequence[Prompt], original_size: tuple[int, int],
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated prompts -> (N x M x L x L low-res logits, N x M IoU) in input order.
 
-        features: 1 x C x h x w. Groups prompts by signature and decodes each group in chunks of
-        ``decode_batch``.
+        features: one image's named features (1 x C_l x h_l x w_l each). Groups prompts by signature and
+        decodes each group in chunks of ``decode_batch``.
         """
-        named = self.net.features_from_encoder(features.to(self.device))
+        named = {name: t.to(self.device) for name, t in features.items()}
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature(), []).append(i)

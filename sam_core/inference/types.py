@@ -1,7 +1,7 @@
 """Value types of inference: an image's :class:`Embedding` and a decode's :class:`DecodeResult`.
 
-They depend on nothing else in sam_core, so caches, stores, codecs and services can hold them without
-importing the predictor.
+They depend on nothing in sam_core but the :data:`~sam_core.modeling.family.Features` alias, so caches,
+stores, codecs and services can hold them without importing the predictor.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sam_core.modeling.family import Features, image_embedding
+
 
 @dataclass
 class Embedding:
     """One image's embedding and the facts needed to decode against it.
 
-    features: 1 x C x h x w float32 (C=256, h=w=64 for SAM and LiteMedSAM).
+    features: named feature tensors, each 1 x C_l x h_l x w_l float32, in the model's ``feature_names``
+    order. SAM 1 / LiteMedSAM: ``image_embed`` 1 x 256 x 64 x 64; SAM 2.1: ``image_embed`` 1 x 256 x 64 x 64
+    plus two high-resolution levels. The first is always the decoder's image embedding
+    (:attr:`image_embedding`).
     original_size: (H, W) of the canonical image; input_size: (h, w) after the resize, before padding.
     """
 
-    features: torch.Tensor
+    features: Features
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     model_id: str
@@ -29,7 +34,17 @@ class Embedding:
 
     @property
     def nbytes(self) -> int:
-        return self.features.element_size() * self.features.nelement()
+        """Bytes of all feature levels."""
+        return sum(t.element_size() * t.nelement() for t in self.features.values())
+
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        """The first (lowest-resolution) level: what prompts attend to, 1 x C x h x w."""
+        return image_embedding(self.features)
+
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape of every level, in order."""
+        return {name: tuple(t.shape) for name, t in self.features.items()}
 
 
 @dataclass

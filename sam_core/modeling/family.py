@@ -22,7 +22,7 @@ callers talk only to this interface, never to a family's submodules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +30,30 @@ import torch
 from torch import nn
 
 Features = dict[str, torch.Tensor]
-"""Named feature tensors of a batch of images: name -> ``B x C_l x h_l x w_l`` (float32)."""
+"""Named feature tensors of a batch of images: name -> ``B x C_l x h_l x w_l`` (float32), in the model's
+``feature_names`` order; the first is the image embedding prompts attend to."""
+
+EncoderOutput = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+"""An inference encoder's output: one tensor, one per feature level in ``feature_names`` order, or a mapping
+from level name to tensor (e.g. a served model's named outputs)."""
+
+
+def image_embedding(features: Features) -> torch.Tensor:
+    """The first level of ``features``: the image embedding prompts attend to (B x C x h x w)."""
+    return next(iter(features.values()))
+
+
+def named_features(names: Sequence[str], output: EncoderOutput) -> Features:
+    """``output`` (a tensor, a sequence of tensors in ``names`` order, or a name -> tensor mapping) ->
+    ``{name: tensor}`` in ``names`` order. ValueError when the levels do not match ``names``."""
+    if isinstance(output, Mapping):
+        if sorted(output) != sorted(names):
+            raise ValueError(f"the encoder gave feature levels {sorted(output)}, this model has {list(names)}")
+        return {name: output[name] for name in names}
+    tensors = [output] if isinstance(output, torch.Tensor) else list(output)
+    if len(tensors) != len(names) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError(f"the encoder gave {len(tensors)} feature tensors, this model has {len(names)}: {names}")
+    return dict(zip(names, tensors, strict=True))
 
 IMAGE_NORMALIZATIONS = ("imagenet", "minmax")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -127,12 +150,14 @@ class SegmentationModel(nn.Module):
         raise NotImplementedError
 
     def inference_encoder(self, optimize: bool = True) -> nn.Module:
-        """A module mapping B x 3 x S x S -> the primary feature tensor for inference: with ``optimize``
-        a snapshot copy rewritten for speed (same results to float32 rounding), else the encoder itself."""
+        """A module mapping B x 3 x S x S -> the feature tensors for inference: one tensor (one level) or a
+        tuple in ``feature_names`` order. With ``optimize`` a snapshot copy rewritten for speed (same results
+        to float32 rounding), else the encoder itself."""
         raise NotImplementedError
 
-    def features_from_encoder(self, output: torch.Tensor) -> Features:
-        """What :meth:`inference_encoder`'s output (or an exported encoder's) means as named features."""
+    def features_from_encoder(self, output: EncoderOutput) -> Features:
+        """What :meth:`inference_encoder`'s output (or an exported encoder's: one tensor, or a sequence in
+        ``feature_names`` order) means as named features. Raises ValueError on a wrong count of levels."""
         raise NotImplementedError
 
     def mask_decoding(self, fast: bool = True) -> MaskDecoding:

@@ -25,12 +25,14 @@ from sam_core.errors import InvalidInput
 from sam_core.modeling.encoder_opt import optimized_encoder
 from sam_core.modeling.family import (
     AttentionSite,
+    EncoderOutput,
     Features,
     MaskDecoding,
     ModelSpec,
     ParamGroup,
     PromptBatch,
     SegmentationModel,
+    named_features,
 )
 from sam_core.modeling.fast_decoder import FastMaskDecoder
 
@@ -55,8 +57,8 @@ class Sam1Model(Sam, SegmentationModel):  # type: ignore[misc]  # segment_anythi
     def inference_encoder(self, optimize: bool = True) -> nn.Module:
         return optimized_encoder(self.image_encoder) if optimize else self.image_encoder
 
-    def features_from_encoder(self, output: torch.Tensor) -> Features:
-        return {FEATURE: output}
+    def features_from_encoder(self, output: EncoderOutput) -> Features:
+        return named_features(self.feature_names, output)
 
     def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
         h, w = (int(v) for v in self.prompt_encoder.image_embedding_size)

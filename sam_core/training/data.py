@@ -136,7 +136,7 @@ class TrainingData:
         step, position) only, so it is the same whichever rank draws it."""
         size, low = self.spec.img_size, self.spec.low_res_size
         images: list[torch.Tensor] = []
-        embeds: list[torch.Tensor] = []
+        embeds: list[Features] = []
         coords: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         boxes: list[np.ndarray] = []
@@ -146,7 +146,7 @@ class TrainingData:
             sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
             prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
             if self.cache_embeddings:
-                embeds.append(self.embedding(item.sample_index, item.window).features[0])
+                embeds.append(self.embedding(item.sample_index, item.window).features)
             else:
                 images.append(self.model_input(item.sample_index, item.window))
             if prompt["box"] is not None:
@@ -165,7 +165,7 @@ class TrainingData:
 
         return TrainingBatch(
             images=torch.stack(images).to(device, torch.float32) if images else None,
-            features=self.predictor.net.features_from_encoder(torch.stack(embeds).to(device)) if embeds else None,
+            features=stack_features(embeds, device) if embeds else None,
             prompts=PromptBatch(points=(stacked(coords), stacked(labels, torch.int64)) if coords else None,
                                 boxes=stacked(boxes) if boxes else None),
             targets=stacked(targets)[:, None],
@@ -181,3 +181,8 @@ class TrainingBatch:
     features: Features | None
     prompts: PromptBatch
     targets: torch.Tensor
+
+
+def stack_features(per_image: list[Features], device: torch.device | str) -> Features:
+    """B images' named features (1 x C_l x h_l x w_l each) -> one batch (name -> B x C_l x h_l x w_l)."""
+    return {name: torch.cat([f[name] for f in per_image]).to(device) for name in per_image[0]}

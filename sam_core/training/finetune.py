@@ -132,14 +132,18 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     """Train ``spec.train.method`` on ``spec.data``, compare it with the zero-shot model on the val split and
     judge it against ``spec.guard.baseline`` on the held-out split (see the module docstring).
 
-    Under torchrun every rank trains; only rank 0 evaluates and reports (other ranks return None).
+    Under torchrun every rank trains; only rank 0 evaluates and reports (other ranks return None). A one-shot
+    method is fitted by rank 0 alone (it has no gradient steps to share).
     """
     t0 = time.perf_counter()
     out = Path(spec.out_dir)
     emit = callback or (lambda event: None)
     ds = load_dataset(spec.data, min_area=spec.split.min_area)
-    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+    main = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 reports
+    if main:
         check_data(ds, model, out, emit)
+    elif spec.train.method.plugin.one_shot:
+        return None
     heldout, heldout_ds, rest = heldout_split(spec, ds)
     train_ds, val_ds = split(spec, rest)
     if len(val_ds) == 0:

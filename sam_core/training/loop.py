@@ -194,8 +194,9 @@ def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
 def _embedding_store(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset | None,
                      out: Path, info: DistInfo) -> EmbeddingStore:
     fingerprint = dataset_fingerprint(train_ds) + (dataset_fingerprint(val_ds) if val_ds else "")
+    levels = {name: list(shape) for name, shape in model.net.feature_shapes().items()}
     signature = {"model_id": model.model_id, "preprocess_version": model.spec.preprocess_version,
-                 "encoder_adapter": "", "dataset": fingerprint}
+                 "encoder_adapter": "", "dataset": fingerprint, "features": json.dumps(levels)}
     if info.is_main:  # rank 0 validates (or resets) the store before the others open it
         EmbeddingStore(out / "embeddings", signature=signature, reset_on_mismatch=True)
     barrier(info)

@@ -123,7 +123,7 @@ def mask_on_grid(mask: np.ndarray, embedding: Embedding, img_size: int) -> torch
     The mask goes through the image's geometry: resized to ``embedding.input_size`` (area
     interpolation), zero-padded to ``img_size`` x ``img_size``, then area-pooled to the feature grid.
     """
-    grid = (embedding.features.shape[-2], embedding.features.shape[-1])
+    grid = (embedding.image_embedding.shape[-2], embedding.image_embedding.shape[-1])
     in_h, in_w = embedding.input_size
     resized = cv2.resize(mask.astype(np.float32), (in_w, in_h), interpolation=cv2.INTER_AREA)
     padded = np.zeros((img_size, img_size), np.float32)
@@ -137,7 +137,7 @@ def centred_features(embedding: Embedding, img_size: int) -> torch.Tensor:
     A deviation from PerSAM (see the module docstring): it removes the component all features share,
     which otherwise dominates every cosine similarity.
     """
-    feats = embedding.features.float()
+    feats = embedding.image_embedding.float()
     grid_h, grid_w = feats.shape[-2:]
     in_h, in_w = embedding.input_size
     rows = max(1, min(grid_h, -(-in_h * grid_h // img_size)))  # ceil: cells touching the image

@@ -12,9 +12,12 @@ Layout (all little-endian float32, row-major):
 
 * the first chunk carries ``info``, ``dtype`` ("float32"), ``total_bytes`` and, for tiled embeddings,
   ``tile_origins`` = flattened (y, x) pairs, the whole image first as (0, 0), then each tile;
-* ``data`` of all chunks concatenated = the whole-image features (``feature_shape``, 1 x C x h x w), then
-  each tile's features (same shape), each chunk at most :data:`CHUNK_BYTES` (1 MiB) so a 4 MB LiteMedSAM
-  embedding streams under gRPC's default 4 MB message limit;
+* ``info.levels`` names the feature levels in order with their shapes (1 x C x h x w; SAM 1: one,
+  ``image_embed``; SAM 2.1: three); ``info.feature_shape`` repeats the first level's shape, and a stream
+  without ``levels`` (an older server) is one level named :data:`LEGACY_LEVEL`;
+* ``data`` of all chunks concatenated = the whole image's levels in order, then each tile's levels (same
+  shapes), each chunk at most :data:`CHUNK_BYTES` (1 MiB) so a 4 MB LiteMedSAM embedding streams under
+  gRPC's default 4 MB message limit;
 * ``info.original_size`` / ``info.input_size`` are (height, width) pairs: one pair for a plain embedding;
   for a tiled one ``1 + num_tiles`` pairs in the order of ``tile_origins`` (whole image, then tiles).
 
@@ -32,6 +35,7 @@ import torch
 
 from sam_core.inference.tiling import TiledEmbedding
 from sam_core.inference.types import Embedding
+from sam_core.modeling.family import Features
 from services._generated.sam.v1 import common_pb2, encoder_pb2
 
 ServedEmbedding = Embedding | TiledEmbedding
@@ -39,6 +43,8 @@ ServedEmbedding = Embedding | TiledEmbedding
 
 CHUNK_BYTES = 1 << 20
 DTYPE = "float32"
+LEGACY_LEVEL = "image_embed"
+"""The one level of a stream from a server that predates ``EmbeddingInfo.levels``."""
 _WIRE_DTYPE = np.dtype("<f4")
 
 
@@ -60,7 +66,9 @@ def embedding_info(key: str, value: ServedEmbedding) -> common_pb2.EmbeddingInfo
     tiled = isinstance(value, TiledEmbedding)
     return common_pb2.EmbeddingInfo(
         key=key, model_id=first.model_id, encoder_adapter=first.encoder_adapter or "",
-        preprocess_version=first.preprocess_version, feature_shape=list(first.features.shape),
+        preprocess_version=first.preprocess_version, feature_shape=list(first.image_embedding.shape),
+        levels=[common_pb2.FeatureLevel(name=name, shape=list(shape))
+                for name, shape in first.feature_shapes().items()],
         original_size=[int(v) for p in parts for v in p.original_size],
         input_size=[int(v) for p in parts for v in p.input_size],
         num_tiles=len(parts) - 1 if tiled else 0, nbytes=int(value.nbytes),
@@ -76,13 +84,12 @@ def embedding_chunks(key: str, value: ServedEmbedding,
                      chunk_bytes: int = CHUNK_BYTES) -> Iterator[encoder_pb2.EmbeddingChunk]:
     """Stream ``value`` as chunks of at most ``chunk_bytes`` data bytes (the first one with the header)."""
     parts, origins = parts_of(value)
-    total = sum(p.features.nelement() * 4 for p in parts)
+    total = sum(t.nelement() * 4 for p in parts for t in p.features.values())
     header: encoder_pb2.EmbeddingChunk | None = encoder_pb2.EmbeddingChunk(
         info=embedding_info(key, value), dtype=DTYPE, total_bytes=total,
         tile_origins=[v for origin in origins for v in origin] if isinstance(value, TiledEmbedding) else [])
     buffer = bytearray()
-    for part in parts:
-        view = _wire_bytes(part.features)
+    for view in (_wire_bytes(t) for part in parts for t in part.features.values()):
         start = 0
         while start < len(view):
             take = min(chunk_bytes - len(buffer), len(view) - start)
@@ -118,19 +125,19 @@ def derived_geometry(origins: Sequence[tuple[int, int]], sizes: Sequence[tuple[i
     return tile, max(0, min(overlaps)) if overlaps else 0
 
 
-def assemble(features: torch.Tensor, *, original_sizes: Sequence[tuple[int, int]],
+def assemble(parts: Sequence[Features], *, original_sizes: Sequence[tuple[int, int]],
              input_sizes: Sequence[tuple[int, int]],
              origins: Sequence[tuple[int, int]] | None, model_id: str, preprocess_version: str,
              encoder_adapter: str | None, tile_size: int | None = None,
              overlap: int | None = None) -> ServedEmbedding:
-    """N x C x h x w features (N = 1, or 1 + tiles when ``origins`` is given) -> Embedding / TiledEmbedding.
+    """N parts' named features (N = 1, or 1 + tiles when ``origins`` is given) -> Embedding / TiledEmbedding.
 
-    ``origins`` excludes the whole image's (0, 0). Each part's features are a view of ``features``.
+    ``origins`` excludes the whole image's (0, 0).
     """
     embeddings = [
-        Embedding(features=features[i:i + 1], original_size=original_sizes[i], input_size=input_sizes[i],
+        Embedding(features=features, original_size=original_sizes[i], input_size=input_sizes[i],
                   model_id=model_id, preprocess_version=preprocess_version, encoder_adapter=encoder_adapter or None)
-        for i in range(features.shape[0])]
+        for i, features in enumerate(parts)]
     if origins is None:
         return embeddings[0]
     if tile_size is None or overlap is None:
@@ -152,13 +159,11 @@ def embedding_from_chunks(chunks: Iterable[encoder_pb2.EmbeddingChunk]) -> Serve
     info = first.info
     if first.dtype != DTYPE:
         raise MalformedEmbeddingStream(f"unsupported dtype {first.dtype!r}, expected {DTYPE!r}")
-    shape = [int(v) for v in info.feature_shape]
-    if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
-        raise MalformedEmbeddingStream(f"feature_shape {shape} is not 1 x C x h x w")
+    levels = _levels(info)
     count = 1 + int(info.num_tiles)
-    expected = count * int(np.prod(shape)) * 4
+    expected = count * sum(int(np.prod(shape)) for shape in levels.values()) * 4
     if first.total_bytes != expected:
-        raise MalformedEmbeddingStream(f"total_bytes {first.total_bytes} != {expected} for {count} x {shape}")
+        raise MalformedEmbeddingStream(f"total_bytes {first.total_bytes} != {expected} for {count} x {levels}")
     buffer = bytearray(expected)
     filled = 0
     for chunk in _chain(first, iterator):
@@ -170,14 +175,42 @@ def embedding_from_chunks(chunks: Iterable[encoder_pb2.EmbeddingChunk]) -> Serve
     if filled != expected:
         raise MalformedEmbeddingStream(f"stream ended after {filled} of {expected} bytes")
     array = np.frombuffer(buffer, dtype=_WIRE_DTYPE).astype(np.float32, copy=False)  # no copy on little-endian
-    features = torch.from_numpy(array).view(count, *shape[1:])
+    parts = _split_levels(torch.from_numpy(array), count, levels)
     origins = None
     if info.num_tiles > 0:
         origins = _pairs(first.tile_origins, count, "tile_origins")[1:]
-    return assemble(features, original_sizes=_pairs(info.original_size, count, "original_size"),
+    return assemble(parts, original_sizes=_pairs(info.original_size, count, "original_size"),
                     input_sizes=_pairs(info.input_size, count, "input_size"), origins=origins,
                     model_id=info.model_id, preprocess_version=info.preprocess_version,
                     encoder_adapter=info.encoder_adapter or None)
+
+
+def _levels(info: common_pb2.EmbeddingInfo) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every level the header announces (validated: 1 x C x h x w, distinct names)."""
+    if info.levels:
+        levels = {level.name: tuple(int(v) for v in level.shape) for level in info.levels}
+        if len(levels) != len(info.levels) or not all(levels):
+            raise MalformedEmbeddingStream(f"levels {[level.name for level in info.levels]} are not distinct names")
+    else:
+        levels = {LEGACY_LEVEL: tuple(int(v) for v in info.feature_shape)}
+    for name, shape in levels.items():
+        if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+            raise MalformedEmbeddingStream(f"level {name!r} has shape {list(shape)}, not 1 x C x h x w")
+    return levels
+
+
+def _split_levels(flat: torch.Tensor, count: int, levels: dict[str, tuple[int, ...]]) -> list[Features]:
+    """The stream's float32 values -> ``count`` parts' named features (views of ``flat``)."""
+    parts: list[Features] = []
+    offset = 0
+    for _ in range(count):
+        part: Features = {}
+        for name, shape in levels.items():
+            size = int(np.prod(shape))
+            part[name] = flat[offset:offset + size].view(shape)
+            offset += size
+        parts.append(part)
+    return parts
 
 
 def _chain(first: encoder_pb2.EmbeddingChunk,

@@ -40,8 +40,9 @@ measured effect of ``MALLOC_ARENA_MAX`` on the encoder under load is in ``deploy
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,12 +108,10 @@ def decoder_budget(*, cache_bytes: int, max_prompts: int, low_res_size: int, max
     })
 
 
-def transfer_bytes(img_size: int, feature_shape: tuple[int, ...]) -> int:
-    """One image's encoder input (3 x S x S float32) and features (C x h x w float32), each held twice (the
-    tensor and its wire copy): a remote encoder's working set per image."""
-    features = 4
-    for side in feature_shape:
-        features *= side
+def transfer_bytes(img_size: int, feature_shapes: Iterable[tuple[int, ...]]) -> int:
+    """One image's encoder input (3 x S x S float32) and features (every level, C x h x w float32), each held
+    twice (the tensor and its wire copy): a remote encoder's working set per image."""
+    features = sum(4 * math.prod(shape) for shape in feature_shapes)
     return 2 * (3 * img_size * img_size * 4 + features)
 
 

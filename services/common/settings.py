@@ -11,8 +11,10 @@ at import time except building the table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Self
@@ -108,6 +110,38 @@ class RegistryUrl:
     def __call__(self, raw: str, name: str) -> str:
         if raw:
             parse_s3_url(raw, name)
+        return raw
+
+
+@dataclass(frozen=True)
+class Json:
+    """A JSON document of type ``kind`` (dict: an object, list: an array); lists hold objects only."""
+
+    kind: type
+
+    def __call__(self, raw: str, name: str) -> Any:
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidInput(f"must be JSON: {exc}", field=name) from None
+        if not isinstance(value, self.kind):
+            raise InvalidInput(f"must be a JSON {'object' if self.kind is dict else 'array'}, got {raw!r}", field=name)
+        if isinstance(value, list) and not all(isinstance(item, dict) for item in value):
+            raise InvalidInput(f"must be a JSON array of objects, got {raw!r}", field=name)
+        return value
+
+
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A positive Kubernetes resource quantity (``500m``, ``4``, ``16Gi``)."""
+
+    def __call__(self, raw: str, name: str) -> str:
+        if not _QUANTITY.fullmatch(raw) or float(re.sub(r"[a-zA-Z]+$", "", raw)) <= 0:
+            raise InvalidInput(f"must be a positive Kubernetes quantity such as 500m, 4 or 16Gi, got {raw!r}",
+                               field=name)
         return raw
 
 
@@ -207,6 +241,21 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_CONCURRENT_JOBS", "1", "training jobs run at once (others queue)", ("trainer",),
         parse=Integer(1)),
     Var("SAMFORGE_MAX_UPLOAD_BYTES", "1073741824", "largest data set upload", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_TRAINER_EXECUTOR", "process", "where a training job runs: process (its own worker process, "
+        "`samforge train`, under torchrun when it asks for several processes) or inline (a thread of the trainer; "
+        "mechanics tests only) or kubernetes (a batch/v1 Indexed Job per job; deploy/components/kubernetes-executor)",
+        ("trainer",), parse=Choice(("process", "inline", "kubernetes"))),
+    Var("SAMFORGE_MAX_RESUMES", "3", "times a job whose worker died (killed, crashed) is resumed from its "
+        "checkpoints before it is FAILED", ("trainer",), parse=Integer()),
+    Var("SAMFORGE_DETACH_WORKERS", "true", "process executor: on SIGTERM the trainer leaves job workers running and "
+        "re-attaches at its next start; false: it stops them (they checkpoint; jobs resume at the next start). "
+        "`samforge up` sets false", ("trainer",), parse=Flag()),
+    Var("SAMFORGE_MAX_NODES", "1", "largest CreateJob resources.nodes (the process executor runs one node; raise it "
+        "for the kubernetes executor)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_PROCESSES_PER_NODE", "4", "largest CreateJob resources.processes_per_node (torchrun ranks "
+        "per node)", ("trainer",), parse=Integer(1)),
+    Var("SAMFORGE_MAX_GPUS_PER_PROCESS", "1", "largest CreateJob resources.gpus_per_process", ("trainer",),
+        parse=Integer()),
     Var("SAMFORGE_METRICS_JOB_LABELS", "false", "per-job gauges (step, loss, val Dice) labelled job=<id> on the "
         "trainer's /metrics; exposes every tenant's job ids and progress to whoever reads /metrics", ("trainer",),
         parse=Flag()),
@@ -214,6 +263,25 @@ ENV: tuple[Var, ...] = (
         "extracting (decompression-bomb guard; >= SAMFORGE_MAX_UPLOAD_BYTES)", ("trainer",), parse=Integer(1)),
     Var("SAMFORGE_MAX_EXTRACT_RATIO", "100", "largest extracted / compressed size of an upload and of each zip "
         "entry, past 1 MiB extracted (decompression-bomb guard)", ("trainer",), parse=Number(above=1.0)),
+    # --- trainer, kubernetes executor: the Indexed Job + headless Service of services/trainer/k8s_job.py
+    Var("SAMFORGE_K8S_NAMESPACE", "samforge", "namespace of the training Jobs", ("trainer",),
+        parse=Text(required=True)),
+    Var("SAMFORGE_K8S_IMAGE", "", "image of the training pods (required by the kubernetes executor); the "
+        "overlays set it to the trainer's own pinned image", ("trainer",)),
+    Var("SAMFORGE_K8S_SERVICE_ACCOUNT", "samforge-training", "service account of the training pods (no API "
+        "rights; no token mounted)", ("trainer",), parse=Text(required=True)),
+    Var("SAMFORGE_K8S_NODE_SELECTOR", "{}", "node selector of the training pods, a JSON object", ("trainer",),
+        parse=Json(dict)),
+    Var("SAMFORGE_K8S_TOLERATIONS", "[]", "tolerations of the training pods, a JSON array of objects",
+        ("trainer",), parse=Json(list)),
+    Var("SAMFORGE_K8S_JOBS_PVC", "samforge-jobs", "claim the training pods mount at SAMFORGE_JOBS_DIR "
+        "(checkpoints, events, result.json)", ("trainer",), parse=Text(required=True)),
+    Var("SAMFORGE_K8S_DATA_PVC", "samforge-data", "claim the training pods mount read-only at SAMFORGE_DATA_DIR",
+        ("trainer",), parse=Text(required=True)),
+    Var("SAMFORGE_K8S_CPU_PER_PROCESS", "4", "CPU request = limit of a training pod, per torchrun process",
+        ("trainer",), parse=Quantity()),
+    Var("SAMFORGE_K8S_MEMORY_PER_PROCESS", "16Gi", "memory request = limit of a training pod, per torchrun "
+        "process", ("trainer",), parse=Quantity()),
 )
 
 ENV_BY_NAME: dict[str, Var] = {v.name: v for v in ENV}
@@ -339,6 +407,21 @@ class TrainerSettings(CommonSettings):
     max_extracted_bytes: int = setting("SAMFORGE_MAX_EXTRACTED_BYTES")
     max_extract_ratio: float = setting("SAMFORGE_MAX_EXTRACT_RATIO")
     metrics_job_labels: bool = setting("SAMFORGE_METRICS_JOB_LABELS")
+    k8s_namespace: str = setting("SAMFORGE_K8S_NAMESPACE")
+    k8s_image: str = setting("SAMFORGE_K8S_IMAGE")
+    k8s_service_account: str = setting("SAMFORGE_K8S_SERVICE_ACCOUNT")
+    k8s_node_selector: dict[str, str] = setting("SAMFORGE_K8S_NODE_SELECTOR")
+    k8s_tolerations: list[dict[str, Any]] = setting("SAMFORGE_K8S_TOLERATIONS")
+    k8s_jobs_pvc: str = setting("SAMFORGE_K8S_JOBS_PVC")
+    k8s_data_pvc: str = setting("SAMFORGE_K8S_DATA_PVC")
+    k8s_cpu_per_process: str = setting("SAMFORGE_K8S_CPU_PER_PROCESS")
+    k8s_memory_per_process: str = setting("SAMFORGE_K8S_MEMORY_PER_PROCESS")
+    executor: str = setting("SAMFORGE_TRAINER_EXECUTOR")
+    max_resumes: int = setting("SAMFORGE_MAX_RESUMES")
+    detach_workers: bool = setting("SAMFORGE_DETACH_WORKERS")
+    max_nodes: int = setting("SAMFORGE_MAX_NODES")
+    max_processes_per_node: int = setting("SAMFORGE_MAX_PROCESSES_PER_NODE")
+    max_gpus_per_process: int = setting("SAMFORGE_MAX_GPUS_PER_PROCESS")
 
     def check(self) -> None:
         super().check()

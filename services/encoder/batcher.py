@@ -46,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from sam_core.errors import ImageTooLarge, Overloaded, Unavailable
 from sam_core.inference.predictor import Predictor, PreparedImage
@@ -100,10 +101,11 @@ class EncodeJob:
 
 
 def _own(embedding: Embedding) -> Embedding:
-    """Copy features that are a view into a larger (batch) tensor."""
-    features = embedding.features
-    if features.untyped_storage().nbytes() > features.nelement() * features.element_size():
-        embedding.features = features.clone()
+    """Copy feature levels that are a view into a larger (batch) tensor."""
+    def owned(level: torch.Tensor) -> torch.Tensor:
+        return level.clone() if level.untyped_storage().nbytes() > level.nelement() * level.element_size() else level
+
+    embedding.features = {name: owned(t) for name, t in embedding.features.items()}
     return embedding
 
 

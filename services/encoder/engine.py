@@ -364,7 +364,7 @@ class EmbeddingEngine:
             return value
         parts = [value.whole, *value.tiles] if isinstance(value, TiledEmbedding) else [value]
         for part in parts:
-            part.features = part.features.to(self.device)
+            part.features = {name: t.to(self.device) for name, t in part.features.items()}
         return value
 
     # ------------------------------------------------------------------ caches
@@ -412,7 +412,7 @@ def _prepare(predictor: Predictor, image: np.ndarray) -> PreparedImage:
 def encode_bytes_per_image(engine: EmbeddingEngine) -> int:
     """One image's encoder working set: measured on a dummy image in-process, the transfer tensors for Triton."""
     base = engine.base
-    estimate = transfer_bytes(base.spec.img_size, base.net.feature_shapes()[base.net.feature_names[0]])
+    estimate = transfer_bytes(base.spec.img_size, base.net.feature_shapes().values())
     if engine.backend.name == "triton":
         return estimate
     if base.encoder_fn is None:

@@ -1,10 +1,12 @@
 """Optional shared L2 embedding cache in Redis (``SAMFORGE_REDIS_URL``).
 
-A value is the safetensors serialisation of one tensor ``features`` (N x C x h x w float32: the whole
-image, then each tile) whose metadata field ``samforge`` is a JSON object carrying the embedding's
-signature (client key, tenant, model id, preprocessing version, encoder adapter, sizes, tile geometry)
-and the sha256 of the feature bytes. Nothing is ever unpickled. An entry whose signature does not match
-the key and tenant it is read for, or whose checksum fails, is logged and treated as a miss.
+A value is the safetensors serialisation of one tensor per feature level (named as the level, each
+N x C_l x h_l x w_l float32: the whole image, then each tile) whose metadata field ``samforge`` is a JSON
+object carrying the embedding's signature (client key, tenant, model id, preprocessing version, encoder
+adapter, the levels in order, sizes, tile geometry) and the sha256 of the feature bytes. Values written by
+another format version live under another key prefix, so encoders of two versions can share one Redis.
+Nothing is ever unpickled. An entry whose signature does not match the key and tenant it is read for, or
+whose checksum fails, is logged and treated as a miss.
 
 Redis being down is never the caller's problem: errors are logged (once per outage), L2 is skipped for
 ``retry_after`` seconds, and the encoder keeps serving from L1 and the model.
@@ -27,8 +29,8 @@ from sam_core.inference.types import Embedding
 from services.common.embedding_codec import assemble, parts_of
 
 log = logging.getLogger("samforge.encoder.l2")
-FORMAT = "samforge-encoder-l2-v1"
-KEY_PREFIX = "samforge:embedding:v1:"
+FORMAT = "samforge-encoder-l2-v2"
+KEY_PREFIX = "samforge:embedding:v2:"
 
 
 class CorruptEntry(ValueError):
@@ -39,8 +41,12 @@ class ForeignEntry(CorruptEntry):
     """A valid entry of another tenant: reported exactly like a missing one (no existence leak, no log noise)."""
 
 
-def _digest(features: torch.Tensor) -> str:
-    return hashlib.sha256(features.numpy().data.cast("B")).hexdigest()
+def _digest(levels: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in levels.items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().data.cast("B"))
+    return digest.hexdigest()
 
 
 def _pair(values: Any) -> tuple[int, int]:
@@ -52,8 +58,9 @@ def _pair(values: Any) -> tuple[int, int]:
 def encode_entry(key: str, tenant: str, value: Embedding | TiledEmbedding) -> bytes:
     """Serialise a cached value (features moved to CPU float32) to safetensors bytes with JSON metadata."""
     parts, origins = parts_of(value)
-    features = torch.cat([p.features.detach().to("cpu", torch.float32) for p in parts]).contiguous()
     first = parts[0]
+    levels = {name: torch.cat([p.features[name].detach().to("cpu", torch.float32) for p in parts]).contiguous()
+              for name in first.features}
     tiled = value if isinstance(value, TiledEmbedding) else None
     meta = {
         "format": FORMAT, "key": key, "tenant": tenant, "model_id": first.model_id,
@@ -63,10 +70,10 @@ def encode_entry(key: str, tenant: str, value: Embedding | TiledEmbedding) -> by
         "origins": [list(o) for o in origins[1:]] if tiled is not None else None,
         "tile_size": tiled.tile_size if tiled is not None else None,
         "overlap": tiled.overlap if tiled is not None else None,
-        "features_sha256": _digest(features),
+        "levels": list(levels),
+        "features_sha256": _digest(levels),
     }
-    data: bytes = safetensors.torch.save({"features": features},
-                                         metadata={"samforge": json.dumps(meta, sort_keys=True)})
+    data: bytes = safetensors.torch.save(levels, metadata={"samforge": json.dumps(meta, sort_keys=True)})
     return data
 
 
@@ -96,25 +103,37 @@ def decode_entry(data: bytes, key: str, tenant: str) -> Embedding | TiledEmbeddi
         raise CorruptEntry("stored key does not match the requested key")
     if meta.get("tenant") != tenant:
         raise ForeignEntry("entry belongs to another tenant")
+    levels = _levels(data, meta)
     try:
-        features = safetensors.torch.load(data)["features"]
-    except Exception as exc:  # safetensors raises its own error types for malformed bytes
-        raise CorruptEntry(f"unreadable tensors ({exc})") from exc
-    if features.dtype != torch.float32 or features.ndim != 4 or _digest(features) != meta.get("features_sha256"):
-        raise CorruptEntry("features fail their shape/dtype/checksum check")
-    try:
-        count = features.shape[0]
+        count = next(iter(levels.values())).shape[0]
         sizes = [_pair(s) for s in meta["original_sizes"]]
         inputs = [_pair(s) for s in meta["input_sizes"]]
         origins = None if meta["origins"] is None else [_pair(o) for o in meta["origins"]]
         if len(sizes) != count or len(inputs) != count or (origins is not None and len(origins) != count - 1):
             raise CorruptEntry("metadata sizes disagree with the tensor")
-        return assemble(features, original_sizes=sizes, input_sizes=inputs, origins=origins,
+        parts = [{name: t[i:i + 1] for name, t in levels.items()} for i in range(count)]
+        return assemble(parts, original_sizes=sizes, input_sizes=inputs, origins=origins,
                         model_id=meta["model_id"], preprocess_version=meta["preprocess_version"],
                         encoder_adapter=meta["encoder_adapter"] or None, tile_size=meta["tile_size"],
                         overlap=meta["overlap"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(f"bad metadata ({exc})") from exc
+
+
+def _levels(data: bytes, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored levels in their recorded order, checked: float32, 4-D, one part count, checksum."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error types for malformed bytes
+        raise CorruptEntry(f"unreadable tensors ({exc})") from exc
+    names = meta.get("levels")
+    if not isinstance(names, list) or not names or sorted(names) != sorted(tensors):
+        raise CorruptEntry(f"tensors {sorted(tensors)} do not match the levels {names}")
+    levels = {str(name): tensors[name] for name in names}
+    if any(t.dtype != torch.float32 or t.ndim != 4 for t in levels.values()) \
+            or len({t.shape[0] for t in levels.values()}) != 1 or _digest(levels) != meta.get("features_sha256"):
+        raise CorruptEntry("features fail their shape/dtype/checksum check")
+    return levels
 
 
 class RedisClient(Protocol):

@@ -8,9 +8,8 @@ from sam_core.adapters.store import AdapterVersion
 from sam_core.training.guard import SIGNATURE_METRIC
 from services._generated.sam.v1 import trainer_pb2
 
-from .job_model import Job, JobEvent, JobState
-from .job_spec import Hyperparameters, JobRequest
-from .jobs import numeric_metrics
+from .job_model import Job, JobEvent, JobState, numeric_metrics
+from .job_spec import Hyperparameters, JobRequest, Resources
 from .uploads import Chunk
 
 _STATE_TO_PB = {
@@ -27,9 +26,12 @@ _HP_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_
 
 def job_request(msg: trainer_pb2.CreateJobRequest) -> JobRequest:
     hp = Hyperparameters(**{name: getattr(msg.hyperparameters, name) for name in _HP_FIELDS})
+    res = msg.resources
+    resources = Resources(nodes=res.nodes, processes_per_node=res.processes_per_node,
+                          gpus_per_process=res.gpus_per_process)
     return JobRequest(tenant=msg.tenant, dataset=msg.dataset, method=msg.method, adapter_name=msg.adapter_name,
-                      hyperparameters=hp, promote_to=msg.promote_to, allow_regression=msg.allow_regression,
-                      min_improvement=msg.min_improvement)
+                      hyperparameters=hp, promote_to=msg.promote_to, resources=resources,
+                      allow_regression=msg.allow_regression, min_improvement=msg.min_improvement)
 
 
 def job_pb(job: Job) -> trainer_pb2.Job:
@@ -37,6 +39,7 @@ def job_pb(job: Job) -> trainer_pb2.Job:
         id=job.id, tenant=job.tenant, state=_STATE_TO_PB[job.state], method=job.method, dataset=job.dataset,
         adapter_name=job.adapter_name, adapter_version=job.adapter_version, step=job.step,
         total_steps=job.total_steps, created_at=job.created_at, error=job.error, metrics=job.metrics,
+        resources=trainer_pb2.Resources(**job.request.resources.to_json()), resumes=job.resumes,
     )
 
 

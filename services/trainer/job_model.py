@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,7 +24,7 @@ from sam_core.adapters.store import tenant_dir
 from sam_core.files import atomic_write_text
 from sam_core.training.guard import DEFAULT_MIN_IMPROVEMENT
 
-from .job_spec import Hyperparameters, JobRequest
+from .job_spec import Hyperparameters, JobRequest, Resources
 
 log = logging.getLogger("samforge.trainer")
 
@@ -63,6 +65,7 @@ class Job:
     resumes: int = 0  # times the job was picked up again after a restart / shutdown
     baseline: str | None = None  # the champion it must beat, fixed at its first start: "name:N", "" = base model
     events: list[dict[str, Any]] = field(default_factory=list)  # tail of recent events (for job.json)
+    worker: dict[str, int] = field(default_factory=dict)  # the running worker: pid, start_ticks, events_offset
 
     @property
     def method(self) -> str:
@@ -78,7 +81,7 @@ class Job:
 
     def snapshot(self) -> Job:
         """A copy for readers (without the event tail)."""
-        return dataclasses.replace(self, metrics=dict(self.metrics), events=[])
+        return dataclasses.replace(self, metrics=dict(self.metrics), events=[], worker=dict(self.worker))
 
     def to_json(self) -> dict[str, Any]:
         req = self.request
@@ -87,11 +90,12 @@ class Job:
             "created_at": self.created_at, "updated_at": time.time(),
             "request": {"dataset": req.dataset, "method": req.method, "adapter_name": req.adapter_name,
                         "promote_to": req.promote_to, "hyperparameters": req.hyperparameters.to_json(),
+                        "resources": req.resources.to_json(),
                         "allow_regression": req.allow_regression, "min_improvement": req.min_improvement},
             "adapter_version": self.adapter_version, "step": self.step, "total_steps": self.total_steps,
             "error": self.error, "metrics": self.metrics, "publishing": self.publishing, "resumes": self.resumes,
             "baseline": self.baseline,
-            "events": self.events[-EVENT_TAIL:],
+            "events": self.events[-EVENT_TAIL:], "worker": self.worker,
         }
 
     @staticmethod
@@ -100,6 +104,7 @@ class Job:
         request = JobRequest(tenant=data["tenant"], dataset=req["dataset"], method=req["method"],
                              adapter_name=req["adapter_name"], promote_to=req.get("promote_to", ""),
                              hyperparameters=Hyperparameters.from_json(req.get("hyperparameters", {})),
+                             resources=Resources.from_json(req.get("resources", {})),
                              allow_regression=bool(req.get("allow_regression", False)),
                              min_improvement=float(req.get("min_improvement", DEFAULT_MIN_IMPROVEMENT)))
         return Job(id=data["id"], tenant=data["tenant"], request=request, state=JobState(data["state"]),
@@ -108,7 +113,8 @@ class Job:
                    error=str(data.get("error", "")), metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
                    publishing=bool(data.get("publishing", False)), resumes=int(data.get("resumes", 0)),
                    baseline=data.get("baseline"),
-                   events=list(data.get("events", []))[-EVENT_TAIL:])
+                   events=list(data.get("events", []))[-EVENT_TAIL:],
+                   worker={str(k): int(v) for k, v in data.get("worker", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,32 @@ class JobEvent:
         data = {"phase": self.phase, "state": self.job.state.value, "step": self.job.step, "time": time.time(),
                 "loss": self.loss, "val_dice": self.val_dice, "message": self.message}
         return {k: v for k, v in data.items() if v is not None}
+
+
+def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
+    """Only int / float values (no bools, None or strings) as floats."""
+    return {str(k): float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summary_metrics(summary: Mapping[str, object], adapter_metrics: Mapping[str, object]) -> dict[str, float]:
+    """A finished job's metrics from ``FinetuneResult.summary()`` (what a worker's result.json holds) and the
+    published adapter's own metrics: zero_shot_* / finetuned_* validation summaries (Dice over all and over
+    resolvable instances), adapter_*, and the publishing guard's held-out scores (guard_candidate,
+    guard_baseline); a nan aggregate (no resolvable instance) is left out."""
+    out = {f"adapter_{k}": v for k, v in numeric_metrics(adapter_metrics).items()}
+    out.update(numeric_metrics({"seconds": summary.get("seconds"), "n_parameters": summary.get("n_parameters")}))
+    verdict = summary.get("guard")
+    if isinstance(verdict, dict):
+        out.update(numeric_metrics({"guard_candidate": verdict.get("candidate"),
+                                    "guard_baseline": verdict.get("baseline")}))
+    reports = summary.get("val")
+    for prefix, report in zip(("zero_shot", "finetuned"), reports.values() if isinstance(reports, dict) else (),
+                              strict=False):
+        values = numeric_metrics(report) if isinstance(report, dict) else {}
+        keys = ("dice_mean", "dice_resolvable_mean", "iou_mean", "nsd_mean", "n_instances", "n_resolvable")
+        out.update({f"{prefix}_{k}": values[k] for k in keys if k in values and math.isfinite(values[k])})
+    return out
 
 
 def job_dir(jobs_dir: Path, tenant: str, job_id: str) -> Path:

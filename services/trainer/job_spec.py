@@ -7,6 +7,11 @@ the same TrainConfig, so ``sam_core.training.loop`` accepts the checkpoints in i
 Hyper-parameters use 0 / "" for "the default" (proto3 scalars cannot be unset). Every numeric one has a row in
 :data:`HYPERPARAMETER_BOUNDS` (the one table of accepted ranges, justified there and shown in deploy/README.md);
 a value outside is InvalidInput naming ``hyperparameters.<field>`` and stating the bound.
+
+:class:`Resources` (nodes x processes per node, GPUs per process; 0 = 1 / none) are checked against the
+trainer's limits (:class:`ResourceLimits`, from SAMFORGE_MAX_NODES / _PROCESSES_PER_NODE / _GPUS_PER_PROCESS):
+InvalidInput naming ``resources.<field>``; the global batch must split evenly over the ranks. What an executor
+itself can run (the process executor: one node, GPUs only where CUDA is) it checks in its own ``check``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,52 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """Mirror of ``sam.v1.Resources``; 0 = the default (1 node, 1 process, no GPU)."""
+
+    nodes: int = 0
+    processes_per_node: int = 0
+    gpus_per_process: int = 0
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of a torchrun job (1 = one plain process)."""
+        return max(1, self.nodes) * max(1, self.processes_per_node)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Resources:
+        known = {f.name for f in fields(Resources)}
+        return Resources(**{k: int(v) for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """The largest accepted :class:`Resources` (the trainer's settings)."""
+
+    nodes: int
+    processes_per_node: int
+    gpus_per_process: int
+
+
+def check_resources(resources: Resources, limits: ResourceLimits, hp: Hyperparameters) -> None:
+    """Each field 0 or within ``1 .. limit``; the global batch divisible by the ranks (InvalidInput naming
+    ``resources.<field>``)."""
+    for name in ("nodes", "processes_per_node", "gpus_per_process"):
+        value, limit = getattr(resources, name), getattr(limits, name)
+        if not 0 <= value <= limit:
+            setting = f"SAMFORGE_MAX_{name.upper()}"
+            raise InvalidInput(f"must be 0 (the default) or 1 to {limit} ({setting}), got {value}",
+                               field=f"resources.{name}")
+    batch = hp.batch_size or TrainConfig().batch_size
+    if batch % resources.world_size:
+        raise InvalidInput(f"the global batch ({batch}) must divide evenly over the {resources.world_size} "
+                           "ranks (nodes x processes_per_node)", field="resources.processes_per_node")
+
+
+@dataclass(frozen=True)
 class JobRequest:
     """A CreateJob request in plain types (``tenant`` as requested; the manager resolves it)."""
 
@@ -67,6 +118,7 @@ class JobRequest:
     adapter_name: str
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     promote_to: str = ""
+    resources: Resources = field(default_factory=Resources)
     allow_regression: bool = False  # publish even if the champion scores higher on the held-out split
     min_improvement: float = DEFAULT_MIN_IMPROVEMENT  # candidate >= champion + this to publish
 
@@ -244,7 +296,7 @@ def build_spec(request: JobRequest, data: Path, out_dir: Path, baseline: Path | 
     return FinetuneSpec(
         data=str(data), out_dir=str(out_dir), train=cfg,
         split=SplitSpec(val_fraction=val_fraction, seed=hp.seed),
-        eval=EvalConfig(prompt=cfg.eval_prompt, seed=hp.seed),
+        eval=EvalConfig(prompt=cfg.eval_prompt, seed=hp.seed, tiled=bool(cfg.crop)),  # as samforge train does
         adapter_name=request.adapter_name, persam_steps=hp.max_steps or DEFAULT_PERSAM_STEPS,
         guard=GuardOptions(baseline=None if baseline is None else str(baseline),
                            min_improvement=request.min_improvement, allow_regression=request.allow_regression),

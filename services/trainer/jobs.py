@@ -1,21 +1,25 @@
 """JobManager: queue, run, watch, cancel and recover fine-tuning jobs (no protobuf types here).
 
-- ``create`` validates the request (tenant, method, names, data set path, hyper-parameters), writes job.json
-  and queues the job; ``settings.max_concurrent_jobs`` daemon worker threads run
-  ``sam_core.training.finetune.run_finetune`` with the job folder as ``out_dir``.
-- The progress callback appends to an in-memory event log guarded by a Condition: ``watch`` first yields the
+- ``create`` validates the request (tenant, method, names, data set path, hyper-parameters, resources), writes
+  job.json and queues the job; ``settings.max_concurrent_jobs`` job threads each hand one attempt at a time to
+  the executor (:mod:`.executors`, ``SAMFORGE_TRAINER_EXECUTOR``: a worker process by default) with the job
+  folder as its output folder.
+- The executor's progress lands in an in-memory event log guarded by a Condition: ``watch`` first yields the
   latest event (the job's current state), then live events until a terminal state.
-- ``cancel`` is cooperative: the callback raises :class:`JobCancelled` at the job's next progress event.
+- ``cancel`` asks the executor to stop the attempt (the worker checkpoints at its next progress event).
 - Each run is judged against its champion (:func:`.registry.champion`: ``adapter_name@promote_to``, else the
-  name's latest version, else the base model; fixed at the job's first start) on the name's signed held-out split
-  (:mod:`sam_core.training.guard`). An accepted run publishes ``<job>/adapter`` into the registry as
-  ``(tenant, adapter_name)`` (and moves ``promote_to`` to it); a rejected one ends REJECTED with
-  ``guard_candidate`` / ``guard_baseline`` in its metrics, publishes nothing and moves no alias. A typed
-  ``sam_core`` error fails the job with its own message (server paths
-  removed); anything else with a generic message and a logged trace.
-- Start-up re-queues jobs that job.json says are QUEUED or RUNNING: ``sam_core.training.loop`` resumes from the
-  checkpoints in the job folder. ``shutdown`` interrupts running jobs at their next event and leaves them
-  QUEUED on disk, so the next start resumes them. One process owns a jobs folder (``flock`` on ``.lock``).
+  name's latest version, else the base model; fixed at the job's first start and kept in job.json) on the name's
+  signed held-out split (:mod:`sam_core.training.guard`); the worker gets the champion's folder as
+  ``--baseline``. A rejected run (worker exit 3) ends REJECTED with ``guard_candidate`` / ``guard_baseline`` in
+  its metrics, publishes nothing and moves no alias.
+- How an attempt ended (:class:`~.executors.Outcome`): PUBLISH publishes ``<job>/adapter`` into the registry as
+  ``(tenant, adapter_name)`` in this process (and moves ``promote_to`` to it); FAILED fails the job with the
+  worker's message (server paths removed); REJECTED goes to :meth:`JobManager.on_rejected`; STOPPED is CANCELLED
+  after a cancel, QUEUED on shutdown, else resumed; CRASHED (a killed worker) is resumed from its checkpoints up
+  to ``SAMFORGE_MAX_RESUMES`` times, then FAILED; DETACHED leaves the job RUNNING for the next start.
+- Start-up re-attaches to the live worker job.json names (pid + start time) and re-queues the other QUEUED or
+  RUNNING jobs: ``sam_core.training.loop`` resumes from the checkpoints in the job folder. ``shutdown`` detaches
+  from workers or stops them (``SAMFORGE_DETACH_WORKERS``). One process owns a jobs folder (``flock``).
 - /metrics gets aggregates only (:mod:`.job_metrics`; job-labelled gauges are an operator's opt-in).
 """
 
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import queue
 import shutil
@@ -35,20 +38,25 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sam_core.adapters.artifact import read_adapter_config
 from sam_core.adapters.store import AdapterStore, AdapterVersion, content_sha256
 from sam_core.errors import NotFound, SamforgeError, Unavailable
 from sam_core.modeling.registry import LoadedModel
-from sam_core.training.config import Phase, ProgressEvent, StopTraining
-from sam_core.training.finetune import FinetuneResult, run_finetune
+from sam_core.training.config import Phase, ProgressEvent
 from services.common.interceptors import resolve_tenant
 from services.common.settings import TrainerSettings
 
+from .executors import JobLaunch, Outcome, RunResult, make_executor
+from .executors.base import GENERIC_ERROR
+from .executors.process import start_ticks
 from .job_metrics import JobMetrics
-from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, write_job
+from .job_model import Job, JobEvent, JobState, job_dir, load_jobs, summary_metrics, write_job
 from .job_spec import (
     JobRequest,
+    ResourceLimits,
     build_spec,
     check_request,
+    check_resources,
     resolve_dataset,
     tenant_root,
 )
@@ -59,17 +67,8 @@ log = logging.getLogger("samforge.trainer")
 EVENT_LOG = 2000  # in-memory events per job (a watcher that falls further behind skips ahead)
 KEEP_AFTER_END = 50  # events kept in memory once a job has ended
 PERSIST_EVERY = 2.0  # seconds between job.json writes for plain progress events (state changes: always)
-GENERIC_ERROR = "internal error while running the job (logged on the server)"
 # the phase a job reports: once training is final the job goes on to evaluate and publish
 _REPORTED_PHASE = {Phase.DONE: Phase.EVALUATING, Phase.STOPPED_EARLY: Phase.EVALUATING}
-
-
-class JobCancelled(StopTraining):
-    """CancelJob asked the job to stop (raised inside its progress callback)."""
-
-
-class _Interrupted(StopTraining):
-    """The manager is shutting down: the job stops at its next event and stays resumable."""
 
 
 @dataclass
@@ -81,25 +80,7 @@ class _Live:
     cancel: bool = False
     last_write: float = 0.0
     last_phase: str = ""
-
-
-def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
-    """Only int / float values (no bools, None or strings) as floats."""
-    return {str(k): float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def result_metrics(result: FinetuneResult) -> dict[str, float]:
-    """zero_shot_* / finetuned_* validation summaries (Dice over all and over resolvable instances) plus the
-    adapter's own metrics; a nan aggregate (no resolvable instance) is left out."""
-    out = {f"adapter_{k}": v for k, v in numeric_metrics(result.adapter.metrics).items()}
-    out.update(seconds=round(result.seconds, 3), n_parameters=float(result.adapter.n_parameters),
-               guard_candidate=result.guard.candidate, guard_baseline=result.guard.baseline)
-    for prefix, report in zip(("zero_shot", "finetuned"), result.reports, strict=False):
-        summary = numeric_metrics(report.summary)
-        keys = ("dice_mean", "dice_resolvable_mean", "iou_mean", "nsd_mean", "n_instances", "n_resolvable")
-        out.update({f"{prefix}_{k}": summary[k] for k in keys if k in summary and math.isfinite(summary[k])})
-    return out
+    attach: dict[str, int] = field(default_factory=dict)  # a live worker to re-attach to (set at start-up)
 
 
 class JobManager:
@@ -118,6 +99,9 @@ class JobManager:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._closing = threading.Event()
         self.metrics = JobMetrics(settings.metrics_job_labels)
+        self.executor = make_executor(settings, model)
+        self.limits = ResourceLimits(settings.max_nodes, settings.max_processes_per_node,
+                                     settings.max_gpus_per_process)
         self._recover()
         self._workers = [threading.Thread(target=self._work, name=f"trainer-job-{i}", daemon=True)
                          for i in range(settings.max_concurrent_jobs)]
@@ -130,6 +114,8 @@ class JobManager:
         tenant = resolve_tenant(request.tenant)
         request = replace(request, tenant=tenant)
         check_request(request)
+        check_resources(request.resources, self.limits, request.hyperparameters)
+        self.executor.check(request.resources)
         data = resolve_dataset(self.data_dir, tenant, request.dataset)
         job_id = uuid.uuid4().hex
         build_spec(request, data, job_dir(self.jobs_dir, tenant, job_id))  # what the worker builds, checked now
@@ -184,8 +170,9 @@ class JobManager:
                 if event.job.state.terminal:
                     return
 
-    def cancel(self, tenant: str, job_id: str, *, wait: float = 5.0) -> Job:
-        """Cancel a queued job at once, a running one at its next event (waits up to ``wait`` s for that).
+    def cancel(self, tenant: str, job_id: str, *, wait: float | None = None) -> Job:
+        """Cancel a queued job at once, a running one at its next event (waits up to ``wait`` s for that,
+        default SAMFORGE_GRACE_SECONDS: its worker checkpoints and exits first).
 
         Cancelling a finished job (or one already publishing its adapter) changes nothing.
         """
@@ -197,7 +184,8 @@ class JobManager:
             elif job.state is JobState.RUNNING and not job.publishing:
                 live.cancel = True
                 log.info("job %s: cancel requested", job.id)
-                live.cond.wait_for(lambda: live.job.state.terminal, timeout=wait)
+                timeout = self.settings.grace_seconds if wait is None else wait
+                live.cond.wait_for(lambda: live.job.state.terminal, timeout=timeout)
             return live.job.snapshot()
 
     def wait(self, tenant: str, job_id: str, timeout: float | None = None) -> Job:
@@ -235,14 +223,28 @@ class JobManager:
         return live
 
     def _recover(self) -> None:
+        """Re-attach to live workers first (they hold job slots), then re-queue the other unfinished jobs."""
+        pending: list[_Live] = []
         for job in load_jobs(self.jobs_dir):
             live = _Live(job)
             self._jobs[job.id] = live
-            if not job.state.terminal:
-                job.resumes += 1
-                self._emit(live, "queued", message="resuming after a restart", state=JobState.QUEUED)
+            if job.state.terminal:
+                continue
+            worker = job.worker
+            alive = bool(worker) and start_ticks(worker.get("pid", 0)) == worker.get("start_ticks")
+            if job.state is JobState.RUNNING and alive:
+                live.attach = dict(worker)
+                self._emit(live, "training", message="re-attached to its running worker after a restart")
                 self._queue.put(job.id)
-                log.info("job %s re-queued after a restart (was %s)", job.id, job.state.value)
+                log.info("job %s: re-attaching to worker %d", job.id, worker["pid"])
+                continue
+            pending.append(live)
+        for live in pending:
+            live.job.resumes += 1
+            live.job.worker = {}
+            self._emit(live, "queued", message="resuming after a restart", state=JobState.QUEUED)
+            self._queue.put(live.job.id)
+            log.info("job %s re-queued after a restart", live.job.id)
         self._update_state_gauge()
 
     def _work(self) -> None:
@@ -260,25 +262,22 @@ class JobManager:
 
     def _run(self, live: _Live) -> None:
         with live.cond:
-            if live.job.state is not JobState.QUEUED or self._closing.is_set():
+            attach, live.attach = live.attach, {}
+            if attach:
+                if live.job.state is not JobState.RUNNING:
+                    return
+            elif live.job.state is not JobState.QUEUED or self._closing.is_set():
                 return  # cancelled while queued
-            live.cancel = False
-            self._emit(live, "evaluating", message="loading the data set; zero-shot evaluation",
-                       state=JobState.RUNNING)
+            else:
+                live.cancel = False
+                self._emit(live, "evaluating", message="loading the data set; zero-shot evaluation",
+                           state=JobState.RUNNING)
         job = live.job
-        out = job_dir(self.jobs_dir, job.tenant, job.id)
         try:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
-            spec = build_spec(job.request, data, out, baseline=self._baseline(live))
-            result = run_finetune(self.model, spec, callback=lambda event: self._on_progress(live, event))
-            if result is None:  # only the non-zero ranks of a distributed run get None; the service is one process
-                raise RuntimeError("run_finetune returned no result")
-            self._publish(live, result)
-        except JobCancelled:
-            self._finish(live, JobState.CANCELLED, message="cancelled")
-        except _Interrupted:
-            self._emit(live, "queued", message="interrupted by shutdown; resumes at the next start",
-                       state=JobState.QUEUED)
+            launch = JobLaunch(job.id, job.tenant, job_dir(self.jobs_dir, job.tenant, job.id), data, job.request,
+                               attach, baseline=self._baseline(live))
+            self._conclude(live, self.executor.run(launch, _Control(self, live)))
         except SamforgeError as exc:
             log.info("job %s failed: %s", job.id, exc)
             self._finish(live, JobState.FAILED, error=self._redact(str(exc), job))
@@ -297,14 +296,60 @@ class JobManager:
                 self._write(live)
         return self.store.path_of(self.store.resolve(job.tenant, job.baseline)) if job.baseline else None
 
-    def _check_flags(self, live: _Live) -> None:
-        if live.cancel:
-            raise JobCancelled()
-        if self._closing.is_set():
-            raise _Interrupted()
+    def _conclude(self, live: _Live, result: RunResult) -> None:
+        """The job's next state after an attempt ended as ``result`` says (see the module docstring)."""
+        outcome = result.outcome
+        if outcome is Outcome.DETACHED:
+            with live.cond:
+                self._write(live)  # the worker record and events offset, for the next start
+        elif live.cancel and outcome in (Outcome.STOPPED, Outcome.PUBLISH, Outcome.REJECTED):
+            self._finish(live, JobState.CANCELLED, message="cancelled")  # a cancel after the last event still wins
+        elif outcome is Outcome.PUBLISH:
+            self._publish(live, result.summary)
+        elif outcome is Outcome.REJECTED:
+            self.on_rejected(live, result.summary)
+        elif outcome is Outcome.FAILED:
+            log.info("job %s failed: %s", live.job.id, result.error)
+            self._finish(live, JobState.FAILED, error=self._redact(result.error or GENERIC_ERROR, live.job))
+        elif outcome is Outcome.STOPPED and self._closing.is_set():
+            with live.cond:
+                live.job.worker = {}
+                self._emit(live, "queued", message="interrupted by shutdown; resumes at the next start",
+                           state=JobState.QUEUED)
+        else:  # CRASHED, or STOPPED by someone else's SIGTERM
+            self._resume(live, result.error if outcome is Outcome.CRASHED else "the worker was stopped by SIGTERM")
+
+    def _resume(self, live: _Live, why: str) -> None:
+        """Queue the job again (its checkpoints resume it), unless it has been resumed too often."""
+        job, limit = live.job, self.settings.max_resumes
+        why = self._redact(why, job)
+        with live.cond:
+            job.worker = {}
+            if job.resumes >= limit:
+                log.warning("job %s: %s; not resumed again", job.id, why)
+                self._finish(live, JobState.FAILED,
+                             error=f"{why}; gave up after {job.resumes} resumes (SAMFORGE_MAX_RESUMES={limit})")
+                return
+            job.resumes += 1
+            log.warning("job %s: %s; resuming (%d/%d)", job.id, why, job.resumes, limit)
+            self._emit(live, "queued", message=f"{why}; resuming from its last checkpoint ({job.resumes}/{limit})",
+                       state=JobState.QUEUED)
+        self._queue.put(job.id)
+
+    def on_rejected(self, live: _Live, summary: Mapping[str, object]) -> None:
+        """The publishing guard refused the candidate (worker exit 3; its verdict in ``summary["guard"]``): the job
+        ends REJECTED with the run's metrics (``guard_candidate`` / ``guard_baseline`` among them); nothing is
+        published and no alias moves."""
+        job = live.job
+        rejected = job_dir(self.jobs_dir, job.tenant, job.id) / "rejected"
+        adapter_metrics = read_adapter_config(rejected).metrics if rejected.is_dir() else {}
+        verdict = summary.get("guard")
+        reason = verdict.get("reason") if isinstance(verdict, dict) else None
+        with live.cond:
+            job.metrics.update(summary_metrics(summary, adapter_metrics))
+        self._finish(live, JobState.REJECTED, message=str(reason or "rejected by the publishing guard"))
 
     def _on_progress(self, live: _Live, event: ProgressEvent) -> None:
-        self._check_flags(live)
         phase = _REPORTED_PHASE.get(event.state, event.state).value
         message = event.message
         if event.state.final:
@@ -324,20 +369,18 @@ class JobManager:
         if event.state is Phase.TRAINING:
             self.metrics.progress(job.id, advanced, event)
 
-    def _publish(self, live: _Live, result: FinetuneResult) -> None:
+    def _publish(self, live: _Live, summary: Mapping[str, object]) -> None:
         job = live.job
         name, alias = job.adapter_name, job.request.promote_to
+        adapter_dir = job_dir(self.jobs_dir, job.tenant, job.id) / "adapter"
         with live.cond:
-            self._check_flags(live)  # a cancel that arrived after the last event still wins
-            job.metrics.update(result_metrics(result))
-            if not result.accepted:
-                self._finish(live, JobState.REJECTED, message=result.guard.reason)
-                return
             retry = job.publishing  # a previous run crashed while publishing
             job.publishing = True
+            job.worker = {}
+            job.metrics.update(summary_metrics(summary, read_adapter_config(adapter_dir).metrics))
             self._emit(live, "publishing", message=f"publishing {name}")
-        version = self._published_copy(job, result.adapter_dir) if retry else None
-        version = version or self.store.publish(job.tenant, name, result.adapter_dir)
+        version = self._published_copy(job, adapter_dir) if retry else None
+        version = version or self.store.publish(job.tenant, name, adapter_dir)
         with live.cond:
             job.adapter_version = version.version
             self._write(live)
@@ -362,6 +405,7 @@ class JobManager:
                 shutil.rmtree(out / sub, ignore_errors=True)
         with live.cond:
             job.error = error
+            job.worker = {}
             self._emit(live, "done", message=message or error, state=state)
             live.events = deque(list(live.events)[-KEEP_AFTER_END:], maxlen=EVENT_LOG)  # bounded memory per job
         self.metrics.forget(job.id)
@@ -402,6 +446,33 @@ class JobManager:
         root = str(tenant_root(self.data_dir, job.tenant))
         text = text.replace(out + os.sep, "").replace(out, "<job folder>")
         return text.replace(root + os.sep, "").replace(root, ".")
+
+
+class _Control:
+    """What an executor sees of its job (:class:`~.executors.JobControl`)."""
+
+    def __init__(self, manager: JobManager, live: _Live) -> None:
+        self.manager, self.live = manager, live
+
+    def progress(self, event: ProgressEvent) -> None:
+        self.manager._on_progress(self.live, event)
+
+    def stop_requested(self) -> bool:
+        return self.live.cancel or (self.manager._closing.is_set() and not self.manager.settings.detach_workers)
+
+    def detach_requested(self) -> bool:
+        return self.manager._closing.is_set() and self.manager.settings.detach_workers
+
+    def record_worker(self, worker: dict[str, int]) -> None:
+        live = self.live
+        with live.cond:
+            new = worker.get("pid") != live.job.worker.get("pid")
+            live.job.worker = dict(worker)
+            if new:  # a restart must find it: persist now (offsets ride along with the next progress write)
+                self.manager._write(live)
+
+    def wait(self, seconds: float) -> None:
+        self.manager._closing.wait(seconds)
 
 
 def _state_event(job: Job) -> JobEvent:

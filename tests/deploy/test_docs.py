@@ -42,7 +42,10 @@ def test_readme_names_the_commands_it_promises():
     for needle in ("kubectl apply -k deploy/overlays/gpu", "sam.v1.TrainerService/CreateJob",
                    "sam.v1.AdapterRegistry/Promote", "sam.v1.AdapterRegistry/Rollback",
                    "examples/ddp-training-job.yaml", "prometheus-adapter/rules.yaml",
-                   "kustomize edit set image samforge=registry.example.com/samforge:0.1.0-cpu@"):
+                   "kustomize edit set image samforge=registry.example.com/samforge:0.1.0-cpu@",
+                   "components: [../../components/kubernetes-executor]", "components: [../../components/s3-registry]",
+                   "SAMFORGE_TRAINER_EXECUTOR", "python -m services.trainer.k8s_job",
+                   "The Kubernetes API calls themselves are not tested here"):
         assert needle in text, needle
 
 

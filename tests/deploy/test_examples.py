@@ -1,61 +1,54 @@
-"""The DDP launcher shipped in deploy/examples/ddp-training-job.yaml runs against the current sam_core API."""
+"""deploy/examples/ddp-training-job.yaml is the kubernetes executor's own output for the command in its
+header: no second launcher, nothing to go stale (the command's pods are run in tests/deploy/test_training.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import shlex
 
-import pytest
+import yaml
 
-from .k8s import DEPLOY, ROOT, load_yaml_file
+from services.trainer import k8s_job
+
+from .k8s import DEPLOY, load_yaml_file
 
 EXAMPLE = DEPLOY / "examples" / "ddp-training-job.yaml"
+PLACEHOLDER_DIGEST = "0" * 64
 
 
-def launcher_source() -> str:
-    config = [o for o in load_yaml_file(EXAMPLE) if o["kind"] == "ConfigMap"][0]
-    return config["data"]["ddp_train.py"]
+def header_command() -> tuple[dict[str, str], list[str]]:
+    """(environment, arguments) of the ``python -m services.trainer.k8s_job`` command in the header."""
+    lines = [line[1:].strip() for line in EXAMPLE.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("SAMFORGE_JOBS_DIR="))
+    end = next(i for i, line in enumerate(lines) if "> job.yaml" in line)
+    words = shlex.split(" ".join(line.rstrip("\\") for line in lines[start:end + 1]))
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.startswith("SAMFORGE_"))
+    command = words[len(env):words.index(">")]
+    assert command[:3] == ["python", "-m", "services.trainer.k8s_job"], command
+    env["SAMFORGE_K8S_IMAGE"] = env["SAMFORGE_K8S_IMAGE"].replace("<digest>", PLACEHOLDER_DIGEST)
+    return env, command[3:]
 
 
-def test_job_runs_the_launcher_it_ships():
+def test_the_example_is_what_the_executor_renders(monkeypatch, capsys):
+    env, argv = header_command()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert k8s_job.main(argv) == 0
+    rendered = [doc for doc in yaml.safe_load_all(capsys.readouterr().out) if doc]
+    assert rendered == load_yaml_file(EXAMPLE)
+
+
+def test_the_example_runs_samforge_train_under_torchrun_without_a_launcher():
     objects = {o["kind"]: o for o in load_yaml_file(EXAMPLE)}
-    job, config = objects["Job"], objects["ConfigMap"]
+    assert set(objects) == {"Service", "Job"}  # no ConfigMap carrying a Python launcher
+    job, service = objects["Job"], objects["Service"]
     spec = job["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    assert container["command"] == ["torchrun"]
-    mount = [m for m in container["volumeMounts"] if m["name"] == "launcher"][0]
-    script = [a for a in container["args"] if a.endswith(".py")][0]
-    assert script == f"{mount['mountPath']}/ddp_train.py"
-    assert [v for v in spec["volumes"] if v["name"] == "launcher"][0]["configMap"]["name"] == \
-        config["metadata"]["name"]
-    nnodes = int([a for a in container["args"] if a.startswith("--nnodes=")][0].split("=")[1])
-    assert job["spec"]["completions"] == job["spec"]["parallelism"] == nnodes
+    (container,) = spec["containers"]
+    command = container["command"]
+    assert command[0] == "torchrun" and command[command.index("--no-python") + 1:][:2] == ["samforge", "train"]
+    assert "configMap" not in str(spec["volumes"])
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["completionMode"] == "Indexed"
-    service = objects["Service"]
+    assert "--nnodes=2" in command and "--nproc-per-node=2" in command
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert spec["subdomain"] == service["metadata"]["name"]
-    master = [a for a in container["args"] if a.startswith("--master-addr=")][0].split("=")[1]
-    assert master == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
-
-
-@pytest.mark.slow
-def test_launcher_trains_and_publishes(tmp_path, blob_dataset_dir):
-    """One process (WORLD_SIZE 1) on the tiny model: same code path as each torchrun rank, then the publish."""
-    from sam_core.adapters.filesystem import FileSystemAdapterStore  # imports torch: only when this test runs
-
-    script = tmp_path / "ddp_train.py"
-    script.write_text(launcher_source())
-    registry = tmp_path / "registry"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [sys.executable, str(script), "--data", str(blob_dataset_dir), "--out", str(tmp_path / "run"),
-         "--model", "tiny", "--method", "decoder", "--max-steps", "2", "--batch-size", "2",
-         "--checkpoint-every", "1", "--val-fraction", "0.34", "--registry", str(registry), "--name", "blobs"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["published"] == "blobs:1" and summary["steps"] == 2
-    version = FileSystemAdapterStore(registry).resolve("default", "blobs")
-    assert (version.name, version.version, version.method) == ("blobs", 1, "decoder")
+    assert f"--master-addr={job['metadata']['name']}-0.{service['metadata']['name']}" in command

@@ -15,7 +15,7 @@ IDLE_BASE_BYTES = 1047 * 2**20
 """LiteMedSAM encoder's resident memory once SERVING (bench/results/encoder_rss-2026-12-06.md)."""
 ENCODE_BYTES = 220_000_000
 """One LiteMedSAM image's in-process encoder working set, measured at start-up (deploy/README.md)."""
-TRITON_ENCODE_BYTES = transfer_bytes(256, (256, 64, 64))
+TRITON_ENCODE_BYTES = transfer_bytes(256, [(256, 64, 64)])
 """The triton backend's working set per image: LiteMedSAM's 256 px input and 256 x 64 x 64 features."""
 
 

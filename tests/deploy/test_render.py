@@ -18,6 +18,10 @@ _BASE = {
     "HorizontalPodAutoscaler": {"samforge-encoder", "samforge-decoder"},
     "PodDisruptionBudget": {"samforge-encoder", "samforge-decoder", "samforge-trainer", "samforge-redis"},
     "ConfigMap": {"samforge-settings"},  # generated: names carry a hash suffix, compared without it
+    # the kubernetes executor's identities and the trainer's Role (deploy/base/training.yaml)
+    "ServiceAccount": {"samforge-trainer", "samforge-training"},
+    "Role": {"samforge-trainer-executor"},
+    "RoleBinding": {"samforge-trainer-executor"},
 }
 # the gpu overlay adds Triton (deploy/triton): its Deployment, headless Service, budget and model config
 _TRITON = {"Deployment": {"samforge-triton"}, "Service": {"samforge-triton"},
@@ -104,5 +108,5 @@ def test_tls_component(tmp_path):
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_ddp_example_validates(version):
     objects = load_yaml_file(DEPLOY / "examples" / "ddp-training-job.yaml")
-    assert {o["kind"] for o in objects} == {"ConfigMap", "Service", "NetworkPolicy", "Job"}
+    assert {o["kind"] for o in objects} == {"Service", "Job"}
     assert validation_errors(objects, version) == []

@@ -14,7 +14,7 @@ import torch
 
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling import preprocess
-from sam_core.modeling.family import ModelSpec
+from sam_core.modeling.family import Features, ModelSpec
 from services.common.server import exit_now
 
 BAD_RESIZE_SIZE = (77, 99)
@@ -35,7 +35,7 @@ def install() -> None:
     def poisoned_row(spec: ModelSpec) -> torch.Tensor:
         return preprocess.preprocess(np.full((*POISON_SIZE, 3), POISON, np.uint8), spec)[0][0]
 
-    def encode_tensor(self: Predictor, batch: torch.Tensor) -> torch.Tensor:
+    def encode_tensor(self: Predictor, batch: torch.Tensor) -> Features:
         if any(torch.equal(row, poisoned_row(self.spec)) for row in batch):
             raise RuntimeError("injected encoder fault")
         return real_encode(self, batch)

@@ -133,7 +133,7 @@ def test_concurrent_embeds_encode_once_then_cache_and_stream_the_exact_embedding
         torch.set_num_threads(threads)
     assert served.model_id == reference.model_id == info.model_id
     assert (served.original_size, served.input_size) == (reference.original_size, reference.input_size)
-    difference = (served.features - reference.features).abs().max().item()
+    difference = (served.image_embedding - reference.image_embedding).abs().max().item()
     assert difference <= 1e-6, difference
     print(f"\nLiteMedSAM encode {encode_ms:.0f} ms, cached Embed {hit_ms:.1f} ms (client), "
           f"GetEmbedding 4 MB {stream_ms:.1f} ms, max |diff| vs encode_one {difference:g}")
@@ -149,7 +149,7 @@ def test_tenants_cannot_read_each_others_embeddings(tiny_stub):
         list(tiny_stub.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=key, tenant="b"), timeout=30))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert embedding_from_chunks(tiny_stub.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=key, tenant="a"),
-                                                        timeout=30)).features.shape == (1, 32, 8, 8)
+                                                        timeout=30)).image_embedding.shape == (1, 32, 8, 8)
     other = tiny_stub.Embed(encoder_pb2.EmbedRequest(image=noise_png(1), tenant="b"), timeout=30)
     assert other.embedding.key != key and not other.cached
 

@@ -31,7 +31,8 @@ def trainer_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
     write_blob_dataset(root / "data" / "acme" / "blobs")
     env = {"SAMFORGE_MODEL": "tiny", "SAMFORGE_DATA_DIR": str(root / "data"), "SAMFORGE_JOBS_DIR": str(root / "jobs"),
            "SAMFORGE_REGISTRY_DIR": str(root / "registry"), "SAMFORGE_MAX_UPLOAD_BYTES": str(2 << 20),
-           "SAMFORGE_GRACE_SECONDS": "5"}
+           "SAMFORGE_GRACE_SECONDS": "20",  # SIGTERM: the job worker checkpoints and exits within it
+           "SAMFORGE_DETACH_WORKERS": "false"}
     return env, root
 
 
@@ -129,9 +130,9 @@ def test_promote_rollback_and_delete_move_aliases(stubs, first_job):
 
 
 def test_a_harmful_job_is_rejected_and_promote_is_guarded(stubs, trainer_env):
-    """Tenant "guarded": a sound job (v1, prod) is the champion; a harmful one (lr 1.0) ends REJECTED with both
-    scores, publishes nothing and leaves prod; a worse version published anyway is refused by Promote unless
-    forced."""
+    """Tenant "guarded", through the default (process) executor: a sound job (v1, prod) is the champion; a
+    harmful one (lr 1.0, its worker exits 3) ends REJECTED with both scores, publishes nothing and leaves prod;
+    a worse version published anyway is refused by Promote unless forced."""
     jobs, registry = stubs
     write_blob_dataset(trainer_env[1] / "data" / "guarded" / "blobs")
     champion = run_job(jobs, tenant="guarded", promote_to="prod")[-1].job
@@ -140,6 +141,11 @@ def test_a_harmful_job_is_rejected_and_promote_is_guarded(stubs, trainer_env):
     last = rejected[-1]
     assert last.job.state == trainer_pb2.JOB_STATE_REJECTED and last.phase == "done" and last.job.adapter_version == 0
     assert last.job.metrics["guard_candidate"] < last.job.metrics["guard_baseline"] and "rejected" in last.message
+    folder = trainer_env[1] / "jobs" / "guarded" / last.job.id  # the default (process) executor's worker ended it
+    result = json.loads((folder / "result.json").read_text())
+    assert (result["status"], result["exit_code"], result["accepted"]) == ("rejected", 3, False)
+    assert result["guard"]["candidate"] == last.job.metrics["guard_candidate"] and (folder / "worker.log").is_file()
+    assert not (folder / "adapter").exists() and (folder / "rejected").is_dir()
     v1 = registry.GetAdapter(trainer_pb2.GetAdapterRequest(tenant="guarded", ref="ships@prod"), timeout=30)
     assert v1.version == 1 and v1.metrics["heldout_dice"] == last.job.metrics["guard_baseline"]
     assert len(v1.heldout_signature) == 64
@@ -217,6 +223,11 @@ def test_metrics_carry_no_job_or_tenant_labels(stubs, trainer, first_job):
       for name in ("rank", "epochs", "batch_size", "warmup_steps", "checkpoint_every", "crop")],
     ({"hyperparameters": trainer_pb2.Hyperparameters(lr=1e30)}, "hyperparameters.lr: must be 0 (the default) or > 0 "
                                                                 "and <= 1"),
+    ({"resources": trainer_pb2.Resources(nodes=2)}, "resources.nodes: must be 0 (the default) or 1 to 1"),
+    ({"resources": trainer_pb2.Resources(processes_per_node=64)}, "resources.processes_per_node: must be 0"),
+    ({"resources": trainer_pb2.Resources(processes_per_node=3)}, "resources.processes_per_node: the global batch"),
+    ({"resources": trainer_pb2.Resources(gpus_per_process=-1)}, "resources.gpus_per_process: must be 0"),
+    ({"resources": trainer_pb2.Resources(gpus_per_process=1)}, "resources.gpus_per_process: asks for 1 GPU"),
 ])
 def test_bad_job_requests_are_invalid_argument(stubs, trainer, fields, needle):
     jobs, _ = stubs

@@ -127,7 +127,7 @@ def test_embeddings_and_masks_equal_the_in_process_backend(stack, reference):
                 encoder_pb2.GetEmbeddingRequest(key=reply.embedding.key, tenant="t"), timeout=60)))
             local = reference.encode_one(decode_image(image_bytes))
             assert served.model_id == local.model_id and served.input_size == local.input_size
-            difference = (served.features - local.features).abs().max().item()
+            difference = (served.image_embedding - local.image_embedding).abs().max().item()
             worst = max(worst, difference)
             assert difference < 1e-4, difference
             boxes = np.array([box_from_mask(m) for m in truth]).astype(np.float32).astype(np.float64)

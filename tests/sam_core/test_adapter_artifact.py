@@ -87,7 +87,7 @@ def test_encoder_adapter_has_its_own_embeddings(tiny_model, saved, scene):
     assert info.value.field == "embedding"
     own = Predictor(loaded).encode_one(scene[0])
     assert own.encoder_adapter == loaded.encoder_adapter_id
-    assert not torch.allclose(own.features, base_embedding.features)
+    assert not torch.allclose(own.image_embedding, base_embedding.image_embedding)
 
 
 def test_base_model_is_never_modified(tiny_model, saved):

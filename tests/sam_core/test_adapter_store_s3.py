@@ -224,3 +224,26 @@ def test_open_store_picks_the_store_from_the_url(s3_server, s3_url, tmp_path, mo
         with pytest.raises(InvalidInput) as err:
             open_store(bad, tmp_path)
         assert err.value.field == "registry_url"
+
+
+def test_sweep_removes_only_old_unreferenced_uploads(s3_server, s3_url, open_s3, make_artifact, monkeypatch, capsys):
+    from services.cli import main
+
+    store = open_s3()
+    kept = store.publish("acme", "ships", make_artifact(1))
+    orphan = f"{store._key('acme', 'ships', 'uploads', 'f' * 32)}"
+    for name in (CONFIG_NAME, WEIGHTS_NAME):  # what a publisher killed before its index commit leaves
+        store.client.put_object(Bucket=store.bucket, Key=f"{orphan}/{name}", Body=b"partial")
+    assert store.sweep_uploads(3600) == ()  # younger than the grace period: maybe still on its way
+    assert store.sweep_uploads(0, dry_run=True) == ("acme/ships/uploads/" + "f" * 32,)
+    assert sum(key.startswith(orphan) for key in _keys(store)) == 2
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", CREDENTIALS.get("AWS_DEFAULT_REGION", "us-east-1"))
+    assert main(["registry-sweep", "--registry-url", s3_url, "--endpoint-url", s3_server.endpoint,
+                 "--older-than-hours", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["orphaned_uploads"] == ["acme/ships/uploads/" + "f" * 32]
+    assert not any(key.startswith(orphan) for key in _keys(store))
+    reader = open_s3()
+    served = reader.resolve("acme", "ships")
+    assert served.version == kept.version and content_sha256(served.path) == kept.sha256

@@ -23,7 +23,7 @@ def embedding(tiny_model) -> Embedding:
 
 def _fake(nbytes: int) -> Embedding:
     """An Embedding whose features take exactly ``nbytes`` (a multiple of 4)."""
-    return Embedding(torch.zeros(1, 1, 1, nbytes // 4), (4, 4), (4, 4), "m", "p")
+    return Embedding({"image_embed": torch.zeros(1, 1, 1, nbytes // 4)}, (4, 4), (4, 4), "m", "p")
 
 
 # ---------------------------------------------------------------------------------------------- keys

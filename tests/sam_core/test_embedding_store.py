@@ -65,21 +65,22 @@ def test_round_trip_float32_is_bit_exact(tmp_path: Path, embedding: Embedding, s
     assert store.nbytes() == path.stat().st_size > embedding.nbytes
     loaded = store.get(key)
     assert loaded is not None
-    assert loaded.features.dtype == torch.float32 and loaded.features.shape == embedding.features.shape
-    assert torch.equal(loaded.features, embedding.features)
+    assert loaded.feature_shapes() == embedding.feature_shapes() and loaded.image_embedding.dtype == torch.float32
+    assert torch.equal(loaded.image_embedding, embedding.image_embedding)
     assert dataclasses.replace(loaded, features=None) == dataclasses.replace(embedding, features=None)
     # Readable by plain safetensors, with the documented metadata.
     tensors = safetensors.torch.load_file(path)
-    assert list(tensors) == ["features"]
+    assert list(tensors) == ["image_embed"]
     with safetensors.safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
+    assert json.loads(meta["levels"]) == ["image_embed"]
     assert meta["key"] == key and meta["model_id"] == embedding.model_id
     assert json.loads(meta["original_size"]) == list(embedding.original_size)
     assert json.loads(meta["input_size"]) == list(embedding.input_size)
     assert meta["preprocess_version"] == embedding.preprocess_version and meta["encoder_adapter"] == ""
     # A new store object over the same directory reads the same entry.
     again = EmbeddingStore(tmp_path / "store", signature=signature).get(key)
-    assert again is not None and torch.equal(again.features, embedding.features)
+    assert again is not None and torch.equal(again.image_embedding, embedding.image_embedding)
 
 
 def test_bfloat16_halves_size_and_returns_float32(tmp_path: Path, embedding: Embedding,
@@ -90,8 +91,8 @@ def test_bfloat16_halves_size_and_returns_float32(tmp_path: Path, embedding: Emb
     full.put(key, embedding)
     half.put(key, embedding)
     loaded = half.get(key)
-    assert loaded is not None and loaded.features.dtype == torch.float32
-    torch.testing.assert_close(loaded.features, embedding.features, rtol=1e-2, atol=1e-2)
+    assert loaded is not None and loaded.image_embedding.dtype == torch.float32
+    torch.testing.assert_close(loaded.image_embedding, embedding.image_embedding, rtol=1e-2, atol=1e-2)
     assert half.nbytes() < 0.6 * full.nbytes()
     # Reopening a bf16 store as float32 is a signature mismatch (precision would silently change).
     with pytest.raises(InvalidInput, match="dtype"):
@@ -235,7 +236,7 @@ def test_get_or_compute_calls_compute_once(tmp_path: Path, embedding: Embedding,
     reopened = EmbeddingStore(tmp_path, signature=signature).get_or_compute(key, compute)
     assert len(calls) == 1
     for result in (first, second, reopened):
-        assert torch.equal(result.features, embedding.features)
+        assert torch.equal(result.image_embedding, embedding.image_embedding)
 
 
 def test_get_or_compute_bf16_returns_stored_precision(tmp_path: Path, embedding: Embedding,
@@ -244,8 +245,8 @@ def test_get_or_compute_bf16_returns_stored_precision(tmp_path: Path, embedding:
     key = _key(embedding)
     first = store.get_or_compute(key, lambda: embedding)
     later = store.get(key)
-    assert later is not None and first.features.dtype == torch.float32
-    assert torch.equal(first.features, later.features)
+    assert later is not None and first.image_embedding.dtype == torch.float32
+    assert torch.equal(first.image_embedding, later.image_embedding)
 
 
 def test_clear(tmp_path: Path, embedding: Embedding, signature: dict[str, str]) -> None:
@@ -256,3 +257,37 @@ def test_clear(tmp_path: Path, embedding: Embedding, signature: dict[str, str]) 
     store.clear()
     assert len(store) == 0 and store.nbytes() == 0
     assert (tmp_path / "signature.json").is_file()
+
+
+def multi_level(embedding: Embedding) -> Embedding:
+    """``embedding`` plus two finer levels, named so that their sorted order is not the model's order."""
+    generator = torch.Generator().manual_seed(3)
+    levels = {"image_embed": embedding.image_embedding,
+              "high_res_feat_s1": torch.randn(1, 8, 16, 16, generator=generator),
+              "high_res_feat_s0": torch.randn(1, 4, 32, 32, generator=generator)}
+    return dataclasses.replace(embedding, features=levels)
+
+
+def test_every_level_round_trips_bit_exact_in_the_models_order(tmp_path: Path, embedding: Embedding,
+                                                                signature: dict[str, str]) -> None:
+    levels = multi_level(embedding)
+    store = EmbeddingStore(tmp_path / "store", signature=signature)
+    store.put(_key(levels), levels)
+    loaded = store.get(_key(levels))
+    assert loaded is not None and list(loaded.features) == list(levels.features)
+    assert all(torch.equal(loaded.features[name], t) for name, t in levels.features.items())
+    assert loaded.nbytes == levels.nbytes > embedding.nbytes
+
+
+def test_an_entry_missing_a_level_is_corrupt_and_deleted(tmp_path: Path, embedding: Embedding,
+                                                         signature: dict[str, str]) -> None:
+    levels = multi_level(embedding)
+    store = EmbeddingStore(tmp_path / "store", signature=signature)
+    key = _key(levels)
+    store.put(key, levels)
+    path = store.path_for(key)
+    with safetensors.safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        kept = {name: fh.get_tensor(name) for name in ("image_embed", "high_res_feat_s0")}
+    path.write_bytes(safetensors.torch.save(kept, metadata=meta))
+    assert store.get(key) is None and not path.exists()

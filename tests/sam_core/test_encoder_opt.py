@@ -49,6 +49,6 @@ def test_litemedsam_folded_encoder_matches_and_leaves_the_original_alone(litemed
 @pytest.mark.integration
 def test_predictor_embeddings_with_and_without_optimisation(litemedsam_model, scene):
     image, _ = scene
-    fast = Predictor(litemedsam_model).encode_one(image).features
-    plain = Predictor(litemedsam_model, optimize_encoder=False).encode_one(image).features
+    fast = Predictor(litemedsam_model).encode_one(image).image_embedding
+    plain = Predictor(litemedsam_model, optimize_encoder=False).encode_one(image).image_embedding
     assert np.abs((fast - plain).numpy()).max() < 1e-4

@@ -147,7 +147,7 @@ def test_graph_outputs_all_mask_tokens(tiny_onnx, tiny_embedding, scene):
     session = predictor.onnx.session
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     coords, labels = prompt_arrays(_prompts(scene[0].shape[:2], 32)[:1] * 5, scene[0].shape[:2], 128)
-    low_res, iou = predictor.onnx.run(tiny_embedding.features.numpy(), coords, labels, None)
+    low_res, iou = predictor.onnx.run(tiny_embedding.image_embedding.numpy(), coords, labels, None)
     assert low_res.shape == (5, 4, 32, 32) and iou.shape == (5, 4)
 
 

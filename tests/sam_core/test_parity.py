@@ -68,7 +68,7 @@ def test_tiny_encode_decode_equal_sam_predictor(tiny_model, scene):
     embedding = predictor.encode_one(image)
     sam_predictor = SamPredictor(tiny_model.net)
     sam_predictor.set_image(image)
-    torch.testing.assert_close(embedding.features, sam_predictor.features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(embedding.image_embedding, sam_predictor.features, atol=1e-5, rtol=0)
     _check_against_sam_predictor(predictor, embedding, sam_predictor, _cases(image.shape[:2], 32))
 
 
@@ -101,7 +101,7 @@ def test_litemedsam_equal_sam_predictor(litemedsam_model, scene):
     model_input, input_size = preprocess(image, litemedsam_model.spec)
     sam_predictor = SamPredictor(litemedsam_model.net)
     sam_predictor.set_torch_image(model_input[..., : input_size[0], : input_size[1]], image.shape[:2])
-    torch.testing.assert_close(embedding.features, sam_predictor.features, atol=1e-6, rtol=0)
+    torch.testing.assert_close(embedding.image_embedding, sam_predictor.features, atol=1e-6, rtol=0)
     _check_against_sam_predictor(predictor, embedding, sam_predictor, _cases(image.shape[:2], 256))
     result = predictor.decode(embedding, [_prompt(_cases(image.shape[:2], 256)[0])])
     assert result.iou_scores[0, 0] > 0.5 and result.masks[0, 0].mean() > 0.01  # real weights segment the ellipse
@@ -132,7 +132,7 @@ def test_litemedsam_optimised_encoder_keeps_the_masks(litemedsam_model, scene):
     image, _ = scene
     eager, optimised = Predictor(litemedsam_model, optimize_encoder=False), Predictor(litemedsam_model)
     reference, embedding = eager.encode_one(image), optimised.encode_one(image)
-    torch.testing.assert_close(embedding.features, reference.features, atol=1e-4, rtol=0)
+    torch.testing.assert_close(embedding.image_embedding, reference.image_embedding, atol=1e-4, rtol=0)
     prompts = [_prompt(c) for c in _cases(image.shape[:2], 256)]
     theirs, ours = eager.decode(reference, prompts), eager.decode(embedding, prompts)
     np.testing.assert_allclose(ours.low_res_logits, theirs.low_res_logits, atol=LOGIT_TOL,

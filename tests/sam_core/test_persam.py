@@ -83,18 +83,18 @@ def test_tiny_object_falls_back_to_its_most_covered_cell(tiny_predictor, scene):
     speck[100:103, 200:203] = True  # 3 x 3 px: far below half a 40 x 40 px cell
     coverage = mask_on_grid(speck, embedding, tiny_predictor.spec.img_size)
     assert 0 < float(coverage.max()) < 0.5
-    feat = target_feature(embedding.features, coverage)
+    feat = target_feature(embedding.image_embedding, coverage)
     row, col = divmod(int(torch.argmax(coverage)), coverage.shape[1])
-    expected = torch.nn.functional.normalize(embedding.features[0, :, row, col], dim=0)
+    expected = torch.nn.functional.normalize(embedding.image_embedding[0, :, row, col], dim=0)
     torch.testing.assert_close(feat, expected)
     with pytest.raises(InvalidInput):
-        target_feature(embedding.features, torch.zeros_like(coverage))
+        target_feature(embedding.image_embedding, torch.zeros_like(coverage))
 
 
 def test_similarity_map_is_in_the_original_frame(tiny_predictor, scene):
     image, _ = scene
     embedding = tiny_predictor.encode_one(image)
-    feat = torch.nn.functional.normalize(embedding.features[0, :, 2, 3], dim=0)
+    feat = torch.nn.functional.normalize(embedding.image_embedding[0, :, 2, 3], dim=0)
     sim = similarity_map(tiny_predictor, embedding, feat)
     assert sim.shape == image.shape[:2]
     assert float(sim.max()) <= 1.0 + 1e-5 and float(sim.min()) >= -1.0 - 1e-5
@@ -104,10 +104,11 @@ def test_features_are_centred_on_the_image_cells(tiny_predictor, scene):
     image, _ = scene  # grid 8 x 8, the image covers the top 6 rows
     embedding = tiny_predictor.encode_one(image)
     centred = centred_features(embedding, tiny_predictor.spec.img_size)
-    assert centred.shape == embedding.features.shape
+    assert centred.shape == embedding.image_embedding.shape
     torch.testing.assert_close(centred[0, :, :6].mean(dim=(1, 2)), torch.zeros(centred.shape[1]), atol=1e-5, rtol=0)
     # a component shared by every feature (the padding too) changes neither the centred features nor the map
-    shifted = dataclasses.replace(embedding, features=embedding.features + 3.0 * torch.randn(1, 32, 1, 1))
+    shared = 3.0 * torch.randn(1, 32, 1, 1)
+    shifted = dataclasses.replace(embedding, features={"image_embed": embedding.image_embedding + shared})
     torch.testing.assert_close(centred_features(shifted, 128), centred, atol=1e-4, rtol=0)
     feat = torch.nn.functional.normalize(centred[0, :, 2, 3], dim=0)
     torch.testing.assert_close(similarity_map(tiny_predictor, shifted, feat),

@@ -51,7 +51,7 @@ def test_upscale_equals_two_resizes(low, img, original):
 def test_postprocess_equals_batched_reference(tiny_model, multimask, threshold, original):
     predictor = Predictor(tiny_model, decode_batch=2)
     spec = predictor.spec
-    embedding = Embedding(features=torch.zeros(1), original_size=original,
+    embedding = Embedding(features={"image_embed": torch.zeros(1)}, original_size=original,
                           input_size=resized_shape(original, spec.img_size), model_id=predictor.model_id,
                           preprocess_version=spec.preprocess_version)
     m = 3 if multimask else 1

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +66,45 @@ def test_inspect_reports_a_corrupt_adapter(trained, tmp_path, capsys):
 def test_train_rejects_a_bad_data_path(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
     assert "none" in capsys.readouterr().err
+    result = json.loads((tmp_path / "o" / "result.json").read_text())  # what the trainer reads from its worker
+    assert (result["status"], result["exit_code"]) == ("invalid_input", 2) and "none" in result["error"]
+
+
+def test_train_events_and_result_file(blob_dataset_dir, tmp_path):
+    events = tmp_path / "events.jsonl"
+    assert main(["train", "--data", str(blob_dataset_dir), "--method", "decoder", "--model", "tiny", "--max-steps", "2",
+                 "--batch-size", "2", "--out", str(tmp_path / "run"), "--events", str(events),
+                 "--allow-regression"]) == 0  # the random tiny model: publish what it scores
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert lines[0]["state"] == "checking_data" and lines[0]["message"].startswith("data: ")
+    assert [e["step"] for e in lines if e["state"] == "training"][-1] == 2 and lines[-1]["state"] == "evaluating"
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (result["status"], result["exit_code"], result["method"]) == ("published", 0, "decoder")
+    assert result["adapter_dir"] == str(tmp_path / "run" / "adapter") and set(result["val"]) == {
+        "zero-shot", "fine-tuned (decoder)"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["decoder", "persam"])
+def test_torchrun_two_ranks_exit_0_with_one_published_adapter(blob_dataset_dir, tmp_path, method):
+    """``torchrun --nproc_per_node 2 samforge train``: rank 0 reports, evaluates and publishes; rank 1 only
+    trains (a one-shot method: nothing); both exit 0."""
+    samforge = shutil.which("samforge", path=str(Path(sys.executable).parent))
+    assert samforge, "the samforge console script is installed next to the interpreter"
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           samforge, "train", "--data", str(blob_dataset_dir), "--out", str(out), "--model", "tiny",
+                           "--method", method, "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "1",
+                           "--persam-steps", "3", "--events", str(out / "events.jsonl"), "--allow-regression"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 of 2" in proc.stderr
+    assert len(list(tmp_path.rglob("adapter_config.json"))) == 1 and (out / "adapter").is_dir()
+    assert proc.stdout.count('"adapter_dir"') == 1  # one rank printed a summary
+    lines = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["state"] for e in lines].count("checking_data") == 1
+    assert json.loads((out / "result.json").read_text())["status"] == "published"
 
 
 def test_progress_bar_prints_the_data_check_line():

@@ -32,7 +32,7 @@ def test_harmful_run_rejected_then_allowed_then_beaten_on_the_same_split(tmp_pat
     assert not (harmful / "adapter").exists()
     rejected = json.loads((harmful / "rejected" / "adapter_config.json").read_text())
     result = json.loads((harmful / "result.json").read_text())
-    assert result["exit_status"] == 3 and result["outcome"] == "rejected" and result["accepted"] is False
+    assert result["exit_code"] == 3 and result["status"] == "rejected" and result["accepted"] is False
     verdict = result["guard"]
     assert verdict["candidate"] < verdict["baseline"] and verdict["baseline_label"] == "base model"
     assert rejected["metrics"]["heldout_dice"] == verdict["candidate"]

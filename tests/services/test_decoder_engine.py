@@ -349,8 +349,8 @@ class SquaresPredictor:
 
 
 def test_generate_filters_by_iou_and_stability_then_nms_sorts_and_limits():
-    embedding = Embedding(features=torch.zeros(1, 1, 1, 1), original_size=(32, 32), input_size=(32, 32),
-                          model_id="m", preprocess_version="p")
+    embedding = Embedding(features={"image_embed": torch.zeros(1, 1, 1, 1)}, original_size=(32, 32),
+                          input_size=(32, 32), model_id="m", preprocess_version="p")
     options = EverythingOptions(points_per_side=2).resolved()
     found = generate(SquaresPredictor(), embedding, options)
     assert found.points_decoded == 4

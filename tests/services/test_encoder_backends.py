@@ -65,7 +65,7 @@ def test_onnx_backend_embeds_like_torch_and_exports_once(tmp_path, tiny_model):
         for seed in range(3):
             ours, theirs = onnx_engine.embed("t", png(seed)), torch_engine.embed("t", png(seed))
             assert ours.key == theirs.key  # same model, same key: replicas on either backend share L2
-            assert torch.allclose(ours.value.features, theirs.value.features, atol=1e-4)
+            assert torch.allclose(ours.value.image_embedding, theirs.value.image_embedding, atol=1e-4)
     finally:
         onnx_engine.close()
         torch_engine.close()
@@ -85,7 +85,7 @@ def test_a_backend_without_encoder_adapters_refuses_them_and_serves_decoder_adap
         assert engine.adapters.loads == 0  # refused before anything was loaded or encoded
         shared = engine.embed("t", png(5), adapter="dec")
         assert shared.value.encoder_adapter is None and engine.stats("t").encodes == 1
-        assert torch.equal(shared.value.features, reference.encode_one(pixels(5)).features)
+        assert torch.equal(shared.value.image_embedding, reference.encode_one(pixels(5)).image_embedding)
     finally:
         engine.close()
 
@@ -158,5 +158,5 @@ def test_batcher_keeps_at_most_concurrency_batches_in_flight(tiny_model, concurr
         batcher.close()
     assert probe.peak == concurrency
     assert batcher.encodes == 6 and list(batcher.batch_sizes) == [1] * 6
-    reference = Predictor(tiny_model).encode_one(pixels(3)).features
-    assert torch.allclose(results[3][0].features, reference, atol=1e-5)
+    reference = Predictor(tiny_model).encode_one(pixels(3)).image_embedding
+    assert torch.allclose(results[3][0].image_embedding, reference, atol=1e-5)

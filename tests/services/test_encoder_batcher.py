@@ -74,7 +74,7 @@ def test_one_failing_job_fails_alone_and_its_batch_neighbours_get_their_embeddin
     reference = Predictor(tiny_model)
     for index in (0, 1, 3):
         embedding, _ = futures[index].result(timeout=60)
-        assert torch.allclose(embedding.features, reference.encode_one(images[index]).features, atol=1e-5)
+        assert torch.allclose(embedding.image_embedding, reference.encode_one(images[index]).image_embedding, atol=1e-5)
     assert encoder.calls == [4, 1, 1, 1, 1]  # the batch of 4 failed; each job again alone
     assert batcher.encodes == 3 and (batcher.held_bytes, batcher.held_images) == (0, 0)
 

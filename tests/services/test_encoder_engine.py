@@ -112,9 +112,9 @@ def test_keys_are_tenant_scoped_and_canonical(make_engine, tiny_model):
     with pytest.raises(NotFound) as info:
         engine.get("b", a.key)
     assert info.value.field == "key" and "Embed" in str(info.value)
-    assert torch.equal(engine.get("a", a.key).features, a.value.features)
+    assert torch.equal(engine.get("a", a.key).image_embedding, a.value.image_embedding)
     reference = Predictor(tiny_model).encode_one(np.asarray(Image.open(io.BytesIO(png(0))).convert("RGB")))
-    assert torch.equal(a.value.features, reference.features)
+    assert torch.equal(a.value.image_embedding, reference.image_embedding)
     with pytest.raises(InvalidInput):
         engine.get("a", "../../etc")
     default_tiles = engine.embed("a", png(0), tiling=TilingRequest())
@@ -183,7 +183,7 @@ def test_concurrent_images_form_one_batch(make_engine):
     assert list(engine.batcher.batch_sizes) == [4]
     assert engine.stats("a").encodes == 4
     # batched features are copied out of the batch tensor: each entry owns exactly its bytes
-    assert all(r.value.features.untyped_storage().nbytes() == TINY_BYTES for r in results)
+    assert all(r.value.image_embedding.untyped_storage().nbytes() == TINY_BYTES for r in results)
 
 
 def test_full_queue_is_overloaded_and_inactive_callers_are_skipped(make_engine):
@@ -227,7 +227,7 @@ def test_tiled_entry_is_one_cache_entry_and_streams_back_exactly(make_engine):
     back = embedding_from_chunks(embedding_chunks(result.key, engine.get("a", result.key), chunk_bytes=5000))
     assert isinstance(back, TiledEmbedding) and back.origins == value.origins
     for mine, theirs in zip([back.whole, *back.tiles], [value.whole, *value.tiles], strict=True):
-        assert torch.equal(mine.features, theirs.features)
+        assert torch.equal(mine.image_embedding, theirs.image_embedding)
         assert (mine.original_size, mine.input_size) == (theirs.original_size, theirs.input_size)
 
 
@@ -239,10 +239,11 @@ def test_l2_serves_a_second_engine_without_encoding(make_engine):
     second = make_engine(l2=RedisL2(client=redis))
     served = second.embed("a", png(50))
     assert served.cached and served.source == "l2" and served.key == computed.key
-    assert torch.equal(served.value.features, computed.value.features)
+    assert torch.equal(served.value.image_embedding, computed.value.image_embedding)
     assert second.stats("a").encodes == 0 and second.stats("a").l2_hits == 1
     third = make_engine(l2=RedisL2(client=redis))
-    assert torch.equal(third.get("a", computed.key).features, computed.value.features)  # GetEmbedding via L2
+    via_l2 = third.get("a", computed.key)  # GetEmbedding via L2
+    assert torch.equal(via_l2.image_embedding, computed.value.image_embedding)
     with pytest.raises(NotFound):
         third.get("b", computed.key)
     blob = next(iter(redis.data.values()))
@@ -266,7 +267,7 @@ def test_codec_rejects_malformed_streams(make_engine):
     assert len(chunks) == 9 and all(len(c.data) <= 1000 for c in chunks)
     assert chunks[0].total_bytes == TINY_BYTES and not chunks[1].HasField("info")
     back = embedding_from_chunks(iter(chunks))
-    assert isinstance(back, Embedding) and torch.equal(back.features, result.value.features)
+    assert isinstance(back, Embedding) and torch.equal(back.image_embedding, result.value.image_embedding)
     for broken in ([], chunks[1:], chunks[:-1]):
         with pytest.raises(MalformedEmbeddingStream):
             embedding_from_chunks(broken)

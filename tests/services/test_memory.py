@@ -53,4 +53,4 @@ def touch_fresh_pages(size: int) -> None:
 def test_measured_encode_bytes_see_the_allocation():
     measured = measure_encode_bytes(lambda: touch_fresh_pages(64 << 20))
     assert measured is not None and measured >= 60 << 20
-    assert transfer_bytes(256, (256, 64, 64)) == 2 * (3 * 256 * 256 * 4 + 256 * 64 * 64 * 4)
+    assert transfer_bytes(256, [(256, 64, 64)]) == 2 * (3 * 256 * 256 * 4 + 256 * 64 * 64 * 4)

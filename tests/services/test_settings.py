@@ -83,6 +83,12 @@ def test_common_fields_read_the_services_own_ports():
     (EncoderSettings, {"SAMFORGE_REGISTRY_URL": "gs://bucket/prefix"}, "SAMFORGE_REGISTRY_URL"),
     (TrainerSettings, {"SAMFORGE_REGISTRY_URL": "s3:///no-bucket"}, "SAMFORGE_REGISTRY_URL"),
     (TrainerSettings, {"SAMFORGE_REGISTRY_URL": "s3://bucket/../up"}, "SAMFORGE_REGISTRY_URL"),
+    (TrainerSettings, {"SAMFORGE_K8S_NODE_SELECTOR": "gpu=true"}, "SAMFORGE_K8S_NODE_SELECTOR"),
+    (TrainerSettings, {"SAMFORGE_K8S_TOLERATIONS": "{}"}, "SAMFORGE_K8S_TOLERATIONS"),
+    (TrainerSettings, {"SAMFORGE_K8S_TOLERATIONS": "[1]"}, "SAMFORGE_K8S_TOLERATIONS"),
+    (TrainerSettings, {"SAMFORGE_K8S_MEMORY_PER_PROCESS": "16GB"}, "SAMFORGE_K8S_MEMORY_PER_PROCESS"),
+    (TrainerSettings, {"SAMFORGE_K8S_CPU_PER_PROCESS": "0"}, "SAMFORGE_K8S_CPU_PER_PROCESS"),
+    (TrainerSettings, {"SAMFORGE_K8S_NAMESPACE": ""}, "SAMFORGE_K8S_NAMESPACE"),
 ])
 def test_a_bad_value_names_its_variable(kind, env, variable):
     with pytest.raises(InvalidInput) as info:

@@ -13,7 +13,7 @@ import pytest
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.errors import InvalidInput, NotFound
 from services.common.settings import TrainerSettings
-from services.trainer import jobs as jobs_module
+from services.trainer.executors import inline as jobs_module
 from services.trainer.job_model import JobState
 from services.trainer.job_spec import Hyperparameters, JobRequest
 from services.trainer.jobs import JobManager
@@ -31,7 +31,8 @@ def dirs(tmp_path):
 
 def make_manager(dirs, model) -> JobManager:
     settings = TrainerSettings.from_env({"SAMFORGE_DATA_DIR": str(dirs["data"]), "SAMFORGE_JOBS_DIR": str(dirs["jobs"]),
-                                         "SAMFORGE_REGISTRY_DIR": str(dirs["registry"])})
+                                         "SAMFORGE_REGISTRY_DIR": str(dirs["registry"]),
+                                         "SAMFORGE_TRAINER_EXECUTOR": "inline"})
     return JobManager(settings, model, FileSystemAdapterStore(dirs["registry"]))
 
 

@@ -19,7 +19,8 @@ def _manager(tmp_path, model, **env: str) -> JobManager:
     write_blob_dataset(tmp_path / "data" / "default" / "blobs")
     settings = TrainerSettings.from_env({"SAMFORGE_DATA_DIR": str(tmp_path / "data"),
                                          "SAMFORGE_JOBS_DIR": str(tmp_path / "jobs"),
-                                         "SAMFORGE_REGISTRY_DIR": str(tmp_path / "registry"), **env})
+                                         "SAMFORGE_REGISTRY_DIR": str(tmp_path / "registry"),
+                                         "SAMFORGE_TRAINER_EXECUTOR": "inline", **env})
     return JobManager(settings, model, FileSystemAdapterStore(tmp_path / "registry"))
 
 

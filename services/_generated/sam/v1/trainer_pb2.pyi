@@ -55,13 +55,14 @@ class Hyperparameters(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., rank: _Optional[int] = ..., prompt: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., bf16: _Optional[bool] = ..., patience: _Optional[int] = ..., crop: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("tenant", "dataset", "method", "hyperparameters", "adapter_name", "promote_to", "allow_regression", "min_improvement")
+    __slots__ = ("tenant", "dataset", "method", "hyperparameters", "adapter_name", "promote_to", "resources", "allow_regression", "min_improvement")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_TO_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     ALLOW_REGRESSION_FIELD_NUMBER: _ClassVar[int]
     MIN_IMPROVEMENT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
@@ -70,12 +71,13 @@ class CreateJobRequest(_message.Message):
     hyperparameters: Hyperparameters
     adapter_name: str
     promote_to: str
+    resources: Resources
     allow_regression: bool
     min_improvement: float
-    def __init__(self, tenant: _Optional[str] = ..., dataset: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., adapter_name: _Optional[str] = ..., promote_to: _Optional[str] = ..., allow_regression: _Optional[bool] = ..., min_improvement: _Optional[float] = ...) -> None: ...
+    def __init__(self, tenant: _Optional[str] = ..., dataset: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., adapter_name: _Optional[str] = ..., promote_to: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., allow_regression: _Optional[bool] = ..., min_improvement: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "tenant", "state", "method", "dataset", "adapter_name", "adapter_version", "step", "total_steps", "created_at", "error", "metrics")
+    __slots__ = ("id", "tenant", "state", "method", "dataset", "adapter_name", "adapter_version", "step", "total_steps", "created_at", "error", "metrics", "resources", "resumes")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,8 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: JobState
@@ -107,7 +111,9 @@ class Job(_message.Message):
     created_at: float
     error: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., dataset: _Optional[str] = ..., adapter_name: _Optional[str] = ..., adapter_version: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., created_at: _Optional[float] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    resources: Resources
+    resumes: int
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., method: _Optional[str] = ..., dataset: _Optional[str] = ..., adapter_name: _Optional[str] = ..., adapter_version: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., created_at: _Optional[float] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., resumes: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job", "phase", "loss", "val_dice", "best_val_dice", "eta_seconds", "message")
@@ -269,3 +275,13 @@ class DeleteRequest(_message.Message):
 class DeleteResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Resources(_message.Message):
+    __slots__ = ("nodes", "processes_per_node", "gpus_per_process")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_PER_NODE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    nodes: int
+    processes_per_node: int
+    gpus_per_process: int
+    def __init__(self, nodes: _Optional[int] = ..., processes_per_node: _Optional[int] = ..., gpus_per_process: _Optional[int] = ...) -> None: ...
