@@ -1,4 +1,10 @@
-"""``samforge train``, ``samforge eval`` and ``samforge adapters inspect``."""
+"""``samforge train``, ``samforge eval`` and ``samforge adapters inspect``.
+
+``samforge train`` exit status: 0 the candidate was accepted (``<out>/adapter/``), 3 the guard rejected it
+(``<out>/rejected/``, nothing in ``<out>/adapter/``; see :mod:`sam_core.training.guard`), 2 bad input, 4 stopped
+by SIGTERM, anything else a failure. ``<out>/result.json`` (written by :func:`services.trainer.worker.write_result`)
+holds the status, the exit code and the run's summary with the guard's verdict.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from sam_core.training.config import Phase, ProgressEvent
+from sam_core.training.guard import DEFAULT_HELDOUT_FRACTION, DEFAULT_MIN_IMPROVEMENT
 from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
 
 if TYPE_CHECKING:
@@ -98,6 +105,14 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--persam-steps", type=int, default=200)
     p.add_argument("--name", help="adapter name recorded in the artifact")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    p.add_argument("--baseline", help="champion adapter folder the run must beat on its held-out split (default: "
+                                      "the base model, with a new held-out split)")
+    p.add_argument("--min-improvement", type=float, default=DEFAULT_MIN_IMPROVEMENT,
+                   help="accept only if candidate >= baseline + this on the held-out split (Dice; default 0: no "
+                        "regression)")
+    p.add_argument("--allow-regression", action="store_true", help="publish even if the baseline scores higher")
+    p.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
+                   help="share of the images a new held-out split takes (ignored when the baseline has one)")
     p.add_argument("--events", help="append one JSON line per progress event to this file (rank 0; the trainer "
                                     "service tails it); <out>/result.json is written at the end either way")
     p.set_defaults(func=cmd_train)
@@ -139,6 +154,7 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
     from sam_core.evaluation.evaluate import EvalConfig
     from sam_core.training.config import TrainConfig
     from sam_core.training.finetune import FinetuneSpec, SplitSpec
+    from sam_core.training.guard import GuardOptions
     from sam_core.training.methods import MethodConfig
 
     method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
@@ -157,12 +173,14 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
         eval=EvalConfig(prompt=prompt_config(args.eval_prompt), seed=args.seed, tiled=bool(args.crop)),
         adapter_name=args.name,
         persam_steps=args.persam_steps,
+        guard=GuardOptions(baseline=args.baseline, min_improvement=args.min_improvement,
+                           allow_regression=args.allow_regression, heldout_fraction=args.heldout_fraction),
     )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the fine-tuning; rank 0 writes ``<out>/result.json`` and returns its exit status
-    (:mod:`services.trainer.worker`: 0 published, 2 bad input, 4 stopped by SIGTERM)."""
+    (:mod:`services.trainer.worker`: 0 published, 2 bad input, 3 rejected by the guard, 4 stopped by SIGTERM)."""
     from sam_core.errors import SamforgeError
     from sam_core.modeling.registry import load_model, resolve_device
     from sam_core.training.finetune import run_finetune
@@ -209,8 +227,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None:  # a non-zero torchrun rank: it trained; rank 0 evaluates and publishes
         return 0
     print(result.table, file=sys.stderr)
+    print(result.guard.reason, file=sys.stderr)
     print(json.dumps(result.summary(), indent=2))
-    return write(args.out, WorkerStatus.PUBLISHED, summary=result.summary())
+    status = WorkerStatus.PUBLISHED if result.accepted else WorkerStatus.REJECTED
+    return write(args.out, status, summary=result.summary())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

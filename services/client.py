@@ -38,7 +38,8 @@ from services._generated.sam.v1 import (
 
 ENCODINGS = {"rle": decoder_pb2.MASK_ENCODING_RLE, "png": decoder_pb2.MASK_ENCODING_PNG,
              "polygons": decoder_pb2.MASK_ENCODING_POLYGONS, "none": decoder_pb2.MASK_ENCODING_NONE}
-TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED,
+            trainer_pb2.JOB_STATE_REJECTED}
 StubT = TypeVar("StubT")
 
 if TYPE_CHECKING:
@@ -211,10 +212,14 @@ class SamforgeClient:
 
     # ----------------------------------------------------------------------------------- training
     def create_job(self, *, dataset: str, method: str = "decoder", adapter_name: str, promote_to: str = "",
-                   timeout: float = 30.0, **hyperparameters: Unpack[Hyperparameters]) -> trainer_pb2.Job:
+                   allow_regression: bool = False, min_improvement: float = 0.0, timeout: float = 30.0,
+                   **hyperparameters: Unpack[Hyperparameters]) -> trainer_pb2.Job:
+        """Queue a job; it publishes only if it scores >= its champion + ``min_improvement`` on the name's
+        held-out split, or with ``allow_regression`` (else it ends JOB_STATE_REJECTED)."""
         request = trainer_pb2.CreateJobRequest(tenant=self.tenant, dataset=dataset, method=method,
                                                hyperparameters=trainer_pb2.Hyperparameters(**hyperparameters),
-                                               adapter_name=adapter_name, promote_to=promote_to)
+                                               adapter_name=adapter_name, promote_to=promote_to,
+                                               allow_regression=allow_regression, min_improvement=min_improvement)
         job: trainer_pb2.Job = _connected(self.trainer, "trainer").CreateJob(
             request, timeout=timeout, metadata=self._metadata)
         return job
@@ -277,8 +282,10 @@ class SamforgeClient:
             request, timeout=timeout, metadata=self._metadata)
         return adapter
 
-    def promote(self, name: str, alias: str, version: int, *, timeout: float = 30.0) -> trainer_pb2.Adapter:
-        request = trainer_pb2.PromoteRequest(tenant=self.tenant, name=name, alias=alias, version=version)
+    def promote(self, name: str, alias: str, version: int, *, force: bool = False,
+                timeout: float = 30.0) -> trainer_pb2.Adapter:
+        """Point ``name@alias`` at ``version``; ``force`` skips the held-out score check (FAILED_PRECONDITION)."""
+        request = trainer_pb2.PromoteRequest(tenant=self.tenant, name=name, alias=alias, version=version, force=force)
         adapter: trainer_pb2.Adapter = _connected(self.registry, "trainer").Promote(
             request, timeout=timeout, metadata=self._metadata)
         return adapter

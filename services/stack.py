@@ -220,8 +220,13 @@ def write_demo_dataset(root: Path, n: int = 8) -> Path:
     return root
 
 
-def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -> dict[str, Any]:
-    """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request."""
+def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None,
+                    allow_regression: bool = False) -> dict[str, Any]:
+    """Segment with several prompts; fine-tune a small adapter; segment again selecting it per request.
+
+    The job is guarded like any other: if the adapter does not beat the base model (or the demo's previous
+    version) on the held-out split it ends REJECTED, the summary says so and the adapter step is skipped.
+    ``allow_regression`` publishes anyway (the tests' random tiny model never beats zero-shot)."""
     from sam_core.data.prompt_sim import box_from_mask
     from sam_core.evaluation.metrics import dice
     from services.client import BoxPrompt, SamforgeClient
@@ -244,10 +249,10 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None) -
                            "iou_scores": [round(m.iou_score, 3) for m in base.masks]}
         write_demo_dataset(stack.var_dir / "data" / "default" / "demo-scenes")
         job = client.create_job(dataset="demo-scenes", method="decoder", adapter_name="demo", promote_to="prod",
-                                epochs=epochs, batch_size=4, lr=1e-4)
+                                allow_regression=allow_regression, epochs=epochs, batch_size=4, lr=1e-4)
         events: list[trainer_pb2.JobEvent] = []
         done = client.wait_job(job.id, timeout=1800, on_event=events.append)
-        summary["training"] = {"job": done.id, "state": int(done.state), "steps": int(done.step),
+        summary["training"] = {"job": done.id, "state": trainer_pb2.JobState.Name(done.state), "steps": int(done.step),
                                "adapter_version": int(done.adapter_version), "events": len(events),
                                "metrics": dict(done.metrics), "error": done.error}
         if done.adapter_version:

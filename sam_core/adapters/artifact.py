@@ -3,7 +3,8 @@
 A folder holds exactly what a fine-tuning run changed: the trainable tensors of its method (see
 :mod:`sam_core.training.methods`) or, for a one-shot method, its fitted tensors. The config
 (sorted keys) records the method and its hyper-parameters, the base model id, family and weights sha256,
-the trained modules, metrics, creation time, the parent version and the sha256 of the tensor file.
+the trained modules, metrics, creation time, the parent version, the sha256 of the tensor file and, for a
+guarded run, its signed held-out split (:mod:`sam_core.training.guard`).
 
 :func:`save_adapter` writes to a temporary folder, fsyncs and renames, so a partial artifact is never
 visible. :func:`load_adapter` refuses — with one :class:`AdapterInvalid` naming every problem — a wrong
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sam_core.errors import AdapterInvalid, NotFound
-from sam_core.files import file_sha256, publish_dir
+from sam_core.files import atomic_write_text, file_sha256, publish_dir
 from sam_core.modeling.family import SegmentationModel
 from sam_core.modeling.registry import LoadedModel
 from sam_core.training.methods import MethodConfig, get_method, trainable_names
@@ -61,6 +62,7 @@ class AdapterConfig:
     parent: str | None = None
     name: str | None = None
     base_family: str = "sam1"  # the base's ModelSpec.family; artifacts written before it existed are SAM 1
+    heldout_split: dict[str, Any] | None = None  # sam_core.training.guard.HeldoutSplit.to_json()
     format_version: int = FORMAT_VERSION
 
     @property
@@ -70,6 +72,8 @@ class AdapterConfig:
     def to_json(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
         data["trained_modules"] = list(self.trained_modules)
+        if self.heldout_split is None:  # unguarded artifacts keep their exact earlier form
+            del data["heldout_split"]
         return data
 
     @staticmethod
@@ -121,12 +125,17 @@ def save_adapter(out_dir: str | os.PathLike[str], model: LoadedModel, tensors: d
             n_parameters=int(sum(t.numel() for t in tensors.values())), metrics=dict(metrics or {}),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), parent=parent, name=name,
         )
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
+        write_adapter_config(tmp, config)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config
+
+
+def write_adapter_config(folder: str | os.PathLike[str], config: AdapterConfig) -> None:
+    """(Re)write ``folder``'s config atomically (the tensor file, and so its checksum, is left as it is)."""
+    atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from sam_core.adapters.store import AdapterVersion
+from sam_core.training.guard import SIGNATURE_METRIC
 from services._generated.sam.v1 import trainer_pb2
 
 from .job_model import Job, JobEvent, JobState, numeric_metrics
@@ -17,6 +18,7 @@ _STATE_TO_PB = {
     JobState.SUCCEEDED: trainer_pb2.JOB_STATE_SUCCEEDED,
     JobState.FAILED: trainer_pb2.JOB_STATE_FAILED,
     JobState.CANCELLED: trainer_pb2.JOB_STATE_CANCELLED,
+    JobState.REJECTED: trainer_pb2.JOB_STATE_REJECTED,
 }
 _HP_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_fraction", "seed", "bf16",
               "patience", "crop", "warmup_steps", "checkpoint_every")
@@ -28,7 +30,8 @@ def job_request(msg: trainer_pb2.CreateJobRequest) -> JobRequest:
     resources = Resources(nodes=res.nodes, processes_per_node=res.processes_per_node,
                           gpus_per_process=res.gpus_per_process)
     return JobRequest(tenant=msg.tenant, dataset=msg.dataset, method=msg.method, adapter_name=msg.adapter_name,
-                      hyperparameters=hp, promote_to=msg.promote_to, resources=resources)
+                      hyperparameters=hp, promote_to=msg.promote_to, resources=resources,
+                      allow_regression=msg.allow_regression, min_improvement=msg.min_improvement)
 
 
 def job_pb(job: Job) -> trainer_pb2.Job:
@@ -58,5 +61,5 @@ def adapter_pb(version: AdapterVersion) -> trainer_pb2.Adapter:
         method=version.method, base_model_id=version.base_model_id,
         shares_base_embeddings=version.shares_base_embeddings, aliases=list(version.aliases),
         metrics=numeric_metrics(version.metrics), created_at=version.created_at, parent=version.parent or "",
-        n_parameters=version.n_parameters,
+        n_parameters=version.n_parameters, heldout_signature=str(version.metrics.get(SIGNATURE_METRIC) or ""),
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 from sam_core.adapters.store import tenant_dir
 from sam_core.files import atomic_write_text
+from sam_core.training.guard import DEFAULT_MIN_IMPROVEMENT
 
 from .job_spec import Hyperparameters, JobRequest, Resources
 
@@ -39,10 +40,11 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"  # the publish guard kept the candidate out of the registry
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.REJECTED)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     publishing: bool = False  # set just before publishing: a restart then reuses an identical published version
     resumes: int = 0  # times the job was picked up again after a restart / shutdown
+    baseline: str | None = None  # the champion it must beat, fixed at its first start: "name:N", "" = base model
     events: list[dict[str, Any]] = field(default_factory=list)  # tail of recent events (for job.json)
     worker: dict[str, int] = field(default_factory=dict)  # the running worker: pid, start_ticks, events_offset
 
@@ -87,9 +90,11 @@ class Job:
             "created_at": self.created_at, "updated_at": time.time(),
             "request": {"dataset": req.dataset, "method": req.method, "adapter_name": req.adapter_name,
                         "promote_to": req.promote_to, "hyperparameters": req.hyperparameters.to_json(),
-                        "resources": req.resources.to_json()},
+                        "resources": req.resources.to_json(),
+                        "allow_regression": req.allow_regression, "min_improvement": req.min_improvement},
             "adapter_version": self.adapter_version, "step": self.step, "total_steps": self.total_steps,
             "error": self.error, "metrics": self.metrics, "publishing": self.publishing, "resumes": self.resumes,
+            "baseline": self.baseline,
             "events": self.events[-EVENT_TAIL:], "worker": self.worker,
         }
 
@@ -99,12 +104,15 @@ class Job:
         request = JobRequest(tenant=data["tenant"], dataset=req["dataset"], method=req["method"],
                              adapter_name=req["adapter_name"], promote_to=req.get("promote_to", ""),
                              hyperparameters=Hyperparameters.from_json(req.get("hyperparameters", {})),
-                             resources=Resources.from_json(req.get("resources", {})))
+                             resources=Resources.from_json(req.get("resources", {})),
+                             allow_regression=bool(req.get("allow_regression", False)),
+                             min_improvement=float(req.get("min_improvement", DEFAULT_MIN_IMPROVEMENT)))
         return Job(id=data["id"], tenant=data["tenant"], request=request, state=JobState(data["state"]),
                    created_at=float(data["created_at"]), adapter_version=int(data.get("adapter_version", 0)),
                    step=int(data.get("step", 0)), total_steps=int(data.get("total_steps", 0)),
                    error=str(data.get("error", "")), metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
                    publishing=bool(data.get("publishing", False)), resumes=int(data.get("resumes", 0)),
+                   baseline=data.get("baseline"),
                    events=list(data.get("events", []))[-EVENT_TAIL:],
                    worker={str(k): int(v) for k, v in data.get("worker", {}).items()})
 
@@ -138,9 +146,14 @@ def numeric_metrics(values: Mapping[str, object]) -> dict[str, float]:
 def summary_metrics(summary: Mapping[str, object], adapter_metrics: Mapping[str, object]) -> dict[str, float]:
     """A finished job's metrics from ``FinetuneResult.summary()`` (what a worker's result.json holds) and the
     published adapter's own metrics: zero_shot_* / finetuned_* validation summaries (Dice over all and over
-    resolvable instances), adapter_*; a nan aggregate (no resolvable instance) is left out."""
+    resolvable instances), adapter_*, and the publishing guard's held-out scores (guard_candidate,
+    guard_baseline); a nan aggregate (no resolvable instance) is left out."""
     out = {f"adapter_{k}": v for k, v in numeric_metrics(adapter_metrics).items()}
     out.update(numeric_metrics({"seconds": summary.get("seconds"), "n_parameters": summary.get("n_parameters")}))
+    verdict = summary.get("guard")
+    if isinstance(verdict, dict):
+        out.update(numeric_metrics({"guard_candidate": verdict.get("candidate"),
+                                    "guard_baseline": verdict.get("baseline")}))
     reports = summary.get("val")
     for prefix, report in zip(("zero_shot", "finetuned"), reports.values() if isinstance(reports, dict) else (),
                               strict=False):

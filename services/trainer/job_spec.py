@@ -26,6 +26,7 @@ from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
 from sam_core.training.config import TrainConfig
 from sam_core.training.finetune import FinetuneSpec, SplitSpec
+from sam_core.training.guard import DEFAULT_MIN_IMPROVEMENT, GuardOptions
 from sam_core.training.methods import MethodConfig, get_method, method_names
 
 PROMPT_KINDS: tuple[PromptKind, ...] = ("box", "point", "box+point")
@@ -118,6 +119,8 @@ class JobRequest:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     promote_to: str = ""
     resources: Resources = field(default_factory=Resources)
+    allow_regression: bool = False  # publish even if the champion scores higher on the held-out split
+    min_improvement: float = DEFAULT_MIN_IMPROVEMENT  # candidate >= champion + this to publish
 
 
 def _bad(name: str, message: str) -> InvalidInput:
@@ -284,8 +287,9 @@ def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
         raise _bad(exc.field or "?", exc.detail) from exc
 
 
-def build_spec(request: JobRequest, data: Path, out_dir: Path) -> FinetuneSpec:
-    """The whole job for ``run_finetune`` (``persam`` uses ``max_steps`` as its fitting steps)."""
+def build_spec(request: JobRequest, data: Path, out_dir: Path, baseline: Path | None = None) -> FinetuneSpec:
+    """The whole job for ``run_finetune`` (``persam`` uses ``max_steps`` as its fitting steps); ``baseline``: the
+    champion's adapter folder (None: the base model). A bad ``min_improvement`` is InvalidInput naming it."""
     hp = request.hyperparameters
     cfg = train_config(request.method, hp)
     val_fraction = hp.val_fraction or DEFAULT_VAL_FRACTION
@@ -294,4 +298,6 @@ def build_spec(request: JobRequest, data: Path, out_dir: Path) -> FinetuneSpec:
         split=SplitSpec(val_fraction=val_fraction, seed=hp.seed),
         eval=EvalConfig(prompt=cfg.eval_prompt, seed=hp.seed, tiled=bool(cfg.crop)),  # as samforge train does
         adapter_name=request.adapter_name, persam_steps=hp.max_steps or DEFAULT_PERSAM_STEPS,
+        guard=GuardOptions(baseline=None if baseline is None else str(baseline),
+                           min_improvement=request.min_improvement, allow_regression=request.allow_regression),
     )

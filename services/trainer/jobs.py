@@ -7,6 +7,11 @@
 - The executor's progress lands in an in-memory event log guarded by a Condition: ``watch`` first yields the
   latest event (the job's current state), then live events until a terminal state.
 - ``cancel`` asks the executor to stop the attempt (the worker checkpoints at its next progress event).
+- Each run is judged against its champion (:func:`.registry.champion`: ``adapter_name@promote_to``, else the
+  name's latest version, else the base model; fixed at the job's first start and kept in job.json) on the name's
+  signed held-out split (:mod:`sam_core.training.guard`); the worker gets the champion's folder as
+  ``--baseline``. A rejected run (worker exit 3) ends REJECTED with ``guard_candidate`` / ``guard_baseline`` in
+  its metrics, publishes nothing and moves no alias.
 - How an attempt ended (:class:`~.executors.Outcome`): PUBLISH publishes ``<job>/adapter`` into the registry as
   ``(tenant, adapter_name)`` in this process (and moves ``promote_to`` to it); FAILED fails the job with the
   worker's message (server paths removed); REJECTED goes to :meth:`JobManager.on_rejected`; STOPPED is CANCELLED
@@ -55,6 +60,7 @@ from .job_spec import (
     resolve_dataset,
     tenant_root,
 )
+from .registry import champion
 
 log = logging.getLogger("samforge.trainer")
 
@@ -270,7 +276,7 @@ class JobManager:
         try:
             data = resolve_dataset(self.data_dir, job.tenant, job.dataset)
             launch = JobLaunch(job.id, job.tenant, job_dir(self.jobs_dir, job.tenant, job.id), data, job.request,
-                               attach)
+                               attach, baseline=self._baseline(live))
             self._conclude(live, self.executor.run(launch, _Control(self, live)))
         except SamforgeError as exc:
             log.info("job %s failed: %s", job.id, exc)
@@ -279,13 +285,24 @@ class JobManager:
             log.exception("job %s failed", job.id)
             self._finish(live, JobState.FAILED, error=GENERIC_ERROR)
 
+    def _baseline(self, live: _Live) -> Path | None:
+        """The champion's folder (None: the base model). Chosen at the job's first start and kept in job.json, so a
+        resumed job is judged against the same version (even if it published itself before a crash)."""
+        job = live.job
+        if job.baseline is None:
+            best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
+            with live.cond:
+                job.baseline = "" if best is None else best.ref
+                self._write(live)
+        return self.store.path_of(self.store.resolve(job.tenant, job.baseline)) if job.baseline else None
+
     def _conclude(self, live: _Live, result: RunResult) -> None:
         """The job's next state after an attempt ended as ``result`` says (see the module docstring)."""
         outcome = result.outcome
         if outcome is Outcome.DETACHED:
             with live.cond:
                 self._write(live)  # the worker record and events offset, for the next start
-        elif live.cancel and outcome in (Outcome.STOPPED, Outcome.PUBLISH):
+        elif live.cancel and outcome in (Outcome.STOPPED, Outcome.PUBLISH, Outcome.REJECTED):
             self._finish(live, JobState.CANCELLED, message="cancelled")  # a cancel after the last event still wins
         elif outcome is Outcome.PUBLISH:
             self._publish(live, result.summary)
@@ -320,10 +337,17 @@ class JobManager:
         self._queue.put(job.id)
 
     def on_rejected(self, live: _Live, summary: Mapping[str, object]) -> None:
-        """The publishing guard refused the candidate (worker exit 3; its verdict in ``summary``): nothing is
-        published. Until JOB_STATE_REJECTED exists the job ends FAILED with the verdict as its message."""
+        """The publishing guard refused the candidate (worker exit 3; its verdict in ``summary["guard"]``): the job
+        ends REJECTED with the run's metrics (``guard_candidate`` / ``guard_baseline`` among them); nothing is
+        published and no alias moves."""
+        job = live.job
+        rejected = job_dir(self.jobs_dir, job.tenant, job.id) / "rejected"
+        adapter_metrics = read_adapter_config(rejected).metrics if rejected.is_dir() else {}
         verdict = summary.get("guard")
-        self._finish(live, JobState.FAILED, error=f"rejected by the publishing guard: {verdict}")
+        reason = verdict.get("reason") if isinstance(verdict, dict) else None
+        with live.cond:
+            job.metrics.update(summary_metrics(summary, adapter_metrics))
+        self._finish(live, JobState.REJECTED, message=str(reason or "rejected by the publishing guard"))
 
     def _on_progress(self, live: _Live, event: ProgressEvent) -> None:
         phase = _REPORTED_PHASE.get(event.state, event.state).value
@@ -375,7 +399,7 @@ class JobManager:
 
     def _finish(self, live: _Live, state: JobState, *, error: str = "", message: str = "") -> None:
         job = live.job
-        if state in (JobState.SUCCEEDED, JobState.CANCELLED):  # checkpoints are only needed to resume
+        if state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.REJECTED):  # only needed to resume
             out = job_dir(self.jobs_dir, job.tenant, job.id)
             for sub in ("checkpoints", "embeddings"):
                 shutil.rmtree(out / sub, ignore_errors=True)

@@ -66,7 +66,8 @@ class AdapterRegistryService(trainer_pb2_grpc.AdapterRegistryServicer):
         return convert.adapter_pb(self.registry.get(request.tenant, request.ref))
 
     def Promote(self, request: trainer_pb2.PromoteRequest, context: grpc.ServicerContext) -> trainer_pb2.Adapter:
-        return convert.adapter_pb(self.registry.promote(request.tenant, request.name, request.alias, request.version))
+        return convert.adapter_pb(self.registry.promote(request.tenant, request.name, request.alias, request.version,
+                                                        force=request.force))
 
     def Rollback(self, request: trainer_pb2.RollbackRequest, context: grpc.ServicerContext) -> trainer_pb2.Adapter:
         return convert.adapter_pb(self.registry.rollback(request.tenant, request.name, request.alias))

@@ -39,7 +39,7 @@ WORKER_LOG = "worker.log"
 class WorkerStatus(str, enum.Enum):
     PUBLISHED = "published"
     INVALID_INPUT = "invalid_input"
-    REJECTED = "rejected"  # the guard helper's verdict (exit 3)
+    REJECTED = "rejected"  # the publishing guard refused the candidate (exit 3; summary["guard"]: its verdict)
     STOPPED = "stopped"
     FAILED = "failed"
 

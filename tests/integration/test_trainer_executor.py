@@ -53,6 +53,9 @@ def jobs(trainer):
 
 
 def create(stub, name: str, hp=SHORT, **fields) -> trainer_pb2.Job:
+    """allow_regression: the random tiny model does not beat zero-shot; the guard's REJECTED path through this
+    executor is in test_trainer_service.py (the process executor is the default)."""
+    fields.setdefault("allow_regression", True)
     return stub.CreateJob(trainer_pb2.CreateJobRequest(tenant="acme", dataset="blobs", method="decoder",
                                                        adapter_name=name, hyperparameters=hp, **fields), timeout=30)
 

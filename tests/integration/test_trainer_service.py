@@ -20,7 +20,9 @@ from tests.integration.conftest import health_status, running
 pytestmark = pytest.mark.integration
 
 FAST = trainer_pb2.Hyperparameters(epochs=2, batch_size=2, lr=1e-3)
-TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED,
+            trainer_pb2.JOB_STATE_REJECTED}
+HARMFUL = trainer_pb2.Hyperparameters(epochs=2, batch_size=2, lr=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,9 @@ def stubs(trainer):
 
 
 def run_job(jobs, **fields) -> list[trainer_pb2.JobEvent]:
+    # allow_regression: the random tiny model does not beat zero-shot; test_a_harmful_job_is_rejected drops it
     request = {"tenant": "acme", "dataset": "blobs", "method": "decoder", "adapter_name": "ships",
-               "hyperparameters": FAST, **fields}
+               "hyperparameters": FAST, "allow_regression": True, **fields}
     job = jobs.CreateJob(trainer_pb2.CreateJobRequest(**request), timeout=30)
     assert job.state == trainer_pb2.JOB_STATE_QUEUED and len(job.id) == 32
     return list(jobs.WatchJob(trainer_pb2.WatchJobRequest(id=job.id, tenant=request["tenant"]), timeout=120))
@@ -124,6 +127,38 @@ def test_promote_rollback_and_delete_move_aliases(stubs, first_job):
     assert [(a.version, list(a.aliases)) for a in listed] == [(2, ["prod"])]
     assert code_of(registry.GetAdapter, trainer_pb2.GetAdapterRequest(tenant="acme", ref="ships:1"))[0] == \
         grpc.StatusCode.NOT_FOUND
+
+
+def test_a_harmful_job_is_rejected_and_promote_is_guarded(stubs, trainer_env):
+    """Tenant "guarded", through the default (process) executor: a sound job (v1, prod) is the champion; a
+    harmful one (lr 1.0, its worker exits 3) ends REJECTED with both scores, publishes nothing and leaves prod;
+    a worse version published anyway is refused by Promote unless forced."""
+    jobs, registry = stubs
+    write_blob_dataset(trainer_env[1] / "data" / "guarded" / "blobs")
+    champion = run_job(jobs, tenant="guarded", promote_to="prod")[-1].job
+    assert champion.state == trainer_pb2.JOB_STATE_SUCCEEDED and champion.adapter_version == 1, champion.error
+    rejected = run_job(jobs, tenant="guarded", promote_to="prod", hyperparameters=HARMFUL, allow_regression=False)
+    last = rejected[-1]
+    assert last.job.state == trainer_pb2.JOB_STATE_REJECTED and last.phase == "done" and last.job.adapter_version == 0
+    assert last.job.metrics["guard_candidate"] < last.job.metrics["guard_baseline"] and "rejected" in last.message
+    folder = trainer_env[1] / "jobs" / "guarded" / last.job.id  # the default (process) executor's worker ended it
+    result = json.loads((folder / "result.json").read_text())
+    assert (result["status"], result["exit_code"], result["accepted"]) == ("rejected", 3, False)
+    assert result["guard"]["candidate"] == last.job.metrics["guard_candidate"] and (folder / "worker.log").is_file()
+    assert not (folder / "adapter").exists() and (folder / "rejected").is_dir()
+    v1 = registry.GetAdapter(trainer_pb2.GetAdapterRequest(tenant="guarded", ref="ships@prod"), timeout=30)
+    assert v1.version == 1 and v1.metrics["heldout_dice"] == last.job.metrics["guard_baseline"]
+    assert len(v1.heldout_signature) == 64
+    listed = registry.ListAdapters(trainer_pb2.ListAdaptersRequest(tenant="guarded", name="ships"), timeout=30)
+    assert [a.version for a in listed.adapters] == [1]
+
+    worse = run_job(jobs, tenant="guarded", hyperparameters=HARMFUL)[-1].job  # allow_regression: published
+    assert worse.state == trainer_pb2.JOB_STATE_SUCCEEDED and worse.adapter_version == 2
+    promote = trainer_pb2.PromoteRequest(tenant="guarded", name="ships", alias="prod", version=2)
+    code, details = code_of(registry.Promote, promote)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "ships:2 scores" in details and "ships:1" in details
+    promote.force = True
+    assert registry.Promote(promote, timeout=30).version == 2
 
 
 def _chunks(payload: bytes, tenant: str = "acme", filename: str = "data.tar.gz", size: int = 16384):

@@ -61,6 +61,23 @@ def test_the_worker_argv_rebuilds_the_trainers_spec(tmp_path, method, hp):
     assert "torch.distributed.run" not in single and single[single.index("train"):] == argv[argv.index("train"):]
 
 
+@pytest.mark.parametrize(("allow_regression", "min_improvement", "champion"), [
+    (False, 0.0, None), (True, -0.25, "registry/acme/ships/3"), (False, 0.1 + 0.2, "registry/acme/ships/1"),
+], ids=["base-model", "allowed-regression", "margin"])
+def test_the_worker_argv_carries_the_publishing_guard(tmp_path, allow_regression, min_improvement, champion):
+    """The champion chosen by the trainer (JobLaunch.baseline) and the request's guard options reach the worker
+    as --baseline / --allow-regression / --min-improvement and parse back into the same GuardOptions."""
+    request = JobRequest(tenant="acme", dataset="blobs", method="decoder", adapter_name="ships",
+                         allow_regression=allow_regression, min_improvement=min_improvement)
+    baseline = None if champion is None else tmp_path / champion
+    launch = JobLaunch("f" * 32, "acme", tmp_path / "job", tmp_path / "data", request, baseline=baseline)
+    argv = worker_argv(launch, TrainerSettings.from_env({"SAMFORGE_MODEL": "tiny"}))
+    spec = spec_from_args(parse_train(argv[argv.index("train"):]))
+    assert spec == build_spec(request, tmp_path / "data", tmp_path / "job", baseline)
+    assert spec.guard.baseline == (None if baseline is None else str(baseline))
+    assert (spec.guard.allow_regression, spec.guard.min_improvement) == (allow_regression, min_improvement)
+
+
 LIMITS = ResourceLimits(nodes=2, processes_per_node=4, gpus_per_process=1)
 
 

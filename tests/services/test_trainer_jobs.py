@@ -44,8 +44,11 @@ def manager(dirs, tiny_model):
 
 
 def request(name: str = "blobs", hp: Hyperparameters = FAST, **kw) -> JobRequest:
+    """A job that publishes whatever it scores (the random tiny model does not beat zero-shot in 3 epochs; the
+    publish guard is tested in test_trainer_guard.py)."""
     return JobRequest(tenant=kw.pop("tenant", ""), dataset=kw.pop("dataset", "blobs"),
-                      method=kw.pop("method", "decoder"), adapter_name=name, hyperparameters=hp, **kw)
+                      method=kw.pop("method", "decoder"), adapter_name=name, hyperparameters=hp,
+                      allow_regression=kw.pop("allow_regression", True), **kw)
 
 
 def test_job_succeeds_streams_ordered_events_and_publishes_new_versions(manager, dirs):

@@ -45,8 +45,10 @@ class RunResult:
 
 @dataclass(frozen=True)
 class JobLaunch:
-    """One attempt of a job: its folder (the worker's ``--out``), its request and data set, and the worker a
-    previous trainer process started (``attach``: pid, start_ticks, events_offset; empty = start one)."""
+    """One attempt of a job: its folder (the worker's ``--out``), its request and data set, the worker a
+    previous trainer process started (``attach``: pid, start_ticks, events_offset; empty = start one) and the
+    champion's adapter folder the publishing guard judges the run against (``baseline``; None: the base model;
+    the worker must be able to read it)."""
 
     job_id: str
     tenant: str
@@ -54,6 +56,7 @@ class JobLaunch:
     data: Path
     request: JobRequest
     attach: dict[str, int] = field(default_factory=dict)
+    baseline: Path | None = None
 
 
 class JobControl(Protocol):

@@ -45,7 +45,7 @@ class InlineExecutor:
             control.progress(event)
 
         try:
-            spec = build_spec(launch.request, launch.data, launch.out_dir)
+            spec = build_spec(launch.request, launch.data, launch.out_dir, launch.baseline)
             result = run_finetune(self.model, spec, callback=callback)
         except _Stop:
             return RunResult(Outcome.STOPPED)
@@ -58,4 +58,4 @@ class InlineExecutor:
             return RunResult(Outcome.FAILED, error=GENERIC_ERROR)
         if control.stop_requested():  # a cancel that arrived after the last event still wins
             return RunResult(Outcome.STOPPED)
-        return RunResult(Outcome.PUBLISH, summary=result.summary())
+        return RunResult(Outcome.PUBLISH if result.accepted else Outcome.REJECTED, summary=result.summary())

@@ -1,8 +1,10 @@
 """The ``process`` executor (the default): every job attempt is its own worker process, ``samforge train``.
 
 - The worker's argv is built from the job's FinetuneSpec (:func:`worker_argv`; ``samforge train`` parses it
-  back into the same spec) with the trainer's model, checkpoint and device, ``--out <job folder>`` and
-  ``--events <job folder>/events.jsonl``. A job asking for N processes per node runs
+  back into the same spec, the publishing guard's ``--baseline <champion folder>`` / ``--allow-regression`` /
+  ``--min-improvement`` included) with the trainer's model, checkpoint and device, ``--out <job folder>`` and
+  ``--events <job folder>/events.jsonl``. The champion folder is the trainer's adapter store's local copy
+  (``path_of``), which the worker, on the same node, reads. A job asking for N processes per node runs
   ``python -m torch.distributed.run --standalone --nproc_per_node N samforge train ...`` (gloo on CPU, nccl on
   GPUs); rank 0 writes the events and result.json, every rank exits 0 on success.
 - The worker starts in its own session (process group = its pid): a crash or the OOM killer ends the worker,
@@ -67,12 +69,18 @@ def spec_argv(spec: FinetuneSpec) -> list[str]:
         argv.append("--bf16")
     if spec.adapter_name:
         argv += ["--name", spec.adapter_name]
+    guard = spec.guard
+    argv += ["--min-improvement", repr(guard.min_improvement), "--heldout-fraction", repr(guard.heldout_fraction)]
+    if guard.baseline is not None:
+        argv += ["--baseline", guard.baseline]
+    if guard.allow_regression:
+        argv.append("--allow-regression")
     return argv
 
 
 def worker_argv(launch: JobLaunch, settings: TrainerSettings) -> list[str]:
     """The full worker command of ``launch`` (torchrun when the job asks for several processes)."""
-    spec = build_spec(launch.request, launch.data, launch.out_dir)
+    spec = build_spec(launch.request, launch.data, launch.out_dir, launch.baseline)
     options = ["train", *spec_argv(spec), "--model", settings.model, "--device", settings.device,
                "--events", str(launch.out_dir / EVENTS_FILE)]
     if settings.checkpoint:

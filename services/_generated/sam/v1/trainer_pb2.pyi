@@ -15,12 +15,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_REJECTED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_REJECTED: JobState
 
 class Hyperparameters(_message.Message):
     __slots__ = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_fraction", "seed", "bf16", "patience", "crop", "warmup_steps", "checkpoint_every")
@@ -53,7 +55,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., rank: _Optional[int] = ..., prompt: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., bf16: _Optional[bool] = ..., patience: _Optional[int] = ..., crop: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("tenant", "dataset", "method", "hyperparameters", "adapter_name", "promote_to", "resources")
+    __slots__ = ("tenant", "dataset", "method", "hyperparameters", "adapter_name", "promote_to", "resources", "allow_regression", "min_improvement")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,8 @@ class CreateJobRequest(_message.Message):
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_TO_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMPROVEMENT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     dataset: str
     method: str
@@ -68,7 +72,9 @@ class CreateJobRequest(_message.Message):
     adapter_name: str
     promote_to: str
     resources: Resources
-    def __init__(self, tenant: _Optional[str] = ..., dataset: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., adapter_name: _Optional[str] = ..., promote_to: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    allow_regression: bool
+    min_improvement: float
+    def __init__(self, tenant: _Optional[str] = ..., dataset: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., adapter_name: _Optional[str] = ..., promote_to: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., allow_regression: _Optional[bool] = ..., min_improvement: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "tenant", "state", "method", "dataset", "adapter_name", "adapter_version", "step", "total_steps", "created_at", "error", "metrics", "resources", "resumes")
@@ -174,7 +180,7 @@ class DatasetRef(_message.Message):
     def __init__(self, id: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("tenant", "name", "version", "sha256", "method", "base_model_id", "shares_base_embeddings", "aliases", "metrics", "created_at", "parent", "n_parameters")
+    __slots__ = ("tenant", "name", "version", "sha256", "method", "base_model_id", "shares_base_embeddings", "aliases", "metrics", "created_at", "parent", "n_parameters", "heldout_signature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +200,7 @@ class Adapter(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     N_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     version: int
@@ -206,7 +213,8 @@ class Adapter(_message.Message):
     created_at: str
     parent: str
     n_parameters: int
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., method: _Optional[str] = ..., base_model_id: _Optional[str] = ..., shares_base_embeddings: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[str] = ..., parent: _Optional[str] = ..., n_parameters: _Optional[int] = ...) -> None: ...
+    heldout_signature: str
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., method: _Optional[str] = ..., base_model_id: _Optional[str] = ..., shares_base_embeddings: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[str] = ..., parent: _Optional[str] = ..., n_parameters: _Optional[int] = ..., heldout_signature: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("tenant", "name")
@@ -231,16 +239,18 @@ class GetAdapterRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., ref: _Optional[str] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("tenant", "name", "alias", "version")
+    __slots__ = ("tenant", "name", "alias", "version", "force")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     alias: str
     version: int
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    force: bool
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("tenant", "name", "alias")
