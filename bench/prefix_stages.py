@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,15 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.speedparts.common import cpu_model_and_isa  # noqa: E402
 from sam_core.adapters.artifact import adapted_net  # noqa: E402
 from sam_core.modeling.registry import load_model  # noqa: E402
 from sam_core.training.methods import MethodConfig, train_mode  # noqa: E402
 
 
 def cpu_name() -> str:
-    """``lscpu``'s model name (the platform's processor string when lscpu is absent)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else "unknown"
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    return str(cpu_model_and_isa().get("cpu_model") or platform.processor() or "unknown")
 
 
 def best_of(repeats: int, fn: Any) -> float:

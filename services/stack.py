@@ -229,6 +229,7 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None,
     ``allow_regression`` publishes anyway (the tests' random tiny model never beats zero-shot)."""
     from sam_core.data.prompt_sim import box_from_mask
     from sam_core.evaluation.metrics import dice
+    from services._generated.sam.v1 import trainer_pb2  # noqa: F811 - at run time too, for JobState names
     from services.client import BoxPrompt, SamforgeClient
     from services.demo import demo_scene
 
@@ -252,7 +253,8 @@ def run_demo_client(stack: Stack, *, epochs: int = 2, out: Path | None = None,
                                 allow_regression=allow_regression, epochs=epochs, batch_size=4, lr=1e-4)
         events: list[trainer_pb2.JobEvent] = []
         done = client.wait_job(job.id, timeout=1800, on_event=events.append)
-        summary["training"] = {"job": done.id, "state": trainer_pb2.JobState.Name(done.state), "steps": int(done.step),
+        state = trainer_pb2.JobState.Name(done.state)
+        summary["training"] = {"job": done.id, "state": state, "steps": int(done.step),
                                "adapter_version": int(done.adapter_version), "events": len(events),
                                "metrics": dict(done.metrics), "error": done.error}
         if done.adapter_version:
