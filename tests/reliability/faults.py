@@ -139,7 +139,10 @@ def _registry_poller(clients: Clients, name: str, stop: threading.Event, seen: l
 
 def train_through_a_kill(services: dict[str, ServiceProcess], specs: Specs, *, kill_at_step: int = 7,
                          name: str = "resumed") -> dict[str, Any]:
-    """A job checkpointing every 3 steps is killed (with its trainer) at ``kill_at_step`` and resumed."""
+    """The trainer is killed (SIGKILL) while a job checkpointing every 3 steps is at ``kill_at_step``: the job's
+    worker (its own process, the process executor) keeps training and the restarted trainer re-attaches to it,
+    or, when the worker ended meanwhile, re-queues the job, whose new worker resumes from the last checkpoint
+    (``resumed_from_step`` is read from the trainer's log, where only an inline job logs it: 0 otherwise)."""
     hp = trainer_pb2.Hyperparameters(epochs=8, batch_size=2, checkpoint_every=3, lr=1e-3)
     request = trainer_pb2.CreateJobRequest(dataset="blobs", method="decoder", adapter_name=name, hyperparameters=hp,
                                            allow_regression=True)  # the random tiny model: publish what it scores

@@ -65,12 +65,14 @@ def test_decoder_killed_under_load_comes_back_serving_the_same_masks(fault_stack
     assert health(services["decoder"].address) == SERVING
 
 
-def test_trainer_killed_mid_job_resumes_from_its_checkpoint_and_never_lists_a_partial_adapter(fault_stack):
+def test_trainer_killed_mid_job_reattaches_its_worker_and_never_lists_a_partial_adapter(fault_stack):
+    """The job runs in its own worker process: a SIGKILLed trainer leaves it running (re-attached) or, if it ended
+    meanwhile, resumes it; either way one whole version is published (a killed worker resuming from a
+    checkpoint: tests/integration/test_trainer_executor.py)."""
     services, specs = fault_stack
     result = train_through_a_kill(services, specs)
     final = result["final"]
     assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED and final.adapter_version == 1, final.error
-    assert 3 <= result["resumed_from_step"] <= result["killed_at_step"], result  # a checkpoint, not step 0
     seen = result["registry_seen"]
     assert seen, "the poller never saw the published adapter"
     assert all(code == grpc.StatusCode.OK and sha == got and len(sha) == 64 for _, sha, code, got in seen), seen
