@@ -64,6 +64,7 @@ from .registry import champion
 
 log = logging.getLogger("samforge.trainer")
 
+BASELINE_DIR = "baseline"  # the champion's artifact, copied into the job folder at its first start
 EVENT_LOG = 2000  # in-memory events per job (a watcher that falls further behind skips ahead)
 KEEP_AFTER_END = 50  # events kept in memory once a job has ended
 PERSIST_EVERY = 2.0  # seconds between job.json writes for plain progress events (state changes: always)
@@ -286,15 +287,25 @@ class JobManager:
             self._finish(live, JobState.FAILED, error=GENERIC_ERROR)
 
     def _baseline(self, live: _Live) -> Path | None:
-        """The champion's folder (None: the base model). Chosen at the job's first start and kept in job.json, so a
-        resumed job is judged against the same version (even if it published itself before a crash)."""
+        """The champion's folder (None: the base model), copied into ``<job>/baseline``. Chosen at the job's first
+        start and kept in job.json, so a resumed job is judged against the same version (even if it published
+        itself before a crash, or the version was deleted since); the copy is on the jobs volume, which is all a
+        kubernetes training pod mounts."""
         job = live.job
         if job.baseline is None:
             best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
             with live.cond:
                 job.baseline = "" if best is None else best.ref
                 self._write(live)
-        return self.store.path_of(self.store.resolve(job.tenant, job.baseline)) if job.baseline else None
+        if not job.baseline:
+            return None
+        copy = job_dir(self.jobs_dir, job.tenant, job.id) / BASELINE_DIR
+        if not copy.is_dir():  # the worker may run where only the jobs volume is mounted (kubernetes)
+            staging = copy.with_name(BASELINE_DIR + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.store.path_of(self.store.resolve(job.tenant, job.baseline)), staging)
+            staging.rename(copy)
+        return copy
 
     def _conclude(self, live: _Live, result: RunResult) -> None:
         """The job's next state after an attempt ended as ``result`` says (see the module docstring)."""

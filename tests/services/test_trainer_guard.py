@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from sam_core.adapters.artifact import read_adapter_config, write_adapter_config
-from sam_core.adapters.store import AdapterConflict
+from sam_core.adapters.store import AdapterConflict, content_sha256
 from services.trainer.job_model import JobState
 from services.trainer.job_spec import Hyperparameters
 from services.trainer.registry import TenantRegistry, champion
@@ -62,6 +62,8 @@ def test_champion_and_challenger_on_the_same_split_and_the_promote_guard(manager
     saved = json.loads((dirs["jobs"] / "default" / sound.id / "job.json").read_text())
     assert saved["baseline"] == "blobs:1"  # the champion, fixed at the job's first start
     v1, v2 = store.get("default", "blobs", 1), store.get("default", "blobs", 2)
+    copied = dirs["jobs"] / "default" / sound.id / "baseline"  # on the jobs volume, for workers without the store
+    assert content_sha256(copied) == v1.sha256
     assert sound.metrics["guard_baseline"] == v1.metrics["heldout_dice"] < v2.metrics["heldout_dice"]
     assert v1.metrics["heldout_signature"] == v2.metrics["heldout_signature"]  # the split is reused
     split = read_adapter_config(store.path_of(v1)).heldout_split
