@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.prefix_stages import cpu_name  # noqa: E402
+from bench.prefix_stages import write_results  # noqa: E402
 from sam_core.data.dataset import SegmentationDataset, load_dataset  # noqa: E402
 from sam_core.data.splits import split_first_last  # noqa: E402
 from sam_core.modeling.registry import LoadedModel, load_model  # noqa: E402
@@ -130,15 +130,7 @@ def main() -> None:
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
-    import torch
-
-    result = measure(args)
-    result.update(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix_cache_speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "prefix_cache_speed.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), "prefix_cache_speed", measure(args), markdown)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ from sam_core.training.methods import MethodConfig, train_mode  # noqa: E402
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
     return str(cpu_model_and_isa().get("cpu_model") or platform.processor() or "unknown")
+
+
+def write_results(out: Path, name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """Record the machine in ``result``, write ``<out>/<name>.json`` and ``.md`` and print the markdown."""
+    result.update(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(render(result))
+    print(render(result))
 
 
 def best_of(repeats: int, fn: Any) -> float:
@@ -110,13 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
-    result = measure(args.model, args.batch, args.repeats)
-    result.update(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix_stages.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "prefix_stages.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(Path(args.out), "prefix_stages", measure(args.model, args.batch, args.repeats), markdown)
 
 
 if __name__ == "__main__":
