@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
 
-import numpy as np
-import pytest
+# The suite runs many torch processes at once on two cores (pytest, the services it starts, their training
+# workers). OpenMP's default busy-waiting makes one process's idle worker threads spin on cores another
+# process needs; passive waiting yields them. OpenMP reads this once, when torch is first imported, which
+# is after this line (checked): the test process and every process it starts inherit it.
+# bench/results/omp_wait_policy.md measures the difference.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set OMP_WAIT_POLICY"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
