@@ -26,8 +26,14 @@ from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.io.masks import decode_rle
 from sam_core.modeling.registry import load_model
-from services._generated.sam.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from services._generated.sam.v1 import trainer_pb2
+from services._generated.sam.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    trainer_pb2,
+)
 from services.client import SamforgeClient
 from services.common.embedding_codec import embedding_from_chunks
 from services.demo import demo_scene
@@ -184,7 +190,8 @@ def test_segment_many_prompts_in_one_call_equals_the_in_process_predictor(stack,
 def test_segment_everything_equals_the_in_process_generator(stack, channels, reference):
     predictor, embedding = reference
     _, decoder = channels
-    thresholds = {"pred_iou_thresh": 1e-6, "stability_score_thresh": 1e-6, "box_nms_thresh": 1.0}  # random masks: boxes alike
+    # a random model's masks all span most of the image: box NMS below 1.0 would leave one
+    thresholds = {"pred_iou_thresh": 1e-6, "stability_score_thresh": 1e-6, "box_nms_thresh": 1.0}
     options = EverythingOptions(points_per_side=4, **thresholds)
     request = decoder_pb2.SegmentEverythingRequest(image=IMAGE_PNG, points_per_side=4, **thresholds)
     reply = decoder.SegmentEverything(request, timeout=120)
