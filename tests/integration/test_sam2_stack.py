@@ -38,8 +38,9 @@ from services.client import SamforgeClient
 from services.common.embedding_codec import embedding_from_chunks
 from services.demo import demo_scene
 from services.stack import start_stack, write_demo_dataset
+from tests.integration.conftest import start_service
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 H, W = 150, 260  # not square: SAM 2 stretches it to 128 x 128, prompts must follow
 IMAGE, _ = demo_scene(height=H, width=W, seed=3)
@@ -153,6 +154,7 @@ def assert_same_as(reply: decoder_pb2.SegmentResponse, predictor: Predictor, emb
     assert np.array_equal(masks[away], expected.masks[away])
 
 
+@pytest.mark.slow
 def test_embed_streams_three_levels_equal_to_the_in_process_encode_through_l2(stack, channels, reference):
     predictor, embedding = reference
     encoder, _ = channels
@@ -174,6 +176,7 @@ def test_embed_streams_three_levels_equal_to_the_in_process_encode_through_l2(st
     assert served.original_size == embedding.original_size and served.input_size == embedding.input_size
 
 
+@pytest.mark.slow
 def test_segment_many_prompts_in_one_call_equals_the_in_process_predictor(stack, channels, reference):
     predictor, embedding = reference
     encoder, decoder = channels
@@ -187,6 +190,7 @@ def test_segment_many_prompts_in_one_call_equals_the_in_process_predictor(stack,
     assert image_only.embedding_key == key and not image_only.re_embedded
 
 
+@pytest.mark.slow
 def test_segment_everything_equals_the_in_process_generator(stack, channels, reference):
     predictor, embedding = reference
     _, decoder = channels
@@ -202,6 +206,7 @@ def test_segment_everything_equals_the_in_process_generator(stack, channels, ref
         assert np.array_equal(decode_rle({"size": [H, W], "counts": served.rle_counts}), mask)
 
 
+@pytest.mark.slow
 def test_a_decoder_adapter_trained_through_the_trainer_serves_like_the_in_process_adapter(stack, channels, reference):
     predictor, embedding = reference
     encoder, decoder = channels
@@ -220,3 +225,14 @@ def test_a_decoder_adapter_trained_through_the_trainer_serves_like_the_in_proces
     adapted = load_adapter(predictor.model, store.path_of(store.resolve("default", "sam2dec@prod")))
     assert_same_as(tuned, Predictor(adapted), embedding)
     assert_same_as(base, predictor, embedding)
+
+
+@pytest.mark.parametrize("service", ["encoder", "decoder", "trainer"])
+def test_a_sam2_model_without_a_checkpoint_fails_at_start_naming_the_setting(service, tmp_path):
+    """Refused by the settings check (exit 2) before the port is bound or a weight is read."""
+    env = {"SAMFORGE_MODEL": "sam2.1_hiera_t", "SAMFORGE_CHECKPOINT": "", "SAMFORGE_REGISTRY_DIR": str(tmp_path / "r"),
+           "SAMFORGE_DATA_DIR": str(tmp_path / "d"), "SAMFORGE_JOBS_DIR": str(tmp_path / "j")}
+    process = start_service(service, env, tmp_path, wait=False)
+    assert process.proc.wait(120) == 2
+    log = process.log()
+    assert "SAMFORGE_CHECKPOINT" in log and "sam2.1_hiera_t" in log and "listening" not in log, log[-2000:]
