@@ -11,6 +11,8 @@ Segment call, SegmentEverything, and a decoder adapter trained through TrainerSe
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,8 @@ from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.inference.automatic import EverythingOptions, generate
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
+from sam_core.inference.tiling import decode_tiled, encode_tiled
+from sam_core.inference.types import Embedding
 from sam_core.io.masks import decode_rle
 from sam_core.modeling.registry import load_model
 from services._generated.sam.v1 import (
@@ -108,16 +112,24 @@ def stack(tmp_path_factory, redis_url, checkpoint):
         assert codes == {"trainer": 0, "encoder": 0, "decoder": 0}, codes
 
 
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    """The in-process predictor and embedding on one thread (the services run with SAMFORGE_THREADS=1)."""
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Compute like the services (SAMFORGE_THREADS=1): the same reduction order, the same bits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        predictor = Predictor(load_model("tiny_sam2", checkpoint))
-        yield predictor, predictor.encode_one(IMAGE)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The in-process predictor and embedding."""
+    with one_thread():
+        predictor = Predictor(load_model("tiny_sam2", checkpoint))
+        embedding = predictor.encode_one(IMAGE)
+    return predictor, embedding
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +156,8 @@ def low_res(reply: decoder_pb2.SegmentResponse) -> np.ndarray:
 
 def assert_same_as(reply: decoder_pb2.SegmentResponse, predictor: Predictor, embedding) -> None:
     """Low-res logits and IoU within TOL, masks equal wherever the logit is not within TOL of 0."""
-    expected = predictor.decode(embedding, prompts(), multimask=True)
+    with one_thread():
+        expected = predictor.decode(embedding, prompts(), multimask=True)
     np.testing.assert_allclose(low_res(reply), expected.low_res_logits, atol=TOL, rtol=0)
     np.testing.assert_allclose([[m.iou_score for m in r.masks] for r in reply.results], expected.iou_scores,
                                atol=TOL, rtol=0)
@@ -191,6 +204,30 @@ def test_segment_many_prompts_in_one_call_equals_the_in_process_predictor(stack,
 
 
 @pytest.mark.slow
+def test_tiled_embed_and_segment_equal_the_in_process_tiles(stack, channels, reference):
+    """Native 128 px tiles of the 150 x 260 image (square, so SAM 2 does not stretch them) plus the whole image."""
+    predictor, _ = reference
+    encoder, decoder = channels
+    tiling = common_pb2.TilingOptions(enabled=True)
+    info = encoder.Embed(encoder_pb2.EmbedRequest(image=IMAGE_PNG, tiling=tiling), timeout=120).embedding
+    with one_thread():
+        expected = encode_tiled(predictor, IMAGE)
+        decoded = decode_tiled(predictor, expected, prompts(), multimask=True)
+    assert info.num_tiles == len(expected.tiles) > 1 and [level.name for level in info.levels] == LEVELS
+    served = embedding_from_chunks(encoder.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=info.key), timeout=60))
+    assert not isinstance(served, Embedding) and served.origins == expected.origins
+    for ours, theirs in zip([served.whole, *served.tiles], [expected.whole, *expected.tiles], strict=True):
+        assert all(torch.equal(ours.features[name], theirs.features[name]) for name in LEVELS)
+    reply = decoder.Segment(decoder_pb2.SegmentRequest(embedding_key=info.key, image=IMAGE_PNG, multimask=True,
+                                                       prompts=[prompt_message(p) for p in prompts()], tiling=tiling),
+                            timeout=120)
+    np.testing.assert_allclose([[m.iou_score for m in r.masks] for r in reply.results], decoded.iou_scores,
+                               atol=TOL, rtol=0)
+    masks = np.array([[decode_rle({"size": [H, W], "counts": m.rle_counts}) for m in r.masks] for r in reply.results])
+    assert np.array_equal(masks, decoded.masks)
+
+
+@pytest.mark.slow
 def test_segment_everything_equals_the_in_process_generator(stack, channels, reference):
     predictor, embedding = reference
     _, decoder = channels
@@ -199,7 +236,8 @@ def test_segment_everything_equals_the_in_process_generator(stack, channels, ref
     options = EverythingOptions(points_per_side=4, **thresholds)
     request = decoder_pb2.SegmentEverythingRequest(image=IMAGE_PNG, points_per_side=4, **thresholds)
     reply = decoder.SegmentEverything(request, timeout=120)
-    expected = generate(predictor, embedding, options.resolved())
+    with one_thread():
+        expected = generate(predictor, embedding, options.resolved())
     assert len(reply.masks) == len(expected.masks) > 1
     np.testing.assert_allclose([m.iou_score for m in reply.masks], expected.iou_scores, atol=TOL, rtol=0)
     for served, mask in zip(reply.masks, expected.masks, strict=True):
