@@ -42,6 +42,7 @@ from services.client import SamforgeClient
 from services.common.embedding_codec import embedding_from_chunks
 from services.demo import demo_scene
 from services.stack import start_stack, write_demo_dataset
+from tests.conftest import save_perturbed_adapter
 from tests.integration.conftest import start_service
 
 pytestmark = pytest.mark.integration
@@ -50,6 +51,7 @@ H, W = 150, 260  # not square: SAM 2 stretches it to 128 x 128, prompts must fol
 IMAGE, _ = demo_scene(height=H, width=W, seed=3)
 TOL = 1e-4  # low-res logits and IoU scores: same weights, same features, same thread count
 LEVELS = ["image_embed", "high_res_feat_s0", "high_res_feat_s1"]
+MASK_INPUT = (3 * np.random.default_rng(0).standard_normal((1, 32, 32))).astype(np.float32)  # 4 x the 8 x 8 embedding
 
 
 def png(image: np.ndarray) -> bytes:
@@ -71,7 +73,11 @@ def prompts() -> list[Prompt]:
                point_labels=np.array([1])),
         Prompt(box=np.array([5.0, 5, 140, 145]), point_coords=np.array([[70.0, 70], [20, 130]]),
                point_labels=np.array([1, 0])),
+        Prompt(box=np.array([20.0, 20, 120, 100]), mask_input=MASK_INPUT),
     ]
+
+
+TILEABLE = [p for p in prompts() if p.mask_input is None]  # tiling refuses mask input
 
 
 def prompt_message(prompt: Prompt) -> decoder_pb2.Prompt:
@@ -82,6 +88,9 @@ def prompt_message(prompt: Prompt) -> decoder_pb2.Prompt:
     if prompt.point_coords is not None and prompt.point_labels is not None:
         for (x, y), label in zip(prompt.point_coords, prompt.point_labels, strict=True):
             message.points.append(decoder_pb2.Point(x=float(x), y=float(y), label=int(label)))
+    if prompt.mask_input is not None:
+        message.mask_input.CopyFrom(common_pb2.Tensor(dtype="float32", shape=list(prompt.mask_input.shape),
+                                                      data=prompt.mask_input.astype("<f4").tobytes()))
     return message
 
 
@@ -212,14 +221,14 @@ def test_tiled_embed_and_segment_equal_the_in_process_tiles(stack, channels, ref
     info = encoder.Embed(encoder_pb2.EmbedRequest(image=IMAGE_PNG, tiling=tiling), timeout=120).embedding
     with one_thread():
         expected = encode_tiled(predictor, IMAGE)
-        decoded = decode_tiled(predictor, expected, prompts(), multimask=True)
+        decoded = decode_tiled(predictor, expected, TILEABLE, multimask=True)
     assert info.num_tiles == len(expected.tiles) > 1 and [level.name for level in info.levels] == LEVELS
     served = embedding_from_chunks(encoder.GetEmbedding(encoder_pb2.GetEmbeddingRequest(key=info.key), timeout=60))
     assert not isinstance(served, Embedding) and served.origins == expected.origins
     for ours, theirs in zip([served.whole, *served.tiles], [expected.whole, *expected.tiles], strict=True):
         assert all(torch.equal(ours.features[name], theirs.features[name]) for name in LEVELS)
     reply = decoder.Segment(decoder_pb2.SegmentRequest(embedding_key=info.key, image=IMAGE_PNG, multimask=True,
-                                                       prompts=[prompt_message(p) for p in prompts()], tiling=tiling),
+                                                       prompts=[prompt_message(p) for p in TILEABLE], tiling=tiling),
                             timeout=120)
     np.testing.assert_allclose([[m.iou_score for m in r.masks] for r in reply.results], decoded.iou_scores,
                                atol=TOL, rtol=0)
@@ -274,3 +283,22 @@ def test_a_sam2_model_without_a_checkpoint_fails_at_start_naming_the_setting(ser
     assert process.proc.wait(120) == 2
     log = process.log()
     assert "SAMFORGE_CHECKPOINT" in log and "sam2.1_hiera_t" in log and "listening" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_an_encoder_side_lora_adapter_embeds_and_decodes_like_the_in_process_adapter(stack, channels, reference,
+                                                                                        tmp_path):
+    """LoRA on Hiera's attention: the encoder embeds with it (its own key), the decoder decodes with it."""
+    predictor, _ = reference
+    encoder, decoder = channels
+    store = FileSystemAdapterStore(stack.var_dir / "registry")
+    version = store.publish("default", "sam2lora",
+                            save_perturbed_adapter(predictor.model, "lora", tmp_path / "lora", name="sam2lora"))
+    adapted = Predictor(load_adapter(predictor.model, store.path_of(version)))
+    assert adapted.model.encoder_adapter_id is not None
+    with one_thread():
+        embedding = adapted.encode_one(IMAGE)
+    base_key = encoder.Embed(encoder_pb2.EmbedRequest(image=IMAGE_PNG), timeout=120).embedding.key
+    reply = segment(decoder, "", adapter=f"sam2lora:{version.version}")
+    assert reply.adapter == f"sam2lora:{version.version}" and reply.embedding_key != base_key
+    assert_same_as(reply, adapted, embedding)
