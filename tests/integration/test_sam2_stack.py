@@ -1,11 +1,14 @@
 """The three services on the small random SAM 2 (``tiny_sam2``), real gRPC over loopback, real redis.
 
-One stack (encoder + decoder + trainer, SAMFORGE_MODEL=tiny_sam2) for the module. The encoder runs with an
-L1 budget of one byte, so every ``GetEmbedding`` (the test's and the decoder's) is served from the redis L2:
-the three-level embedding goes through L2 and the wire, and must still equal the in-process encode exactly.
-Every served result is compared with the in-process :class:`~sam_core.inference.predictor.Predictor` on the
-same model (one thread, like the services): the multi-level features, many prompts of every kind in one
-Segment call, SegmentEverything, and a decoder adapter trained through TrainerService and selected per request.
+One stack (encoder + decoder + trainer, SAMFORGE_MODEL=tiny_sam2, SAMFORGE_CHECKPOINT a sharpened copy of its
+random weights) for the module. The encoder runs with an L1 budget of one byte, so every ``GetEmbedding`` (the
+test's and the decoder's) is served from the redis L2: the three-level embedding goes through L2 and the wire,
+and must still equal the in-process encode bit for bit. Every served result is compared with the in-process
+:class:`~sam_core.inference.predictor.Predictor` on the same weights (one thread, like the services): the
+features, many prompts of every kind (boxes, points, box + points, mask input) in one Segment call on a
+non-square image (SAM 2's square resize), tiled Embed + Segment, SegmentEverything, an encoder-side LoRA
+published to the registry, and a decoder adapter trained through TrainerService and selected per request.
+A SAM 2.1 id without a checkpoint is refused at start naming SAMFORGE_CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -274,13 +277,12 @@ def test_a_decoder_adapter_trained_through_the_trainer_serves_like_the_in_proces
     assert_same_as(base, predictor, embedding)
 
 
-@pytest.mark.parametrize("service", ["encoder", "decoder", "trainer"])
-def test_a_sam2_model_without_a_checkpoint_fails_at_start_naming_the_setting(service, tmp_path):
-    """Refused by the settings check (exit 2) before the port is bound or a weight is read."""
-    env = {"SAMFORGE_MODEL": "sam2.1_hiera_t", "SAMFORGE_CHECKPOINT": "", "SAMFORGE_REGISTRY_DIR": str(tmp_path / "r"),
-           "SAMFORGE_DATA_DIR": str(tmp_path / "d"), "SAMFORGE_JOBS_DIR": str(tmp_path / "j")}
-    process = start_service(service, env, tmp_path, wait=False)
-    assert process.proc.wait(120) == 2
+def test_a_sam2_model_without_a_checkpoint_fails_at_start_naming_the_setting(tmp_path):
+    """Refused by the settings check (exit 2) before the port is bound or a weight is read. The check is the
+    common settings' (tests/services/test_settings.py covers the decoder and the trainer): one process here."""
+    env = {"SAMFORGE_MODEL": "sam2.1_hiera_t", "SAMFORGE_CHECKPOINT": ""}
+    process = start_service("encoder", env, tmp_path, wait=False)
+    assert process.proc.wait(120) == 2, process.log()[-2000:]
     log = process.log()
     assert "SAMFORGE_CHECKPOINT" in log and "sam2.1_hiera_t" in log and "listening" not in log, log[-2000:]
 
