@@ -4,7 +4,8 @@
 
 * instance counts per image;
 * the size distribution at the model's input scale (percentiles of the shorter bounding-box side and of
-  the area, in model-input pixels, the whole image resized to ``img_size``);
+  the area, in model-input pixels, the whole image resized as the model resizes it: longest side to
+  ``img_size``, or stretched to ``img_size x img_size`` for SAM 2's square resize);
 * unresolvable instances (:func:`sam_core.data.resolution.is_resolvable`: shorter side below
   :data:`~sam_core.data.resolution.RESOLVABLE_MIN_SIDE_PX` at input scale), counted and listed;
 * near-empty instances (at most :data:`NEAR_EMPTY_AREA_PX` native pixels) and the masks the readers
@@ -39,7 +40,7 @@ from sam_core.data.resolution import (
 from sam_core.data.samples import Sample
 from sam_core.files import file_sha256
 
-if TYPE_CHECKING:  # only its name and img_size are read: diagnostics need no torch
+if TYPE_CHECKING:  # only its name, img_size and resize are read: diagnostics need no torch
     from sam_core.modeling.family import ModelSpec
 
 NEAR_EMPTY_AREA_PX = 4
@@ -160,13 +161,13 @@ def _image_hash(sample: Sample) -> str:
     return hashlib.sha256(np.ascontiguousarray(sample.load_image()).tobytes()).hexdigest()
 
 
-def _sample_sizes(sample: Sample, img_size: int) -> list[InstanceSize]:
+def _sample_sizes(sample: Sample, spec: ModelSpec) -> list[InstanceSize]:
     view = (sample.height, sample.width)
     sizes = []
     for index, inst in enumerate(sample.instances):
         ext: Extent = instance_extent(inst.mask)
         sizes.append(InstanceSize(sample.image_id, index, inst.instance_id, ext.height, ext.width, ext.area,
-                                  round(short_side_at_input(ext, view, img_size), 3)))
+                                  round(short_side_at_input(ext, view, spec), 3)))
     return sizes
 
 
@@ -179,8 +180,8 @@ def diagnose(data: SegmentationDataset | Sequence[Sample], spec: ModelSpec) -> D
     input_areas: list[float] = []
     by_hash: dict[str, list[str]] = {}
     for sample in data:
-        image_sizes = _sample_sizes(sample, spec.img_size)
-        sy, sx = input_scale((sample.height, sample.width), spec.img_size)
+        image_sizes = _sample_sizes(sample, spec)
+        sy, sx = input_scale((sample.height, sample.width), spec)
         input_areas += [s.area * sy * sx for s in image_sizes]
         sizes += image_sizes
         views += [(sample.height, sample.width)] * len(image_sizes)
@@ -200,7 +201,7 @@ def diagnose(data: SegmentationDataset | Sequence[Sample], spec: ModelSpec) -> D
         unresolvable=[s for s in sizes if s.short_side_input_px < RESOLVABLE_MIN_SIDE_PX],
         near_empty=[s for s in sizes if s.area <= NEAR_EMPTY_AREA_PX],
         duplicate_images=[ids for ids in by_hash.values() if len(ids) > 1], excluded=excluded)
-    report.recommendations = recommend(report, sizes, views)
+    report.recommendations = recommend(report, sizes, views, spec)
     return report
 
 
@@ -210,11 +211,11 @@ def recommended_crop(native_short_side: float, img_size: int) -> int:
     return max(CROP_STEP_PX, int(largest // CROP_STEP_PX) * CROP_STEP_PX)
 
 
-def recommend(report: DataReport, sizes: Sequence[InstanceSize], views: Sequence[tuple[int, int]]
-              ) -> list[Recommendation]:
+def recommend(report: DataReport, sizes: Sequence[InstanceSize], views: Sequence[tuple[int, int]],
+              spec: ModelSpec) -> list[Recommendation]:
     """``--crop`` / ``--min-area`` for unresolvable instances, ``--tile`` for huge images (see the module doc).
 
-    ``views``: the (H, W) of each instance's image, in the order of ``sizes``.
+    ``views``: the (H, W) of each instance's image, in the order of ``sizes``; ``spec``: the model's resize.
     """
     out: list[Recommendation] = []
     n, img = max(1, report.n_instances), report.img_size
@@ -231,7 +232,7 @@ def recommend(report: DataReport, sizes: Sequence[InstanceSize], views: Sequence
                               f"({len(specks) / n:.0%}) are below {report.min_side_px:g} px at the {img} px input; "
                               f"in a {crop} px native crop the median one ({median_side:g} px) is resolvable"))
     still = [s for s, view in zip(sizes, views, strict=True)
-             if short_side_at_input(Extent(s.height, s.width, s.area), tile_view(view, crop), img)
+             if short_side_at_input(Extent(s.height, s.width, s.area), tile_view(view, crop), spec)
              < RESOLVABLE_MIN_SIDE_PX]
     if still:
         min_area = max(s.area for s in still) + 1

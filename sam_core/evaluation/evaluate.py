@@ -14,8 +14,8 @@ prompts. Every instance gets one prompt; all instances of an image are decoded i
 ``keep_worst`` lowest-Dice masks are kept in memory.
 
 Every score says whether its instance is resolvable at the model's input scale
-(:func:`sam_core.data.resolution.is_resolvable`: the whole image resized to ``img_size``, or a native tile
-with ``cfg.tiled``), and the summary gives Dice over all instances (``dice_mean``) and over the resolvable
+(:func:`sam_core.data.resolution.is_resolvable`: the whole image resized as the model resizes it, or a
+native tile with ``cfg.tiled``), and the summary gives Dice over all instances (``dice_mean``) and over the resolvable
 ones (``dice_resolvable_mean``, ``n_resolvable``): a set of specks no input can resolve is noise in the first.
 
 JSON (:meth:`EvalReport.to_json`, ``report.json``): non-finite floats (``inf`` HD95 when one mask is
@@ -40,7 +40,7 @@ from typing import TypeAlias, TypedDict, overload
 import numpy as np
 
 from sam_core.data.prompt_sim import PromptConfig, simulate_prompt
-from sam_core.data.resolution import is_resolvable
+from sam_core.data.resolution import InputSize, input_side, is_resolvable
 from sam_core.data.samples import Instance, Sample
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.metrics import InstanceScore, score_instance, summarize
@@ -263,10 +263,10 @@ class _WorstKeeper:
 
 
 def _score_image(sample: Sample, instances: Sequence[Instance], preds: np.ndarray, prompts: Sequence[PromptDict],
-                 cfg: EvalConfig, worst: _WorstKeeper, img_size: int | None) -> list[InstanceScore]:
+                 cfg: EvalConfig, worst: _WorstKeeper, img_size: InputSize | None) -> list[InstanceScore]:
     """preds: N x H x W bool, one per instance; ``img_size`` None: every instance counts as resolvable."""
     scores = []
-    tile = img_size if cfg.tiled else None
+    tile = input_side(img_size) if cfg.tiled and img_size is not None else None
     for inst, pred, prompt in zip(instances, preds, prompts, strict=True):
         resolvable = img_size is None or is_resolvable(inst.mask, img_size, tile=tile)
         score = score_instance(sample.image_id, inst.instance_id, pred, inst.mask, tolerance=cfg.nsd_tolerance,
@@ -282,7 +282,7 @@ def _image_summary(scores: Sequence[InstanceScore]) -> dict[str, float]:
 
 
 def _evaluate_loop(segmenter: _Segmenter, dataset: Sequence[Sample], cfg: EvalConfig, *, label: str,
-                   model_id: str, progress: ProgressFn | None, img_size: int | None) -> EvalReport:
+                   model_id: str, progress: ProgressFn | None, img_size: InputSize | None) -> EvalReport:
     """The shared loop: prompts, one segmenter call per image, scores, worst cases."""
     t0 = time.perf_counter()
     scores: list[InstanceScore] = []
@@ -365,17 +365,18 @@ def evaluate(predictor: Predictor, dataset: Sequence[Sample], cfg: EvalConfig | 
     cfg = cfg or EvalConfig()
     segmenter = _predictor_segmenter(predictor, cfg, embeddings)
     return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=predictor.model_id, progress=progress,
-                          img_size=predictor.spec.img_size)
+                          img_size=predictor.spec)
 
 
 def evaluate_fn(segment: SegmentFn, dataset: Sequence[Sample], cfg: EvalConfig | None = None, *,
                 label: str = "model", model_id: str = "external",
-                progress: ProgressFn | None = None, img_size: int | None = None) -> EvalReport:
+                progress: ProgressFn | None = None, img_size: InputSize | None = None) -> EvalReport:
     """Evaluate any ``segment(image, prompts) -> N x H x W bool`` with the same prompts and scoring.
 
     ``prompts`` are the N simulate_prompt dicts of the image (a prompt-free model may ignore them but must
-    still return one mask per instance, in order). ``img_size``: the segmenter's model input size, which
-    decides which instances are resolvable; None counts every instance as resolvable.
+    still return one mask per instance, in order). ``img_size``: the segmenter's model input size (or its
+    ``ModelSpec``, whose resize mode then applies), which decides which instances are resolvable; None
+    counts every instance as resolvable.
     """
     cfg = cfg or EvalConfig()
 

@@ -68,5 +68,5 @@ def validation_score(predictor: Predictor, data: TrainingData, prompt_cfg: Promp
                                                point_coords=prompt["point_coords"],
                                                point_labels=prompt["point_labels"])], return_low_res=False)
         scores.append(dice(result.masks[0, 0], mask))
-        resolvable.append(is_resolvable(mask, data.spec.img_size))
+        resolvable.append(is_resolvable(mask, data.spec))
     return ValidationScore.of(scores, resolvable)

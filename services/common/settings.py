@@ -162,6 +162,19 @@ class Var:
         return self.parse(env.get(self.name, self.default), self.name)
 
 
+_SIZES = ("t", "s", "b+", "l")
+CHECKPOINT_MODELS = ("vit_b", "vit_l", "vit_h", *(f"{generation}_hiera_{size}" for generation in ("sam2.1", "sam2")
+                                                   for size in _SIZES))
+"""sam_core's registry ids that have no bundled or random weights (a test checks this against the registry,
+which settings do not import: it loads torch)."""
+MODELS = ("litemedsam", "tiny", "tiny_sam2", *CHECKPOINT_MODELS)
+
+
+def needs_checkpoint(model: str) -> bool:
+    """Whether ``model`` can only start from a SAMFORGE_CHECKPOINT file."""
+    return model in CHECKPOINT_MODELS
+
+
 ENV: tuple[Var, ...] = (
     # --- every service
     Var("SAMFORGE_HOST", "127.0.0.1", "address the gRPC server binds (0.0.0.0 in containers)"),
@@ -172,8 +185,11 @@ ENV: tuple[Var, ...] = (
     Var("SAMFORGE_MAX_MESSAGE_BYTES", "67108864", "max gRPC message size, both directions", parse=Integer(1 << 20)),
     Var("SAMFORGE_WORKERS", "8", "gRPC worker threads", parse=Integer(1)),
     Var("SAMFORGE_LOG_LEVEL", "INFO", "logging level (logs are JSON lines on stderr)", parse=LOG_LEVELS),
-    Var("SAMFORGE_MODEL", "litemedsam", "base model: litemedsam | vit_b | vit_l | vit_h | tiny"),
-    Var("SAMFORGE_CHECKPOINT", "", "weights file for vit_b/vit_l/vit_h (litemedsam is bundled)"),
+    Var("SAMFORGE_MODEL", "litemedsam", "base model: litemedsam, vit_b, vit_l, vit_h, sam2.1_hiera_t, "
+        "sam2.1_hiera_s, sam2.1_hiera_b+, sam2.1_hiera_l, sam2_hiera_t/s/b+/l, tiny or tiny_sam2",
+        parse=Choice(MODELS)),
+    Var("SAMFORGE_CHECKPOINT", "", "weights file; required for vit_* and sam2*_hiera_* (official .pth / .pt, "
+        "mounted read-only), optional for litemedsam (bundled) and tiny / tiny_sam2 (random)"),
     Var("SAMFORGE_DEVICE", "auto", "auto | cpu | cuda | cuda:N"),
     Var("SAMFORGE_THREADS", "0", "torch intra-op threads (0 = torch default)", parse=Integer()),
     Var("SAMFORGE_REGISTRY_DIR", "./var/registry", "adapter registry root (shared volume in Kubernetes)"),
@@ -337,6 +353,9 @@ class CommonSettings:
         """Rules between variables (a subclass extends it); InvalidInput names the variable to change."""
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidInput("set both SAMFORGE_TLS_CERT and SAMFORGE_TLS_KEY, or neither", field="SAMFORGE_TLS_KEY")
+        if needs_checkpoint(self.model) and not self.checkpoint:
+            raise InvalidInput(f"SAMFORGE_MODEL={self.model} has no bundled weights: set SAMFORGE_CHECKPOINT to the "
+                               "path of its official checkpoint file", field="SAMFORGE_CHECKPOINT")
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,35 @@ def test_the_scan_finds_reads_and_names():
                      'os.environ.get(name)\n')
     assert environment_reads(tree) == [(2, "SAMFORGE_A"), (3, "B"), (4, "C"), (5, None)]
     assert NAME.findall('"$SAMFORGE_ONNX_CACHE", f"SAMFORGE_{x}_PORT"') == ["SAMFORGE_ONNX_CACHE"]
+
+
+@pytest.mark.parametrize("kind", SETTINGS, ids=lambda k: k.SERVICE)
+@pytest.mark.parametrize("model", ["sam2.1_hiera_t", "sam2.1_hiera_b+", "sam2_hiera_l", "vit_b"])
+def test_a_model_without_bundled_weights_needs_samforge_checkpoint(kind, model):
+    with pytest.raises(InvalidInput) as info:
+        kind.from_env({"SAMFORGE_MODEL": model})
+    assert info.value.field == "SAMFORGE_CHECKPOINT" and f"SAMFORGE_MODEL={model}" in str(info.value)
+    assert kind.from_env({"SAMFORGE_MODEL": model, "SAMFORGE_CHECKPOINT": "/models/weights.pt"}).model == model
+
+
+def test_an_unknown_model_names_samforge_model_and_the_sam2_ids():
+    with pytest.raises(InvalidInput) as info:
+        EncoderSettings.from_env({"SAMFORGE_MODEL": "sam3"})
+    assert info.value.field == "SAMFORGE_MODEL" and "sam2.1_hiera_t" in str(info.value)
+    for name in ("SAMFORGE_MODEL", "SAMFORGE_CHECKPOINT"):
+        assert "sam2" in ENV_BY_NAME[name].help
+
+
+def test_the_checkpoint_rule_agrees_with_the_model_registry():
+    """A model the settings let start without SAMFORGE_CHECKPOINT builds without one, and the others do not."""
+    from sam_core.errors import ModelLoadError
+    from sam_core.modeling.registry import MODEL_REGISTRY, load_model
+    from services.common.settings import MODELS, needs_checkpoint
+
+    assert set(MODELS) == set(MODEL_REGISTRY)
+    for name in MODEL_REGISTRY:
+        if needs_checkpoint(name):
+            with pytest.raises(ModelLoadError):
+                load_model(name)
+        elif name != "litemedsam":  # the bundled weights: loads (slower), covered by the services' tests
+            assert load_model(name).spec.name == name
