@@ -29,6 +29,15 @@ module pays for the 4096-side projections once per prompt:
 Per prompt at 64 x 64 tokens this is ~1.6 GFLOP against ~3.6 GFLOP eager (see
 ``../shared/ARCHITECTURE.md`` for the floor). Training keeps the eager module (autograd, adapters);
 this path is inference-only and rebuilt when the decoder weights change (it reads them live).
+
+**SAM 2 / 2.1** (:meth:`FastMaskDecoder.for_decoder` of ``sam2``'s ``MaskDecoder``): the same two-way
+transformer, so every identity above holds unchanged. Its differences leave the algebra alone: an
+object-score token before the IoU token (``pred_obj_scores``; never read, so the final attention skips it);
+``use_high_res_features`` upscaling ``act1(LN(convT1(src) + s1))``, ``act2(convT2(.) + s0)`` with the image's
+stride-8 / stride-4 features (``high_res``): per-pixel terms shared by every prompt, added after the Linears
+and before the LayerNorm / GELU, so the transposed convolutions stay per-pixel Linears (s1, s0 reordered once
+per call to the tiles' rows) and the low-rank first layer still gives exactly ``keys_last W + a``; the eval-mode
+single-mask stability fallback needs every mask token (``all_masks``; ``sam2.Sam2FastDecoding`` selects).
 """
 
 from __future__ import annotations
@@ -70,6 +79,15 @@ _TraceEntry: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 # FastMaskDecoder._conv1_factors: (S, scale, blocks [(P_l, c_l)], small, R)
 _Conv1Factors: TypeAlias = tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor,
                                 torch.Tensor]
+# FastMaskDecoder._high_res_rows: SAM 2's (s1 as Bh x N x 4*C1, s0 as Bh x 4N x 4*C2), Bh = 1 (shared) or B
+_HighRes: TypeAlias = tuple[torch.Tensor, torch.Tensor]
+
+
+def _batch_slice(high_res: _HighRes | None, start: int, size: int) -> _HighRes | None:
+    """Prompts ``start:start + size`` of per-prompt high-res rows (shared rows, batch 1, are kept whole)."""
+    if high_res is None or high_res[0].shape[0] == 1:
+        return high_res
+    return high_res[0][start:start + size], high_res[1][start:start + size]
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -188,8 +206,19 @@ class FastMaskDecoder:
     """
 
     def __init__(self, sam: Sam, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.decoder: MaskDecoder = sam.mask_decoder
+        self._bind(sam.mask_decoder, chunk)
+
+    @classmethod
+    def for_decoder(cls, decoder: nn.Module, *, chunk: int = DEFAULT_CHUNK) -> FastMaskDecoder:
+        """The fast view of a mask decoder module itself: SAM's or SAM 2's (see the module docstring)."""
+        fast = cls.__new__(cls)
+        fast._bind(decoder, chunk)
+        return fast
+
+    def _bind(self, decoder: MaskDecoder, chunk: int) -> None:
+        self.decoder = decoder
         self.transformer: TwoWayTransformer = self.decoder.transformer
+        self.lead = 1 if getattr(decoder, "pred_obj_scores", False) else 0  # SAM 2: object-score token first
         self.chunk = chunk
         # (signature, shared first-block products, pinned tensors) of the last inference call: a client sending
         # one prompt per call on the same embedding (interactive clicks) skips the 4096-token projections
@@ -208,11 +237,17 @@ class FastMaskDecoder:
 
     @torch.inference_mode()
     def __call__(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(features, image_pe, sparse, dense, multimask)
+                 dense: torch.Tensor, multimask: bool, *, high_res: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 all_masks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(features, image_pe, sparse, dense, multimask, high_res=high_res, all_masks=all_masks)
 
     def forward(self, features: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                dense: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                dense: torch.Tensor, multimask: bool, *, high_res: tuple[torch.Tensor, torch.Tensor] | None = None,
+                all_masks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``high_res``: SAM 2's (s0 Bh x C/8 x 4h x 4w, s1 Bh x C/4 x 2h x 2w), Bh = 1 or B (exactly when the
+        decoder ``use_high_res_features``). ``all_masks``: every mask token's output (single-mask token first)."""
+        if getattr(self.decoder, "use_high_res_features", False) != (high_res is not None):
+            raise ValueError("high_res features must be given exactly when the decoder uses them")
         first: TwoWayAttentionBlock = self.transformer.layers[0]
         pe = image_pe.flatten(2).transpose(1, 2)  # 1 x N x C
         shared = dense.shape[0] == 1 and features.shape[0] == 1
@@ -233,8 +268,9 @@ class FastMaskDecoder:
                 self._memo = (signature, cache, (features, image_pe, dense, list(self.decoder.parameters())))
         lowrank = shared and sparse.shape[0] >= LOWRANK_MIN_PROMPTS and self._lowrank_ok()
         hw = (features.shape[-2], features.shape[-1])
+        rows = self._high_res_rows(high_res, hw)
         outputs = [self._chunk(sparse[s:s + self.chunk], keys0 if shared else keys0[s:s + self.chunk], pe,
-                               cache, multimask, hw, lowrank)
+                               cache, (multimask, all_masks), hw, lowrank, _batch_slice(rows, s, self.chunk))
                    for s in range(0, sparse.shape[0], self.chunk)]
         masks, iou = zip(*outputs, strict=True)
         return torch.cat(masks), torch.cat(iou)
@@ -254,11 +290,27 @@ class FastMaskDecoder:
             return None
         return id(features), id(image_pe), dense_key, weights
 
+    @staticmethod
+    def _high_res_rows(high_res: tuple[torch.Tensor, torch.Tensor] | None, hw: tuple[int, int]) -> _HighRes | None:
+        """SAM 2's (s0, s1) as the rows added to each transposed convolution's Linear output: s1 as Bh x N x
+        (2*2*C1) ordered (token; ki, kj, c1), s0 as Bh x 4N x (2*2*C2) ordered (token, ki, kj; ki2, kj2, c2)."""
+        if high_res is None:
+            return None
+        s0, s1 = high_res
+        h, w = hw
+        b0, c2, b1, c1 = s0.shape[0], s0.shape[1], s1.shape[0], s1.shape[1]
+        s1_rows = s1.reshape(b1, c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(b1, h * w, 4 * c1)
+        s0_rows = s0.reshape(b0, c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(b0, 4 * h * w, 4 * c2)
+        return s1_rows.contiguous(), s0_rows.contiguous()
+
     def _chunk(self, sparse: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor, cache: _SharedCache,
-               multimask: bool, hw: tuple[int, int], lowrank: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               outputs: tuple[bool, bool], hw: tuple[int, int], lowrank: bool = False,
+               high_res: _HighRes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of prompts; ``outputs``: (multimask, all_masks) of :meth:`forward`."""
         dec, tr = self.decoder, self.transformer
         b = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        own = [dec.obj_score_token.weight] if self.lead else []  # [object score (SAM 2)], IoU, mask tokens
+        output_tokens = torch.cat([*own, dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
         queries, query_pe = tokens, tokens
         # inference with shared first-layer image tokens: record each block's P, U and LayerNorm
@@ -290,19 +342,21 @@ class FastMaskDecoder:
                 trace.append((p, u, mean, rstd, norm))
         # the final attention only for the tokens read below (attention, out_proj and the LayerNorm act per
         # query row): the IoU token and the mask tokens returned, 2 of SAM's T >= 6 rows (4 with multimask)
-        mask_idx = list(range(1, dec.num_mask_tokens)) if multimask else [0]
-        rows = [0, *(1 + i for i in mask_idx)]
+        multimask, all_masks = outputs
+        mask_idx = list(range(0 if all_masks else 1, dec.num_mask_tokens)) if multimask or all_masks else [0]
+        rows = [self.lead + i for i in (0, *(1 + i for i in mask_idx))]
         used = queries[:, rows]
         attn_out = token_to_image(tr.final_attn_token_to_image, used + query_pe[:, rows], keys + pe, keys)
         hs = tr.norm_final_attn(used + attn_out)  # B x len(rows) x C
         iou: torch.Tensor = dec.iou_prediction_head(hs[:, 0, :])
-        sel = slice(1, None) if multimask else slice(0, 1)
+        sel = slice(None) if all_masks else slice(1, None) if multimask else slice(0, 1)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(mask_idx)],
                             dim=1)  # B x M x c8
         if trace is not None:
-            masks = self._upscale_tiled(keys, hyper, hw, factors=self._conv1_factors(keys0, trace, cache))
+            masks = self._upscale_tiled(keys, hyper, hw, factors=self._conv1_factors(keys0, trace, cache),
+                                        high_res=high_res)
         else:
-            masks = self._upscale(keys, hyper, hw)
+            masks = self._upscale(keys, hyper, hw, high_res)
         return masks, iou[:, sel]
 
     def _lowrank_ok(self) -> bool:
@@ -360,24 +414,27 @@ class FastMaskDecoder:
         right = torch.cat([*big_rows, torch.stack(small_rows, dim=1)], dim=1)
         return cache["conv1_s"], c_next, blocks, torch.stack(small, dim=1), right
 
-    def _upscale(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def _upscale(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
+                 high_res: _HighRes | None = None) -> torch.Tensor:
         """keys: B x N x C (N = h*w), hyper: B x M x C/8 -> B x M x 4h x 4w logits."""
         if torch.is_grad_enabled() and (keys.requires_grad or hyper.requires_grad):
-            return self._upscale_vectorised(keys, hyper, hw)
-        return self._upscale_tiled(keys, hyper, hw)
+            return self._upscale_vectorised(keys, hyper, hw, high_res)
+        return self._upscale_tiled(keys, hyper, hw, high_res=high_res)
 
     def _upscale_tiled(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
-                       tile: int | None = None, factors: _Conv1Factors | None = None) -> torch.Tensor:
+                       tile: int | None = None, factors: _Conv1Factors | None = None,
+                       high_res: _HighRes | None = None) -> torch.Tensor:
         """:meth:`_upscale_vectorised` without autograd, ``tile`` image tokens of one prompt at a time.
 
         Per tile the intermediates (tile x 4*C1, 4*tile x 4*C2 floats) fit in L2, so the LayerNorm,
         both GELUs (in place) and the bias adds run from cache instead of streaming B x 16N x C2
         floats through memory; the buffers are reused across tiles. Same operations per element.
         ``factors``: :meth:`_conv1_factors`; the first layer is then scale * S + L R.
+        ``high_res``: :meth:`_high_res_rows`, added to each layer's Linear output.
         """
         conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
         if not (isinstance(act1, nn.GELU) and isinstance(act2, nn.GELU)):
-            return self._upscale_vectorised(keys, hyper, hw)
+            return self._upscale_vectorised(keys, hyper, hw, high_res)
         h, w = hw
         b, n, _ = keys.shape
         m = hyper.shape[1]
@@ -406,16 +463,21 @@ class FastMaskDecoder:
                 else:
                     x = torch.mul(shared[s:s + r], scale[i, s:s + r, None], out=buf1[:r])
                     x.addmm_(left_t[:, s:s + r].t(), right[i])
+                if high_res is not None:
+                    x.add_(high_res[0][min(i, len(high_res[0]) - 1), s:s + r])
                 x = x.view(4 * r, c1)
                 x = F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps)
                 torch.ops.aten.gelu_(x, approximate=act1.approximate)
                 y = torch.mm(x, w2, out=buf2[:4 * r]).add_(b2)
+                if high_res is not None:
+                    y.add_(high_res[1][min(i, len(high_res[1]) - 1), 4 * s:4 * (s + r)])
                 torch.ops.aten.gelu_(y, approximate=act2.approximate)
                 torch.mm(y.view(16 * r, c2), hyper_t[i], out=flat[i, 16 * s:16 * (s + r)])
         masks = flat.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(b, m, 4 * h, 4 * w)
 
-    def _upscale_vectorised(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def _upscale_vectorised(self, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
+                            high_res: _HighRes | None = None) -> torch.Tensor:
         """keys: B x N x C (N = h*w), hyper: B x M x C/8 -> B x M x 4h x 4w logits (autograd-friendly)."""
         ups = self.decoder.output_upscaling
         conv1, norm, act1, conv2, act2 = ups
@@ -424,9 +486,14 @@ class FastMaskDecoder:
         w1, b1 = self._conv_t_as_linear(conv1)
         w2, b2 = self._conv_t_as_linear(conv2)
         c1, c2 = conv1.weight.shape[1], conv2.weight.shape[1]
-        x = torch.addmm(b1, keys.reshape(-1, keys.shape[-1]), w1).reshape(-1, c1)  # (B*N*4) x C1
-        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        x = act2(torch.addmm(b2, x, w2)).reshape(b, -1, c2)  # B x (N*16) x C2, order (i, j, ki, kj, ki2, kj2)
+        x = torch.addmm(b1, keys.reshape(-1, keys.shape[-1]), w1)  # (B*N) x (4*C1)
+        if high_res is not None:
+            x = (x.reshape(b, -1, x.shape[-1]) + high_res[0]).reshape(-1, x.shape[-1])
+        x = act1(F.layer_norm(x.reshape(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))  # (B*N*4) x C1
+        y = torch.addmm(b2, x, w2)  # (B*N*4) x (4*C2)
+        if high_res is not None:
+            y = (y.reshape(b, -1, y.shape[-1]) + high_res[1]).reshape(-1, y.shape[-1])
+        x = act2(y).reshape(b, -1, c2)  # B x (N*16) x C2, order (i, j, ki, kj, ki2, kj2)
         masks = torch.bmm(x, hyper.transpose(1, 2))  # B x (N*16) x M
         masks = masks.reshape(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(b, m, 4 * h, 4 * w)

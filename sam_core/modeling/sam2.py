@@ -23,8 +23,11 @@ Decoding follows ``SAM2ImagePredictor._predict``: a box becomes two points label
 clicks, the prompt encoder always pads the points, the official ``MaskDecoder`` gets both high-resolution
 levels, and a single-mask decode in eval mode falls back to the best multimask output when the single mask is
 unstable (``dynamic_multimask_via_stability``, as ``build_sam2`` configures it). :meth:`decode_per_item`
-(training) always takes the single-mask token, as the official decoder does in training mode. SAM 1's
-re-associated fast decoder is not ported: ``mask_decoding(fast=True)`` runs the official decoder.
+(training) always takes the single-mask token, as the official decoder does in training mode.
+``mask_decoding(fast=True)`` (the default) decodes through SAM 1's re-associated
+:class:`~sam_core.modeling.fast_decoder.FastMaskDecoder`, whose identities hold for SAM 2's decoder unchanged
+(see its module docstring; same logits to float32 rounding, tests/sam_core/test_fast_decoder_sam2.py);
+``fast=False`` runs the official decoder.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from sam_core.modeling.family import (
     SegmentationModel,
     named_features,
 )
+from sam_core.modeling.fast_decoder import FastMaskDecoder
 
 FEATURE_NAMES = ("image_embed", "high_res_feat_s0", "high_res_feat_s1")
 EMBED, HIGH_RES_S0, HIGH_RES_S1 = FEATURE_NAMES
@@ -159,7 +163,7 @@ class Sam2Model(SegmentationModel):
         return low_res, iou
 
     def mask_decoding(self, fast: bool = True) -> MaskDecoding:
-        return Sam2Decoding(self)
+        return Sam2FastDecoding(self) if fast else Sam2Decoding(self)
 
     def decode_per_item(self, features: Features, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt i against image i's features; the single-mask token (the official training-mode output).
@@ -235,6 +239,45 @@ class Sam2Decoding:
     @torch.inference_mode()
     def __call__(self, features: Features, prompts: PromptBatch, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.run_decoder(features, prompts, multimask)
+
+
+class Sam2FastDecoding:
+    """Inference decoding for :class:`Sam2Model` through the re-associated
+    :class:`~sam_core.modeling.fast_decoder.FastMaskDecoder` (same logits and IoU as :class:`Sam2Decoding` to
+    float32 rounding). Without mask inputs every prompt shares one dense embedding, so the first block's
+    image-side products are computed once per call and kept while the embedding is the same one (the dense
+    positional encoding is kept while the prompt encoder's Gaussian matrix is unchanged). A single-mask decode
+    in eval mode gets every mask token and applies the official stability fallback to them."""
+
+    def __init__(self, model: Sam2Model) -> None:
+        self.model = model
+        self.fast = FastMaskDecoder.for_decoder(model.sam_mask_decoder)
+        self._dense_pe: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (Gaussian matrix, version, pe)
+
+    def dense_pe(self) -> torch.Tensor:
+        """``sam_prompt_encoder.get_dense_pe()`` (1 x C x h x w), recomputed when its Gaussian matrix changes."""
+        encoder = self.model.sam_prompt_encoder
+        gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            version = int(gauss._version)
+        except RuntimeError:  # an inference tensor has no version counter: do not cache
+            fresh: torch.Tensor = encoder.get_dense_pe()
+            return fresh
+        if self._dense_pe is None or self._dense_pe[0] is not gauss or self._dense_pe[1] != version:
+            self._dense_pe = (gauss, version, encoder.get_dense_pe())
+        return self._dense_pe[2]
+
+    @torch.inference_mode()
+    def __call__(self, features: Features, prompts: PromptBatch, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.model.sam_mask_decoder
+        sparse, dense = self.model.prompt_embeddings(prompts)
+        fallback = not multimask and decoder.dynamic_multimask_via_stability and not decoder.training
+        low_res, iou = self.fast(features[EMBED], self.dense_pe(), sparse,
+                                 dense[:1] if prompts.masks is None else dense, multimask,
+                                 high_res=(features[HIGH_RES_S0], features[HIGH_RES_S1]), all_masks=fallback)
+        if fallback:  # the official selection, on the official module (token 0 unless unstable)
+            low_res, iou = decoder._dynamic_multimask_via_stability(low_res, iou)
+        return low_res, iou
 
 
 def _module(owner: nn.Module, name: str) -> nn.Module:
