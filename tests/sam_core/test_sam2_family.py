@@ -1,6 +1,6 @@
-"""The SAM 2 family on ``tiny_sam2``: the family seam, square preprocessing as SAM2Transforms, checkpoints,
-every fine-tuning method (loss goes down, save -> reload predicts identically, differs from the base) and the
-refusal of an adapter of the other family."""
+"""The SAM 2 family on ``tiny_sam2``: the family seam, square preprocessing as SAM2Transforms, checkpoints and the
+refusal of an adapter of the other family. Every fine-tuning method through the training loop:
+tests/sam_core/test_sam2_train.py."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from sam_core.adapters.artifact import adapted_net, load_adapter, read_adapter_config, save_adapter
+from sam_core.adapters.artifact import load_adapter, read_adapter_config
 from sam_core.errors import AdapterInvalid, ModelLoadError
-from sam_core.modeling.family import ParamGroup, PromptBatch, SegmentationModel
+from sam_core.modeling.family import ParamGroup, PromptBatch
 from sam_core.modeling.preprocess import preprocess, transform_boxes, transform_coords, upscale_logits
 from sam_core.modeling.registry import SAM2_CONFIGS, SPECS, build_tiny_sam2, load_model
 from sam_core.modeling.sam2 import FEATURE_NAMES, VIDEO_ONLY_KEYS, Sam2Model
-from sam_core.training.methods import MethodConfig, get_method, method_names, trainable_state
 from tests.conftest import save_perturbed_adapter
 
 
@@ -140,63 +138,6 @@ def test_official_models_need_a_checkpoint():
         load_model("sam2.1_hiera_t")
 
 
-# ---------------------------------------------------------------------------------------------- fine-tuning
-def _blob_batch(n: int, seed: int) -> tuple[torch.Tensor, PromptBatch, torch.Tensor]:
-    """n 128 px images with one bright square each, its box prompt and its 32 x 32 low-res target."""
-    rng = np.random.default_rng(seed)
-    images, boxes, targets = [], [], []
-    for _ in range(n):
-        image = rng.normal(50, 10, (128, 128, 3)).clip(0, 255)
-        x0, y0 = (int(v) for v in rng.integers(10, 70, 2))
-        size = int(rng.integers(25, 45))
-        image[y0:y0 + size, x0:x0 + size] = 200
-        mask = np.zeros((128, 128), np.float32)
-        mask[y0:y0 + size, x0:x0 + size] = 1
-        images.append(preprocess(image.astype(np.uint8), SPECS["tiny_sam2"])[0][0])
-        boxes.append([x0, y0, x0 + size, y0 + size])
-        targets.append(F.interpolate(torch.from_numpy(mask)[None, None], (32, 32), mode="area")[0])
-    return torch.stack(images), PromptBatch(boxes=torch.tensor(boxes, dtype=torch.float32)), torch.stack(targets)
-
-
-def _train(net: SegmentationModel, steps: int) -> list[float]:
-    images, prompts, targets = _blob_batch(4, seed=0)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        logits, _ = net.decode_per_item(net.encode(images), prompts)
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def _predict(net: SegmentationModel) -> tuple[torch.Tensor, torch.Tensor]:
-    images, prompts, _ = _blob_batch(1, seed=5)
-    with torch.no_grad():
-        return net.mask_decoding()(net.encode(images), prompts, multimask=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in method_names() if not get_method(m).one_shot])
-def test_every_method_learns_saves_and_reloads_identically(tiny2, method, tmp_path):
-    cfg = MethodConfig(method, rank=2)
-    before = {k: v.clone() for k, v in tiny2.net.state_dict().items()}
-    net = adapted_net(tiny2, cfg)
-    losses = _train(net, steps=12)
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.02, losses
-    assert all(torch.equal(before[k], v) for k, v in tiny2.net.state_dict().items())  # the base is untouched
-    save_adapter(tmp_path / "adapter", tiny2, trainable_state(net), cfg)
-    assert read_adapter_config(tmp_path / "adapter").base_family == "sam2"
-    reloaded = load_adapter(tiny2, tmp_path / "adapter")
-    net.eval()
-    trained, reloaded_out, base = _predict(net), _predict(reloaded.net), _predict(tiny2.net)
-    assert torch.equal(trained[0], reloaded_out[0]) and torch.equal(trained[1], reloaded_out[1])
-    assert not torch.allclose(base[0], reloaded_out[0])
-
-
 def test_an_adapter_of_the_other_family_is_refused_naming_both_models(tiny2, tiny_model, tmp_path):
     sam1_adapter = save_perturbed_adapter(tiny_model, "decoder", tmp_path / "sam1")
     sam2_adapter = save_perturbed_adapter(tiny2, "decoder", tmp_path / "sam2")
@@ -208,8 +149,13 @@ def test_an_adapter_of_the_other_family_is_refused_naming_both_models(tiny2, tin
         assert base.model_id in message and other.model_id in message and "family" in message
 
 
+# Every SAM 2.1 size, and the smallest of the SAM 2 generation: the sizes of one generation differ only in
+# depth and width, so the large SAM 2 configs add minutes of random initialisation and no new key.
+CHECKED_CONFIGS = sorted(name for name in SAM2_CONFIGS if name.startswith("sam2.1_")) + ["sam2_hiera_t"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SAM2_CONFIGS))
+@pytest.mark.parametrize("name", CHECKED_CONFIGS)
 def test_every_config_has_the_official_image_keys_and_shapes(name):
     """An official checkpoint of every size loads: our state dict is the official SAM2Base's minus exactly the
     video-only keys."""
