@@ -49,13 +49,11 @@ def training_job(launch: JobLaunch, settings: TrainerSettings) -> k8s_job.Traini
     argv = spec_argv(build_spec(launch.request, launch.data, launch.out_dir, launch.baseline))
     options = [arg for i, arg in enumerate(argv)
                if arg not in ("--data", "--out") and (i == 0 or argv[i - 1] not in ("--data", "--out"))]
-    options += ["--model", settings.model, "--device", "auto"]
+    options += ["--model", settings.model]  # the device: samforge train's auto, or the pod command's (GPU jobs)
     if settings.checkpoint:
         options += ["--checkpoint", settings.checkpoint]
-    wanted = launch.request.resources
-    resources = k8s_job.Resources.of(wanted.nodes, wanted.processes_per_node, wanted.gpus_per_process)
-    return k8s_job.TrainingJob(launch.job_id, launch.tenant, str(launch.data), tuple(options), resources,
-                               events=True)
+    return k8s_job.TrainingJob(launch.job_id, launch.tenant, str(launch.data), tuple(options),
+                               launch.request.resources, events=True)
 
 
 def outcome_of(status: k8s_job.ClusterJobStatus) -> RunResult | None:
