@@ -5,8 +5,9 @@
   ``--min-improvement`` included) with the trainer's model, checkpoint and device, ``--out <job folder>`` and
   ``--events <job folder>/events.jsonl``. The champion folder is the trainer's adapter store's local copy
   (``path_of``), which the worker, on the same node, reads. A job asking for N processes per node runs
-  ``python -m torch.distributed.run --standalone --nproc_per_node N samforge train ...`` (gloo on CPU, nccl on
-  GPUs); rank 0 writes the events and result.json, every rank exits 0 on success.
+  ``python -m torch.distributed.run --standalone --nproc_per_node N --no-python samforge train ...`` (gloo on
+  CPU, nccl on GPUs); rank 0 writes the events and result.json, every rank exits 0 on success. A job asking
+  for GPUs gets its own devices (:func:`worker_environment`; each rank its share: :mod:`services.trainer.devices`).
 - The worker starts in its own session (process group = its pid): a crash or the OOM killer ends the worker,
   never the trainer; a CancelJob (or a shutdown that stops workers) sends SIGTERM to the whole group and the
   worker checkpoints at its next progress event and exits 4 (:mod:`services.trainer.worker`).
