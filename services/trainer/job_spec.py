@@ -68,7 +68,7 @@ RESOURCE_FIELDS = ("nodes", "processes_per_node", "gpus_per_process")
 @dataclass(frozen=True)
 class Resources:
     """Mirror of ``sam.v1.Resources`` (services.trainer.convert maps the wire); 0 = the default (1 node,
-    1 process, no GPU). A request keeps its 0s (job.json, GetJob); :meth:`resolved` is what runs."""
+    1 process, no GPU). A request keeps its 0s (job.json, the Job message); :meth:`resolved` is what runs."""
 
     nodes: int = 0
     processes_per_node: int = 0
@@ -110,7 +110,7 @@ class ResourceLimits:
 def check_resources(resources: Resources, limits: ResourceLimits, hp: Hyperparameters) -> None:
     """Each field 0 or within ``1 .. limit``; the global batch divisible by the ranks (InvalidInput naming
     ``resources.<field>``)."""
-    resources.resolved()
+    resources.resolved()  # negative fields
     for name in RESOURCE_FIELDS:
         value, limit = getattr(resources, name), getattr(limits, name)
         if value > limit:

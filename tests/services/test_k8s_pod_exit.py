@@ -66,6 +66,7 @@ def test_a_run_the_guard_rejects_ends_the_pod_with_status_3(tmp_path):
     assert 3 in fail_job_codes(job)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bad_input_ends_the_pod_with_status_2(tmp_path):
     empty = tmp_path / "data" / "default" / "empty"
