@@ -162,7 +162,7 @@ class ProcessExecutor:
                                "kubernetes executor", field="resources.nodes")
         if resources.gpus_per_process:
             count = _cuda_devices()  # CUDA_VISIBLE_DEVICES may name devices torch cannot open
-            available = min(count, len(devices.visible_devices(os.environ.get(devices.ENV), count)))
+            available = min(count, len(devices.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), count)))
             wanted = resources.gpus_per_process * resources.resolved().processes_per_node
             if available < wanted:
                 raise InvalidInput(f"asks for {wanted} GPU(s) ({resources.gpus_per_process} per process); this "
