@@ -62,18 +62,32 @@ class Hyperparameters:
         return Hyperparameters(**{k: v for k, v in data.items() if k in known})
 
 
+RESOURCE_FIELDS = ("nodes", "processes_per_node", "gpus_per_process")
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Mirror of ``sam.v1.Resources``; 0 = the default (1 node, 1 process, no GPU)."""
+    """Mirror of ``sam.v1.Resources`` (services.trainer.convert maps the wire); 0 = the default (1 node,
+    1 process, no GPU). A request keeps its 0s (job.json, the Job message); :meth:`resolved` is what runs."""
 
     nodes: int = 0
     processes_per_node: int = 0
     gpus_per_process: int = 0
 
+    def resolved(self) -> Resources:
+        """The defaults filled in (nodes and processes_per_node >= 1); a negative field is InvalidInput
+        naming ``resources.<field>`` (the one place that rejects them)."""
+        for name in RESOURCE_FIELDS:
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"must be 0 (the default) or more, got {getattr(self, name)}",
+                                   field=f"resources.{name}")
+        return Resources(max(1, self.nodes), max(1, self.processes_per_node), self.gpus_per_process)
+
     @property
     def world_size(self) -> int:
         """Ranks of a torchrun job (1 = one plain process)."""
-        return max(1, self.nodes) * max(1, self.processes_per_node)
+        resolved = self.resolved()
+        return resolved.nodes * resolved.processes_per_node
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,9 +110,10 @@ class ResourceLimits:
 def check_resources(resources: Resources, limits: ResourceLimits, hp: Hyperparameters) -> None:
     """Each field 0 or within ``1 .. limit``; the global batch divisible by the ranks (InvalidInput naming
     ``resources.<field>``)."""
-    for name in ("nodes", "processes_per_node", "gpus_per_process"):
+    resources.resolved()  # negative fields
+    for name in RESOURCE_FIELDS:
         value, limit = getattr(resources, name), getattr(limits, name)
-        if not 0 <= value <= limit:
+        if value > limit:
             setting = f"SAMFORGE_MAX_{name.upper()}"
             raise InvalidInput(f"must be 0 (the default) or 1 to {limit} ({setting}), got {value}",
                                field=f"resources.{name}")

@@ -2,13 +2,16 @@
 
 Rendering (pure functions, no cluster needed):
 
-- :func:`render_job`: ``completions = parallelism = nodes``, one pod per node. Each pod runs
-  ``torchrun --nnodes N --nproc-per-node P --node-rank $(JOB_COMPLETION_INDEX) --master-addr <pod 0>
+- :func:`render_job`: ``completions = parallelism = nodes``, one pod per node. Each pod runs torchrun
+  (through :mod:`services.trainer.pod_entry`, which exits with the failed rank's own status, not torchrun's 1)
+  ``--nnodes N --nproc-per-node P --node-rank $(JOB_COMPLETION_INDEX) --master-addr <pod 0>
   --master-port 29500 --no-python samforge train --data D --out <jobs dir>/<tenant>/<job> ...``;
   ``$(JOB_COMPLETION_INDEX)`` is expanded by the kubelet from the variable the Job controller sets on
   every pod of an Indexed Job. Pod 0 is reached as ``<name>-0.<name>`` through the Service. Rank 0
   evaluates and writes ``<out>/adapter`` (and ``<out>/result.json``); the other ranks only train. GPUs:
-  ``processes_per_node x gpus_per_process`` ``nvidia.com/gpu`` requested = limited; CPU and memory per
+  ``processes_per_node x gpus_per_process`` ``nvidia.com/gpu`` requested = limited: the limit isolates the
+  pod's devices from the node's other GPUs, and each rank runs on its own ``gpus_per_process`` of them
+  (:mod:`services.trainer.devices` narrows CUDA_VISIBLE_DEVICES per LOCAL_RANK); CPU and memory per
   process from settings. The pods mount the jobs claim at ``SAMFORGE_JOBS_DIR`` (the trainer reads the
   same folder) and the data claim read-only at ``SAMFORGE_DATA_DIR``, run as uid 10001 with a read-only
   root file system and no capabilities, get no API token, and match the NetworkPolicy
@@ -49,13 +52,17 @@ from typing import Any
 from sam_core.errors import InvalidInput, Unavailable
 from services.common.settings import TrainerSettings
 
+from . import devices
 from .job_model import job_dir
-from .worker import EVENTS_FILE, RESULT_FILE, read_result
+from .job_spec import Resources
+from .worker import EVENTS_FILE, EXIT_CODES, RESULT_FILE, WorkerStatus, read_result
 
 RENDEZVOUS_PORT = 29500  # torchrun's default master port
 RETRIES = 2  # pod failures tolerated per node (each retry resumes from the last checkpoint)
 TTL_SECONDS = 86400  # finished Jobs (and their pods) are deleted a day later
-EXIT_BAD_INPUT, EXIT_REJECTED = 2, 3  # `samforge train` exit statuses that a retry cannot change
+# `samforge train` exit statuses that a retry cannot change (the pod exits with them: services.trainer.pod_entry)
+EXIT_BAD_INPUT, EXIT_REJECTED = EXIT_CODES[WorkerStatus.INVALID_INPUT], EXIT_CODES[WorkerStatus.REJECTED]
+POD_ENTRY = ("python", "-m", "services.trainer.pod_entry")  # torchrun exiting with the failed rank's status
 COMPONENT = "training"
 JOB_ID_LABEL = "samforge.io/job-id"
 TENANT_ANNOTATION = "samforge.io/tenant"
@@ -68,32 +75,12 @@ _QUANTITY = re.compile(r"([0-9.]+)([a-zA-Z]*)", re.ASCII)
 
 
 @dataclass(frozen=True)
-class Resources:
-    """What a job asks for: ``nodes`` pods, each running ``processes_per_node`` torchrun processes."""
-
-    nodes: int = 1
-    processes_per_node: int = 1
-    gpus_per_process: int = 0
-
-    @classmethod
-    def of(cls, nodes: int, processes_per_node: int, gpus_per_process: int) -> Resources:
-        """From a CreateJob request's ``resources``, where 0 means the default (1 node, 1 process, no GPU)."""
-        return cls(nodes or 1, processes_per_node or 1, gpus_per_process)
-
-    def __post_init__(self) -> None:
-        for name in ("nodes", "processes_per_node"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(f"must be >= 1, got {getattr(self, name)}", field=f"resources.{name}")
-        if self.gpus_per_process < 0:
-            raise InvalidInput(f"must be >= 0, got {self.gpus_per_process}", field="resources.gpus_per_process")
-
-
-@dataclass(frozen=True)
 class TrainingJob:
     """One job to run: ``data`` is the resolved data set path (under SAMFORGE_DATA_DIR), ``train_args`` the
     rest of the ``samforge train`` command line (method, hyper-parameters, name) except --data and --out.
 
     ``events``: pass ``--events <out>/events.jsonl``; needs a ``samforge train`` that has the flag.
+    ``resources`` is kept :meth:`~services.trainer.job_spec.Resources.resolved` (0 = the default filled in).
     """
 
     job_id: str
@@ -106,6 +93,7 @@ class TrainingJob:
     def __post_init__(self) -> None:
         if not _JOB_ID.fullmatch(self.job_id):
             raise InvalidInput(f"{self.job_id!r} is not a job id (1-40 of a-z 0-9)", field="job_id")
+        object.__setattr__(self, "resources", self.resources.resolved())  # frozen: set once, here
 
 
 def object_name(job_id: str) -> str:
@@ -129,7 +117,8 @@ def _metadata(settings: TrainerSettings, job: TrainingJob) -> dict[str, Any]:
 
 
 def pod_command(settings: TrainerSettings, job: TrainingJob) -> list[str]:
-    """The container's command: torchrun (static rendezvous at pod 0) running ``samforge train``."""
+    """The container's command: torchrun (static rendezvous at pod 0) running ``samforge train``, through
+    :mod:`services.trainer.pod_entry` so that the pod exits with the failed rank's own status."""
     name, out = object_name(job.job_id), out_dir(settings, job.tenant, job.job_id)
     data = Path(job.data)
     if ".." in data.parts or not data.is_relative_to(settings.data_dir):
@@ -137,10 +126,13 @@ def pod_command(settings: TrainerSettings, job: TrainingJob) -> list[str]:
     train = ["samforge", "train", "--data", str(data), "--out", str(out), *job.train_args]
     if job.events:
         train += ["--events", str(out / EVENTS_FILE)]
-    return ["torchrun", f"--nnodes={job.resources.nodes}",
+    if job.resources.gpus_per_process:  # each rank sees only its own devices (rank_launcher): the first is its
+        train += ["--device", devices.RANK_DEVICE]
+    return [*POD_ENTRY, f"--nnodes={job.resources.nodes}",
             f"--nproc-per-node={job.resources.processes_per_node}",
             "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={name}-0.{name}",
-            f"--master-port={RENDEZVOUS_PORT}", "--no-python", *train]
+            f"--master-port={RENDEZVOUS_PORT}", "--no-python",
+            *devices.rank_launcher(job.resources.gpus_per_process), *train]
 
 
 def _split(quantity: str) -> tuple[Decimal, str]:

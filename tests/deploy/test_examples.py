@@ -44,7 +44,9 @@ def test_the_example_runs_samforge_train_under_torchrun_without_a_launcher():
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     command = container["command"]
-    assert command[0] == "torchrun" and command[command.index("--no-python") + 1:][:2] == ["samforge", "train"]
+    assert command[:3] == ["python", "-m", "services.trainer.pod_entry"]  # torchrun, exiting with the rank's status
+    train = command[command.index("--no-python") + 1:]
+    assert train[train.index("--") + 1:][:2] == ["samforge", "train"]  # each rank on its own GPU, then samforge
     assert "configMap" not in str(spec["volumes"])
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["completionMode"] == "Indexed"

@@ -99,7 +99,8 @@ def test_job_and_service_for_two_nodes_of_two_gpus_validate(rendered, tmp_path, 
     assert container["image"] == trainer(objects)[1]["image"] and job["metadata"]["namespace"] == NAMESPACE
     command = container["command"]
     name = object_name(JOB_ID)
-    assert command[:6] == ["torchrun", "--nnodes=2", "--nproc-per-node=2", "--node-rank=$(JOB_COMPLETION_INDEX)",
+    assert command[:8] == ["python", "-m", "services.trainer.pod_entry", "--nnodes=2", "--nproc-per-node=2",
+                           "--node-rank=$(JOB_COMPLETION_INDEX)",
                            f"--master-addr={name}-0.{name}", f"--master-port={RENDEZVOUS_PORT}"]
     out = str(out_dir(settings, "default", JOB_ID))
     assert command[command.index("--out") + 1] == out

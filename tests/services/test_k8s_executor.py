@@ -17,14 +17,15 @@ from kubernetes.client.exceptions import ApiException
 
 from sam_core.errors import InvalidInput, Unavailable
 from services.common.settings import TrainerSettings
+from services.trainer.job_spec import Resources
 from services.trainer.k8s_job import (
     ClusterJobState,
     KubernetesExecutor,
-    Resources,
     TrainingJob,
     job_status,
     object_name,
     out_dir,
+    pod_command,
     scaled,
     threads,
 )
@@ -151,7 +152,7 @@ def test_a_bad_job_reaches_no_api(settings, api):
         a_job(settings, job_id="../x")
     assert info.value.field == "job_id"
     with pytest.raises(InvalidInput) as info:
-        Resources(nodes=0)
+        a_job(settings, resources=Resources(nodes=-1))
     assert info.value.field == "resources.nodes"
     assert api.calls == []
 
@@ -239,14 +240,29 @@ def test_job_status_waits_on_a_pod_pulling_its_image():
     assert status.state is ClusterJobState.PENDING and "ImagePullBackOff" in status.reason
 
 
-def test_request_resources_default_to_one_node_of_one_process():
-    assert Resources.of(0, 0, 0) == Resources(1, 1, 0)
-    assert Resources.of(2, 4, 1) == Resources(2, 4, 1)
+def test_request_resources_default_to_one_node_of_one_process(settings):
+    """One Resources type: the request keeps its 0s, the Job runs the resolved form."""
+    assert Resources(0, 0, 0).resolved() == Resources(1, 1, 0) == TrainingJob(JOB_ID, "acme", "x").resources
+    assert Resources(2, 4, 1).resolved() == Resources(2, 4, 1)
+    assert a_job(settings, resources=Resources(nodes=2)).resources == Resources(2, 1, 0)
     with pytest.raises(InvalidInput) as info:
-        Resources.of(1, 1, -1)
+        Resources(1, 1, -1).resolved()
     assert info.value.field == "resources.gpus_per_process"
+    import services.trainer.k8s_job as k8s_job
+
+    assert k8s_job.Resources is Resources  # the request type itself, not a second one
 
 
 def test_quantities_scale_per_process():
     assert [scaled("4", 2), scaled("500m", 3), scaled("16Gi", 2), scaled("1.5", 2)] == ["8", "1500m", "32Gi", "3.0"]
     assert [threads("4"), threads("500m"), threads("2500m")] == [4, 1, 2]
+
+
+def test_each_rank_of_a_gpu_pod_runs_on_its_own_devices(settings):
+    """The pod's nvidia.com/gpu limit isolates its devices; within the pod each rank narrows to its own."""
+    gpu = pod_command(settings, a_job(settings, resources=Resources(2, 2, 2)))
+    ranks = gpu[gpu.index("--no-python") + 1:]
+    assert ranks[:7] == ["python", "-m", "services.trainer.devices", "--gpus-per-process=2", "--", "samforge", "train"]
+    assert gpu[-2:] == ["--device", "cuda:0"]
+    cpu = pod_command(settings, a_job(settings, resources=Resources(2, 2, 0)))
+    assert cpu[cpu.index("--no-python") + 1:][:2] == ["samforge", "train"] and "--device" not in cpu

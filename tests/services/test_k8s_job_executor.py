@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sam_core.errors import InvalidInput
 from sam_core.training.config import Phase, ProgressEvent
 from services.common.settings import TrainerSettings
 from services.trainer.executors import EXECUTORS, JobLaunch, Outcome
@@ -140,3 +141,13 @@ def test_the_worker_options_are_the_process_executors_without_the_volumes(settin
     assert "--data" not in job.train_args and "--out" not in job.train_args and job.events
     assert job.resources.nodes == 2 and job.resources.processes_per_node == 1
     assert "kubernetes" in EXECUTORS
+
+
+def test_check_refuses_at_create_job_what_the_trainer_cannot_create(settings):
+    """No training image: CreateJob is refused naming the setting, and no API is called."""
+    api = RecordingApi()
+    executor(settings, api).check(Resources(nodes=2, processes_per_node=2, gpus_per_process=1))
+    no_image = TrainerSettings.from_env({"SAMFORGE_DATA_DIR": settings.data_dir, "SAMFORGE_MAX_NODES": "4"})
+    with pytest.raises(InvalidInput) as info:
+        executor(no_image, api).check(Resources(nodes=2))
+    assert info.value.field == "SAMFORGE_K8S_IMAGE" and api.calls == []

@@ -1,6 +1,6 @@
 """Executors without servers: the worker's argv reproduces the trainer's FinetuneSpec, CreateJob resources are
-checked (each bad field named), the events file round-trips, the registry holds the executors the setting
-offers, and /proc start times tell a live worker from a recycled pid."""
+checked (each bad field named), each rank of a GPU job gets its own devices, the events file round-trips, the
+registry holds the executors the setting offers, and /proc start times tell a live worker from a recycled pid."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from sam_core.errors import InvalidInput
 from sam_core.training.config import Phase, ProgressEvent
 from services.cli_finetune import add_train_args, spec_from_args
 from services.common.settings import ENV_BY_NAME, TrainerSettings
+from services.trainer.devices import rank_devices, rank_environment, visible_devices
 from services.trainer.executors import EXECUTORS
 from services.trainer.executors.base import JobLaunch
 from services.trainer.executors.inline import InlineExecutor
-from services.trainer.executors.process import ProcessExecutor, start_ticks, worker_argv
+from services.trainer.executors.process import ProcessExecutor, start_ticks, worker_argv, worker_environment
 from services.trainer.job_spec import (
     Hyperparameters,
     JobRequest,
@@ -159,3 +160,53 @@ def test_start_ticks_tell_a_live_process_from_a_gone_one():
     assert start_ticks(child.pid) is None and ticks is not None
     assert start_ticks(2**22 + 1) is None  # above pid_max
     assert Path("/proc/self/stat").exists()
+
+
+def test_each_local_rank_owns_its_gpus_per_process_devices():
+    visible = ["3", "5", "6", "7"]  # the trainer's CUDA_VISIBLE_DEVICES
+    assert [rank_devices(rank, 2, visible) for rank in (0, 1)] == [["3", "5"], ["6", "7"]]
+    assert [rank_devices(rank, 1, visible) for rank in range(4)] == [["3"], ["5"], ["6"], ["7"]]
+    with pytest.raises(InvalidInput) as info:
+        rank_devices(2, 2, visible)
+    assert info.value.field == "resources.gpus_per_process" and "only 4 visible" in str(info.value)
+    assert visible_devices(None, 2) == ["0", "1"] and visible_devices("4, 5", 8) == ["4", "5"]
+    assert visible_devices("", 8) == []
+    # a Kubernetes pod sees exactly its processes x gpus devices (its nvidia.com/gpu limit), numbered from 0
+    pod_rank_1 = rank_environment({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2)
+    assert pod_rank_1["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def gpu_launch(tmp_path: Path, resources: Resources) -> JobLaunch:
+    request = JobRequest(tenant="acme", dataset="blobs", method="decoder", adapter_name="ships",
+                         resources=resources)
+    return JobLaunch("f" * 32, "acme", tmp_path / "job", tmp_path / "data", request)
+
+
+def test_a_gpu_job_sees_only_its_devices_and_each_rank_trains_on_its_own(tmp_path):
+    settings = TrainerSettings.from_env({"SAMFORGE_MODEL": "tiny"})
+    trainer_env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": os.environ["PATH"]}
+    plain = gpu_launch(tmp_path, Resources(gpus_per_process=2))
+    assert worker_environment(plain.request.resources, trainer_env, lambda: 8)["CUDA_VISIBLE_DEVICES"] == "4,5"
+    argv = worker_argv(plain, settings)
+    assert argv[argv.index("--device") + 1] == "cuda:0" and "torch.distributed.run" not in argv
+    assert worker_environment(plain.request.resources, {}, lambda: 3)["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+    ranks = gpu_launch(tmp_path, Resources(processes_per_node=2, gpus_per_process=1))
+    env = worker_environment(ranks.request.resources, trainer_env, lambda: 8)
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5"
+    argv = worker_argv(ranks, settings)
+    after = argv[argv.index("--no-python") + 1:]
+    launcher = after[:after.index("--") + 1]  # what torchrun runs before the samforge command
+    assert launcher[:4] == [sys.executable, "-m", "services.trainer.devices", "--gpus-per-process=1"]
+    assert argv[argv.index("--device") + 1] == "cuda:0"
+    show = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    for rank, device in ((0, "4"), (1, "5")):  # what each rank runs under torchrun, without a GPU
+        rank_env = {**os.environ, **env, "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        shown = subprocess.run([*launcher, *show], env=rank_env, capture_output=True,
+                               text=True, check=True, timeout=60)
+        assert shown.stdout.strip() == device
+
+    cpu = gpu_launch(tmp_path, Resources(processes_per_node=2))
+    assert worker_environment(cpu.request.resources, trainer_env, lambda: 8) == trainer_env
+    argv = worker_argv(cpu, settings)
+    assert "services.trainer.devices" not in argv and argv[argv.index("--device") + 1] == settings.device

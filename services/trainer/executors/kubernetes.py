@@ -14,8 +14,9 @@ the :class:`~.base.Executor` around it, so the JobManager treats a cluster job l
   reasons (``OOMKilled (exit 137)``).
 - CancelJob (or a shutdown that stops workers) deletes the Job (its pods get SIGTERM and checkpoint) and the
   Service: STOPPED. A shutdown that detaches leaves the Job running (DETACHED); the next trainer re-attaches.
-- ``check`` accepts any node count up to the settings' limit (checked before, in ``job_spec``); GPUs are the
-  cluster's to schedule.
+- ``check`` renders the Job the request would create (no API call): a trainer without a training image
+  refuses the job at CreateJob. The generic limits (nodes, processes, GPUs) are ``job_spec``'s; whether a
+  node has room is the scheduler's (the job waits PENDING with its reason).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger("samforge.trainer")
 
 POLL_SECONDS = 1.0  # events tail interval
 STATE_EVERY = 5  # API reads of the Job's state: one every STATE_EVERY polls
+PROBE_JOB_ID = "0" * 32  # the job id of the Job check() renders (never created)
 _OUTCOMES = {WorkerStatus.PUBLISHED: Outcome.PUBLISH, WorkerStatus.REJECTED: Outcome.REJECTED,
              WorkerStatus.INVALID_INPUT: Outcome.FAILED, WorkerStatus.STOPPED: Outcome.STOPPED,
              WorkerStatus.FAILED: Outcome.FAILED}
@@ -49,13 +51,11 @@ def training_job(launch: JobLaunch, settings: TrainerSettings) -> k8s_job.Traini
     argv = spec_argv(build_spec(launch.request, launch.data, launch.out_dir, launch.baseline))
     options = [arg for i, arg in enumerate(argv)
                if arg not in ("--data", "--out") and (i == 0 or argv[i - 1] not in ("--data", "--out"))]
-    options += ["--model", settings.model, "--device", "auto"]
+    options += ["--model", settings.model]  # the device: samforge train's auto, or the pod command's (GPU jobs)
     if settings.checkpoint:
         options += ["--checkpoint", settings.checkpoint]
-    wanted = launch.request.resources
-    resources = k8s_job.Resources.of(wanted.nodes, wanted.processes_per_node, wanted.gpus_per_process)
-    return k8s_job.TrainingJob(launch.job_id, launch.tenant, str(launch.data), tuple(options), resources,
-                               events=True)
+    return k8s_job.TrainingJob(launch.job_id, launch.tenant, str(launch.data), tuple(options),
+                               launch.request.resources, events=True)
 
 
 def outcome_of(status: k8s_job.ClusterJobStatus) -> RunResult | None:
@@ -74,7 +74,13 @@ class KubernetesJobExecutor:
         self.settings, self.cluster = settings, cluster
 
     def check(self, resources: Resources) -> None:
-        """Everything the settings' limits allow can be scheduled (or waits for the cluster to have room)."""
+        """Render, without the API server, the Job this request would create: what the trainer itself cannot
+        create (no training image, SAMFORGE_K8S_IMAGE) is InvalidInput naming it at CreateJob, not a FAILED job
+        later. Room on the nodes (GPUs, CPU, quota) is the scheduler's to judge: a job too large for every node
+        stays PENDING with the scheduler's reason in its message."""
+        probe = k8s_job.TrainingJob(PROBE_JOB_ID, "probe", self.settings.data_dir, resources=resources)
+        k8s_job.render_service(self.settings, probe)
+        k8s_job.render_job(self.settings, probe)
 
     def run(self, launch: JobLaunch, control: JobControl) -> RunResult:
         job = training_job(launch, self.settings)

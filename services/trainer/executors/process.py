@@ -5,8 +5,9 @@
   ``--min-improvement`` included) with the trainer's model, checkpoint and device, ``--out <job folder>`` and
   ``--events <job folder>/events.jsonl``. The champion folder is the trainer's adapter store's local copy
   (``path_of``), which the worker, on the same node, reads. A job asking for N processes per node runs
-  ``python -m torch.distributed.run --standalone --nproc_per_node N samforge train ...`` (gloo on CPU, nccl on
-  GPUs); rank 0 writes the events and result.json, every rank exits 0 on success.
+  ``python -m torch.distributed.run --standalone --nproc_per_node N --no-python samforge train ...`` (gloo on
+  CPU, nccl on GPUs); rank 0 writes the events and result.json, every rank exits 0 on success. A job asking
+  for GPUs gets its own devices (:func:`worker_environment`; each rank its share: :mod:`services.trainer.devices`).
 - The worker starts in its own session (process group = its pid): a crash or the OOM killer ends the worker,
   never the trainer; a CancelJob (or a shutdown that stops workers) sends SIGTERM to the whole group and the
   worker checkpoints at its next progress event and exits 4 (:mod:`services.trainer.worker`).
@@ -28,12 +29,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sam_core.errors import InvalidInput
 from sam_core.training.finetune import FinetuneSpec
 from services.common.settings import TrainerSettings
 
+from .. import devices
 from ..job_spec import Resources, build_spec
 from ..worker import EVENTS_FILE, RESULT_FILE, WORKER_LOG, WorkerStatus, read_events, read_result
 from .base import JobControl, JobLaunch, Outcome, RunResult
@@ -79,19 +82,37 @@ def spec_argv(spec: FinetuneSpec) -> list[str]:
 
 
 def worker_argv(launch: JobLaunch, settings: TrainerSettings) -> list[str]:
-    """The full worker command of ``launch`` (torchrun when the job asks for several processes)."""
+    """The full worker command of ``launch`` (torchrun when the job asks for several processes; a GPU job's
+    ranks each through :func:`services.trainer.devices.rank_launcher`, on ``cuda:0`` of their own devices)."""
     spec = build_spec(launch.request, launch.data, launch.out_dir, launch.baseline)
-    options = ["train", *spec_argv(spec), "--model", settings.model, "--device", settings.device,
+    gpus = launch.request.resources.gpus_per_process
+    options = ["train", *spec_argv(spec), "--model", settings.model,
+               "--device", devices.RANK_DEVICE if gpus else settings.device,
                "--events", str(launch.out_dir / EVENTS_FILE)]
     if settings.checkpoint:
         options += ["--checkpoint", settings.checkpoint]
     ranks = launch.request.resources.world_size
-    if ranks == 1:
+    if ranks == 1:  # worker_environment already narrowed CUDA_VISIBLE_DEVICES to its devices
         return [*samforge_command(), *options]
-    command = samforge_command()
-    program = command if len(command) == 1 else ["--module", "services.cli"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-            *program, *options]
+            "--no-python", *devices.rank_launcher(gpus, sys.executable), *samforge_command(), *options]
+
+
+def worker_environment(resources: Resources, environ: Mapping[str, str],
+                       device_count: Callable[[], int]) -> dict[str, str]:
+    """The worker's environment: a GPU job's CUDA_VISIBLE_DEVICES is its own devices, the first processes x
+    gpus_per_process of the trainer's (``device_count``: how many torch sees, asked only for a GPU job)."""
+    if not resources.gpus_per_process:
+        return dict(environ)
+    visible = devices.visible_devices(environ.get(devices.ENV), device_count())
+    mine = devices.job_devices(resources.resolved().processes_per_node, resources.gpus_per_process, visible)
+    return {**environ, devices.ENV: ",".join(mine)}
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def start_ticks(pid: int) -> int | None:
@@ -140,12 +161,12 @@ class ProcessExecutor:
             raise InvalidInput("the process executor runs a job on the trainer's node; more nodes need the "
                                "kubernetes executor", field="resources.nodes")
         if resources.gpus_per_process:
-            import torch
-
-            available = torch.cuda.device_count()
-            if available < resources.gpus_per_process * max(1, resources.processes_per_node):
-                raise InvalidInput(f"asks for {resources.gpus_per_process} GPU(s) per process; this node has "
-                                   f"{available}", field="resources.gpus_per_process")
+            count = _cuda_devices()  # CUDA_VISIBLE_DEVICES may name devices torch cannot open
+            available = min(count, len(devices.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), count)))
+            wanted = resources.gpus_per_process * resources.resolved().processes_per_node
+            if available < wanted:
+                raise InvalidInput(f"asks for {wanted} GPU(s) ({resources.gpus_per_process} per process); this "
+                                   f"node has {available}", field="resources.gpus_per_process")
 
     def run(self, launch: JobLaunch, control: JobControl) -> RunResult:
         worker, offset = self._attach(launch)
@@ -187,7 +208,8 @@ class ProcessExecutor:
         argv = worker_argv(launch, self.settings)
         with open(out / WORKER_LOG, "ab") as log_file:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    cwd=out, start_new_session=True)
+                                    cwd=out, start_new_session=True,
+                                    env=worker_environment(launch.request.resources, os.environ, _cuda_devices))
         ticks = start_ticks(proc.pid)
         worker = _Worker(proc.pid, -1 if ticks is None else ticks, proc)
         control.record_worker({"pid": worker.pid, "start_ticks": worker.ticks, "events_offset": 0})
