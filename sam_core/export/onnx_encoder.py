@@ -15,7 +15,10 @@ whose PatchMerging modules read ``x.shape[0]`` instead (same computation). SAM's
 does SAM 2's Hiera + FPN neck: every reshape there reads the batch from ``x.shape`` (window_unpartition
 derives it from the window count), and the traced constants (padding, window grids) depend only on the
 fixed input side. tests/sam_core/test_onnx_sam2.py runs graphs exported at batch 2 at batches 1 and 3.
-``onnxruntime`` and ``onnx`` are imported lazily (extra ``cpu`` or ``gpu``).
+The tracer's shape inference leaves the outputs' spatial sizes symbolic (and may even give two levels of
+different sizes the same symbol), so the export declares every output ``batch x C_l x h_l x w_l`` with the
+family's static ``feature_shapes``: servers that read the graph's signature (Triton, pytriton) see the true
+shapes. ``onnxruntime`` and ``onnx`` are imported lazily (extra ``cpu`` or ``gpu``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,19 @@ def encoder_output_names(net: SegmentationModel) -> tuple[str, ...]:
     return (OUTPUT_NAME,) if len(names) == 1 else names
 
 
+def _declare_output_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Rewrite the graph outputs' declared shapes to ``batch x *shapes[name]`` (metadata only)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for output in graph.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        for dim, size in zip(dims[1:], shapes[output.name], strict=True):
+            dim.dim_value = size
+    onnx.save(graph, str(path))
+
+
 def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model``'s image encoder (adapters included) to ``path``; written atomically
     (:func:`sam_core.files.atomic_output`), so a partial file is never visible at ``path``."""
@@ -86,6 +102,9 @@ def export_encoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, ops
         torch.onnx.export(encoder, (example,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
                           do_constant_folding=True, input_names=[INPUT_NAME], output_names=list(outputs),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)})
+        shapes = model.net.feature_shapes()
+        _declare_output_shapes(tmp, {output: shapes[level]
+                                     for output, level in zip(outputs, model.net.feature_names, strict=True)})
     return out
 
 

@@ -36,6 +36,8 @@ def _check_encoder(model, folder, batches=(1, 3)) -> None:
     assert path.exists() and not list(folder.glob(".*.tmp"))
     encoder = OnnxEncoder(path, threads=1)
     assert encoder.output_names == encoder_output_names(model.net) == model.net.feature_names
+    declared = {output.name: output.shape for output in encoder.session.get_outputs()}
+    assert declared == {name: ["batch", *shape] for name, shape in model.net.feature_shapes().items()}
     size = model.spec.img_size
     images = torch.rand(max(batches), 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
