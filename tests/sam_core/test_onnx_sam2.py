@@ -68,8 +68,8 @@ def decoders(tiny2, tmp_path_factory):
 def _assert_same_low_res(ours, reference, embedding, prompts, multimask) -> None:
     a = ours.decode_low_res(embedding.features, prompts, embedding.original_size, multimask)
     b = reference.decode_low_res(embedding.features, prompts, embedding.original_size, multimask)
-    m = 3 if multimask else 1
-    assert a[0].shape == b[0].shape == (len(prompts), m, 32, 32) and a[1].shape == b[1].shape == (len(prompts), m)
+    m, side = 3 if multimask else 1, ours.spec.low_res_size
+    assert a[0].shape == b[0].shape == (len(prompts), m, side, side) and a[1].shape == b[1].shape == (len(prompts), m)
     assert (a[0] - b[0]).abs().max().item() < TOL
     assert (a[1] - b[1]).abs().max().item() < TOL
 
@@ -115,14 +115,30 @@ def test_tiny_sam2_single_mask_is_the_decoders_stability_choice(decoders):
     assert fell_back > 0
 
 
-@pytest.mark.slow
-def test_sam2_1_hiera_t_encoder_export(tmp_path):
+@pytest.fixture(scope="module")
+def hiera_t(tmp_path_factory):
+    """A random sam2.1_hiera_t saved in the official format and loaded back through the registry."""
     from sam2.build_sam import build_sam2
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         official = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
-    checkpoint = tmp_path / "sam2.1_hiera_tiny.pt"
+    checkpoint = tmp_path_factory.mktemp("hiera_t") / "sam2.1_hiera_tiny.pt"
     torch.save({"model": official.state_dict()}, checkpoint)
-    del official
-    _check_encoder(load_model("sam2.1_hiera_t", checkpoint=checkpoint), tmp_path, batches=(1,))
+    return load_model("sam2.1_hiera_t", checkpoint=checkpoint)
+
+
+@pytest.mark.slow
+def test_sam2_1_hiera_t_encoder_export(hiera_t, tmp_path):
+    _check_encoder(hiera_t, tmp_path)
+
+
+@pytest.mark.slow
+def test_sam2_1_hiera_t_decoder_export(hiera_t, tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    reference = Predictor(hiera_t)
+    embedding = reference.encode_one(image)
+    ours = make_onnx_predictor(hiera_t, cache_dir=tmp_path, threads=1)
+    prompts = _prompts(embedding.original_size, hiera_t.spec.low_res_size)
+    for multimask in (False, True):
+        _assert_same_low_res(ours, reference, embedding, prompts, multimask)
