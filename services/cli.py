@@ -21,6 +21,7 @@ from services.stack import add_up_args
 
 if TYPE_CHECKING:
     from sam_core.inference.prompts import Prompt
+    from sam_core.modeling.registry import LoadedModel
 
 
 def _floats(text: str, count: int | tuple[int, ...], what: str) -> list[float]:
@@ -130,14 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export the encoder or decoder graph; with --check-image, compare it with PyTorch on that image."""
-    import numpy as np
-
-    from sam_core.export.onnx_decoder import export_decoder_onnx, make_onnx_predictor
-    from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
-    from sam_core.inference.predictor import Predictor
-    from sam_core.inference.prompts import Prompt
-    from sam_core.inference.types import Embedding
-    from sam_core.modeling.preprocess import preprocess
+    from sam_core.export.onnx_decoder import export_decoder_onnx
+    from sam_core.export.onnx_encoder import export_encoder_onnx
     from sam_core.modeling.registry import load_model
 
     loaded = load_model(args.model, args.checkpoint)
@@ -147,29 +142,61 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"part": args.part, "model_id": loaded.model_id, "path": str(path),
                                "bytes": path.stat().st_size, "export_s": round(time.perf_counter() - t0, 2)}
     if args.check_image:
-        from sam_core.io.images import load_image
-
-        image = load_image(args.check_image)
-        torch_predictor = Predictor(loaded, optimize_encoder=False, fast_decoder=False)
-        ref = torch_predictor.encode_one(image)
-        h, w = image.shape[:2]
-        boxes = [np.array([w * a, h * a, w * (1 - a), h * (1 - a)], np.float32) for a in (0.1, 0.25, 0.4)]
-        prompts = [Prompt(box=b) for b in boxes]
-        if args.part == "encoder":
-            features = OnnxEncoder(path)(preprocess(image, loaded.spec)[0])
-            ours = Embedding(loaded.net.features_from_encoder(features), ref.original_size, ref.input_size,
-                             ref.model_id, ref.preprocess_version, ref.encoder_adapter)
-            summary["embedding_max_abs_error"] = max(float((ours.features[name] - level).abs().max())
-                                                     for name, level in ref.features.items())
-            a, b = torch_predictor.decode(ref, prompts).masks, torch_predictor.decode(ours, prompts).masks
-        else:
-            onnx_predictor = make_onnx_predictor(loaded, onnx_path=path)
-            a, b = torch_predictor.decode(ref, prompts).masks, onnx_predictor.decode(ref, prompts).masks
-        ious = [float(np.logical_and(x, y).sum() / max(1, np.logical_or(x, y).sum()))
-                for x, y in zip(a, b, strict=True)]
-        summary["mask_iou_min"] = round(min(ious), 6)
+        summary.update(_onnx_check(loaded, args.part, path, args.check_image))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _onnx_check(loaded: LoadedModel, part: str, path: Path, image_path: str) -> dict[str, Any]:
+    """The exported ``part`` vs PyTorch on one image and three box prompts: per-level max |feature
+    difference| (encoder), low-res logit and IoU max |difference| and the masks' minimum IoU (both parts),
+    and each runtime's time for the compared step (``timing_ms``: encode or decode)."""
+    import numpy as np
+
+    from sam_core.export.onnx_decoder import make_onnx_predictor
+    from sam_core.export.onnx_encoder import OnnxEncoder
+    from sam_core.inference.predictor import Predictor
+    from sam_core.inference.prompts import Prompt
+    from sam_core.inference.types import Embedding
+    from sam_core.io.images import load_image
+    from sam_core.modeling.preprocess import preprocess
+
+    image = load_image(image_path)
+    torch_predictor = Predictor(loaded, optimize_encoder=False, fast_decoder=False)
+    ref = torch_predictor.encode_one(image)
+    h, w = image.shape[:2]
+    prompts = [Prompt(box=np.array([w * a, h * a, w * (1 - a), h * (1 - a)], np.float32)) for a in (0.1, 0.25, 0.4)]
+    report: dict[str, Any] = {}
+    if part == "encoder":
+        batch = preprocess(image, loaded.spec)[0]
+        started = time.perf_counter()
+        torch_predictor.encode_tensor(batch)
+        torch_s = time.perf_counter() - started
+        started = time.perf_counter()
+        features = loaded.net.features_from_encoder(OnnxEncoder(path)(batch))
+        onnx_s = time.perf_counter() - started
+        ours = Embedding(features, ref.original_size, ref.input_size, ref.model_id, ref.preprocess_version,
+                         ref.encoder_adapter)
+        report["max_abs_error"] = {name: float((features[name] - level).abs().max())
+                                   for name, level in ref.features.items()}
+        report["embedding_max_abs_error"] = max(report["max_abs_error"].values())
+        a, b = torch_predictor.decode(ref, prompts), torch_predictor.decode(ours, prompts)
+    else:
+        onnx_predictor = make_onnx_predictor(loaded, onnx_path=path)
+        started = time.perf_counter()
+        b = onnx_predictor.decode(ref, prompts)
+        onnx_s = time.perf_counter() - started
+        started = time.perf_counter()
+        a = torch_predictor.decode(ref, prompts)
+        torch_s = time.perf_counter() - started
+    assert a.low_res_logits is not None and b.low_res_logits is not None  # untiled decodes keep them
+    report["low_res_max_abs_error"] = float(np.abs(a.low_res_logits - b.low_res_logits).max())
+    report["iou_max_abs_error"] = float(np.abs(a.iou_scores - b.iou_scores).max())
+    ious = [float(np.logical_and(x, y).sum() / max(1, np.logical_or(x, y).sum()))
+            for x, y in zip(a.masks, b.masks, strict=True)]
+    report["mask_iou_min"] = round(min(ious), 6)
+    report["timing_ms"] = {"torch": round(1e3 * torch_s, 2), "onnx": round(1e3 * onnx_s, 2)}
+    return report
 
 
 def cmd_registry_sweep(args: argparse.Namespace) -> int:
@@ -208,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-onnx", help="export the image encoder or the prompt decoder to ONNX")
     e.add_argument("--part", choices=("encoder", "decoder"), required=True)
     e.add_argument("--model", default="litemedsam")
-    e.add_argument("--checkpoint", help="weights file for vit_b/vit_l/vit_h")
+    e.add_argument("--checkpoint", help="weights file for vit_*/sam2*_hiera_* (or to override litemedsam)")
     e.add_argument("--out", required=True, help="output .onnx file (written atomically)")
-    e.add_argument("--check-image", help="compare with PyTorch on this image: embedding error, mask IoU")
+    e.add_argument("--check-image", help="compare with PyTorch on this image: per-level feature error, logit and "
+                   "IoU error, mask IoU, timings")
     e.set_defaults(func=cmd_export_onnx)
     r = sub.add_parser("registry-sweep", help="delete orphaned uploads (a publisher killed mid-upload) from an "
                        "s3:// adapter registry")

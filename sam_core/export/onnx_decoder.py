@@ -1,7 +1,10 @@
 """ONNX Runtime decoder: prompt encoder + mask decoder exported as one graph with a prompt-batch axis.
 
-The graph follows segment-anything's ``SamOnnxModel`` (``utils/onnx.py``) with three differences that
-keep it numerically equal to :class:`sam_core.inference.predictor.Predictor`'s PyTorch decode:
+Each family has its graph (:mod:`sam_core.export.decoder_graphs`: SAM 1's described here, SAM 2's there);
+:func:`~sam_core.export.decoder_graphs.decoder_export` picks it by ``ModelSpec.family``, and this module's
+export, cache and runtime are the same for every family. The SAM 1 graph follows segment-anything's
+``SamOnnxModel`` (``utils/onnx.py``) with three differences that keep it numerically equal to
+:class:`sam_core.inference.predictor.Predictor`'s PyTorch decode:
 
 - it returns all ``num_mask_tokens`` (4) masks and IoU predictions (``return_single_mask=False``); the
   runtime slices ``0:1`` (single mask) or ``1:4`` (multimask) exactly like ``MaskDecoder.forward``;
@@ -15,7 +18,8 @@ keep it numerically equal to :class:`sam_core.inference.predictor.Predictor`'s P
 Graph inputs: ``image_embeddings`` 1 x C x h x w, ``point_coords`` B x P x 2 float32 (model input
 frame), ``point_labels`` B x P float32, ``mask_input`` Bm x 1 x L x L, ``has_mask_input`` (Bm,) float32
 with Bm = B or 1 (1 broadcasts over the batch). Outputs: ``low_res_logits`` B x 4 x L x L and
-``iou_predictions`` B x 4. B, P and Bm are dynamic.
+``iou_predictions`` B x 4. B, P and Bm are dynamic. SAM 2's graph takes its three feature levels
+(``image_embed``, ``high_res_feat_s0``, ``high_res_feat_s1``) in place of ``image_embeddings``.
 
 ``onnxruntime`` (extra ``cpu`` or ``gpu``) and ``onnx`` are imported lazily.
 """
@@ -26,92 +30,43 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder
-from torch import nn
 from torch.jit._trace import TracerWarning
 
+from sam_core.export.decoder_graphs import (  # noqa: F401  # DecoderGraph, prompt_arrays: re-exported
+    BOX_LABELS,
+    OUTPUT_NAMES,
+    PAD_LABEL,
+    DecoderGraph,
+    decoder_export,
+    prompt_arrays,
+)
 from sam_core.files import atomic_output
 from sam_core.inference.predictor import DEFAULT_DECODE_BATCH, Predictor
 from sam_core.inference.prompts import Prompt, all_present
-from sam_core.modeling.family import Features, image_embedding
-from sam_core.modeling.preprocess import SizeOrSpec, transform_boxes, transform_coords
+from sam_core.modeling.family import Features
 from sam_core.modeling.registry import LoadedModel, state_dict_sha256
-from sam_core.modeling.sam1 import Sam1Model, require_sam1
 
 EXPORT_FORMAT = 1  # bump when the graph's interface or construction changes (invalidates cached exports)
 DEFAULT_OPSET = 17
-INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
-OUTPUT_NAMES = ("low_res_logits", "iou_predictions")
-PAD_LABEL = -1.0
-BOX_LABELS = (2.0, 3.0)
-
-
-class DecoderGraph(nn.Module):
-    """Traceable prompt encoder + mask decoder (shares the modules of ``sam``; no copies).
-
-    forward(image_embeddings 1 x C x h x w, point_coords B x P x 2, point_labels B x P,
-    mask_input Bm x 1 x L x L, has_mask_input (Bm,)) -> (B x 4 x L x L logits, B x 4 IoU predictions).
-    """
-
-    prompt_encoder: PromptEncoder
-    mask_decoder: MaskDecoder
-    coord_scale: torch.Tensor
-
-    def __init__(self, sam: Sam1Model) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
-        h, w = self.prompt_encoder.input_image_size
-        self.register_buffer("coord_scale", torch.tensor([float(w), float(h)]), persistent=False)
-
-    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """B x P x 2, B x P -> B x P x C; same arithmetic as PromptEncoder._embed_points/_embed_boxes."""
-        encoder = self.prompt_encoder
-        embedding: torch.Tensor = encoder.pe_layer._pe_encoding((coords + 0.5) / self.coord_scale)
-        labels = labels.unsqueeze(-1)
-        embedding = embedding * (labels != PAD_LABEL).to(embedding.dtype)
-        embedding = embedding + encoder.not_a_point_embed.weight * (labels == PAD_LABEL).to(embedding.dtype)
-        for i in range(encoder.num_point_embeddings):
-            embedding = embedding + encoder.point_embeddings[i].weight * (labels == i).to(embedding.dtype)
-        return embedding
-
-    def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        """Bm x 1 x L x L, (Bm,) -> Bm x C x h x w (no_mask_embed where has_mask_input is 0)."""
-        encoder = self.prompt_encoder
-        has = has_mask_input.reshape(-1, 1, 1, 1)
-        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense: torch.Tensor = has * encoder.mask_downscaling(mask_input) + (1 - has) * no_mask
-        return dense
-
-    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
-                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse = self._embed_points(point_coords, point_labels)
-        dense = self._embed_masks(mask_input, has_mask_input)
-        low_res: torch.Tensor
-        iou: torch.Tensor
-        low_res, iou = self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-        return low_res, iou
+INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")  # SAM 1's
 
 
 def _example_inputs(model: LoadedModel, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Trace inputs with B=2, P=3, Bm=2 (distinct from 1 so no dynamic size is traced as a constant)."""
-    channels, h, w = next(iter(model.net.feature_shapes().values()))
+    shapes = model.net.feature_shapes()
     low = model.spec.low_res_size
     size = float(model.spec.img_size)
     generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(1, *shapes[name], generator=generator).to(device)
+                for name, _ in decoder_export(model).feature_inputs]
     return (
-        torch.randn(1, channels, h, w, generator=generator).to(device),
+        *features,
         (torch.rand(2, 3, 2, generator=generator) * size).to(device),
         torch.tensor([[1.0, 0.0, -1.0], [1.0, 2.0, 3.0]], device=device),
         torch.randn(2, 1, low, low, generator=generator).to(device),
@@ -128,8 +83,9 @@ def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, ops
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = DecoderGraph(require_sam1(model.net, "ONNX decoder export")).eval()
-    device = next(graph.mask_decoder.parameters()).device
+    export = decoder_export(model)
+    graph = export.graph(model.net).eval()
+    device = next(graph.parameters()).device
     graph.to(device)
     with atomic_output(out) as tmp, torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter is deprecated (the dynamo one needs onnxscript, not a dependency), and
@@ -144,7 +100,7 @@ def export_decoder_onnx(model: LoadedModel, path: str | os.PathLike[str], *, ops
             export_params=True,
             opset_version=opset,
             do_constant_folding=True,
-            input_names=list(INPUT_NAMES),
+            input_names=list(export.input_names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes={
                 "point_coords": {0: "batch", 1: "points"},
@@ -176,10 +132,9 @@ def default_cache_dir() -> Path:
 
 def export_cache_key(model: LoadedModel, opset: int = DEFAULT_OPSET) -> str:
     """sha256 over model id, adapter id, samforge/torch versions, export format, opset and the exported
-    modules' weights (prompt encoder + mask decoder), so an in-place weight change never reuses a file."""
-    net = require_sam1(model.net, "ONNX decoder export")
-    weights = {f"prompt_encoder.{k}": v for k, v in net.prompt_encoder.state_dict().items()}
-    weights.update({f"mask_decoder.{k}": v for k, v in net.mask_decoder.state_dict().items()})
+    modules' weights (the graph's ``prompt_encoder.*`` + ``mask_decoder.*``), so an in-place weight change
+    never reuses a file."""
+    weights = decoder_export(model).graph(model.net).state_dict()
     parts = [model.model_id, str(model.adapter_id), _package_version(), torch.__version__, str(EXPORT_FORMAT),
              str(opset), state_dict_sha256(weights)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -200,32 +155,6 @@ def default_providers() -> list[str]:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def prompt_arrays(prompts: Sequence[Prompt], original_size: tuple[int, int],
-                  img_size: SizeOrSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of one signature -> (B x P' x 2 float32 coords in the model frame, B x P' float32 labels).
-
-    Points first, then the box's two corners (labels 2, 3); point-only prompts get PromptEncoder's
-    padding point (0, 0) with label -1 (P' = P + 1), box prompts none.
-    """
-    first = prompts[0]
-    n = len(prompts)
-    coords: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    if first.point_coords is not None:
-        points = all_present(p.point_coords for p in prompts)
-        coords.append(np.stack([transform_coords(c, original_size, img_size) for c in points]))
-        labels.append(np.stack(all_present(p.point_labels for p in prompts)).astype(np.float32))
-    if first.box is not None:
-        boxes = transform_boxes(np.stack(all_present(p.box for p in prompts)), original_size, img_size)
-        coords.append(boxes.reshape(n, 2, 2))
-        labels.append(np.broadcast_to(np.asarray(BOX_LABELS, np.float32), (n, 2)))
-    else:
-        coords.append(np.zeros((n, 1, 2), np.float32))
-        labels.append(np.full((n, 1), PAD_LABEL, np.float32))
-    return (np.ascontiguousarray(np.concatenate(coords, axis=1), dtype=np.float32),
-            np.ascontiguousarray(np.concatenate(labels, axis=1), dtype=np.float32))
 
 
 class OnnxDecoder:
@@ -249,6 +178,8 @@ class OnnxDecoder:
         self.adapter_id = model.adapter_id
         self.decode_batch = decode_batch
         self.num_mask_tokens = model.net.num_multimask_outputs + 1
+        self.export = decoder_export(model)
+        self._single_mask = self.export.single_mask(model.net)
         self.exported = False
         if onnx_path is None:
             path = cached_export_path(model, cache_dir, opset)
@@ -270,34 +201,54 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         self._no_mask = np.zeros((1, 1, self.spec.low_res_size, self.spec.low_res_size), np.float32)
 
-    def run(self, features: np.ndarray, coords: np.ndarray, labels: np.ndarray,
+    def feature_feeds(self, features: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One image's features as the graph's feature inputs: ``{level: 1 x C_l x h_l x w_l}`` (every level the
+        graph takes), or the bare image embedding for a graph taking only that level."""
+        inputs = self.export.feature_inputs
+        if not isinstance(features, Mapping):
+            if len(inputs) != 1:
+                raise ValueError(f"this decoder graph takes {len(inputs)} feature levels, got one array")
+            features = {inputs[0][0]: features}
+        missing = [level for level, _ in inputs if level not in features]
+        if missing:
+            raise ValueError(f"feature levels {missing} are missing (have {sorted(features)})")
+        return {name: features[level] for level, name in inputs}
+
+    def run(self, features: np.ndarray | Mapping[str, np.ndarray], coords: np.ndarray, labels: np.ndarray,
             masks: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """One session call: 1 x C x h x w, B x P x 2, B x P, B x 1 x L x L or None -> (B x 4 x L x L, B x 4)."""
+        """One session call: features (see :meth:`feature_feeds`), B x P x 2, B x P, B x 1 x L x L or None
+        -> (B x T x L x L, B x T) for all T mask tokens."""
         if masks is None:
             mask_input, has_mask = self._no_mask, np.zeros(1, np.float32)
         else:
             mask_input, has_mask = np.ascontiguousarray(masks, dtype=np.float32), np.ones(len(masks), np.float32)
         feeds: dict[str, Any] = {
-            "image_embeddings": features, "point_coords": coords, "point_labels": labels,
+            **self.feature_feeds(features), "point_coords": coords, "point_labels": labels,
             "mask_input": mask_input, "has_mask_input": has_mask,
         }
         low_res, iou = self.session.run(list(OUTPUT_NAMES), feeds)
         return low_res, iou
 
+    def select(self, low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+        """All tokens' outputs -> the multimask tokens ``1:T``, or the family's single mask."""
+        if multimask:
+            return low_res[:, 1:self.num_mask_tokens], iou[:, 1:self.num_mask_tokens]
+        return self._single_mask(low_res, iou)
+
     def decode_low_res(self, features: Features, prompts: Sequence[Prompt], original_size: tuple[int, int],
                        multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated prompts -> (N x M x L x L low-res logits, N x M IoU) on the CPU, in input order.
 
-        Same contract as :meth:`Predictor.decode_low_res`: one image's features (SAM 1: the one level
-        ``image_embed``, 1 x C x h x w); prompts grouped by signature and decoded ``decode_batch`` at a time;
-        M = 3 with ``multimask`` else 1.
+        Same contract as :meth:`Predictor.decode_low_res`: one image's features (every level, 1 x C_l x h_l x
+        w_l); prompts grouped by signature and decoded ``decode_batch`` at a time; M = 3 with ``multimask``
+        else 1.
         """
-        feats = np.ascontiguousarray(image_embedding(features).detach().to("cpu", torch.float32).numpy())
+        feats = {level: np.ascontiguousarray(features[level].detach().to("cpu", torch.float32).numpy())
+                 for level, _ in self.export.feature_inputs}
         groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt.signature(), []).append(i)
-        mask_slice = slice(1, self.num_mask_tokens) if multimask else slice(0, 1)
-        m = mask_slice.stop - mask_slice.start
+        m = self.num_mask_tokens - 1 if multimask else 1
         low_side = self.spec.low_res_size
         low_res = np.empty((len(prompts), m, low_side, low_side), np.float32)
         iou = np.empty((len(prompts), m), np.float32)
@@ -305,11 +256,9 @@ class OnnxDecoder:
             for start in range(0, len(indices), self.decode_batch):
                 chunk = indices[start:start + self.decode_batch]
                 group = [prompts[i] for i in chunk]
-                coords, labels = prompt_arrays(group, original_size, self.spec)
+                coords, labels = self.export.prompt_arrays(group, original_size, self.spec)
                 masks = np.stack(all_present(p.mask_input for p in group)) if group[0].mask_input is not None else None
-                lr, sc = self.run(feats, coords, labels, masks)
-                low_res[chunk] = lr[:, mask_slice]
-                iou[chunk] = sc[:, mask_slice]
+                low_res[chunk], iou[chunk] = self.select(*self.run(feats, coords, labels, masks), multimask)
         return torch.from_numpy(low_res), torch.from_numpy(iou)
 
 

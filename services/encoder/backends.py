@@ -7,12 +7,14 @@ triton     NVIDIA Triton Inference Server (``SAMFORGE_TRITON_URL``, model ``SAMF
            through ``tritonclient.grpc.aio``: per-call deadline, retries with backoff on UNAVAILABLE
 =========  ===================================================================================
 
-A backend is only ``encode(batch) -> features`` (``B x 3 x S x S`` preprocessed float32 ->
-``B x C x h x w`` float32) for the *base* encoder, plugged into the base ``Predictor`` as
-``encoder_fn``. Keys, caches, single-flight, dynamic batching, tiling and adapter resolution are the
-same for all three. ``concurrency`` is how many batches the service keeps in flight: 1 for in-process
-backends (they use every core), several for Triton, so that Triton's own dynamic batcher sees requests
-from every encoder replica and batch slot at once.
+A backend is only ``encode(batch) -> features`` (``B x 3 x S x S`` preprocessed float32 -> every feature
+level of the model's family, ``B x C_l x h_l x w_l`` float32: the one tensor of a one-level model (SAM 1),
+else ``{level: tensor}``, named as :func:`sam_core.export.onnx_encoder.encoder_output_names` names the
+exported graph's outputs) for the *base* encoder, plugged into the base ``Predictor`` as ``encoder_fn``.
+Keys, caches, single-flight, dynamic batching, tiling and adapter resolution are the same for all three.
+``concurrency`` is how many batches the service keeps in flight: 1 for in-process backends (they use every
+core), several for Triton, so that Triton's own dynamic batcher sees requests from every encoder replica
+and batch slot at once.
 
 Encoder-side adapters (LoRA / adapter / full): ``torch`` and ``onnx`` run them in-process with PyTorch.
 ``triton`` serves only the base encoder and refuses them with FAILED_PRECONDITION rather than silently
@@ -30,7 +32,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from sam_core.errors import AdapterInvalid, ModelLoadError, Overloaded, Unavailable
+from sam_core.modeling.family import EncoderOutput
 from sam_core.modeling.registry import LoadedModel
 
 if TYPE_CHECKING:
@@ -49,7 +52,7 @@ log = logging.getLogger("samforge.encoder.backends")
 BACKENDS = ("torch", "onnx", "triton")
 T = TypeVar("T")
 TRITON_INPUT = "images"
-TRITON_OUTPUT = "image_embeddings"
+TRITON_OUTPUT = "image_embeddings"  # a one-level model's output; multi-level models name each level
 # Reconnect quickly once Triton is back (gRPC's default backoff grows to two minutes); spread calls over
 # every address a dns:/// target resolves to (a headless Service: one per Triton pod).
 TRITON_CHANNEL_ARGS = [
@@ -68,7 +71,7 @@ class EncoderBackend:
     """``encode`` None means the Predictor's own PyTorch encoder; ``concurrency`` batches in flight."""
 
     name: str
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encode: Callable[[torch.Tensor], EncoderOutput] | None = None
     concurrency: int = 1
     serves_encoder_adapters: bool = True
     close: Callable[[], None] = lambda: None
@@ -85,18 +88,21 @@ class EncoderBackend:
 class TritonEncoder:
     """Synchronous facade over ``tritonclient.grpc.aio`` (its own event-loop thread), safe across threads.
 
-    ``__call__``: B x 3 x S x S float32 -> B x C x h x w float32 (CPU). ``timeout_s`` bounds a whole call,
-    retries included; UNAVAILABLE is retried ``retries`` times with exponential backoff from ``backoff_s``.
+    ``outputs``: the model's output names -> per-image shape (C x h x w; None: not checked), in feature-level
+    order; default the one output ``image_embeddings``. ``__call__``: B x 3 x S x S float32 -> that one
+    B x C x h x w tensor, or ``{name: tensor}`` for several outputs (CPU float32, see :func:`triton_levels`).
+    ``timeout_s`` bounds a whole call, retries included; UNAVAILABLE is retried ``retries`` times with
+    exponential backoff from ``backoff_s``.
     """
 
     def __init__(self, url: str, model: str, *, version: str = "", timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, output_shape: tuple[int, ...] | None = None) -> None:
+                 backoff_s: float = 0.05, outputs: Mapping[str, tuple[int, ...] | None] | None = None) -> None:
         import tritonclient.grpc.aio as triton_aio  # extra "triton"; imported only when selected
 
         self._triton = triton_aio
         self.url, self.model, self.version = url, model, version
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
-        self.output_shape = output_shape
+        self.outputs = dict(outputs) if outputs else {TRITON_OUTPUT: None}
         self.calls = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True)
@@ -115,16 +121,13 @@ class TritonEncoder:
             future.cancel()
             raise Unavailable(f"Triton at {self.url} did not answer within {timeout:.0f} s") from None
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> EncoderOutput:
         images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        features = self._run(self._infer(images), timeout=self.timeout_s)
-        expected = (len(images), *self.output_shape) if self.output_shape else None
-        if features.ndim != 4 or features.shape[0] != len(images) or (expected and features.shape != expected):
-            raise ModelLoadError(f"Triton model {self.model!r} returned {TRITON_OUTPUT} of shape {features.shape}, "
-                                 f"expected {expected or ('B', 'C', 'h', 'w')}", field="SAMFORGE_TRITON_MODEL")
-        return torch.from_numpy(features)
+        results = self._run(self._infer(images), timeout=self.timeout_s)
+        levels = triton_levels(self.model, self.outputs, results, batch=len(images))
+        return next(iter(levels.values())) if len(levels) == 1 else levels
 
-    async def _infer(self, images: np.ndarray) -> np.ndarray:
+    async def _infer(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         from tritonclient.utils import InferenceServerException
 
         deadline = time.monotonic() + self.timeout_s
@@ -136,10 +139,9 @@ class TritonEncoder:
                 self.calls += 1
                 result = await self._client.infer(
                     self.model, [request], model_version=self.version,
-                    outputs=[self._triton.InferRequestedOutput(TRITON_OUTPUT)],
+                    outputs=[self._triton.InferRequestedOutput(name) for name in self.outputs],
                     client_timeout=max(0.001, deadline - time.monotonic()))
-                features: np.ndarray = result.as_numpy(TRITON_OUTPUT)
-                return features
+                return {name: result.as_numpy(name) for name in self.outputs}
             except InferenceServerException as exc:
                 status = str(exc.status() or "")
                 pause = self.backoff_s * (2 ** attempt)
@@ -175,6 +177,22 @@ class TritonEncoder:
         self._thread.join(5.0)
 
 
+def triton_levels(model: str, outputs: Mapping[str, tuple[int, ...] | None],
+                  results: Mapping[str, np.ndarray | None], batch: int) -> dict[str, torch.Tensor]:
+    """Triton's reply -> ``{name: B x C x h x w tensor}`` in ``outputs`` order; a missing output or one of another
+    shape than ``(batch, *outputs[name])`` is a deployment error (ModelLoadError naming SAMFORGE_TRITON_MODEL)."""
+    levels: dict[str, torch.Tensor] = {}
+    for name, shape in outputs.items():
+        array = results.get(name)
+        expected = (batch, *shape) if shape else (batch, "C", "h", "w")
+        if array is None or array.ndim != 4 or array.shape[0] != batch or (shape and array.shape != expected):
+            found = "nothing" if array is None else f"shape {array.shape}"
+            raise ModelLoadError(f"Triton model {model!r} returned {found} for output {name!r}, expected {expected}",
+                                 field="SAMFORGE_TRITON_MODEL")
+        levels[name] = torch.from_numpy(array)
+    return levels
+
+
 def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBackend:
     """The backend ``settings.backend`` names, for ``model`` (the base model)."""
     name = settings.backend
@@ -189,11 +207,16 @@ def build_backend(settings: EncoderSettings, model: LoadedModel) -> EncoderBacke
         log.info("ONNX Runtime encoder %s (%.1f s)", encoder.path, time.perf_counter() - start)
         return EncoderBackend("onnx", encoder, concurrency=settings.batches_in_flight)
     if name == "triton":
+        from sam_core.export.onnx_encoder import encoder_output_names
+
         spec = model.spec
-        shape = model.net.feature_shapes()[model.net.feature_names[0]]  # C x h x w of the encoder's one output
+        shapes = model.net.feature_shapes()  # C x h x w per level, named as the exported graph's outputs
+        outputs: dict[str, tuple[int, ...] | None] = {
+            output: shapes[level] for output, level in zip(encoder_output_names(model.net), model.net.feature_names,
+                                                           strict=True)}
         client = TritonEncoder(settings.triton_url, settings.triton_model, version=settings.triton_model_version,
                                timeout_s=settings.triton_timeout_seconds, retries=settings.triton_retries,
-                               output_shape=shape)
+                               outputs=outputs)
         if not client.ready():
             log.warning("Triton at %s does not report model %r ready yet; encodes fail UNAVAILABLE until it does",
                         settings.triton_url, settings.triton_model)

@@ -7,11 +7,12 @@ so it cannot share samforge's environment). This script imports only numpy, onnx
     .venv-triton/bin/python services/encoder/pytriton_encoder.py --onnx encoder.onnx \
         --grpc-port 8001 --http-port 8000 --metrics-port 8002
 
-It binds the ONNX graph of ``samforge export-onnx --part encoder`` as model ``sam_encoder`` with the same
-tensor names, shapes and dynamic batching as ``deploy/triton/model_repository/sam_encoder/config.pbtxt``
-(``images`` B x 3 x S x S FP32 -> ``image_embeddings`` B x C x h x w FP32), through Triton's Python
-backend instead of its onnxruntime backend (which PyPI does not ship). Every batch Triton forms is
-appended to ``--batch-log`` (one size per line), so tests can see the dynamic batcher at work.
+It binds the ONNX graph of ``samforge export-onnx --part encoder`` as model ``sam_encoder`` (``--model-name``)
+with the graph's tensor names and shapes and dynamic batching, as ``deploy/triton/model_repository/*/config.pbtxt``
+declare them (``images`` B x 3 x S x S FP32 -> every output of the graph, B x C_l x h_l x w_l FP32: SAM 1's
+one ``image_embeddings``, SAM 2's three levels ``image_embed``, ``high_res_feat_s0``, ``high_res_feat_s1``),
+through Triton's Python backend instead of its onnxruntime backend (which PyPI does not ship). Every batch
+Triton forms is appended to ``--batch-log`` (one size per line), so tests can see the dynamic batcher at work.
 
 :class:`PyTritonServer` starts and stops that process from samforge's own environment (tests, benchmarks).
 """
@@ -143,9 +144,8 @@ def main() -> None:
         options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
     (image_input,) = session.get_inputs()
-    (embedding_output,) = session.get_outputs()
     in_shape = tuple(int(d) for d in image_input.shape[1:])
-    out_shape = tuple(int(d) for d in embedding_output.shape[1:])
+    out_shapes = {output.name: tuple(int(d) for d in output.shape[1:]) for output in session.get_outputs()}
 
     @batch  # type: ignore[untyped-decorator]  # pytriton has no type information
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -153,8 +153,8 @@ def main() -> None:
         if args.batch_log:
             with open(args.batch_log, "a") as log_file:
                 log_file.write(f"{len(images)}\n")
-        (features,) = session.run([embedding_output.name], {image_input.name: images})
-        return {embedding_output.name: features}
+        levels = session.run(list(out_shapes), {image_input.name: images})
+        return dict(zip(out_shapes, levels, strict=True))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
@@ -167,7 +167,7 @@ def main() -> None:
             model_name=args.model_name,
             infer_func=infer,
             inputs=[Tensor(name=image_input.name, dtype=np.float32, shape=in_shape)],
-            outputs=[Tensor(name=embedding_output.name, dtype=np.float32, shape=out_shape)],
+            outputs=[Tensor(name=name, dtype=np.float32, shape=shape) for name, shape in out_shapes.items()],
             config=ModelConfig(max_batch_size=args.max_batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)),
             strict=True,

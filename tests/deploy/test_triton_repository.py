@@ -118,3 +118,39 @@ def test_the_parse_is_strict(rendered_config, bad):
     assert old in rendered_config
     with pytest.raises(text_format.ParseError):
         parse(rendered_config.replace(old, new))
+
+
+SAM2_CONFIG = DEPLOY / "triton" / "model_repository" / "sam2_encoder" / "config.pbtxt"
+SAM2_KEY = "sam2_encoder.config.pbtxt"
+
+
+@pytest.fixture(scope="module")
+def sam2_config(gpu) -> model_config_pb2.ModelConfig:
+    (config_map,) = [m for m in of_kind(gpu, "ConfigMap") if m["metadata"]["name"].startswith("samforge-triton-model-")]
+    text = config_map["data"][SAM2_KEY]
+    assert text == SAM2_CONFIG.read_text()
+    return parse(text)
+
+
+def test_sam2_config_declares_every_level_of_the_exported_sam2_1_encoder(sam2_config, config):
+    """The SAM 2.1 configuration's input and outputs are the encoder graph samforge exports for sam2.1_hiera_t (names
+    from encoder_output_names, shapes from the family's feature_shapes), and it batches like the SAM 1 one."""
+    from sam_core.export.onnx_encoder import encoder_output_names
+    from sam_core.modeling.sam2 import from_config
+
+    net = from_config("configs/sam2.1/sam2.1_hiera_t.yaml")
+    spec = SPECS["sam2.1_hiera_t"]
+    fp32 = model_config_pb2.DataType.Value("TYPE_FP32")
+    assert sam2_config.name == "sam2_encoder" != config.name and sam2_config.backend == "onnxruntime"
+    assert [(i.name, i.data_type, list(i.dims)) for i in sam2_config.input] == \
+        [(TRITON_INPUT, fp32, [3, spec.img_size, spec.img_size])]
+    shapes = net.feature_shapes()
+    assert [(o.name, o.data_type, list(o.dims)) for o in sam2_config.output] == \
+        [(name, fp32, list(shapes[level]))
+         for name, level in zip(encoder_output_names(net), net.feature_names, strict=True)]
+    assert len(sam2_config.output) == 3
+    assert sam2_config.HasField("dynamic_batching")
+    assert all(0 < size <= sam2_config.max_batch_size for size in sam2_config.dynamic_batching.preferred_batch_size)
+    groups = sam2_config.instance_group
+    assert groups and all(g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU for g in groups)
+    assert sam2_config.dynamic_batching.default_queue_policy == config.dynamic_batching.default_queue_policy

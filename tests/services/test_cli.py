@@ -62,3 +62,23 @@ def test_export_onnx_checks_against_pytorch(image_path, tmp_path, capsys, part):
     assert summary["mask_iou_min"] >= 0.99
     if part == "encoder":
         assert summary["embedding_max_abs_error"] < 1e-4
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sam2"])
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_export_onnx_report_is_the_same_for_every_family(image_path, tmp_path, capsys, model, part):
+    """Per-level max |ONNX - PyTorch| (every feature level of the family), low-res logit and IoU differences,
+    mask IoU agreement and both runtimes' timings, for SAM 1 and SAM 2 alike."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / f"{part}.onnx"
+    assert main(["export-onnx", "--part", part, "--model", model, "--out", str(out),
+                 "--check-image", str(image_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    levels = ["image_embed"] if model == "tiny" else ["image_embed", "high_res_feat_s0", "high_res_feat_s1"]
+    assert summary["model_id"].startswith(f"{model}-") and summary["bytes"] == out.stat().st_size
+    assert summary["mask_iou_min"] >= 0.99
+    assert summary["low_res_max_abs_error"] < 1e-4 and summary["iou_max_abs_error"] < 1e-4
+    assert set(summary["timing_ms"]) == {"torch", "onnx"} and min(summary["timing_ms"].values()) > 0
+    if part == "encoder":
+        assert list(summary["max_abs_error"]) == levels
+        assert max(summary["max_abs_error"].values()) == summary["embedding_max_abs_error"] < 1e-4

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from sam_core.adapters.filesystem import FileSystemAdapterStore
-from sam_core.errors import AdapterInvalid, InvalidInput, Unavailable
+from sam_core.errors import AdapterInvalid, InvalidInput, ModelLoadError, Unavailable
 from sam_core.export.onnx_encoder import encoder_export_path
 from sam_core.inference.predictor import Predictor
+from sam_core.modeling.registry import load_model
 from services.common.net import free_port
 from services.common.settings import EncoderSettings
-from services.encoder.backends import EncoderBackend, TritonEncoder, build_backend
+from services.encoder.backends import EncoderBackend, TritonEncoder, build_backend, triton_levels
 from services.encoder.batcher import DynamicBatcher, EncodeJob
 from services.encoder.engine import EmbeddingEngine
 from tests.conftest import save_perturbed_adapter
@@ -160,3 +161,34 @@ def test_batcher_keeps_at_most_concurrency_batches_in_flight(tiny_model, concurr
     assert batcher.encodes == 6 and list(batcher.batch_sizes) == [1] * 6
     reference = Predictor(tiny_model).encode_one(pixels(3)).image_embedding
     assert torch.allclose(results[3][0].image_embedding, reference, atol=1e-5)
+
+
+def test_onnx_backend_serves_every_sam2_level(tmp_path):
+    """SAM 2 on the onnx backend: the engine's embeddings carry all three levels, equal to the torch backend's."""
+    model = load_model("tiny_sam2")
+    cfg = settings(tmp_path, SAMFORGE_MODEL="tiny_sam2", SAMFORGE_ENCODER_BACKEND="onnx")
+    onnx_engine = EmbeddingEngine(model, cfg, backend=build_backend(cfg, model))
+    torch_engine = EmbeddingEngine(model, settings(tmp_path, SAMFORGE_MODEL="tiny_sam2"))
+    try:
+        ours, theirs = onnx_engine.embed("t", png(1)).value, torch_engine.embed("t", png(1)).value
+        assert list(ours.features) == list(theirs.features) == list(model.net.feature_names)
+        for name, level in theirs.features.items():
+            assert ours.features[name].shape == level.shape
+            assert (ours.features[name] - level).abs().max().item() < 1e-4, name
+    finally:
+        onnx_engine.close()
+        torch_engine.close()
+
+
+def test_triton_levels_are_named_and_shape_checked():
+    """The Triton client returns every requested output by name, and refuses a reply whose level is missing or
+    mis-shaped as a deployment error naming SAMFORGE_TRITON_MODEL."""
+    shapes = {"image_embed": (4, 2, 2), "high_res_feat_s0": (2, 8, 8)}
+    good = {name: np.zeros((3, *shape), np.float32) for name, shape in shapes.items()}
+    levels = triton_levels("m", shapes, good, batch=3)
+    assert list(levels) == list(shapes) and levels["high_res_feat_s0"].shape == (3, 2, 8, 8)
+    for bad in ({**good, "high_res_feat_s0": np.zeros((3, 2, 4, 4), np.float32)},
+                {"image_embed": good["image_embed"]}, {**good, "image_embed": np.zeros((2, 4, 2, 2), np.float32)}):
+        with pytest.raises(ModelLoadError) as info:
+            triton_levels("m", shapes, bad, batch=3)
+        assert info.value.field == "SAMFORGE_TRITON_MODEL"
