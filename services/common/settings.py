@@ -294,6 +294,8 @@ ENV: tuple[Var, ...] = (
         "(checkpoints, events, result.json)", ("trainer",), parse=Text(required=True)),
     Var("SAMFORGE_K8S_DATA_PVC", "samforge-data", "claim the training pods mount read-only at SAMFORGE_DATA_DIR",
         ("trainer",), parse=Text(required=True)),
+    Var("SAMFORGE_K8S_MODELS_PVC", "", "claim the training pods mount read-only at the folder of "
+        "SAMFORGE_CHECKPOINT (required with a checkpoint; deploy/components/model-checkpoint sets it)", ("trainer",)),
     Var("SAMFORGE_K8S_CPU_PER_PROCESS", "4", "CPU request = limit of a training pod, per torchrun process",
         ("trainer",), parse=Quantity()),
     Var("SAMFORGE_K8S_MEMORY_PER_PROCESS", "16Gi", "memory request = limit of a training pod, per torchrun "
@@ -433,6 +435,7 @@ class TrainerSettings(CommonSettings):
     k8s_tolerations: list[dict[str, Any]] = setting("SAMFORGE_K8S_TOLERATIONS")
     k8s_jobs_pvc: str = setting("SAMFORGE_K8S_JOBS_PVC")
     k8s_data_pvc: str = setting("SAMFORGE_K8S_DATA_PVC")
+    k8s_models_pvc: str = setting("SAMFORGE_K8S_MODELS_PVC")
     k8s_cpu_per_process: str = setting("SAMFORGE_K8S_CPU_PER_PROCESS")
     k8s_memory_per_process: str = setting("SAMFORGE_K8S_MEMORY_PER_PROCESS")
     executor: str = setting("SAMFORGE_TRAINER_EXECUTOR")

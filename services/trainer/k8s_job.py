@@ -179,6 +179,19 @@ def _container(settings: TrainerSettings, job: TrainingJob) -> dict[str, Any]:
     }
 
 
+def _models_volume(settings: TrainerSettings) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The read-only claim holding ``SAMFORGE_CHECKPOINT`` and its mount at the checkpoint's folder (None: no
+    checkpoint, the model's weights are bundled)."""
+    if not settings.checkpoint:
+        return None
+    if not settings.k8s_models_pvc:
+        raise InvalidInput(f"the training pods cannot read SAMFORGE_CHECKPOINT={settings.checkpoint} without the "
+                           "claim that holds it", field="SAMFORGE_K8S_MODELS_PVC")
+    volume = {"name": "models", "persistentVolumeClaim": {"claimName": settings.k8s_models_pvc, "readOnly": True}}
+    mount = {"name": "models", "mountPath": str(Path(settings.checkpoint).parent), "readOnly": True}
+    return volume, mount
+
+
 def _pod_spec(settings: TrainerSettings, job: TrainingJob) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "subdomain": object_name(job.job_id), "restartPolicy": "Never",
@@ -194,6 +207,10 @@ def _pod_spec(settings: TrainerSettings, job: TrainingJob) -> dict[str, Any]:
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
         ],
     }
+    models = _models_volume(settings)
+    if models is not None:
+        spec["volumes"].append(models[0])
+        spec["containers"][0]["volumeMounts"].append(models[1])
     if settings.k8s_node_selector:
         spec["nodeSelector"] = dict(settings.k8s_node_selector)
     if settings.k8s_tolerations:

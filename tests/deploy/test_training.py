@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sam_core.errors import InvalidInput
 from services.common.settings import TrainerSettings
 from services.trainer.k8s_job import (
     RENDEZVOUS_PORT,
@@ -312,6 +313,27 @@ def test_kubernetes_executor_component(tmp_path, overlay_name):
         assert allowed(policies, api_server, OUTSIDE, port, managed_namespaces=(NAMESPACE,)), port
     encoder = [endpoint_of(w) for w in others if w.labels.get("app.kubernetes.io/component") == "encoder"][0]
     assert not allowed(policies, encoder, OUTSIDE, 443, managed_namespaces=(NAMESPACE,))
+
+
+def test_training_pods_read_the_checkpoint_from_the_trainers_models_claim(tmp_path):
+    """With components/model-checkpoint, a training pod mounts the trainer's models claim read-only where
+    SAMFORGE_CHECKPOINT points (rank 0 and the others load the same file); without the claim it is refused."""
+    objects = render_with(tmp_path, "cpu", "kubernetes-executor", "model-checkpoint")
+    settings = trainer_settings(objects)
+    assert settings.checkpoint and settings.k8s_models_pvc
+    job = render_job(settings, two_by_two(settings))
+    assert validation_errors([job], K8S_VERSIONS[-1]) == []
+    train_pod = Workload(job)
+    ours = mount_for(train_pod.pod_spec["containers"][0], settings.checkpoint)
+    trainer_workload, trainer_container = trainer(objects)
+    theirs = mount_for(trainer_container, settings.checkpoint)
+    assert ours["readOnly"] is True and ours["mountPath"] == theirs["mountPath"]
+    assert train_pod.volume(ours["name"])["persistentVolumeClaim"] == \
+        trainer_workload.volume(theirs["name"])["persistentVolumeClaim"]
+    unmounted = TrainerSettings.from_env({**effective_env(objects, trainer_container), "SAMFORGE_K8S_MODELS_PVC": ""})
+    with pytest.raises(InvalidInput) as refused:
+        render_job(unmounted, two_by_two(unmounted))
+    assert refused.value.field == "SAMFORGE_K8S_MODELS_PVC" and settings.checkpoint in str(refused.value)
 
 
 @pytest.mark.parametrize("overlay_name", OVERLAYS)

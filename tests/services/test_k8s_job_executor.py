@@ -151,3 +151,16 @@ def test_check_refuses_at_create_job_what_the_trainer_cannot_create(settings):
     with pytest.raises(InvalidInput) as info:
         executor(no_image, api).check(Resources(nodes=2))
     assert info.value.field == "SAMFORGE_K8S_IMAGE" and api.calls == []
+
+
+def test_a_checkpoint_model_trains_from_its_claim_or_is_refused_at_create_job(settings, tmp_path):
+    """The pods load the trainer's model and checkpoint; a checkpoint without its claim is refused up front."""
+    env = {"SAMFORGE_JOBS_DIR": settings.jobs_dir, "SAMFORGE_DATA_DIR": settings.data_dir, "SAMFORGE_MAX_NODES": "4",
+           "SAMFORGE_K8S_IMAGE": IMAGE, "SAMFORGE_MODEL": "tiny", "SAMFORGE_CHECKPOINT": "/models/tiny.pt"}
+    mounted = TrainerSettings.from_env({**env, "SAMFORGE_K8S_MODELS_PVC": "samforge-models"})
+    args = training_job(launch_of(mounted), mounted).train_args
+    assert args[args.index("--model") + 1] == "tiny" and args[args.index("--checkpoint") + 1] == "/models/tiny.pt"
+    executor(mounted, RecordingApi()).check(Resources(nodes=2))
+    with pytest.raises(InvalidInput) as info:
+        executor(TrainerSettings.from_env(env), RecordingApi()).check(Resources(nodes=2))
+    assert info.value.field == "SAMFORGE_K8S_MODELS_PVC"

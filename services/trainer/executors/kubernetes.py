@@ -45,9 +45,8 @@ def training_job(launch: JobLaunch, settings: TrainerSettings) -> k8s_job.Traini
     """The cluster job of ``launch``: the process executor's ``samforge train`` options without --data/--out
     (the pod command adds them for the shared volumes), the trainer's model, and the request's resources.
 
-    Its ``--baseline`` (the publishing guard's champion) is the trainer's local store path: the pods mount only
-    the jobs and data claims, so a job with a champion needs that folder on a volume the pods mount too (TODO:
-    copy the champion into the job folder on the jobs claim before creating the Job)."""
+    Its ``--baseline`` (the publishing guard's champion) is ``<job>/baseline``, which the trainer copied onto the
+    jobs claim the pods mount; ``--checkpoint`` is read from the models claim (``k8s_job``)."""
     argv = spec_argv(build_spec(launch.request, launch.data, launch.out_dir, launch.baseline))
     options = [arg for i, arg in enumerate(argv)
                if arg not in ("--data", "--out") and (i == 0 or argv[i - 1] not in ("--data", "--out"))]
