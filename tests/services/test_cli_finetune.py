@@ -118,3 +118,28 @@ def test_progress_bar_prints_the_data_check_line():
     bar(ProgressEvent(Phase.CHECKING_DATA, 0, 0, 0, message="data: 6 images, 8 instances"))
     bar(ProgressEvent(Phase.TRAINING, 1, 4, 0, loss=0.5))
     assert stream.getvalue().splitlines()[0] == "data: 6 images, 8 instances"
+
+
+@pytest.mark.slow
+def test_train_and_eval_a_sam2_model_from_its_checkpoint(blob_dataset_dir, tmp_path, capsys):
+    """`samforge train|eval --model <sam2 id> --checkpoint X`: the adapter is tied to the checkpoint's model id,
+    and eval scores base and adapter on the same checkpoint."""
+    import torch
+
+    from sam_core.adapters.artifact import read_adapter_config
+    from sam_core.modeling.registry import load_model
+
+    path = tmp_path / "tiny_sam2.pt"
+    torch.save({"model": load_model("tiny_sam2").net.state_dict()}, path)
+    model_id = load_model("tiny_sam2", path).model_id
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(blob_dataset_dir), "--method", "decoder", "--model", "tiny_sam2",
+                 "--checkpoint", str(path), "--epochs", "1", "--batch-size", "2", "--out", str(out),
+                 "--name", "blobs", "--allow-regression"]) == 0
+    config = read_adapter_config(out / "adapter")
+    assert config.base_model_id == model_id and config.base_family == "sam2"
+    capsys.readouterr()
+    assert main(["eval", "--data", str(blob_dataset_dir), "--model", "tiny_sam2", "--checkpoint", str(path),
+                 "--adapter", str(out / "adapter"), "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "zero-shot" in summary["dice_mean"] and len(summary["dice_mean"]) == 2
