@@ -1,9 +1,10 @@
-"""How OpenMP's wait policy changes torch on a shared CPU: ACTIVE (spin) vs PASSIVE (yield), one invocation.
+"""How OpenMP's wait policy changes torch on a shared CPU: unset, ACTIVE (spin), PASSIVE (yield), one invocation.
 
     python bench/omp_wait_policy.py [--models tiny_sam2 litemedsam] [--processes 1 3] [--seconds 20]
 
 For each model, process count and policy, ``--processes`` child processes start together with
-``OMP_WAIT_POLICY`` set (OpenMP reads it when torch loads) and 2 torch threads each; every child encodes one
+``OMP_WAIT_POLICY`` set or unset (OpenMP reads it when torch loads; unset is libgomp's default, spinning a
+while before sleeping) and 2 torch threads each; every child encodes one
 batch of 2 images in a loop for ``--seconds`` and reports its median seconds per encode. One process is
 the quiet case (the policy's own cost); three is what the test suite does to two cores (pytest, a service
 and a training worker). The cells run interleaved by policy so machine load changes hit both alike.
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.prefix_stages import write_results  # noqa: E402
 
-POLICIES = ("ACTIVE", "PASSIVE")
+POLICIES = ("unset", "ACTIVE", "PASSIVE")
 
 
 def child(model_name: str, seconds: float) -> None:
@@ -54,7 +55,10 @@ def child(model_name: str, seconds: float) -> None:
 
 def cell(model_name: str, processes: int, policy: str, seconds: float) -> dict[str, Any]:
     """Start ``processes`` children together; the median over children of their median encode time."""
-    env = {**os.environ, "OMP_WAIT_POLICY": policy, "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    if policy != "unset":
+        env["OMP_WAIT_POLICY"] = policy
     command = [sys.executable, __file__, "--child", model_name, "--seconds", str(seconds)]
     children = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)  # nosec B603  # our own script
                 for _ in range(processes)]
@@ -70,12 +74,14 @@ def cell(model_name: str, processes: int, policy: str, seconds: float) -> dict[s
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["# OpenMP wait policy: ACTIVE (spin) vs PASSIVE (yield)", "",
+    lines = ["# OpenMP wait policy: unset (libgomp's default), ACTIVE (spin), PASSIVE (yield)", "",
              f"CPU: {result['cpu']}, torch {result['torch']}, 2 threads per process. Load average before "
              f"{result['load_before']}, after {result['load_after']}.", "",
-             "| model | processes | ACTIVE s/encode | PASSIVE s/encode | ACTIVE / PASSIVE |", "|---|---|---|---|---|"]
+             "| model | processes | unset s/encode | ACTIVE s/encode | PASSIVE s/encode | unset / PASSIVE "
+             "| ACTIVE / PASSIVE |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        lines.append(f"| {row['model']} | {row['processes']} | {row['ACTIVE']:.4f} | {row['PASSIVE']:.4f} | "
+        lines.append(f"| {row['model']} | {row['processes']} | {row['unset']:.4f} | {row['ACTIVE']:.4f} | "
+                     f"{row['PASSIVE']:.4f} | {row['unset'] / row['PASSIVE']:.2f}x | "
                      f"{row['ACTIVE'] / row['PASSIVE']:.2f}x |")
     lines += ["", "(median seconds per encode of a 2-image batch; with several processes, the median over them)", ""]
     return "\n".join(lines)
