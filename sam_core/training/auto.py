@@ -4,31 +4,36 @@ The grid (:func:`recipe_grid`) is decoder on whole images, decoder on native-res
 data diagnostics recommend, else the one that makes their median unresolvable instance resolvable), LoRA rank 4
 and rank 8, each at two learning rates (the method's ``recommended_lr`` times :data:`LR_FACTORS`). The
 diagnostics prune and order it: no crop recipes when every instance is resolvable, crop recipes first when the
-diagnostics recommend ``--crop``.
+diagnostics recommend ``--crop``; then a new held-out split is scored with tiled inference (every candidate and
+the baseline alike), the way a crop-trained model is meant to be used. A recipe sets the method, LoRA rank,
+learning rate and crop; everything else comes from the spec's :class:`~sam_core.training.config.TrainConfig`.
 
 :func:`run_auto` is a plain loop over the grid. Each candidate gets an equal share of what is left of the budget
-(``remaining / candidates left``, so time a candidate does not use goes to the next ones) minus one held-out
-evaluation, and is trained by :func:`sam_core.training.loop.train` with that share as ``max_seconds``; its
-validation split (the one early stopping and best-state selection use) is the job's usual one. After
-:data:`PROBE_STEPS` steps the loop's measured step time says whether one epoch fits in the share; if not the
-candidate stops and is recorded as skipped with that reason, and the later recipes of the same method are skipped
-before they start when their share is smaller than that measured epoch. Each trained candidate is scored on the
-job's signed held-out split (:mod:`sam_core.training.guard`, the split's own evaluation settings,
+(``remaining / candidates left``, so time a candidate does not use goes to the next ones); it is trained by
+:func:`sam_core.training.loop.train` with ``max_seconds`` = that share minus two evaluations (its closing
+validation and its held-out scoring, each estimated by the baseline's held-out scoring). Its validation split (the
+one early stopping and best-state selection use) is the job's usual one. After :data:`PROBE_STEPS` steps the loop's
+measured step time says whether one epoch fits in the share; if not the candidate stops and is recorded as skipped
+with that reason, and the later recipes of the same method are skipped before they start when their share is
+smaller than that measured epoch. Each trained candidate is scored on the job's signed held-out split
+(:mod:`sam_core.training.guard`, the split's own evaluation settings,
 :func:`~sam_core.training.guard.guard_score`), never on the validation split; the best score wins (ties: the
-earlier recipe). The winner then goes through the normal publishing guard against the baseline, scored once
-on the same split before the search: accepted in ``<out>/adapter/``, rejected in ``<out>/rejected/``.
+earlier recipe). The winner then goes through the normal publishing guard against the baseline, scored once on the
+same split before the search: accepted in ``<out>/adapter/``, rejected in ``<out>/rejected/``.
 
 Budget accounting: the budget starts when :func:`run_auto` starts (data check, splits and the baseline's
-held-out score count against it). A candidate can overrun its share by at most one training step, one
-validation and its held-out scoring, which its share reserves; after the search the validation report of the
-winner (zero-shot vs fine-tuned) runs, so the whole job exceeds the budget by at most that one evaluation.
+held-out score count against it). The loop stops a candidate after the first step that ends past its training
+time; it then validates once and is scored, which its share reserves, so it overruns its share by at most one
+step (plus any error in the two estimates), and an overrun comes out of the later candidates' shares. After the
+search the winner's validation report (zero-shot vs fine-tuned) runs: the job exceeds the budget by at most that
+one evaluation (and the last candidate's step).
 
 Candidates train one after the other in ``<out>/auto/`` and share its ``embeddings/`` and ``prefix_cache/``
 (the caches are signed, so a recipe that needs other entries computes them); each candidate's adapter and
 history are kept in ``<out>/auto/<slug>/``. The published artifact's metrics record ``auto_recipe`` and
 ``auto_candidates`` (every row of the table); ``<out>/auto.json`` holds the same table. Each finished candidate
-is reported as one ``evaluating`` progress event; the candidates' own end-of-training events are not forwarded
-(the job has not ended).
+(or pruned) is reported as one ``evaluating`` progress event; the candidates' own end-of-training events are not
+forwarded (the job has not ended).
 
 Deterministic given the seed apart from the time budget: the grid, its order, the splits, every candidate's
 initialisation, batches and prompts are fixed by the seed; the clock decides only how many steps a candidate
@@ -76,6 +81,7 @@ LR_FACTORS = (1.0, 3.0)
 LORA_RANKS = (4, 8)
 PROBE_STEPS = 3
 """Steps after which a candidate's measured step time decides whether one epoch fits in its share."""
+AUTO_METHOD = "auto"  # what CLIs and CreateJob call the search (it is not a method plug-in)
 AUTO_DIR = "auto"
 DEFAULT_TIME_BUDGET = 1200.0  # seconds (``--time-budget 20m``)
 MAX_TIME_BUDGET = 7 * 24 * 3600.0
@@ -268,13 +274,16 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
     """Train ``candidate`` within ``share`` seconds and score it on the held-out split (fills the row)."""
     recipe, started = candidate.recipe, time.perf_counter()
     measured = search.epoch_seconds.get(recipe.method)
-    training_seconds = share - search.eval_seconds
+    training_seconds = share - 2 * search.eval_seconds  # its closing validation and its held-out scoring
+    if share <= 0:
+        candidate.skipped = "the time budget is spent"
+        return
     if measured is not None and measured > training_seconds:
         candidate.skipped = f"one epoch of {recipe.method} measured ~{measured:.0f} s, its share is {share:.0f} s"
         return
     if training_seconds <= 0:
-        candidate.skipped = (f"its {share:.1f} s share does not cover one held-out evaluation "
-                             f"({search.eval_seconds:.1f} s)")
+        candidate.skipped = (f"its {share:.1f} s share does not cover a validation and a held-out evaluation "
+                             f"(2 x {search.eval_seconds:.1f} s)")
         return
     _reset_work(search.work)
     cfg = recipe.train_config(search.spec.train, training_seconds)
@@ -300,13 +309,12 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
 
 
 def search_recipes(search: _Search, candidates: list[Candidate]) -> int | None:
-    """The plain loop: each runnable candidate in turn with its share; returns the best one's index."""
+    """The plain loop: each candidate not pruned runs in turn with its share, and every row is reported in one
+    event; returns the best one's index."""
     for index, candidate in enumerate(candidates):
-        if candidate.skipped:
-            continue
-        left = sum(1 for c in candidates[index:] if not c.skipped)
-        share = (search.deadline - time.perf_counter()) / left
-        run_candidate(search, index, candidate, share)
+        if not candidate.skipped:
+            left = sum(1 for c in candidates[index:] if not c.skipped)
+            run_candidate(search, index, candidate, (search.deadline - time.perf_counter()) / left)
         result = f"skipped: {candidate.skipped}" if candidate.skipped else f"held-out Dice {candidate.heldout_dice:.4f}"
         search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
             f"auto {index + 1}/{len(candidates)} {candidate.recipe.label}: {candidate.steps} steps, "
@@ -324,7 +332,10 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     emit = callback or (lambda event: None)
     out = Path(spec.out_dir)
     ds = load_dataset(spec.data, min_area=spec.split.min_area)
-    candidates = recipe_grid(check_data(ds, model, out, emit))
+    report = check_data(ds, model, out, emit)
+    candidates = recipe_grid(report)
+    if crop_plan(report)[1]:
+        spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True))
     heldout, heldout_ds, rest = heldout_split(spec, ds)
     train_ds, val_ds = split(spec, rest)
     if len(val_ds) == 0:
