@@ -1,5 +1,10 @@
 """``samforge train``, ``samforge eval`` and ``samforge adapters inspect``.
 
+``samforge train`` starts by printing the hardware preset (:mod:`sam_core.training.presets`: chosen from what
+torch sees, or ``--preset``; ``--batch-size``, ``--bf16`` / ``--no-bf16`` and ``--threads`` override its values)
+and carries it in its first progress event (the data check's, as a second line). ``--method auto
+--time-budget 20m`` runs the recipe search of :mod:`sam_core.training.auto` and prints its table.
+
 ``samforge train`` exit status: 0 the candidate was accepted (``<out>/adapter/``), 3 the guard rejected it
 (``<out>/rejected/``, nothing in ``<out>/adapter/``; see :mod:`sam_core.training.guard`), 2 bad input, 4 stopped
 by SIGTERM, anything else a failure. ``<out>/result.json`` (written by :func:`services.trainer.worker.write_result`)
@@ -9,6 +14,7 @@ holds the status, the exit code and the run's summary with the guard's verdict.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,13 +23,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from sam_core.training.auto import AUTO_METHOD
 from sam_core.training.config import Phase, ProgressEvent
 from sam_core.training.guard import DEFAULT_HELDOUT_FRACTION, DEFAULT_MIN_IMPROVEMENT
 from sam_core.training.methods import DEFAULT_METHOD, get_method, method_names
+from sam_core.training.presets import PRESETS
+from services.trainer.worker import EventsFile, StopOnSigterm
 
 if TYPE_CHECKING:
     from sam_core.evaluation.evaluate import EmbeddingCache
-    from sam_core.training.finetune import FinetuneSpec
+    from sam_core.training.finetune import FinetuneResult, FinetuneSpec
+    from sam_core.training.presets import Preset
+
+AUTO_HELP = ("auto: a time-budgeted search over decoder (whole / crops) and lora r4 / r8 at two learning rates, "
+             "scored on the held-out split (--time-budget; each recipe sets its own lr, rank and crop)")
 
 
 class ProgressBar:
@@ -40,6 +53,9 @@ class ProgressBar:
         if event.val_dice is not None:
             self.last_val = event.val_dice
         if event.state is Phase.CHECKING_DATA:
+            print(event.message, file=self.stream, flush=True)
+            return
+        if event.state is Phase.EVALUATING and event.message:
             print(event.message, file=self.stream, flush=True)
             return
         if event.state in (Phase.EMBEDDING, Phase.VALIDATING, Phase.EVALUATING):
@@ -72,8 +88,12 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser("train", help="fine-tune on a data set and publish an adapter")
     p.add_argument("--data", required=True,
                    help="folder (images/ + masks/ or masks_instances/), COCO .json, or npz folder")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
-                   help="; ".join(f"{name}: {get_method(name).summary}" for name in method_names()))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=[*method_names(), AUTO_METHOD],
+                   help="; ".join([*(f"{name}: {get_method(name).summary}" for name in method_names()), AUTO_HELP]))
+    p.add_argument("--time-budget", help="--method auto: the search's wall-clock budget, e.g. 300, 90s, 20m, 1.5h "
+                                         "(default 20m)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="hardware preset (default: chosen from what torch sees); explicit flags override its values")
     p.add_argument("--out", required=True, help="run folder: checkpoints, embeddings, adapter/, eval/")
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--checkpoint", help="base weights for vit_b/vit_l/vit_h")
@@ -81,7 +101,7 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="auto | cpu | cuda | cuda:N (under torchrun, auto = cuda:LOCAL_RANK when CUDA is present)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, help="global batch (default: the preset's)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -94,7 +114,8 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--split-first-last", help="N_TRAIN,N_VAL: first/last of the sorted image ids")
     p.add_argument("--min-area", type=int, default=0, help="drop instances smaller than this (pixels)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the preset's)")
     p.add_argument("--patience", type=int, default=0, help="early stopping after N validations without gain")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = each epoch)")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -147,22 +168,42 @@ def _first_last(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    """The preset for this machine (or ``--preset``) with the explicitly given flags over its values."""
+    from sam_core.errors import InvalidInput
+    from sam_core.training.presets import Machine, choose_preset, override
+
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInput(f"must be >= 1, got {args.threads}", field="threads")
+    return override(choose_preset(Machine.detect(), args.preset), batch_size=args.batch_size, bf16=args.bf16,
+                    threads=args.threads)
+
+
+def spec_from_args(args: argparse.Namespace, preset: Preset | None = None) -> FinetuneSpec:
     """The run ``samforge train``'s arguments describe (the trainer builds its workers' argv to reproduce its
-    own :func:`services.trainer.job_spec.build_spec`)."""
+    own :func:`services.trainer.job_spec.build_spec`); batch size and precision come from ``preset`` (default:
+    :func:`preset_from_args`) unless given."""
     from sam_core.data.prompt_sim import prompt_config
+    from sam_core.errors import InvalidInput
     from sam_core.evaluation.evaluate import EvalConfig
+    from sam_core.training.auto import DEFAULT_TIME_BUDGET, parse_time_budget
     from sam_core.training.config import TrainConfig
     from sam_core.training.finetune import FinetuneSpec, SplitSpec
     from sam_core.training.guard import GuardOptions
     from sam_core.training.methods import MethodConfig
 
-    method = MethodConfig(args.method, rank=args.rank, alpha=float(args.rank), adapter_ratio=args.adapter_ratio)
+    preset = preset or preset_from_args(args)
+    auto = args.method == AUTO_METHOD
+    if args.time_budget is not None and not auto:
+        raise InvalidInput("applies to --method auto only", field="time_budget")
+    budget = parse_time_budget(args.time_budget or DEFAULT_TIME_BUDGET) if auto else None
+    method = MethodConfig(DEFAULT_METHOD if auto else args.method, rank=args.rank, alpha=float(args.rank),
+                          adapter_ratio=args.adapter_ratio)
     first_last = _first_last(args.split_first_last) if args.split_first_last else None
     train_cfg = TrainConfig(
         method=method, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, bf16=args.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        max_steps=args.max_steps, batch_size=preset.global_batch, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, bf16=preset.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
         eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
     )
@@ -175,19 +216,60 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
         persam_steps=args.persam_steps,
         guard=GuardOptions(baseline=args.baseline, min_improvement=args.min_improvement,
                            allow_regression=args.allow_regression, heldout_fraction=args.heldout_fraction),
+        time_budget=budget,
     )
+
+
+def announce_preset(preset: Preset) -> str:
+    """Print the preset (with what torch sees) and set the threads it says; returns the printed line."""
+    import torch
+
+    from sam_core.training.presets import Machine
+
+    torch.set_num_threads(preset.threads)
+    line = f"{preset.describe()} (torch sees {Machine.detect().describe()})"
+    print(line, file=sys.stderr, flush=True)
+    if preset.ddp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print(f"samforge train: one process; for DDP run it under torchrun --nproc_per_node {preset.processes}",
+              file=sys.stderr)
+    return line
+
+
+def run_train(args: argparse.Namespace, bar: ProgressBar, events: EventsFile | None,
+              stop: StopOnSigterm) -> FinetuneResult | None:
+    """Build the spec (the preset first, printed), load the model and run it; ``--method auto`` prints its table.
+    The events file gets the preset line in its first event (the data check's), as a second line."""
+    from sam_core.modeling.registry import load_model, resolve_device
+    from sam_core.training.auto import run_auto
+    from sam_core.training.finetune import run_finetune
+
+    preset = preset_from_args(args)
+    spec = spec_from_args(args, preset)
+    pending = [announce_preset(preset)]
+
+    def report(event: ProgressEvent) -> None:
+        bar(event)
+        if events is not None:
+            if pending and event.state is Phase.CHECKING_DATA:
+                event = dataclasses.replace(event, message=f"{event.message}\n{pending.pop()}")
+            events(event)
+
+    callback = stop.wrap(report)
+    model = load_model(args.model, args.checkpoint, device=resolve_device(args.device))
+    if spec.time_budget is None:
+        return run_finetune(model, spec, callback=callback)
+    auto = run_auto(model, spec, spec.time_budget, callback)
+    print(f"auto: {len(auto.candidates)} recipes within {spec.time_budget:g} s\n{auto.table()}", file=sys.stderr)
+    return auto.finetune
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the fine-tuning; rank 0 writes ``<out>/result.json`` and returns its exit status
     (:mod:`services.trainer.worker`: 0 published, 2 bad input, 3 rejected by the guard, 4 stopped by SIGTERM)."""
     from sam_core.errors import SamforgeError
-    from sam_core.modeling.registry import load_model, resolve_device
-    from sam_core.training.finetune import run_finetune
-    from services.trainer.worker import EventsFile, StopOnSigterm, StoppedBySignal, WorkerStatus, is_rank_zero
+    from services.trainer.worker import StoppedBySignal, WorkerStatus, is_rank_zero
     from services.trainer.worker import write_result as write
 
-    spec = spec_from_args(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"samforge train: rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}", file=sys.stderr)
     if args.no_resume:
@@ -195,19 +277,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
     events = EventsFile(args.events) if args.events and is_rank_zero() else None
-    bar = ProgressBar()
-
-    def report(event: ProgressEvent) -> None:
-        bar(event)
-        if events is not None:
-            events(event)
-
     stop = StopOnSigterm()
     stop.install()
     main = is_rank_zero()
     try:
-        result = run_finetune(load_model(args.model, args.checkpoint, device=resolve_device(args.device)), spec,
-                              callback=stop.wrap(report))
+        result = run_train(args, ProgressBar(), events, stop)
     except StoppedBySignal:
         print("samforge train: stopped by SIGTERM (checkpointed; run again to resume)", file=sys.stderr)
         return write(args.out, WorkerStatus.STOPPED) if main else 0

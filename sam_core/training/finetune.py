@@ -10,7 +10,8 @@ stays in ``<out>/adapter/``; a rejected one is moved to ``<out>/rejected/`` (not
 ``<out>/adapter/``) and :attr:`FinetuneResult.accepted` is False; ``<out>/guard.json`` holds the verdict.
 
 This is what ``samforge train`` and the trainer service run; both only translate their inputs into a
-:class:`FinetuneSpec` and forward :class:`~sam_core.training.loop.ProgressEvent` s.
+:class:`FinetuneSpec` and forward :class:`~sam_core.training.loop.ProgressEvent` s. A spec with a
+``time_budget`` is ``--method auto``: :func:`run_finetune` hands it to :func:`sam_core.training.auto.run_auto`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sam_core.adapters.artifact import (
     write_adapter_config,
 )
 from sam_core.data.dataset import SegmentationDataset, load_dataset
-from sam_core.data.diagnostics import diagnose
+from sam_core.data.diagnostics import DataReport, diagnose
 from sam_core.data.splits import split_dataset, split_first_last
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.evaluate import (
@@ -81,6 +82,8 @@ class FinetuneSpec:
     parent: str | None = None
     persam_steps: int = 200
     guard: GuardOptions = field(default_factory=GuardOptions)
+    # Seconds: set = method "auto", a recipe search within this budget (train.method is then not used)
+    time_budget: float | None = None
 
 
 @dataclass
@@ -94,6 +97,7 @@ class FinetuneResult:
     seconds: float
     report_files: dict[str, Path]
     guard: Verdict
+    auto: dict[str, Any] | None = None  # method "auto": the search table (AutoResult.to_json())
 
     @property
     def accepted(self) -> bool:
@@ -111,6 +115,7 @@ class FinetuneResult:
                                                                       "nsd_mean", "n_instances", "n_resolvable")}
                     for r in self.reports},
             "report": str(self.report_files.get("report", "")),
+            **({"auto": self.auto} if self.auto is not None else {}),
         }
 
 
@@ -135,6 +140,10 @@ def run_finetune(model: LoadedModel, spec: FinetuneSpec,
     Under torchrun every rank trains; only rank 0 evaluates and reports (other ranks return None). A one-shot
     method is fitted by rank 0 alone (it has no gradient steps to share).
     """
+    if spec.time_budget is not None:
+        from sam_core.training.auto import run_auto
+
+        return run_auto(model, spec, spec.time_budget, callback).finetune
     t0 = time.perf_counter()
     out = Path(spec.out_dir)
     emit = callback or (lambda event: None)
@@ -257,12 +266,14 @@ def settle(adapter_dir: Path, verdict: Verdict, heldout: HeldoutSplit) -> Path:
 
 
 def check_data(ds: SegmentationDataset, model: LoadedModel, out: Path,
-               emit: Callable[[ProgressEvent], None]) -> None:
-    """Diagnose ``ds`` for ``model``: ``out/diagnostics.json`` and a ``checking_data`` event with the summary line."""
+               emit: Callable[[ProgressEvent], None]) -> DataReport:
+    """Diagnose ``ds`` for ``model``: ``out/diagnostics.json`` and a ``checking_data`` event with the summary line;
+    returns the report."""
     report = diagnose(ds, model.spec)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "diagnostics.json", json.dumps(report.to_json(), indent=1, allow_nan=False))
     emit(ProgressEvent(Phase.CHECKING_DATA, 0, 0, 0, message=report.summary_line()))
+    return report
 
 
 def _fit_one_shot(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset,

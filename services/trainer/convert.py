@@ -21,7 +21,7 @@ _STATE_TO_PB = {
     JobState.REJECTED: trainer_pb2.JOB_STATE_REJECTED,
 }
 _HP_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_fraction", "seed", "bf16",
-              "patience", "crop", "warmup_steps", "checkpoint_every")
+              "patience", "crop", "warmup_steps", "checkpoint_every", "time_budget_seconds")
 
 
 def job_request(msg: trainer_pb2.CreateJobRequest) -> JobRequest:

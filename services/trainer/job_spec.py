@@ -24,15 +24,17 @@ from sam_core.adapters.store import tenant_dir, validate_name
 from sam_core.data.prompt_sim import PromptKind, prompt_config
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.evaluation.evaluate import EvalConfig
+from sam_core.training.auto import AUTO_METHOD, DEFAULT_TIME_BUDGET, MAX_TIME_BUDGET
 from sam_core.training.config import TrainConfig
 from sam_core.training.finetune import FinetuneSpec, SplitSpec
 from sam_core.training.guard import DEFAULT_MIN_IMPROVEMENT, GuardOptions
-from sam_core.training.methods import MethodConfig, get_method, method_names
+from sam_core.training.methods import DEFAULT_METHOD, MethodConfig, get_method, method_names
 
 PROMPT_KINDS: tuple[PromptKind, ...] = ("box", "point", "box+point")
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_PERSAM_STEPS = 200
 MAX_DATASET_REF = 1024
+AUTO_CHOOSES = ("lr", "rank", "crop")  # hyper-parameters each recipe of method auto sets itself
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Hyperparameters:
     crop: int = 0
     warmup_steps: int = 0
     checkpoint_every: int = 0
+    time_budget_seconds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +153,8 @@ def _number(value: float) -> str:
 class Bound:
     """The accepted values of one hyper-parameter: 0 (= the default) or ``low <= value <= high``
     (``value > low`` when ``low_open``). ``one_shot``: the row applies to one-shot methods (PerSAM) only and
-    replaces the general row of the same field for them. ``why`` justifies the bound (the README shows it)."""
+    replaces the general row of the same field for them. ``auto_only``: the field applies to method ``auto`` only
+    (other methods must leave it 0). ``why`` justifies the bound (the README shows it)."""
 
     field: str
     low: float
@@ -158,6 +162,7 @@ class Bound:
     why: str
     low_open: bool = False
     one_shot: bool = False
+    auto_only: bool = False
 
     def describe(self) -> str:
         return f"{'>' if self.low_open else '>='} {_number(self.low)} and <= {_number(self.high)}"
@@ -199,13 +204,16 @@ HYPERPARAMETER_BOUNDS: tuple[Bound, ...] = (
           "10 % of the largest max_steps"),
     Bound("checkpoint_every", 1, MAX_STEPS, "steps between resumable checkpoints (0 = 50); beyond max_steps "
           "only the final state is kept"),
+    Bound("time_budget_seconds", 60, MAX_TIME_BUDGET, "the recipe search's budget (0 = 20 min): it trains up to 8 "
+          "candidates, each needing its embeddings and a few steps; a week caps a forgotten job", auto_only=True),
 )
 
 
 def applicable_bounds(method: str) -> list[Bound]:
     """One row per field for ``method`` (one-shot methods use their own rows where they have one)."""
-    one_shot = get_method(method).one_shot
-    rows = {b.field: b for b in HYPERPARAMETER_BOUNDS if not b.one_shot}
+    auto = method == AUTO_METHOD
+    one_shot = not auto and get_method(method).one_shot
+    rows = {b.field: b for b in HYPERPARAMETER_BOUNDS if not b.one_shot and (auto or not b.auto_only)}
     if one_shot:
         rows.update({b.field: b for b in HYPERPARAMETER_BOUNDS if b.one_shot})
     return list(rows.values())
@@ -219,7 +227,8 @@ def bounds_table_markdown() -> str:
     """The documented bounds (deploy/README.md embeds it; a test compares them)."""
     lines = ["| hyper-parameter | accepted besides 0 (= default) | why |", "|---|---|---|"]
     for b in HYPERPARAMETER_BOUNDS:
-        name = f"`{b.field}`" + (f" ({', '.join(_one_shot_methods())})" if b.one_shot else "")
+        name = f"`{b.field}`" + (f" ({', '.join(_one_shot_methods())})" if b.one_shot else "") + (
+            f" ({AUTO_METHOD})" if b.auto_only else "")
         lines.append(f"| {name} | {b.describe()} | {b.why} |")
     return "\n".join(lines) + "\n"
 
@@ -244,8 +253,16 @@ def prompt_kind(value: str) -> PromptKind:
 
 
 def check_request(request: JobRequest) -> None:
-    """Method, adapter name, alias and hyper-parameters (InvalidInput naming the field)."""
-    get_method(request.method)
+    """Method (a plug-in or ``auto``), adapter name, alias and hyper-parameters (InvalidInput naming the field)."""
+    if request.method == AUTO_METHOD:
+        for name in AUTO_CHOOSES:
+            if getattr(request.hyperparameters, name):
+                raise _bad(name, f"method {AUTO_METHOD} chooses it per recipe; leave it 0")
+    else:
+        get_method(request.method)
+        for bound in HYPERPARAMETER_BOUNDS:
+            if bound.auto_only and getattr(request.hyperparameters, bound.field):
+                raise _bad(bound.field, f"applies to method {AUTO_METHOD} only")
     validate_name("adapter_name", request.adapter_name)
     if request.promote_to:
         validate_name("promote_to", request.promote_to)
@@ -285,6 +302,7 @@ def resolve_dataset(data_dir: str | Path, tenant: str, ref: str) -> Path:
 def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
     """Hyper-parameters -> TrainConfig (0 = the TrainConfig / MethodConfig default)."""
     base, base_method = TrainConfig(), MethodConfig()
+    method = DEFAULT_METHOD if method == AUTO_METHOD else method  # auto: each recipe sets its own method
     rank = hp.rank or base_method.rank
     kind = prompt_kind(hp.prompt)
     try:
@@ -303,8 +321,9 @@ def train_config(method: str, hp: Hyperparameters) -> TrainConfig:
 
 
 def build_spec(request: JobRequest, data: Path, out_dir: Path, baseline: Path | None = None) -> FinetuneSpec:
-    """The whole job for ``run_finetune`` (``persam`` uses ``max_steps`` as its fitting steps); ``baseline``: the
-    champion's adapter folder (None: the base model). A bad ``min_improvement`` is InvalidInput naming it."""
+    """The whole job for ``run_finetune`` (``persam`` uses ``max_steps`` as its fitting steps, ``auto`` gets a
+    ``time_budget``); ``baseline``: the champion's adapter folder (None: the base model). A bad
+    ``min_improvement`` is InvalidInput naming it."""
     hp = request.hyperparameters
     cfg = train_config(request.method, hp)
     val_fraction = hp.val_fraction or DEFAULT_VAL_FRACTION
@@ -315,4 +334,5 @@ def build_spec(request: JobRequest, data: Path, out_dir: Path, baseline: Path | 
         adapter_name=request.adapter_name, persam_steps=hp.max_steps or DEFAULT_PERSAM_STEPS,
         guard=GuardOptions(baseline=None if baseline is None else str(baseline),
                            min_improvement=request.min_improvement, allow_regression=request.allow_regression),
+        time_budget=float(hp.time_budget_seconds or DEFAULT_TIME_BUDGET) if request.method == AUTO_METHOD else None,
     )

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sam_core.errors import InvalidInput
+from sam_core.training.auto import AUTO_METHOD
 from sam_core.training.finetune import FinetuneSpec
 from services.common.settings import TrainerSettings
 
@@ -68,6 +69,9 @@ def spec_argv(spec: FinetuneSpec) -> list[str]:
             "--crop", str(cfg.crop or 0), "--persam-steps", str(spec.persam_steps)]
     if cfg.max_steps is not None:
         argv += ["--max-steps", str(cfg.max_steps)]
+    if spec.time_budget is not None:  # method "auto": train.method is a placeholder
+        argv[argv.index("--method") + 1] = AUTO_METHOD
+        argv += ["--time-budget", repr(spec.time_budget)]
     if cfg.bf16:
         argv.append("--bf16")
     if spec.adapter_name:

@@ -25,7 +25,7 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_REJECTED: JobState
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_fraction", "seed", "bf16", "patience", "crop", "warmup_steps", "checkpoint_every")
+    __slots__ = ("epochs", "max_steps", "batch_size", "lr", "rank", "prompt", "val_fraction", "seed", "bf16", "patience", "crop", "warmup_steps", "checkpoint_every", "time_budget_seconds")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Hyperparameters(_message.Message):
     CROP_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     max_steps: int
     batch_size: int
@@ -52,7 +53,8 @@ class Hyperparameters(_message.Message):
     crop: int
     warmup_steps: int
     checkpoint_every: int
-    def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., rank: _Optional[int] = ..., prompt: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., bf16: _Optional[bool] = ..., patience: _Optional[int] = ..., crop: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    time_budget_seconds: int
+    def __init__(self, epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., rank: _Optional[int] = ..., prompt: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., bf16: _Optional[bool] = ..., patience: _Optional[int] = ..., crop: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., time_budget_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("tenant", "dataset", "method", "hyperparameters", "adapter_name", "promote_to", "resources", "allow_regression", "min_improvement")

@@ -1,0 +1,388 @@
+"""``--method auto``: a time-budgeted search over a small recipe grid, scored on the held-out split.
+
+The grid (:func:`recipe_grid`) is decoder on whole images, decoder on native-resolution crops (the crop size the
+data diagnostics recommend, else the one that makes their median unresolvable instance resolvable), LoRA rank 4
+and rank 8, each at two learning rates (the method's ``recommended_lr`` times :data:`LR_FACTORS`). The
+diagnostics prune and order it: no crop recipes when every instance is resolvable, crop recipes first when the
+diagnostics recommend ``--crop``; then a new held-out split is scored with tiled inference (every candidate and
+the baseline alike), the way a crop-trained model is meant to be used. A recipe sets the method, LoRA rank,
+learning rate and crop; everything else comes from the spec's :class:`~sam_core.training.config.TrainConfig`.
+
+:func:`run_auto` is a plain loop over the grid. Each candidate gets an equal share of what is left of the budget
+(``remaining / candidates left``, so time a candidate does not use goes to the next ones); it is trained by
+:func:`sam_core.training.loop.train` with ``max_seconds`` = that share minus two evaluations (its closing
+validation and its held-out scoring, each estimated by the baseline's held-out scoring). Its validation split (the
+one early stopping and best-state selection use) is the job's usual one. After :data:`PROBE_STEPS` steps the loop's
+measured step time says whether one epoch fits in the share; if not the candidate stops and is recorded as skipped
+with that reason, and the later recipes of the same method are skipped before they start when their share is
+smaller than that measured epoch. Each trained candidate is scored on the job's signed held-out split
+(:mod:`sam_core.training.guard`, the split's own evaluation settings,
+:func:`~sam_core.training.guard.guard_score`), never on the validation split; the best score wins (ties: the
+earlier recipe). The winner then goes through the normal publishing guard against the baseline, scored once on the
+same split before the search: accepted in ``<out>/adapter/``, rejected in ``<out>/rejected/``.
+
+Budget accounting: the budget starts when :func:`run_auto` starts (data check, splits and the baseline's
+held-out score count against it). The loop stops a candidate after the first step that ends past its training
+time; it then validates once and is scored, which its share reserves, so it overruns its share by at most one
+step (plus any error in the two estimates), and an overrun comes out of the later candidates' shares. After the
+search the winner's validation report (zero-shot vs fine-tuned) runs: the job exceeds the budget by at most that
+one evaluation (and the last candidate's step).
+
+Candidates train one after the other in ``<out>/auto/`` and share its ``embeddings/`` and ``prefix_cache/``
+(the caches are signed, so a recipe that needs other entries computes them); each candidate's adapter and
+history are kept in ``<out>/auto/<slug>/``. The published artifact's metrics record ``auto_recipe`` and
+``auto_candidates`` (every row of the table); ``<out>/auto.json`` holds the same table. Each finished candidate
+(or pruned) is reported as one ``evaluating`` progress event; the candidates' own end-of-training events are not
+forwarded (the job has not ended).
+
+Deterministic given the seed apart from the time budget: the grid, its order, the splits, every candidate's
+initialisation, batches and prompts are fixed by the seed; the clock decides only how many steps a candidate
+runs (and so its score and which candidate wins) and which candidates are skipped. A restarted job searches
+again from the first recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sam_core.adapters.artifact import read_adapter_config, write_adapter_config
+from sam_core.data.dataset import SegmentationDataset, load_dataset
+from sam_core.data.diagnostics import DataReport, recommended_crop
+from sam_core.errors import InvalidInput
+from sam_core.evaluation.evaluate import EvalReport, compare, evaluate, format_table, write_report
+from sam_core.files import atomic_write_text
+from sam_core.inference.predictor import Predictor
+from sam_core.modeling.registry import LoadedModel
+from sam_core.training.config import Phase, ProgressEvent, StopTraining, TrainConfig
+from sam_core.training.finetune import (
+    FinetuneResult,
+    FinetuneSpec,
+    baseline_scorer,
+    check_data,
+    heldout_split,
+    settle,
+    split,
+)
+from sam_core.training.guard import HeldoutSplit, guard_score, judge
+from sam_core.training.loop import train
+from sam_core.training.methods import MethodConfig, get_method
+
+LR_FACTORS = (1.0, 3.0)
+"""Each method is tried at its ``recommended_lr`` times each factor."""
+LORA_RANKS = (4, 8)
+PROBE_STEPS = 3
+"""Steps after which a candidate's measured step time decides whether one epoch fits in its share."""
+AUTO_METHOD = "auto"  # what CLIs and CreateJob call the search (it is not a method plug-in)
+AUTO_DIR = "auto"
+DEFAULT_TIME_BUDGET = 1200.0  # seconds (``--time-budget 20m``)
+MAX_TIME_BUDGET = 7 * 24 * 3600.0
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One candidate of the search: a method, its LoRA rank (0 for none), a peak learning rate and a crop."""
+
+    method: str
+    lr: float
+    rank: int = 0
+    crop: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.method + (f" r{self.rank}" if self.rank else "")]
+        parts.append(f"crop {self.crop}" if self.crop else "whole")
+        return " ".join(parts) + f" lr {self.lr:.0e}"
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" ", "-").replace("+", "")
+
+    def method_config(self) -> MethodConfig:
+        rank = self.rank or MethodConfig().rank
+        return MethodConfig(self.method, rank=rank, alpha=float(rank))
+
+    def train_config(self, base: TrainConfig, seconds: float) -> TrainConfig:
+        """``base`` with this recipe's method, lr and crop, bounded by ``seconds`` instead of a step count."""
+        return dataclasses.replace(base, method=self.method_config(), lr=self.lr, crop=self.crop, max_steps=None,
+                                   max_seconds=seconds)
+
+
+@dataclass
+class Candidate:
+    """A row of the search table: what ran (``steps``, ``seconds``) and its held-out score, or why it did not."""
+
+    recipe: Recipe
+    steps: int = 0
+    seconds: float = 0.0
+    heldout_dice: float | None = None
+    skipped: str = ""
+    adapter_dir: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.label, "method": self.recipe.method, "rank": self.recipe.rank,
+                "lr": self.recipe.lr, "crop": self.recipe.crop, "steps": self.steps,
+                "seconds": round(self.seconds, 2), "heldout_dice": self.heldout_dice,
+                "result": f"skipped: {self.skipped}" if self.skipped else "trained"}
+
+
+@dataclass
+class AutoResult:
+    """The search's table, the winner's index in it, and the guarded run of the winner."""
+
+    candidates: list[Candidate]
+    winner: int
+    finetune: FinetuneResult
+    budget: float
+
+    def table(self) -> str:
+        return format_candidates(self.candidates, self.winner)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget_seconds": self.budget, "recipe": self.candidates[self.winner].recipe.label,
+                "candidates": [c.to_json() for c in self.candidates]}
+
+
+def parse_time_budget(text: str | float) -> float:
+    """Seconds from ``"300"``, ``"90s"``, ``"20m"`` or ``"1.5h"``; InvalidInput(field="time_budget") otherwise."""
+    raw = str(text).strip().lower()
+    unit = _UNITS.get(raw[-1:], None)
+    try:
+        seconds = float(raw[:-1] if unit else raw) * (unit or 1.0)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIME_BUDGET):
+        raise InvalidInput(f"must be a positive duration up to {MAX_TIME_BUDGET:g} s such as 300, 90s, 20m or 1.5h, "
+                           f"got {text!r}", field="time_budget")
+    return seconds
+
+
+def crop_plan(report: DataReport) -> tuple[int | None, bool]:
+    """(the crop size of the crop recipes or None without any, whether crops come first)."""
+    recommended = next((r.value for r in report.recommendations if r.flag == "--crop"), None)
+    if recommended is not None:
+        return recommended, True
+    if not report.unresolvable:
+        return None, False
+    sides = sorted(min(u.height, u.width) for u in report.unresolvable)
+    return recommended_crop(sides[len(sides) // 2], report.img_size), False
+
+
+def recipe_grid(report: DataReport) -> list[Candidate]:
+    """Every recipe as a table row, in search order; crop recipes pruned (skipped) when nothing needs them."""
+    crop, crops_first = crop_plan(report)
+    decoder_lrs = [get_method("decoder").recommended_lr * f for f in LR_FACTORS]
+    lora_lrs = [get_method("lora").recommended_lr * f for f in LR_FACTORS]
+    whole = [Candidate(Recipe("decoder", lr)) for lr in decoder_lrs]
+    if crop is None:
+        cropped = [Candidate(Recipe("decoder", lr, crop=report.img_size), skipped="every instance is resolvable "
+                             "at the model's input size") for lr in decoder_lrs]
+    else:
+        cropped = [Candidate(Recipe("decoder", lr, crop=crop)) for lr in decoder_lrs]
+    lora = [Candidate(Recipe("lora", lr, rank=rank)) for rank in LORA_RANKS for lr in lora_lrs]
+    return (cropped + whole if crops_first else whole + cropped) + lora
+
+
+def format_candidates(candidates: list[Candidate], winner: int | None = None) -> str:
+    """The search table: one line per recipe (``*`` marks the winner)."""
+    lines = [f"  {'recipe':<28} {'steps':>6} {'time s':>7}  held-out Dice", "  " + "-" * 58]
+    for i, c in enumerate(candidates):
+        score = f"skipped: {c.skipped}" if c.skipped else f"{c.heldout_dice:.4f}"
+        mark = "*" if i == winner else " "
+        lines.append(f"{mark} {c.recipe.label:<28} {c.steps:>6} {c.seconds:>7.1f}  {score}")
+    return "\n".join(lines)
+
+
+class _OutOfShare(StopTraining):  # noqa: N818 - a control-flow signal
+    """A candidate cannot do useful work within its share; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Search:
+    """What every candidate of one search shares."""
+
+    model: LoadedModel
+    spec: FinetuneSpec
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset
+    heldout: HeldoutSplit
+    heldout_ds: SegmentationDataset
+    emit: Callable[[ProgressEvent], None]
+    deadline: float
+    eval_seconds: float  # one held-out evaluation, measured on the baseline
+    cache: dict[str, Any] = field(default_factory=dict)
+    epoch_seconds: dict[str, float] = field(default_factory=dict)  # method -> measured seconds for one epoch
+    reports: dict[int, EvalReport] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return Path(self.spec.out_dir) / AUTO_DIR
+
+
+def _watch(search: _Search, candidate: Candidate, started: float, share: float) -> Callable[[ProgressEvent], None]:
+    """The candidate's progress callback: forwards its events (not its end-of-training ones), stops it when
+    caching outlives its share or when its measured epoch does not fit the share."""
+    method = candidate.recipe.method
+
+    def callback(event: ProgressEvent) -> None:
+        elapsed = time.perf_counter() - started
+        if event.state.final:
+            return
+        search.emit(event)
+        if event.state is not Phase.TRAINING:
+            if event.state is Phase.EMBEDDING and elapsed > share:
+                raise _OutOfShare(f"caching the encoder outputs took over its {share:.0f} s share")
+            return
+        candidate.steps = event.step
+        if event.step != PROBE_STEPS or event.eta_seconds is None or event.total_steps <= event.step:
+            return
+        step_time = event.eta_seconds / (event.total_steps - event.step)
+        per_epoch = event.total_steps // max(1, search.spec.train.epochs)
+        search.epoch_seconds[method] = per_epoch * step_time
+        needed = elapsed + (per_epoch - event.step) * step_time
+        if needed > share:
+            raise _OutOfShare(f"one epoch ({per_epoch} steps at {step_time:.2f} s/step) needs ~{needed:.0f} s, "
+                              f"its share is {share:.0f} s")
+
+    return callback
+
+
+def _reset_work(work: Path) -> None:
+    """Drop the previous candidate's checkpoints and artifact (the caches stay)."""
+    for name in ("checkpoints", "adapter", "history.json"):
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_candidate(search: _Search, index: int, candidate: Candidate, share: float) -> None:
+    """Train ``candidate`` within ``share`` seconds and score it on the held-out split (fills the row)."""
+    recipe, started = candidate.recipe, time.perf_counter()
+    measured = search.epoch_seconds.get(recipe.method)
+    training_seconds = share - 2 * search.eval_seconds  # its closing validation and its held-out scoring
+    if share <= 0:
+        candidate.skipped = "the time budget is spent"
+        return
+    if measured is not None and measured > training_seconds:
+        candidate.skipped = f"one epoch of {recipe.method} measured ~{measured:.0f} s, its share is {share:.0f} s"
+        return
+    if training_seconds <= 0:
+        candidate.skipped = (f"its {share:.1f} s share does not cover a validation and a held-out evaluation "
+                             f"(2 x {search.eval_seconds:.1f} s)")
+        return
+    _reset_work(search.work)
+    cfg = recipe.train_config(search.spec.train, training_seconds)
+    try:
+        result = train(search.model, search.train_ds, search.val_ds, cfg, search.work, resume=False,
+                       callback=_watch(search, candidate, started, training_seconds),
+                       adapter_name=search.spec.adapter_name, parent=search.spec.parent)
+    except _OutOfShare as stop:
+        candidate.skipped, candidate.seconds = stop.reason, time.perf_counter() - started
+        return
+    assert result.model is not None and result.adapter_dir is not None  # one process
+    kept = search.work / recipe.slug
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    os.replace(result.adapter_dir, kept / "adapter")
+    os.replace(search.work / "history.json", kept / "history.json")
+    report = evaluate(Predictor(result.model), search.heldout_ds, search.heldout.eval_config(), label=recipe.label,
+                      embeddings=search.cache)
+    search.reports[index] = report
+    candidate.steps, candidate.adapter_dir = result.steps, kept / "adapter"
+    candidate.heldout_dice = guard_score(report)[0]
+    candidate.seconds = time.perf_counter() - started
+
+
+def search_recipes(search: _Search, candidates: list[Candidate]) -> int | None:
+    """The plain loop: each candidate not pruned runs in turn with its share, and every row is reported in one
+    event; returns the best one's index."""
+    for index, candidate in enumerate(candidates):
+        if not candidate.skipped:
+            left = sum(1 for c in candidates[index:] if not c.skipped)
+            run_candidate(search, index, candidate, (search.deadline - time.perf_counter()) / left)
+        result = f"skipped: {candidate.skipped}" if candidate.skipped else f"held-out Dice {candidate.heldout_dice:.4f}"
+        search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
+            f"auto {index + 1}/{len(candidates)} {candidate.recipe.label}: {candidate.steps} steps, "
+            f"{candidate.seconds:.1f} s, {result}")))
+    scored = [(c.heldout_dice, -i) for i, c in enumerate(candidates) if c.heldout_dice is not None]
+    return -max(scored)[1] if scored else None
+
+
+def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
+             callback: Callable[[ProgressEvent], None] | None = None) -> AutoResult:
+    """Search the recipe grid within ``budget`` seconds and publish the best candidate through the guard."""
+    t0 = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InvalidInput("auto searches in one process; run it without torchrun", field="method")
+    emit = callback or (lambda event: None)
+    out = Path(spec.out_dir)
+    ds = load_dataset(spec.data, min_area=spec.split.min_area)
+    report = check_data(ds, model, out, emit)
+    candidates = recipe_grid(report)
+    if crop_plan(report)[1]:
+        spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True))
+    heldout, heldout_ds, rest = heldout_split(spec, ds)
+    train_ds, val_ds = split(spec, rest)
+    if len(val_ds) == 0:
+        raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
+    emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="baseline on the held-out split"))
+    cache: dict[str, Any] = {}
+    scorer, baseline_label = baseline_scorer(model, spec.guard.baseline, cache)
+    t_eval = time.perf_counter()
+    baseline = scorer(heldout_ds, heldout.eval_config(), "baseline")
+    search = _Search(model, spec, train_ds, val_ds, heldout, heldout_ds, emit, deadline=t0 + budget,
+                     eval_seconds=time.perf_counter() - t_eval, cache=cache)
+    winner = search_recipes(search, candidates)
+    if winner is None:
+        raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",
+                           field="time_budget")
+    result = publish_winner(search, candidates, winner, baseline, baseline_label, t0)
+    auto = AutoResult(candidates, winner, result, budget)
+    atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")
+    result.auto = auto.to_json()
+    return auto
+
+
+def publish_winner(search: _Search, candidates: list[Candidate], winner: int, baseline: EvalReport,
+                   baseline_label: str, t0: float) -> FinetuneResult:
+    """Copy the winner to ``<out>/adapter`` with the table in its metrics, report it on the validation split,
+    and let the guard accept it there or move it to ``<out>/rejected``."""
+    best, out = candidates[winner], Path(search.spec.out_dir)
+    assert best.adapter_dir is not None
+    adapter_dir = out / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    shutil.copytree(best.adapter_dir, adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    write_adapter_config(adapter_dir, dataclasses.replace(config, metrics={
+        **config.metrics, "auto_recipe": best.recipe.label, "auto_candidates": [c.to_json() for c in candidates]}))
+    from sam_core.adapters.artifact import load_adapter
+
+    tuned_model = load_adapter(search.model, adapter_dir)
+    search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
+    val_cache: dict[str, Any] = {}
+    reports = [evaluate(Predictor(search.model), search.val_ds, search.spec.eval, label="zero-shot",
+                        embeddings=val_cache),
+               evaluate(Predictor(tuned_model), search.val_ds, search.spec.eval,
+                        label=f"fine-tuned (auto: {best.recipe.label})", embeddings=val_cache)]
+    history = json.loads((best.adapter_dir.parent / "history.json").read_text())
+    files = write_report(out / "eval", reports, history=history, dataset=search.val_ds)
+    verdict = judge(search.reports[winner], baseline, baseline_label, search.heldout, search.spec.guard)
+    settled = settle(adapter_dir, verdict, search.heldout)
+    return FinetuneResult(adapter_dir=settled, adapter=read_adapter_config(settled), reports=reports,
+                          table=format_table(compare(reports)), seconds=time.perf_counter() - t0,
+                          report_files=files, guard=verdict)

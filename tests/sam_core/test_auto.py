@@ -1,0 +1,123 @@
+"""``--method auto`` on the tiny model: the recipe grid pruned by the diagnostics, a table with one row per recipe,
+skips with their reason, the best held-out score wins and goes through the publishing guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sam_core.adapters.artifact import read_adapter_config
+from sam_core.data.dataset import load_dataset
+from sam_core.data.diagnostics import diagnose
+from sam_core.errors import InvalidInput
+from sam_core.modeling.registry import SPECS
+from sam_core.training.auto import (
+    Candidate,
+    Recipe,
+    _OutOfShare,
+    _Search,
+    _watch,
+    parse_time_budget,
+    recipe_grid,
+    run_auto,
+)
+from sam_core.training.config import Phase, ProgressEvent, TrainConfig
+from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
+from sam_core.training.guard import GuardOptions
+from tests.conftest import write_blob_dataset
+from tests.sam_core.test_diagnostics import write_speck_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    return write_blob_dataset(tmp_path_factory.mktemp("auto") / "blobs", n_images=6, height=64, width=80)
+
+
+def auto_spec(data: Path, out: Path, **guard) -> FinetuneSpec:
+    return FinetuneSpec(data=str(data), out_dir=str(out), train=TrainConfig(epochs=1, batch_size=2, warmup_steps=1),
+                        split=SplitSpec(val_fraction=0.34), guard=GuardOptions(**guard))
+
+
+def test_time_budget_parsing():
+    assert [parse_time_budget(t) for t in ("300", "90s", "20m", "1.5h", 45)] == [300, 90, 1200, 5400, 45]
+    for bad in ("", "0", "-5m", "ten", "5d", "nan", "inf"):
+        with pytest.raises(InvalidInput) as info:
+            parse_time_budget(bad)
+        assert info.value.field == "time_budget"
+
+
+def test_grid_without_crops_when_every_instance_is_resolvable(blobs):
+    rows = recipe_grid(diagnose(load_dataset(blobs), SPECS["tiny"]))
+    assert [r.recipe.method for r in rows] == ["decoder"] * 4 + ["lora"] * 4
+    assert {r.recipe.rank for r in rows[4:]} == {4, 8} and len({r.recipe.lr for r in rows}) == 4
+    assert [bool(r.skipped) for r in rows] == [False, False, True, True, False, False, False, False]
+    assert all("every instance is resolvable" in r.skipped for r in rows[2:4])
+
+
+def test_grid_tries_crops_first_when_the_diagnostics_recommend_them(tmp_path):
+    report = diagnose(load_dataset(write_speck_dataset(tmp_path / "specks")), SPECS["litemedsam"])
+    crop = next(r.value for r in report.recommendations if r.flag == "--crop")
+    rows = recipe_grid(report)
+    assert [r.recipe.crop for r in rows[:2]] == [crop, crop] and not any(r.skipped for r in rows)
+    assert [r.recipe.crop for r in rows[2:]] == [None] * 6
+
+
+def _probe(share: float, epochs: int, eta: float, total: int) -> None:
+    search = _Search(None, FinetuneSpec("d", "o", train=TrainConfig(epochs=epochs)), None, None, None, None,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0, eval_seconds=0.0)
+    watch = _watch(search, Candidate(Recipe("lora", 3e-4, rank=4)), started=__import__("time").perf_counter(),
+                   share=share)
+    for step in (1, 2, 3):
+        watch(ProgressEvent(Phase.TRAINING, step, total, 0, eta_seconds=eta * (total - step) / (total - 3)))
+
+
+def test_a_candidate_whose_epoch_cannot_fit_its_share_is_stopped_with_the_reason():
+    _probe(share=100.0, epochs=2, eta=20.0, total=40)  # 20 steps an epoch at 0.54 s: fits
+    with pytest.raises(_OutOfShare, match=r"one epoch \(20 steps at 5.41 s/step\) needs ~92 s, its share is 50 s"):
+        _probe(share=50.0, epochs=2, eta=200.0, total=40)
+
+
+def test_auto_on_tiny_picks_the_best_heldout_candidate_and_publishes_it(tiny_model, blobs, tmp_path):
+    events: list[ProgressEvent] = []
+    auto = run_auto(tiny_model, auto_spec(blobs, tmp_path / "run", allow_regression=True), 300.0, events.append)
+    rows, winner = auto.candidates, auto.winner
+    assert len(rows) == 8 and [r.recipe for r in rows] == [r.recipe for r in recipe_grid(
+        diagnose(load_dataset(blobs), SPECS["tiny"]))]
+    scored = {i: r.heldout_dice for i, r in enumerate(rows) if r.heldout_dice is not None}
+    assert len(scored) == 6 and all(rows[i].steps > 0 for i in scored)
+    assert scored[winner] == max(scored.values()) and winner == min(i for i in scored if scored[i] == scored[winner])
+    result = auto.finetune
+    assert result.accepted and result.adapter_dir == tmp_path / "run" / "adapter"
+    config = read_adapter_config(result.adapter_dir)
+    assert config.method == rows[winner].recipe.method and config.metrics["auto_recipe"] == rows[winner].recipe.label
+    assert [c["recipe"] for c in config.metrics["auto_candidates"]] == [r.recipe.label for r in rows]
+    assert config.metrics["heldout_dice"] == pytest.approx(scored[winner])
+    assert json.loads((tmp_path / "run" / "auto.json").read_text())["recipe"] == rows[winner].recipe.label
+    per_candidate = [e.message for e in events if e.message.startswith("auto ")]
+    assert len(per_candidate) == 8 and not any(e.state.final for e in events)
+    assert "held-out Dice" in auto.table() and auto.table().count("skipped: every instance") == 2
+    assert result.summary()["auto"]["candidates"][winner]["heldout_dice"] == scored[winner]
+
+
+def test_a_budget_too_small_for_any_recipe_is_invalid_input_with_the_table(tiny_model, blobs, tmp_path):
+    with pytest.raises(InvalidInput) as info:
+        run_finetune(tiny_model, FinetuneSpec(**{**auto_spec(blobs, tmp_path / "run").__dict__, "time_budget": 0.01}))
+    assert info.value.field == "time_budget"
+    assert info.value.detail.count("skipped: the time budget is spent") == 6
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_the_winner_is_rejected_by_the_guard_when_it_does_not_beat_the_baseline(tiny_model, blobs, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr("sam_core.training.auto.LR_FACTORS", (1.0,))  # a grid of decoder and lora r4
+    monkeypatch.setattr("sam_core.training.auto.LORA_RANKS", (4,))
+    auto = run_auto(tiny_model, auto_spec(blobs, tmp_path / "run", min_improvement=1.0), 300.0)
+    assert [bool(c.skipped) for c in auto.candidates] == [False, True, False]
+    assert not auto.finetune.accepted and auto.finetune.adapter_dir == tmp_path / "run" / "rejected"
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert read_adapter_config(tmp_path / "run" / "rejected").metrics["auto_recipe"] == auto.candidates[
+        auto.winner].recipe.label
