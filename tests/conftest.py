@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 import os
 import struct
-import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
 
-# The suite runs many torch processes at once on two cores (pytest, the services it starts, their training
-# workers). OpenMP's default busy-waiting makes one process's idle worker threads spin on cores another
-# process needs; passive waiting yields them. OpenMP reads this once, when torch is first imported, which
-# is after this line (checked): the test process and every process it starts inherit it.
-# bench/results/omp_wait_policy.md measures the difference.
+import torch  # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: see below
+
+# The processes the tests start (services, training workers, CLIs) run torch next to this one and each other on
+# two cores. OpenMP's default busy-waiting lets one process's idle worker threads spin on cores another process
+# needs; passive waiting yields them. Alone, passive waiting costs (a woken thread starts later), so this
+# process, which computes alone most of the time, keeps the default: the variable is set after torch loaded.
+# bench/results/omp_wait_policy.md measures both cases.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set OMP_WAIT_POLICY"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -114,7 +114,6 @@ def save_perturbed_adapter(model, method: str, folder, *, seed: int = 1, name: s
                            metrics: dict | None = None):
     """Save an adapter artifact of ``method`` whose trainable tensors were moved away from the base
     (seeded), so it predicts differently from the base model; returns the folder."""
-    import torch
 
     from sam_core.adapters.artifact import adapted_net, save_adapter
     from sam_core.training.methods import MethodConfig, trainable_state
@@ -152,7 +151,6 @@ def tar_bytes(members: Mapping[str, bytes] | Iterable[tuple[str, bytes]], *, mod
 def one_torch_thread():
     """torch at one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
     on shared 2-core machines, 2 intra-op threads under load are far slower than 1 for the tiny model."""
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
