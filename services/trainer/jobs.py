@@ -60,7 +60,7 @@ from .job_spec import (
     resolve_dataset,
     tenant_root,
 )
-from .registry import champion
+from .registry import champion, copy_version
 
 log = logging.getLogger("samforge.trainer")
 
@@ -68,12 +68,13 @@ BASELINE_DIR = "baseline"  # the champion's artifact, copied into the job folder
 EVENT_LOG = 2000  # in-memory events per job (a watcher that falls further behind skips ahead)
 KEEP_AFTER_END = 50  # events kept in memory once a job has ended
 PERSIST_EVERY = 2.0  # seconds between job.json writes for plain progress events (state changes: always)
-# the phase a job reports: once training is final the job goes on to evaluate and publish
-_REPORTED_PHASE = {Phase.DONE: Phase.EVALUATING, Phase.STOPPED_EARLY: Phase.EVALUATING}
+_REPORTED_PHASE = {Phase.DONE: Phase.EVALUATING, Phase.STOPPED_EARLY: Phase.EVALUATING}  # then it publishes
 
 
 @dataclass
-class _Live:
+class _TrackedJob:
+    """A job the manager holds in memory: its record, the event log WatchJob replays, and the lock both share."""
+
     job: Job
     cond: threading.Condition = field(default_factory=threading.Condition)
     events: deque[JobEvent] = field(default_factory=lambda: deque(maxlen=EVENT_LOG))
@@ -96,7 +97,7 @@ class JobManager:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = _lock_folder(self.jobs_dir)
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Live] = {}
+        self._jobs: dict[str, _TrackedJob] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._closing = threading.Event()
         self.metrics = JobMetrics(settings.metrics_job_labels)
@@ -122,7 +123,7 @@ class JobManager:
         build_spec(request, data, job_dir(self.jobs_dir, tenant, job_id))  # what the worker builds, checked now
         if self._closing.is_set():
             raise Unavailable("the trainer is shutting down; retry on the next instance")
-        live = _Live(Job(id=job_id, tenant=tenant, request=request))
+        live = _TrackedJob(Job(id=job_id, tenant=tenant, request=request))
         with self._lock:
             self._jobs[live.job.id] = live
         self._emit(live, "queued", message="queued", state=JobState.QUEUED)
@@ -216,7 +217,7 @@ class JobManager:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ internals
-    def _find(self, tenant: str, job_id: str) -> _Live:
+    def _find(self, tenant: str, job_id: str) -> _TrackedJob:
         with self._lock:
             live = self._jobs.get(job_id)
         if live is None or live.job.tenant != tenant:  # another tenant's job looks exactly like a missing one
@@ -225,9 +226,9 @@ class JobManager:
 
     def _recover(self) -> None:
         """Re-attach to live workers first (they hold job slots), then re-queue the other unfinished jobs."""
-        pending: list[_Live] = []
+        pending: list[_TrackedJob] = []
         for job in load_jobs(self.jobs_dir):
-            live = _Live(job)
+            live = _TrackedJob(job)
             self._jobs[job.id] = live
             if job.state.terminal:
                 continue
@@ -261,7 +262,7 @@ class JobManager:
             except Exception:  # e.g. job.json not writable: keep the worker alive for the other jobs
                 log.exception("job %s: the worker failed", job_id)
 
-    def _run(self, live: _Live) -> None:
+    def _run(self, live: _TrackedJob) -> None:
         with live.cond:
             attach, live.attach = live.attach, {}
             if attach:
@@ -286,11 +287,10 @@ class JobManager:
             log.exception("job %s failed", job.id)
             self._finish(live, JobState.FAILED, error=GENERIC_ERROR)
 
-    def _baseline(self, live: _Live) -> Path | None:
-        """The champion's folder (None: the base model), copied into ``<job>/baseline``. Chosen at the job's first
-        start and kept in job.json, so a resumed job is judged against the same version (even if it published
-        itself before a crash, or the version was deleted since); the copy is on the jobs volume, which is all a
-        kubernetes training pod mounts."""
+    def _baseline(self, live: _TrackedJob) -> Path | None:
+        """The champion's folder (None: the base model), copied into ``<job>/baseline`` (on the jobs volume, which
+        a kubernetes training pod mounts). Chosen at the first start and kept in job.json: a resumed job is judged
+        against the same version, even one it published itself before a crash or one deleted since."""
         job = live.job
         if job.baseline is None:
             best = champion(self.store, job.tenant, job.adapter_name, job.request.promote_to)
@@ -299,15 +299,10 @@ class JobManager:
                 self._write(live)
         if not job.baseline:
             return None
-        copy = job_dir(self.jobs_dir, job.tenant, job.id) / BASELINE_DIR
-        if not copy.is_dir():  # the worker may run where only the jobs volume is mounted (kubernetes)
-            staging = copy.with_name(BASELINE_DIR + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(self.store.path_of(self.store.resolve(job.tenant, job.baseline)), staging)
-            staging.rename(copy)
-        return copy
+        folder = job_dir(self.jobs_dir, job.tenant, job.id) / BASELINE_DIR
+        return copy_version(self.store, job.tenant, job.baseline, folder)
 
-    def _conclude(self, live: _Live, result: RunResult) -> None:
+    def _conclude(self, live: _TrackedJob, result: RunResult) -> None:
         """The job's next state after an attempt ended as ``result`` says (see the module docstring)."""
         outcome = result.outcome
         if outcome is Outcome.DETACHED:
@@ -330,7 +325,7 @@ class JobManager:
         else:  # CRASHED, or STOPPED by someone else's SIGTERM
             self._resume(live, result.error if outcome is Outcome.CRASHED else "the worker was stopped by SIGTERM")
 
-    def _resume(self, live: _Live, why: str) -> None:
+    def _resume(self, live: _TrackedJob, why: str) -> None:
         """Queue the job again (its checkpoints resume it), unless it has been resumed too often."""
         job, limit = live.job, self.settings.max_resumes
         why = self._redact(why, job)
@@ -347,7 +342,7 @@ class JobManager:
                        state=JobState.QUEUED)
         self._queue.put(job.id)
 
-    def on_rejected(self, live: _Live, summary: Mapping[str, object]) -> None:
+    def on_rejected(self, live: _TrackedJob, summary: Mapping[str, object]) -> None:
         """The publishing guard refused the candidate (worker exit 3; its verdict in ``summary["guard"]``): the job
         ends REJECTED with the run's metrics (``guard_candidate`` / ``guard_baseline`` among them); nothing is
         published and no alias moves."""
@@ -360,7 +355,7 @@ class JobManager:
             job.metrics.update(summary_metrics(summary, adapter_metrics))
         self._finish(live, JobState.REJECTED, message=str(reason or "rejected by the publishing guard"))
 
-    def _on_progress(self, live: _Live, event: ProgressEvent) -> None:
+    def _on_progress(self, live: _TrackedJob, event: ProgressEvent) -> None:
         phase = _REPORTED_PHASE.get(event.state, event.state).value
         message = event.message
         if event.state.final:
@@ -380,7 +375,7 @@ class JobManager:
         if event.state is Phase.TRAINING:
             self.metrics.progress(job.id, advanced, event)
 
-    def _publish(self, live: _Live, summary: Mapping[str, object]) -> None:
+    def _publish(self, live: _TrackedJob, summary: Mapping[str, object]) -> None:
         job = live.job
         name, alias = job.adapter_name, job.request.promote_to
         adapter_dir = job_dir(self.jobs_dir, job.tenant, job.id) / "adapter"
@@ -408,7 +403,7 @@ class JobManager:
         digest = content_sha256(adapter_dir)
         return next((v for v in self.store.list(job.tenant, job.adapter_name) if v.sha256 == digest), None)
 
-    def _finish(self, live: _Live, state: JobState, *, error: str = "", message: str = "") -> None:
+    def _finish(self, live: _TrackedJob, state: JobState, *, error: str = "", message: str = "") -> None:
         job = live.job
         if state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.REJECTED):  # only needed to resume
             out = job_dir(self.jobs_dir, job.tenant, job.id)
@@ -422,7 +417,7 @@ class JobManager:
         self.metrics.forget(job.id)
         log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
 
-    def _emit(self, live: _Live, phase: str, *, state: JobState | None = None, message: str = "",
+    def _emit(self, live: _TrackedJob, phase: str, *, state: JobState | None = None, message: str = "",
               loss: float | None = None, val_dice: float | None = None, best_val_dice: float | None = None,
               eta_seconds: float | None = None) -> None:
         """Record an event (and a state change), persist job.json when due, wake the watchers."""
@@ -442,7 +437,7 @@ class JobManager:
         if state is not None:
             self._update_state_gauge()
 
-    def _write(self, live: _Live) -> None:
+    def _write(self, live: _TrackedJob) -> None:
         write_job(job_dir(self.jobs_dir, live.job.tenant, live.job.id), live.job)
         live.last_write = time.monotonic()
 
@@ -462,7 +457,7 @@ class JobManager:
 class _Control:
     """What an executor sees of its job (:class:`~.executors.JobControl`)."""
 
-    def __init__(self, manager: JobManager, live: _Live) -> None:
+    def __init__(self, manager: JobManager, live: _TrackedJob) -> None:
         self.manager, self.live = manager, live
 
     def progress(self, event: ProgressEvent) -> None:

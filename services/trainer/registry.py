@@ -12,6 +12,9 @@ is the version a new job of a name must beat.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from sam_core.adapters.store import AdapterConflict, AdapterStore, AdapterVersion
 from sam_core.errors import InvalidInput, NotFound
 from sam_core.training.guard import promotion_refusal
@@ -68,3 +71,14 @@ def champion(store: AdapterStore, tenant: str, name: str, alias: str) -> Adapter
         return store.resolve(tenant, name)
     except NotFound:
         return None
+
+
+def copy_version(store: AdapterStore, tenant: str, ref: str, folder: Path) -> Path:
+    """``ref``'s files copied to ``folder`` once (a staging folder renamed into place, so a crash leaves no half
+    copy): a worker may run where only the jobs volume is mounted (kubernetes)."""
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(store.path_of(store.resolve(tenant, ref)), staging)
+        staging.rename(folder)
+    return folder
