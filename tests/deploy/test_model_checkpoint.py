@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 import pytest
-import yaml
 
 from services.common.settings import DecoderSettings, EncoderSettings, TrainerSettings, needs_checkpoint
 
@@ -45,18 +44,3 @@ def test_the_component_is_documented():
 
     text = (DEPLOY / "README.md").read_text()
     assert "## Model and checkpoint" in text and "components: [../../components/model-checkpoint]" in text
-
-
-@pytest.mark.slow
-def test_checkov_finds_nothing_in_the_model_checkpoint_component(tmp_path):
-    from .test_scans import checkov
-
-    files = []
-    for overlay_name in OVERLAYS:
-        folder = tmp_path / overlay_name
-        folder.mkdir()
-        files.append(tmp_path / f"{overlay_name}-model-checkpoint.yaml")
-        files[-1].write_text(yaml.safe_dump_all(render_with(folder, overlay_name, "model-checkpoint"), sort_keys=False))
-    report = checkov("kubernetes", files)
-    assert len(report.passed) > 300
-    assert not report.problems(), "\n".join(report.problems())

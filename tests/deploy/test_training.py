@@ -159,6 +159,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def local_pod(job: dict, index: int, port: int) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of pod ``index`` of a rendered Job as the kubelet would start it, with the rendezvous
+    at 127.0.0.1:``port`` instead of pod 0's DNS name and ``samforge`` from this interpreter's environment."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    name = job["metadata"]["name"]
+    local = {f"--master-addr={name}-0.{name}": "--master-addr=127.0.0.1",
+             f"--master-port={RENDEZVOUS_PORT}": f"--master-port={port}"}
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "JOB_COMPLETION_INDEX": str(index),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "PYTHONPATH": str(ROOT)}
+    return [local.get(arg, arg) for arg in (kubelet_expand(a, env) for a in container["command"])], env
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_pod_command_trains_on_two_local_ranks(tmp_path):
@@ -172,15 +184,10 @@ def test_the_pod_command_trains_on_two_local_ranks(tmp_path):
                        "--allow-regression"),  # the random tiny model never beats zero-shot: mechanics only
                       Resources(nodes=2, processes_per_node=1))
     body = render_job(settings, job)
-    container = body["spec"]["template"]["spec"]["containers"][0]
-    name, port = object_name(JOB_ID), free_port()
-    local = {f"--master-addr={name}-0.{name}": "--master-addr=127.0.0.1",
-             f"--master-port={RENDEZVOUS_PORT}": f"--master-port={port}"}
+    port = free_port()
     ranks = []
     for index in range(body["spec"]["completions"]):
-        env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "JOB_COMPLETION_INDEX": str(index),
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "PYTHONPATH": str(ROOT)}
-        argv = [local.get(arg, arg) for arg in (kubelet_expand(a, env) for a in container["command"])]
+        argv, env = local_pod(body, index, port)
         assert f"--node-rank={index}" in argv
         stdout, stderr = (tmp_path / f"rank{index}.out").open("w"), (tmp_path / f"rank{index}.err").open("w")
         ranks.append(subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, cwd=tmp_path))
@@ -375,7 +382,7 @@ def test_checkov_finds_nothing_in_the_components(tmp_path):
     for overlay_name in OVERLAYS:
         folder = tmp_path / overlay_name
         folder.mkdir()
-        objects = render_with(folder, overlay_name, "kubernetes-executor", "s3-registry")
+        objects = render_with(folder, overlay_name, "kubernetes-executor", "s3-registry", "model-checkpoint")
         files.append(tmp_path / f"{overlay_name}-components.yaml")
         files[-1].write_text(yaml.safe_dump_all(objects, sort_keys=False))
     report = checkov("kubernetes", files)

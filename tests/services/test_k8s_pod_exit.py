@@ -8,22 +8,19 @@ command is run locally as the kubelet would run it (one pod, two gloo ranks on 1
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from services.common.settings import TrainerSettings
 from services.trainer.job_spec import Resources
-from services.trainer.k8s_job import RENDEZVOUS_PORT, TrainingJob, object_name, out_dir, render_job
+from services.trainer.k8s_job import TrainingJob, out_dir, render_job
 from services.trainer.pod_entry import pod_exit_status
 from services.trainer.worker import RESULT_FILE
 from tests.conftest import write_blob_dataset
-from tests.deploy.test_training import free_port, kubelet_expand
+from tests.deploy.test_training import free_port, local_pod
 
-ROOT = Path(__file__).resolve().parents[2]
 JOB_ID = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 
 
@@ -39,13 +36,7 @@ def run_pod(tmp_path: Path, data: Path, *train_args: str) -> tuple[int, dict, st
                                                      "--batch-size", "2", "--val-fraction", "0.34", *train_args),
                       Resources(nodes=1, processes_per_node=2))
     body = render_job(settings, job)
-    container = body["spec"]["template"]["spec"]["containers"][0]
-    name, port = object_name(JOB_ID), free_port()
-    local = {f"--master-addr={name}-0.{name}": "--master-addr=127.0.0.1",
-             f"--master-port={RENDEZVOUS_PORT}": f"--master-port={port}"}
-    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "JOB_COMPLETION_INDEX": "0",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "PYTHONPATH": str(ROOT)}
-    argv = [local.get(arg, arg) for arg in (kubelet_expand(a, env) for a in container["command"])]
+    argv, env = local_pod(body, 0, free_port())
     done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     return done.returncode, body, done.stderr[-3000:]
 
