@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command or args.gpus_per_process < 1:
         parser.error("usage: --gpus-per-process G (>= 1) -- COMMAND ...")
     environment = rank_environment(os.environ, args.gpus_per_process)
-    os.execvpe(command[0], command, environment)  # nosec B606 - the job's own training command
+    os.execvpe(command[0], command, environment)  # nosec B606  # the job's own training command
 
 
 if __name__ == "__main__":
