@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -226,3 +226,27 @@ class SegmentationModel(nn.Module):
     def group_parameters(self, group: ParamGroup) -> Iterator[nn.Parameter]:
         for module in self.group_modules(group):
             yield from module.parameters()
+
+
+class DensePositionalEncoding:
+    """A prompt encoder's ``get_dense_pe()`` (1 x C x h x w), kept while its Gaussian matrix is unchanged: keyed
+    on the buffer object (``.to(device)`` replaces it), its in-place version counter (``load_state_dict`` or a
+    training step bumps it) and the embedding grid. SAM 1's and SAM 2's prompt encoders share these names."""
+
+    def __init__(self, prompt_encoder: Any) -> None:  # segment_anything's or sam2's untyped PromptEncoder
+        self.encoder = prompt_encoder
+        self._cached: tuple[torch.Tensor, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
+
+    @torch.inference_mode()
+    def __call__(self) -> torch.Tensor:
+        gauss: torch.Tensor = self.encoder.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            key = (int(gauss._version), tuple(int(v) for v in self.encoder.image_embedding_size))
+        except RuntimeError:  # an inference tensor has no version counter: do not cache
+            fresh: torch.Tensor = self.encoder.get_dense_pe()
+            return fresh
+        cached = self._cached  # holding the matrix pins its id
+        if cached is None or cached[0] is not gauss or cached[1] != key:
+            cached = (gauss, key, self.encoder.get_dense_pe())
+            self._cached = cached
+        return cached[2]

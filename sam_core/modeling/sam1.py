@@ -28,6 +28,7 @@ from sam_core.errors import InvalidInput
 from sam_core.modeling.encoder_opt import optimized_encoder
 from sam_core.modeling.family import (
     AttentionSite,
+    DensePositionalEncoding,
     EncoderOutput,
     EncoderPrefix,
     Features,
@@ -168,33 +169,14 @@ def require_sam1(net: SegmentationModel, purpose: str) -> Sam1Model:
 class Sam1Decoding:
     """Inference decoding for :class:`Sam1Model` (prompt encoder + fast or eager mask decoder).
 
-    Keeps the dense positional encoding while its Gaussian matrix is unchanged (keyed on the buffer object,
-    which ``.to(device)`` replaces, and its in-place version counter, which ``load_state_dict`` or a training
-    step bumps) and, with ``fast``, the :class:`FastMaskDecoder` memo of the last call's shared products.
+    Keeps the dense positional encoding (:class:`~sam_core.modeling.family.DensePositionalEncoding`) and, with
+    ``fast``, the :class:`FastMaskDecoder` memo of the last call's shared products.
     """
 
     def __init__(self, model: Sam1Model, fast: bool) -> None:
         self.model = model
         self.fast = FastMaskDecoder(model) if fast else None
-        # (Gaussian matrix, (its version, grid), dense positional encoding)
-        self._dense_pe: tuple[torch.Tensor, tuple[int, tuple[int, ...]], torch.Tensor] | None = None
-
-    @torch.inference_mode()
-    def dense_pe(self) -> torch.Tensor:
-        """``prompt_encoder.get_dense_pe()``: 1 x C x h x w."""
-        encoder = self.model.prompt_encoder
-        gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
-        try:
-            key = (int(gauss._version), tuple(int(v) for v in encoder.image_embedding_size))
-        except RuntimeError:  # an inference tensor has no version counter: do not cache
-            fresh: torch.Tensor = encoder.get_dense_pe()
-            return fresh
-        cached = self._dense_pe  # holding the matrix pins its id
-        if cached is None or cached[0] is not gauss or cached[1] != key:
-            pe: torch.Tensor = encoder.get_dense_pe()
-            cached = (gauss, key, pe)
-            self._dense_pe = cached
-        return cached[2]
+        self.dense_pe = DensePositionalEncoding(model.prompt_encoder)
 
     @torch.inference_mode()
     def __call__(self, features: Features, prompts: PromptBatch, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,7 @@ from torch import nn
 
 from sam_core.modeling.family import (
     AttentionSite,
+    DensePositionalEncoding,
     EncoderOutput,
     Features,
     MaskDecoding,
@@ -252,20 +253,7 @@ class Sam2FastDecoding:
     def __init__(self, model: Sam2Model) -> None:
         self.model = model
         self.fast = FastMaskDecoder.for_decoder(model.sam_mask_decoder)
-        self._dense_pe: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (Gaussian matrix, version, pe)
-
-    def dense_pe(self) -> torch.Tensor:
-        """``sam_prompt_encoder.get_dense_pe()`` (1 x C x h x w), recomputed when its Gaussian matrix changes."""
-        encoder = self.model.sam_prompt_encoder
-        gauss = encoder.pe_layer.positional_encoding_gaussian_matrix
-        try:
-            version = int(gauss._version)
-        except RuntimeError:  # an inference tensor has no version counter: do not cache
-            fresh: torch.Tensor = encoder.get_dense_pe()
-            return fresh
-        if self._dense_pe is None or self._dense_pe[0] is not gauss or self._dense_pe[1] != version:
-            self._dense_pe = (gauss, version, encoder.get_dense_pe())
-        return self._dense_pe[2]
+        self.dense_pe = DensePositionalEncoding(model.sam_prompt_encoder)
 
     @torch.inference_mode()
     def __call__(self, features: Features, prompts: PromptBatch, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
