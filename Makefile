@@ -11,7 +11,7 @@ export PIP_NO_CACHE_DIR := 1
 # sam2 (SAM 2.1 models) is an sdist: skip its optional CUDA extension
 export SAM2_BUILD_CUDA := 0
 
-.PHONY: demo demo-local test test-fast typecheck lint install protos system triton-env scan-env
+.PHONY: demo demo-local test test-envs test-fast typecheck lint install protos system triton-env scan-env
 
 $(BIN)/samforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,11 +63,18 @@ demo-local: install
 protos: install
 	$(BIN)/python protos/generate.py
 
-# SAMFORGE_REQUIRE_SCANS: the checkov/bandit tests fail instead of skipping when their tools are missing
-test: install system triton-env scan-env typecheck
+# the environments the tests need, built side by side (mostly downloads and unpacking)
+test-envs:
+	$(MAKE) -j4 install system triton-env scan-env
+
+# SAMFORGE_REQUIRE_SCANS: the checkov/bandit tests fail instead of skipping when their tools are missing.
+# Two pytest-xdist workers: much of the suite waits on servers starting and polling rather than computing, and
+# each test file stays on one worker (tests/conftest.py groups them) so its module fixtures start once.
+test: test-envs
+	$(MAKE) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
-	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) SAMFORGE_REQUIRE_SCANS=1 $(BIN)/pytest -q
+	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) SAMFORGE_REQUIRE_SCANS=1 $(BIN)/pytest -q -n 2 --dist loadgroup
 
 # the edit loop: lint, types and the tests that need no real weights, servers or training runs (~1 min)
 test-fast: install typecheck

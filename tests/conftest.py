@@ -9,17 +9,32 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
 
-import torch  # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: see below
-
 # The processes the tests start (services, training workers, CLIs) run torch next to this one and each other on
 # two cores. OpenMP's default busy-waiting lets one process's idle worker threads spin on cores another process
-# needs; passive waiting yields them. Alone, passive waiting costs (a woken thread starts later), so this
-# process, which computes alone most of the time, keeps the default: the variable is set after torch loaded.
-# bench/results/omp_wait_policy.md measures both cases.
+# needs; passive waiting yields them. Alone, passive waiting costs (a woken thread starts later), so a serial
+# pytest process, which computes alone most of the time, keeps the default: the variable is set after torch
+# loaded (OpenMP reads it once, then). Under pytest-xdist (`make test` runs two workers) no worker computes
+# alone, so workers wait passively too. bench/results/omp_wait_policy.md measures both cases.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402,F401
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Session fixtures shared across the files of one folder (a running stack): pytest-xdist keeps such a folder on
+# one worker, so the stack starts once. Every other file is its own group (`--dist loadgroup`: a file's tests
+# stay together and share its module fixtures).
+SHARED_SESSION_FOLDERS = ("tests/reliability",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        group = next((folder for folder in SHARED_SESSION_FOLDERS if path.startswith(folder + "/")), path)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
