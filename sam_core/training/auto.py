@@ -13,9 +13,11 @@ learning rate and crop; everything else comes from the spec's :class:`~sam_core.
 :func:`sam_core.training.loop.train` with ``max_seconds`` = that share minus two evaluations (its closing
 validation and its held-out scoring, each estimated by the baseline's held-out scoring). Its validation split (the
 one early stopping and best-state selection use) is the job's usual one. After :data:`PROBE_STEPS` steps the loop's
-measured step time says whether one epoch fits in the share; if not the candidate stops and is recorded as skipped
-with that reason, and the later recipes of the same method are skipped before they start when their share is
-smaller than that measured epoch. Each trained candidate is scored on the job's signed held-out split
+measured step time says whether the candidate's useful minimum (one epoch, or :data:`MIN_USEFUL_STEPS` steps when an
+epoch is longer) fits in the share; if not the candidate stops and is recorded as skipped with that reason, and the
+later recipes of the same method are skipped before they start when their share is smaller than that measured
+minimum. Caching encoder outputs (embeddings of whole images or crops, the frozen prefix's activations) serves
+every later recipe of the same method and crop, so the first of them may spend up to their shares together on it. Each trained candidate is scored on the job's signed held-out split
 (:mod:`sam_core.training.guard`, the split's own evaluation settings,
 :func:`~sam_core.training.guard.guard_score`), never on the validation split; the best score wins (ties: the
 earlier recipe). The winner then goes through the normal publishing guard against the baseline, scored once on the
@@ -80,7 +82,10 @@ LR_FACTORS = (1.0, 3.0)
 """Each method is tried at its ``recommended_lr`` times each factor."""
 LORA_RANKS = (4, 8)
 PROBE_STEPS = 3
-"""Steps after which a candidate's measured step time decides whether one epoch fits in its share."""
+"""Steps after which a candidate's measured step time decides whether its useful minimum fits in its share."""
+MIN_USEFUL_STEPS = 100
+"""A candidate's useful minimum is one epoch or this many steps, whichever is fewer: on data with many instances
+per image an epoch is hundreds of steps, and a part of one still trains."""
 AUTO_METHOD = "auto"  # what CLIs and CreateJob call the search (it is not a method plug-in)
 AUTO_DIR = "auto"
 DEFAULT_TIME_BUDGET = 1200.0  # seconds (``--time-budget 20m``)
@@ -224,7 +229,7 @@ class _Search:
     deadline: float
     eval_seconds: float  # one held-out evaluation, measured on the baseline
     cache: dict[str, Any] = field(default_factory=dict)
-    epoch_seconds: dict[str, float] = field(default_factory=dict)  # method -> measured seconds for one epoch
+    useful_seconds: dict[str, float] = field(default_factory=dict)  # method -> measured useful minimum, seconds
     reports: dict[int, EvalReport] = field(default_factory=dict)
 
     @property
@@ -232,9 +237,12 @@ class _Search:
         return Path(self.spec.out_dir) / AUTO_DIR
 
 
-def _watch(search: _Search, candidate: Candidate, started: float, share: float) -> Callable[[ProgressEvent], None]:
+def _watch(search: _Search, candidate: Candidate, started: float, share: float,
+           cache_share: float | None = None) -> Callable[[ProgressEvent], None]:
     """The candidate's progress callback: forwards its events (not its end-of-training ones), stops it when
-    caching outlives its share or when its measured epoch does not fit the share."""
+    caching outlives ``cache_share`` (default ``share``) or when its measured useful minimum does not fit
+    ``share``."""
+    cache_share = share if cache_share is None else cache_share
     method = candidate.recipe.method
 
     def callback(event: ProgressEvent) -> None:
@@ -243,18 +251,20 @@ def _watch(search: _Search, candidate: Candidate, started: float, share: float) 
             return
         search.emit(event)
         if event.state is not Phase.TRAINING:
-            if event.state is Phase.EMBEDDING and elapsed > share:
-                raise _OutOfShare(f"caching the encoder outputs took over its {share:.0f} s share")
+            if event.state is Phase.EMBEDDING and elapsed > cache_share:
+                raise _OutOfShare(f"caching the encoder outputs took over its {cache_share:.0f} s share")
             return
         candidate.steps = event.step
         if event.step != PROBE_STEPS or event.eta_seconds is None or event.total_steps <= event.step:
             return
         step_time = event.eta_seconds / (event.total_steps - event.step)
         per_epoch = event.total_steps // max(1, search.spec.train.epochs)
-        search.epoch_seconds[method] = per_epoch * step_time
-        needed = elapsed + (per_epoch - event.step) * step_time
+        useful = min(per_epoch, MIN_USEFUL_STEPS)
+        search.useful_seconds[method] = useful * step_time
+        needed = elapsed + (useful - event.step) * step_time
         if needed > share:
-            raise _OutOfShare(f"one epoch ({per_epoch} steps at {step_time:.2f} s/step) needs ~{needed:.0f} s, "
+            what = "one epoch" if useful == per_epoch else "the minimum"
+            raise _OutOfShare(f"{what} ({useful} steps at {step_time:.2f} s/step) needs ~{needed:.0f} s, "
                               f"its share is {share:.0f} s")
 
     return callback
@@ -270,16 +280,18 @@ def _reset_work(work: Path) -> None:
             path.unlink()
 
 
-def run_candidate(search: _Search, index: int, candidate: Candidate, share: float) -> None:
-    """Train ``candidate`` within ``share`` seconds and score it on the held-out split (fills the row)."""
+def run_candidate(search: _Search, index: int, candidate: Candidate, share: float, sharing: int = 1) -> None:
+    """Train ``candidate`` within ``share`` seconds and score it on the held-out split (fills the row);
+    ``sharing``: how many candidates, this one included, will use the encoder outputs it caches."""
     recipe, started = candidate.recipe, time.perf_counter()
-    measured = search.epoch_seconds.get(recipe.method)
+    measured = search.useful_seconds.get(recipe.method)
     training_seconds = share - 2 * search.eval_seconds  # its closing validation and its held-out scoring
     if share <= 0:
         candidate.skipped = "the time budget is spent"
         return
     if measured is not None and measured > training_seconds:
-        candidate.skipped = f"one epoch of {recipe.method} measured ~{measured:.0f} s, its share is {share:.0f} s"
+        candidate.skipped = (f"the useful minimum of {recipe.method} measured ~{measured:.0f} s, "
+                             f"its share is {share:.0f} s")
         return
     if training_seconds <= 0:
         candidate.skipped = (f"its {share:.1f} s share does not cover a validation and a held-out evaluation "
@@ -289,7 +301,8 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
     cfg = recipe.train_config(search.spec.train, training_seconds)
     try:
         result = train(search.model, search.train_ds, search.val_ds, cfg, search.work, resume=False,
-                       callback=_watch(search, candidate, started, training_seconds),
+                       callback=_watch(search, candidate, started, training_seconds,
+                                       cache_share=training_seconds + (sharing - 1) * share),
                        adapter_name=search.spec.adapter_name, parent=search.spec.parent)
     except _OutOfShare as stop:
         candidate.skipped, candidate.seconds = stop.reason, time.perf_counter() - started
@@ -313,8 +326,9 @@ def search_recipes(search: _Search, candidates: list[Candidate]) -> int | None:
     event; returns the best one's index."""
     for index, candidate in enumerate(candidates):
         if not candidate.skipped:
-            left = sum(1 for c in candidates[index:] if not c.skipped)
-            run_candidate(search, index, candidate, (search.deadline - time.perf_counter()) / left)
+            left = [c.recipe for c in candidates[index:] if not c.skipped]
+            sharing = sum(1 for r in left if (r.method, r.crop) == (candidate.recipe.method, candidate.recipe.crop))
+            run_candidate(search, index, candidate, (search.deadline - time.perf_counter()) / len(left), sharing)
         result = f"skipped: {candidate.skipped}" if candidate.skipped else f"held-out Dice {candidate.heldout_dice:.4f}"
         search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
             f"auto {index + 1}/{len(candidates)} {candidate.recipe.label}: {candidate.steps} steps, "

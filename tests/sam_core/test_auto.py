@@ -81,6 +81,23 @@ def test_a_candidate_whose_epoch_cannot_fit_its_share_is_stopped_with_the_reason
         _probe(share=50.0, epochs=2, eta=200.0, total=40)
 
 
+def test_a_long_epoch_needs_only_the_minimum_of_steps_to_fit():
+    # 1,000 steps an epoch at 0.5 s: the epoch (500 s) does not fit 60 s, the 100-step minimum (~50 s) does
+    _probe(share=60.0, epochs=1, eta=0.5 * 997, total=1000)
+    with pytest.raises(_OutOfShare, match=r"the minimum \(100 steps at 0.50 s/step\) needs ~49 s, its share is 40 s"):
+        _probe(share=40.0, epochs=1, eta=0.5 * 997, total=1000)
+
+
+def test_caching_may_use_the_shares_of_the_later_recipes_it_serves():
+    search = _Search(None, FinetuneSpec("d", "o"), None, None, None, None,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0, eval_seconds=0.0)
+    started = __import__("time").perf_counter() - 10.0  # 10 s into caching
+    embedding = ProgressEvent(Phase.EMBEDDING, 1, 5, 0)
+    _watch(search, Candidate(Recipe("decoder", 1e-4, crop=256)), started, share=5.0, cache_share=20.0)(embedding)
+    with pytest.raises(_OutOfShare, match="caching the encoder outputs took over its 5 s share"):
+        _watch(search, Candidate(Recipe("decoder", 1e-4, crop=256)), started, share=5.0)(embedding)
+
+
 def test_auto_on_tiny_picks_the_best_heldout_candidate_and_publishes_it(tiny_model, blobs, tmp_path):
     events: list[ProgressEvent] = []
     auto = run_auto(tiny_model, auto_spec(blobs, tmp_path / "run", allow_regression=True), 300.0, events.append)
