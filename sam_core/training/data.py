@@ -1,5 +1,5 @@
 """Training data: instances of a data set split, each seen through a window (the whole image or a
-native-resolution crop around it), turned into batches of model inputs or cached embeddings, simulated
+native-resolution crop around it, on a grid so that neighbours share it: :func:`crop_window`), turned into batches of model inputs or cached embeddings, simulated
 prompts and low-resolution targets.
 
 A prompt depends on (seed, step, position in the global batch) only, so it is the same whichever DDP rank
@@ -50,10 +50,14 @@ Window = tuple[int, int, int, int]  # y0, x0, y1, x1 in the original image
 
 
 def crop_window(mask: np.ndarray, crop: int | None) -> Window:
-    """A ``crop`` x ``crop`` native-resolution window centred on the instance, clipped to the image.
+    """A ``crop`` x ``crop`` native-resolution window around the instance, clipped to the image.
 
-    The whole image when ``crop`` is None, the image is no larger than the crop, or the instance does
-    not fit in one (those are trained at the whole-image scale).
+    Windows sit on a grid of stride ``crop // 2`` per axis (the last start flush with the image's end): of the
+    grid windows that contain the instance's extent, the one that centres it best, so that neighbouring
+    instances share a window and its cached embedding (on dense data, such as cells, one window per instance
+    would cost one encoder pass per instance). An instance no grid window contains (wider than half a crop)
+    gets a window centred on it. The whole image when ``crop`` is None, the image is no larger than the crop,
+    or the instance does not fit in one (those are trained at the whole-image scale).
     """
     h, w = mask.shape
     if crop is None or (h <= crop and w <= crop):
@@ -61,14 +65,19 @@ def crop_window(mask: np.ndarray, crop: int | None) -> Window:
     ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if ys[-1] - ys[0] + 1 > crop or xs[-1] - xs[0] + 1 > crop:
         return (0, 0, h, w)
-
-    def start(lo: int, hi: int, length: int) -> int:
-        if length <= crop:
-            return 0
-        return int(min(max((lo + hi + 1) // 2 - crop // 2, 0), length - crop))
-
-    y0, x0 = start(ys[0], ys[-1], h), start(xs[0], xs[-1], w)
+    y0, x0 = grid_start(int(ys[0]), int(ys[-1]), h, crop), grid_start(int(xs[0]), int(xs[-1]), w, crop)
     return (y0, x0, min(h, y0 + crop), min(w, x0 + crop))
+
+
+def grid_start(lo: int, hi: int, length: int, crop: int) -> int:
+    """The start of the window (see :func:`crop_window`) on one axis of ``length`` pixels for an extent
+    ``lo..hi`` (inclusive)."""
+    if length <= crop:
+        return 0
+    centred = min(max((lo + hi + 1) // 2 - crop // 2, 0), length - crop)
+    starts = {*range(0, length - crop + 1, max(1, crop // 2)), length - crop}
+    fitting = [start for start in starts if start <= lo and hi < start + crop]
+    return min(fitting, key=lambda start: (abs(start - centred), start)) if fitting else centred
 
 
 @dataclass(frozen=True)

@@ -171,16 +171,23 @@ def test_published_adapter_is_the_best_validation_state(tiny_model, splits, tmp_
     assert again.summary["dice_mean"] == pytest.approx(result.best_val_dice, abs=1e-9)
 
 
-def test_crop_window_centres_and_clips():
+def test_crop_window_snaps_to_the_half_crop_grid_and_clips():
     from sam_core.training.data import crop_window
 
     mask = np.zeros((300, 400), bool)
-    mask[10:20, 390:398] = True                       # near the right border
+    mask[10:20, 390:398] = True                       # near the right border: the last start, flush
     assert crop_window(mask, 128) == (0, 272, 128, 400)
     mask[:] = False
-    mask[140:160, 190:210] = True                     # centred
-    y0, x0, y1, x1 = crop_window(mask, 128)
-    assert (y1 - y0, x1 - x0) == (128, 128) and y0 <= 140 and y1 >= 160 and x0 <= 190 and x1 >= 210
+    mask[140:160, 190:210] = True                     # rows 64/128 and columns 128/192 contain it: the most central
+    assert crop_window(mask, 128) == (64, 128, 192, 256)
+    neighbour = np.zeros_like(mask)
+    neighbour[150:170, 170:185] = True                # a neighbour shares the window (and its embedding)
+    assert crop_window(neighbour, 128) == (64, 128, 192, 256)
+    mask[:] = False
+    mask[100:200, 100:180] = True                     # no grid rows hold 100..199: centred; columns 64.. hold it
+    assert crop_window(mask, 128) == (86, 64, 214, 192)
+    mask[:] = False
+    mask[140:160, 190:210] = True
     assert crop_window(mask, None) == (0, 0, 300, 400)
     mask[:] = False
     mask[0:200, 0:10] = True                          # taller than the crop -> whole image
