@@ -69,12 +69,13 @@ test-envs:
 
 # SAMFORGE_REQUIRE_SCANS: the checkov/bandit tests fail instead of skipping when their tools are missing.
 # Two pytest-xdist workers: much of the suite waits on servers starting and polling rather than computing, and
-# each test file stays on one worker (tests/conftest.py groups them) so its module fixtures start once.
+# each test file stays on one worker (tests/conftest.py groups them, heaviest first) so its module fixtures start
+# once.
 test: test-envs
 	$(MAKE) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/python protos/generate.py --check
-	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) SAMFORGE_REQUIRE_SCANS=1 $(BIN)/pytest -q -n 2 --dist loadgroup
+	SAMFORGE_TEST_TRITON_PYTHON=$(abspath $(TRITON_PY)) SAMFORGE_REQUIRE_SCANS=1 $(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # the edit loop: lint, types and the tests that need no real weights, servers or training runs (~1 min)
 test-fast: install typecheck

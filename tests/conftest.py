@@ -30,11 +30,29 @@ import pytest  # noqa: E402
 SHARED_SESSION_FOLDERS = ("tests/reliability",)
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        group = next((folder for folder in SHARED_SESSION_FOLDERS if path.startswith(folder + "/")), path)
+def xdist_group_of(item: pytest.Item) -> str:
+    path = item.nodeid.split("::", 1)[0]
+    return next((folder for folder in SHARED_SESSION_FOLDERS if path.startswith(folder + "/")), path)
+
+
+def _weight(item: pytest.Item) -> int:
+    """2 for a test that starts servers, 1 for another slow one, 0 otherwise."""
+    return 2 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its xdist group and order the groups heaviest first (groups that start servers, then
+    other slow ones, each in collection order; tests keep their order within a group), so that with two workers
+    (`make test`: `--no-loadscope-reorder`) the long groups do not end up last, on one worker."""
+    weight: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        group = xdist_group_of(item)
         item.add_marker(pytest.mark.xdist_group(group))
+        weight[group] = max(weight.get(group, 0), _weight(item))
+        first.setdefault(group, index)
+    items.sort(key=lambda item: (-weight[xdist_group_of(item)], first[xdist_group_of(item)]))
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,9 @@ def hiera_t(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sam2_1_hiera_t_encoder_export(hiera_t, tmp_path):
-    _check_encoder(hiera_t, tmp_path)
+    # the real architecture exports and matches at batch 1; the dynamic batch is the tiny test's (same export code),
+    # as a batch of three 1024 px images costs this test most of its time
+    _check_encoder(hiera_t, tmp_path, batches=(1,))
 
 
 @pytest.mark.slow
