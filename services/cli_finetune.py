@@ -33,6 +33,7 @@ from services.trainer.worker import EventsFile, StopOnSigterm
 if TYPE_CHECKING:
     from sam_core.evaluation.evaluate import EmbeddingCache
     from sam_core.training.finetune import FinetuneResult, FinetuneSpec
+    from sam_core.training.guard import HeldoutSplit
     from sam_core.training.presets import Preset
 
 AUTO_HELP = ("auto: a time-budgeted search over decoder (whole / crops) and lora r4 / r8 at two learning rates, "
@@ -143,7 +144,10 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     e.add_argument("--adapter", action="append", default=[], help="adapter folder (repeat to compare several)")
     e.add_argument("--model", default="litemedsam")
     e.add_argument("--checkpoint")
-    e.add_argument("--split", default="all", choices=["all", "val"], help="evaluate everything or the val split")
+    e.add_argument("--split", default="all", choices=["all", "val", "heldout"],
+                   help="all images; the val split as `samforge train` drew it (the adapter's held-out images "
+                        "removed first, then --val-fraction / --seed); or the adapter's signed held-out split, "
+                        "scored with its own settings (the score the publishing guard compared)")
     e.add_argument("--val-fraction", type=float, default=0.2)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--prompt", default="box", choices=["box", "point", "box+point"])
@@ -317,10 +321,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sam_core.modeling.registry import load_model
 
     base = load_model(args.model, args.checkpoint)
-    ds = load_dataset(args.data)
-    if args.split == "val":
-        ds = split_dataset(ds, val_fraction=args.val_fraction, seed=args.seed)[1]
+    heldout = _stored_heldout_split(args.adapter)
+    if args.split == "heldout" and heldout is None:
+        raise SystemExit("samforge eval: --split heldout needs an --adapter whose config carries a held-out split "
+                         "(a guarded `samforge train` run records one)")
+    ds = load_dataset(args.data, min_area=heldout.min_area if heldout is not None else 0)
     cfg = EvalConfig(prompt=prompt_config(args.prompt), seed=args.seed, tiled=args.tile)
+    if args.split == "heldout":
+        assert heldout is not None
+        ds, cfg = heldout.select(ds)[0], heldout.eval_config()
+    elif args.split == "val":
+        rest = heldout.select(ds)[1] if heldout is not None else ds
+        ds = split_dataset(rest, val_fraction=args.val_fraction, seed=args.seed)[1]
     cache: EmbeddingCache = {}
     reports = [evaluate(Predictor(base), ds, cfg, label="zero-shot", embeddings=cache)]
     for path in args.adapter:
@@ -336,6 +348,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "n_instances": reports[0].summary["n_instances"], "n_resolvable": reports[0].summary["n_resolvable"]}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _stored_heldout_split(adapters: list[str]) -> HeldoutSplit | None:
+    """The held-out split the first of ``adapters`` that carries one was guarded on (None: none does)."""
+    from sam_core.adapters.artifact import read_adapter_config
+    from sam_core.training.guard import HeldoutSplit
+
+    for path in adapters:
+        stored = read_adapter_config(path).heldout_split
+        if stored is not None:
+            return HeldoutSplit.from_json(stored, f"adapter {path}")
+    return None
 
 
 def cmd_adapters_inspect(args: argparse.Namespace) -> int:

@@ -50,6 +50,33 @@ def test_eval_and_inspect(trained, blob_dataset_dir, tmp_path, capsys):
     assert inspected["tensors"]["checksum"] == "ok" and inspected["loads_on"] == "tiny"
 
 
+def test_eval_splits_are_the_ones_training_used(trained, blob_dataset_dir, tmp_path, capsys):
+    """--split heldout scores the adapter's signed split as the guard did; --split val never includes it."""
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    heldout_ids = {image["image_id"] for image in config["heldout_split"]["images"]}
+
+    def evaluated(split: str) -> tuple[set[str], dict]:
+        out = tmp_path / split
+        assert main(["eval", "--data", str(blob_dataset_dir), "--model", "tiny", "--adapter", str(trained / "adapter"),
+                     "--split", split, "--out", str(out)]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        report = json.loads((out / "report.json").read_text())
+        return set(report["reports"][0]["per_image"]), summary
+
+    heldout, summary = evaluated("heldout")
+    assert heldout == heldout_ids
+    adapter_label = next(label for label in summary["dice_resolvable_mean"] if label != "zero-shot")
+    assert summary["dice_resolvable_mean"][adapter_label] == pytest.approx(config["metrics"]["heldout_dice"], abs=1e-9)
+    val, _ = evaluated("val")
+    assert val and not val & heldout_ids
+
+
+def test_eval_heldout_needs_an_adapter_with_a_split(blob_dataset_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--split heldout needs an --adapter"):
+        main(["eval", "--data", str(blob_dataset_dir), "--model", "tiny", "--split", "heldout",
+              "--out", str(tmp_path / "e")])
+
+
 def test_inspect_reports_a_corrupt_adapter(trained, tmp_path, capsys):
     import shutil
 
