@@ -1,7 +1,8 @@
 """``samforge train``, ``samforge eval`` and ``samforge adapters inspect``.
 
 ``samforge train`` starts by printing the hardware preset (:mod:`sam_core.training.presets`: chosen from what
-torch sees, or ``--preset``; ``--batch-size``, ``--bf16`` / ``--no-bf16`` and ``--threads`` override its values)
+torch sees, or ``--preset``; ``--batch-size``, ``--bf16`` / ``--no-bf16``, ``--threads`` and
+``--grad-checkpoint`` / ``--no-grad-checkpoint`` override its values)
 and carries it in its first progress event (the data check's, as a second line). ``--method auto
 --time-budget 20m`` runs the recipe search of :mod:`sam_core.training.auto` and prints its table.
 
@@ -117,6 +118,9 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: the preset's)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
+                   help="recompute encoder block activations in the backward pass: less memory for encoder-side "
+                        "methods, one more forward pass (default: the preset's, on for GPUs)")
     p.add_argument("--patience", type=int, default=0, help="early stopping after N validations without gain")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = each epoch)")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -180,7 +184,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     if args.threads is not None and args.threads < 1:
         raise InvalidInput(f"must be >= 1, got {args.threads}", field="threads")
     return override(choose_preset(Machine.detect(), args.preset), batch_size=args.batch_size, bf16=args.bf16,
-                    threads=args.threads)
+                    threads=args.threads, grad_checkpoint=args.grad_checkpoint)
 
 
 def spec_from_args(args: argparse.Namespace, preset: Preset | None = None) -> FinetuneSpec:
@@ -210,6 +214,7 @@ def spec_from_args(args: argparse.Namespace, preset: Preset | None = None) -> Fi
         weight_decay=args.weight_decay, bf16=preset.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
         eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
+        grad_checkpoint=preset.grad_checkpoint,
     )
     return FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,

@@ -223,6 +223,11 @@ class SegmentationModel(nn.Module):
         None when no stage precedes it or the family has no cut there (then nothing is cached)."""
         return None
 
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The image encoder's repeated blocks in forward order (each called as ``block(x)``): the units gradient
+        checkpointing recomputes (:mod:`sam_core.training.grad_checkpoint`). None by default."""
+        return []
+
     def group_parameters(self, group: ParamGroup) -> Iterator[nn.Parameter]:
         for module in self.group_modules(group):
             yield from module.parameters()

@@ -91,6 +91,13 @@ class Sam1Model(Sam, SegmentationModel):  # type: ignore[misc]  # segment_anythi
                 *((f"image_encoder.layers.{i}", layer) for i, layer in enumerate(enc.layers)),
                 ("image_encoder.neck", tinyvit_neck)]
 
+    def encoder_blocks(self) -> list[nn.Module]:
+        """ViT: its transformer blocks; TinyViT: every stage's blocks (MBConv and attention blocks)."""
+        enc: Any = self.image_encoder
+        if isinstance(enc, ImageEncoderViT):
+            return list(enc.blocks)
+        return [block for layer in enc.layers for block in layer.blocks]
+
     def encoder_prefix(self, first_trained: str) -> EncoderPrefix | None:
         stages = self.encoder_stages()
         cut = next((i for i, (name, _) in enumerate(stages)

@@ -189,6 +189,10 @@ class Sam2Model(SegmentationModel):
             return [self.sam_prompt_encoder]
         return [module for name, module in decoder.named_children() if name not in _HIGH_RES_CONVS]
 
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The Hiera trunk's blocks."""
+        return list(self.image_encoder.trunk.blocks)
+
     def attention_sites(self) -> list[AttentionSite]:
         """Every Hiera block's ``MultiScaleAttention``: ``qkv`` is ``dim -> 3 * dim_out`` laid out
         ``[q | k | v]`` (all heads each), so q and v are the first and last ``dim_out`` channels."""

@@ -17,11 +17,12 @@ measured step time says whether the candidate's useful minimum (one epoch, or :d
 epoch is longer) fits in the share; if not the candidate stops and is recorded as skipped with that reason, and the
 later recipes of the same method are skipped before they start when their share is smaller than that measured
 minimum. Caching encoder outputs (embeddings of whole images or crops, the frozen prefix's activations) serves
-every later recipe of the same method and crop, so the first of them may spend up to their shares together on it. Each trained candidate is scored on the job's signed held-out split
-(:mod:`sam_core.training.guard`, the split's own evaluation settings,
-:func:`~sam_core.training.guard.guard_score`), never on the validation split; the best score wins (ties: the
-earlier recipe). The winner then goes through the normal publishing guard against the baseline, scored once on the
-same split before the search: accepted in ``<out>/adapter/``, rejected in ``<out>/rejected/``.
+every later recipe of the same method and crop, so the first of them may spend up to their shares together on it.
+Each trained candidate is scored on the job's signed held-out split (:mod:`sam_core.training.guard`, the split's
+own evaluation settings, :func:`~sam_core.training.guard.guard_score`), never on the validation split; the best
+score wins (ties: the earlier recipe). The winner then goes through the normal publishing guard against the
+baseline, scored once on the same split before the search: accepted in ``<out>/adapter/``, rejected in
+``<out>/rejected/``.
 
 Budget accounting: the budget starts when :func:`run_auto` starts (data check, splits and the baseline's
 held-out score count against it). The loop stops a candidate after the first step that ends past its training

@@ -63,6 +63,9 @@ class TrainConfig:
     # Cache the frozen encoder prefix's activations of methods that train the encoder from some block on
     # (lora, adapter; sam_core.training.prefix_cache). False runs the whole encoder in every step.
     prefix_cache: bool = True
+    # Recompute each encoder block's activations in the backward pass instead of keeping them (encoder-side
+    # methods; sam_core.training.grad_checkpoint): less memory, one more forward pass of the blocks.
+    grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):

@@ -1,6 +1,6 @@
 """Training data: instances of a data set split, each seen through a window (the whole image or a
-native-resolution crop around it, on a grid so that neighbours share it: :func:`crop_window`), turned into batches of model inputs or cached embeddings, simulated
-prompts and low-resolution targets.
+native-resolution crop around it, on a grid so that neighbours share it: :func:`crop_window`), turned into
+batches of model inputs or cached embeddings, simulated prompts and low-resolution targets.
 
 A prompt depends on (seed, step, position in the global batch) only, so it is the same whichever DDP rank
 draws it; embeddings of the frozen encoder are cached in memory and, when given, in an

@@ -59,6 +59,7 @@ from sam_core.training import checkpoint
 from sam_core.training.config import Phase, ProgressEvent, StopTraining, TrainConfig, TrainResult, get_lr
 from sam_core.training.data import TrainingData
 from sam_core.training.distributed import DistInfo, any_rank, barrier, init_distributed, mean_across_ranks
+from sam_core.training.grad_checkpoint import checkpoint_encoder_blocks
 from sam_core.training.losses import segmentation_loss
 from sam_core.training.methods import train_mode, trainable_state
 from sam_core.training.prefix_cache import ActivationStore, PrefixCache, prefix_signature
@@ -183,6 +184,8 @@ def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
         torch.manual_seed(cfg.seed)
         net = adapted_net(model, cfg.method).to(dev)
     frozen = not cfg.method.changes_image_encoder
+    if cfg.grad_checkpoint and not frozen:
+        checkpoint_encoder_blocks(net)
     store = _embedding_store(model, train_ds, val_ds, out, info) if frozen else None
     base = Predictor(model, device=dev)
     train_data = TrainingData(train_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop)
@@ -289,10 +292,11 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
 
 
 def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
-    """True when a checkpoint's config is ``cfg`` up to the prefix-cache switch, which changes how a step
-    computes, not what (a run resumes across it, and from checkpoints written before it existed)."""
+    """True when a checkpoint's config is ``cfg`` up to the prefix-cache and gradient-checkpointing switches,
+    which change how a step computes, not what (a run resumes across them, and from checkpoints written before
+    they existed)."""
     def what(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k != "prefix_cache"}
+        return {k: v for k, v in config.items() if k not in ("prefix_cache", "grad_checkpoint")}
 
     return what(saved) == what(cfg.to_json())
 

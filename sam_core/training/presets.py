@@ -14,10 +14,11 @@ several, and resolves the table's machine-dependent entries:
 
 :func:`override` applies explicit choices (``samforge train --batch-size`` etc.) over a preset, so an explicit
 flag always wins. A preset has no DataLoader worker count (the training data is read in the training process)
-and no gradient-checkpointing switch: the only encoder switch there is, TinyViT's ``use_checkpoint``, uses
-reentrant checkpointing, which gives the parameters of a stage no gradient when the stage's input does not
-require one, as the frozen-prefix cache's activations do (measured: 9 of 41 tensors of LiteMedSAM's second stage
-get a gradient).
+and turns gradient checkpointing of the encoder blocks on for the GPU presets, where the activations of an
+encoder-side step bind memory (:mod:`sam_core.training.grad_checkpoint`, non-reentrant: TinyViT's own reentrant
+``use_checkpoint`` gives a stage's parameters no gradient when its input requires none, as the frozen-prefix
+cache's activations do; measured: 9 of 41 tensors of LiteMedSAM's second stage got one). On a CPU memory does not
+bind and the recomputation would only cost time.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Preset:
     bf16: bool
     threads: int
     processes: int
+    grad_checkpoint: bool = False  # recompute encoder block activations in the backward pass (encoder methods)
 
     @property
     def ddp(self) -> bool:
@@ -75,16 +77,17 @@ class Preset:
 
     def describe(self) -> str:
         ranks = f"DDP over {self.processes} processes" if self.ddp else "1 process, no DDP"
+        checkpointing = ", gradient checkpointing" if self.grad_checkpoint else ""
         return (f"preset {self.name}: batch {self.global_batch}, {'bf16 autocast' if self.bf16 else 'fp32'}, "
-                f"{self.threads} thread{'' if self.threads == 1 else 's'}, {ranks}")
+                f"{self.threads} thread{'' if self.threads == 1 else 's'}, {ranks}{checkpointing}")
 
 
 PRESETS: dict[str, Preset] = {
     # batch 4: the CPU fits one LiteMedSAM encoder-side step of 4 images in a few GB, and a step takes seconds
     "cpu": Preset("cpu", batch_size=4, bf16=True, threads=0, processes=1),
     # batch 8 per GPU: MedSAM's recipe
-    "gpu": Preset("gpu", batch_size=8, bf16=True, threads=0, processes=1),
-    "multi-gpu": Preset("multi-gpu", batch_size=8, bf16=True, threads=0, processes=0),
+    "gpu": Preset("gpu", batch_size=8, bf16=True, threads=0, processes=1, grad_checkpoint=True),
+    "multi-gpu": Preset("multi-gpu", batch_size=8, bf16=True, threads=0, processes=0, grad_checkpoint=True),
 }
 
 
@@ -111,10 +114,11 @@ def choose_preset(machine: Machine, name: str | None = None) -> Preset:
 
 
 def override(preset: Preset, *, batch_size: int | None = None, bf16: bool | None = None,
-             threads: int | None = None) -> Preset:
+             threads: int | None = None, grad_checkpoint: bool | None = None) -> Preset:
     """``preset`` with every explicitly given (not None) value replacing its own; ``batch_size`` is global."""
-    changed = dataclasses.replace(preset, bf16=preset.bf16 if bf16 is None else bf16,
-                                  threads=preset.threads if threads is None else threads)
+    changed = dataclasses.replace(
+        preset, bf16=preset.bf16 if bf16 is None else bf16, threads=preset.threads if threads is None else threads,
+        grad_checkpoint=preset.grad_checkpoint if grad_checkpoint is None else grad_checkpoint)
     if batch_size is None:
         return changed
     if batch_size < 1 or batch_size % preset.processes:

@@ -21,15 +21,17 @@ def test_a_two_core_avx2_cpu_gets_the_cpu_preset_in_fp32():
 
 def test_one_gpu_gets_the_gpu_preset_with_bf16():
     preset = choose_preset(ONE_GPU)
-    assert preset == Preset("gpu", batch_size=8, bf16=True, threads=8, processes=1)
+    assert preset == Preset("gpu", batch_size=8, bf16=True, threads=8, processes=1, grad_checkpoint=True)
     assert not preset.ddp and not choose_preset(Machine(1, 8, "AVX2", False, gpu_bf16=False)).bf16
 
 
 def test_four_gpus_get_ddp_over_four_processes():
     preset = choose_preset(FOUR_GPUS)
-    assert preset == Preset("multi-gpu", batch_size=8, bf16=True, threads=8, processes=4)
+    assert preset == Preset("multi-gpu", batch_size=8, bf16=True, threads=8, processes=4, grad_checkpoint=True)
     assert preset.ddp and preset.global_batch == 32
-    assert preset.describe() == "preset multi-gpu: batch 32, bf16 autocast, 8 threads, DDP over 4 processes"
+    assert preset.describe() == ("preset multi-gpu: batch 32, bf16 autocast, 8 threads, DDP over 4 processes, "
+                                 "gradient checkpointing")
+    assert not override(preset, grad_checkpoint=False).grad_checkpoint  # an explicit flag wins
 
 
 def test_a_named_preset_overrides_the_choice_but_needs_its_hardware():
