@@ -138,3 +138,17 @@ def test_the_winner_is_rejected_by_the_guard_when_it_does_not_beat_the_baseline(
     assert not (tmp_path / "run" / "adapter").exists()
     assert read_adapter_config(tmp_path / "run" / "rejected").metrics["auto_recipe"] == auto.candidates[
         auto.winner].recipe.label
+
+
+def test_a_search_with_recommended_crops_scores_the_heldout_split_tiled(tiny_model, tmp_path, monkeypatch):
+    """Crops first (the diagnostics recommend them): the held-out split, and so every candidate's score and the
+    baseline's, use tiled inference, the way a crop-trained model is meant to be used; the split records it."""
+    monkeypatch.setattr("sam_core.training.auto.LR_FACTORS", (1.0,))  # a grid of decoder crop / whole only
+    monkeypatch.setattr("sam_core.training.auto.LORA_RANKS", ())
+    data = write_speck_dataset(tmp_path / "specks", n_images=5)
+    report = diagnose(load_dataset(data), SPECS["tiny"])
+    assert any(r.flag == "--crop" for r in report.recommendations)
+    auto = run_auto(tiny_model, auto_spec(data, tmp_path / "run", allow_regression=True), 300.0)
+    assert [c.recipe.crop for c in auto.candidates] == [recipe_grid(report)[0].recipe.crop, None]
+    split = read_adapter_config(auto.finetune.adapter_dir).heldout_split
+    assert split is not None and split["eval"]["tiled"] is True
