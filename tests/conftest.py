@@ -24,6 +24,39 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import services.common.net  # noqa: E402
+
+# Ports for the servers the tests start. services.common.net.free_port asks the kernel for a free port (bind to 0),
+# closes it, and the server binds it seconds later. Under pytest-xdist the other worker's servers, clients and
+# their kernel-chosen ports live in the same range meanwhile, and one CI run lost that race ("Address already in
+# use"). Here each worker draws from its own band below the kernel's ephemeral range (32768- by default), where
+# no kernel-chosen port and no other worker's port can land, and never hands out a port twice.
+PORT_BAND_START, PORT_BAND_SIZE = 20000, 2000
+_free_port_from_kernel = services.common.net.free_port
+_issued_ports: set[int] = set()
+
+
+def _worker_free_port(host: str = "127.0.0.1") -> int:
+    import random
+    import socket
+
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = PORT_BAND_START + worker * PORT_BAND_SIZE
+    candidates = [port for port in range(low, low + PORT_BAND_SIZE) if port not in _issued_ports]
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
+        return port
+    return _free_port_from_kernel(host)
+
+
+services.common.net.free_port = _worker_free_port
+
 # Session fixtures shared across the files of one folder (a running stack): pytest-xdist keeps such a folder on
 # one worker, so the stack starts once. Every other file is its own group (`--dist loadgroup`: a file's tests
 # stay together and share its module fixtures).

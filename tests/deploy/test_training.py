@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from sam_core.errors import InvalidInput
+from services.common.net import free_port
 from services.common.settings import TrainerSettings
 from services.trainer.k8s_job import (
     RENDEZVOUS_PORT,
@@ -151,12 +151,6 @@ def test_the_rendered_job_passes_checkov_next_to_the_overlay(rendered, tmp_path)
 def kubelet_expand(arg: str, env: dict[str, str]) -> str:
     """``$(VAR)`` replaced by the container's variable, as the kubelet does (unknown ones stay as they are)."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def local_pod(job: dict, index: int, port: int) -> tuple[list[str], dict[str, str]]:
