@@ -29,9 +29,9 @@ import services.common.net  # noqa: E402
 # Ports for the servers the tests start. services.common.net.free_port asks the kernel for a free port (bind to 0),
 # closes it, and the server binds it seconds later. Under pytest-xdist the other worker's servers, clients and
 # their kernel-chosen ports live in the same range meanwhile, and one CI run lost that race ("Address already in
-# use"). Here each worker draws from its own band below the kernel's ephemeral range (32768- by default), where
+# use"). Here each worker draws from its own band just below the kernel's ephemeral range (read from /proc), where
 # no kernel-chosen port and no other worker's port can land, and never hands out a port twice.
-PORT_BAND_START, PORT_BAND_SIZE = 20000, 2000
+PORT_BAND_SIZE = 2000
 _free_port_from_kernel = services.common.net.free_port
 _issued_ports: set[int] = set()
 
@@ -41,7 +41,11 @@ def _worker_free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    low = PORT_BAND_START + worker * PORT_BAND_SIZE
+    try:  # the kernel's ephemeral range starts here; the bands sit just below it, worker 0 highest
+        ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low = max(1024, ephemeral - (worker + 1) * PORT_BAND_SIZE)
     candidates = [port for port in range(low, low + PORT_BAND_SIZE) if port not in _issued_ports]
     random.shuffle(candidates)
     for port in candidates[:200]:
