@@ -123,6 +123,9 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                         "methods, one more forward pass (default: the preset's, on for GPUs)")
     p.add_argument("--patience", type=int, default=0, help="early stopping after N validations without gain")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0 = each epoch)")
+    p.add_argument("--val-max-instances", type=int, default=50,
+                   help="instances scored per validation image, the first ones (0 = all); dense data (hundreds "
+                        "of cells per image) otherwise spends more time validating than training")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--crop", type=int, default=0,
                    help="train on native-resolution crops of this size around instances and evaluate on tiles "
@@ -214,7 +217,7 @@ def spec_from_args(args: argparse.Namespace, preset: Preset | None = None) -> Fi
         weight_decay=args.weight_decay, bf16=preset.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
         eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
-        grad_checkpoint=preset.grad_checkpoint,
+        grad_checkpoint=preset.grad_checkpoint, val_max_instances=args.val_max_instances or None,
     )
     return FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,

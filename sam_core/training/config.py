@@ -66,6 +66,10 @@ class TrainConfig:
     # Recompute each encoder block's activations in the backward pass instead of keeping them (encoder-side
     # methods; sam_core.training.grad_checkpoint): less memory, one more forward pass of the blocks.
     grad_checkpoint: bool = False
+    # Validation scores at most this many instances per image (the first ones, as evaluation's
+    # max_instances_per_image): dense data (hundreds of cells per image) would otherwise make every
+    # validation cost more than the training between them. None = every instance.
+    val_max_instances: int | None = 50
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every"):
@@ -73,6 +77,8 @@ class TrainConfig:
                 raise InvalidInput("must be >= 1", field=name)
         if self.lr <= 0:
             raise InvalidInput("must be > 0", field="lr")
+        if self.val_max_instances is not None and self.val_max_instances < 1:
+            raise InvalidInput("must be >= 1 or None", field="val_max_instances")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(json.dumps(asdict(self)))

@@ -94,14 +94,15 @@ class TrainingData:
     resolution crop around it), with the window's embedding cached for the decoder method."""
 
     def __init__(self, ds: SegmentationDataset, predictor: Predictor, *, cache_embeddings: bool,
-                 store: EmbeddingStore | None, crop: int | None = None) -> None:
+                 store: EmbeddingStore | None, crop: int | None = None, max_instances: int | None = None) -> None:
         self.ds = ds
         self.predictor = predictor
         self.spec = predictor.spec
         self.crop = crop
+        self.max_instances = max_instances  # per image, the first ones (None = all)
         self.items: list[TrainingItem] = []
         for i in range(len(ds)):
-            for j, inst in enumerate(ds[i].instances):
+            for j, inst in enumerate(ds[i].instances[:max_instances]):
                 self.items.append(TrainingItem(i, j, crop_window(inst.mask, crop)))
         if not self.items:
             raise InvalidInput("the split has no instances", field="data")

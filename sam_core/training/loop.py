@@ -189,7 +189,8 @@ def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
     store = _embedding_store(model, train_ds, val_ds, out, info) if frozen else None
     base = Predictor(model, device=dev)
     train_data = TrainingData(train_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop)
-    val_data = TrainingData(val_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop) if val_ds else None
+    val_data = TrainingData(val_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop,
+                            max_instances=cfg.val_max_instances) if val_ds else None
     prefix = _prefix_cache(model, net, train_ds, val_ds, cfg, out, info, dev)
     train_data.prefix = prefix
     if len(train_data.items) < info.world:

@@ -251,6 +251,41 @@ def test_validation_scores_all_and_resolvable_instances(tiny_model, speck_ds, cr
     assert score.selection == score.dice_resolvable != score.dice_all
 
 
+@pytest.mark.parametrize("crop", [None, 128])
+def test_validation_caps_instances_per_image(tiny_model, speck_ds, crop):
+    """val_max_instances keeps the first instances of each image, in the whole-image and the crop path."""
+    from sam_core.training.data import TrainingData
+    from sam_core.training.validation import validation_score
+
+    predictor = Predictor(tiny_model)
+    data = TrainingData(speck_ds, predictor, cache_embeddings=False, store=None, crop=crop, max_instances=2)
+    expected = sum(min(2, len(sample.instances)) for sample in speck_ds)
+    assert expected < speck_ds.n_instances
+    assert len(data.items) == expected
+    assert {it.instance_index for it in data.items} == {0, 1}
+    score = validation_score(predictor, data, TrainConfig().eval_prompt, 0, reuse_embeddings=False)
+    assert score.n == expected
+    with pytest.raises(InvalidInput, match="val_max_instances"):
+        TrainConfig(val_max_instances=0)
+
+
+def test_crop_validation_encodes_each_window_once(tiny_model, speck_ds, monkeypatch):
+    """Instances sharing a grid window share its encoding, and the score is the one the cached path gives."""
+    from sam_core.training.data import TrainingData
+    from sam_core.training.validation import validation_score
+
+    predictor = Predictor(tiny_model)
+    data = TrainingData(speck_ds, predictor, cache_embeddings=False, store=None, crop=128)
+    assert len(data.windows) < len(data.items)
+    cached = validation_score(predictor, data, TrainConfig().eval_prompt, 0, reuse_embeddings=True)
+    calls = []
+    encode = predictor.encode_one
+    monkeypatch.setattr(predictor, "encode_one", lambda image: calls.append(image.shape) or encode(image))
+    fresh = validation_score(predictor, data, TrainConfig().eval_prompt, 0, reuse_embeddings=False)
+    assert len(calls) == len(data.windows)
+    assert fresh == cached
+
+
 def test_model_selection_uses_the_resolvable_dice(tiny_model, speck_ds, tmp_path):
     from sam_core.evaluation.evaluate import EvalConfig, evaluate
 
