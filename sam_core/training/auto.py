@@ -28,8 +28,11 @@ Budget accounting: the budget starts when :func:`run_auto` starts (data check, s
 held-out score count against it). The loop stops a candidate after the first step that ends past its training
 time; it then validates once and is scored, which its share reserves, so it overruns its share by at most one
 step (plus any error in the two estimates), and an overrun comes out of the later candidates' shares. After the
-search the winner's validation report (zero-shot vs fine-tuned) runs: the job exceeds the budget by at most that
-one evaluation (and the last candidate's step).
+search, when the winner's share (not patience) ended its training and the search left it more than its useful
+minimum, the winner resumes its last checkpoint with the time left (:func:`extend_winner`; validation keeps
+choosing its best state) and keeps the continued state only if it scores better on the held-out split. Then the
+winner's validation report (zero-shot vs fine-tuned) runs: the job exceeds the budget by at most that one
+evaluation (and the last step of a candidate).
 
 Candidates train one after the other in ``<out>/auto/`` and share its ``embeddings/`` and ``prefix_cache/``
 (the caches are signed, so a recipe that needs other entries computes them); each candidate's adapter and
@@ -133,12 +136,14 @@ class Candidate:
     heldout_dice: float | None = None
     skipped: str = ""
     adapter_dir: Path | None = None
+    out_of_time: bool = False  # its share ended its training (not patience): more time would train it further
+    extended: str = ""  # what the time the search left did for it (see :func:`extend_winner`)
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe.label, "method": self.recipe.method, "rank": self.recipe.rank,
                 "lr": self.recipe.lr, "crop": self.recipe.crop, "steps": self.steps,
                 "seconds": round(self.seconds, 2), "heldout_dice": self.heldout_dice,
-                "result": f"skipped: {self.skipped}" if self.skipped else "trained"}
+                "result": f"skipped: {self.skipped}" if self.skipped else "trained", "extended": self.extended}
 
 
 @dataclass
@@ -205,6 +210,8 @@ def format_candidates(candidates: list[Candidate], winner: int | None = None) ->
         score = f"skipped: {c.skipped}" if c.skipped else f"{c.heldout_dice:.4f}"
         mark = "*" if i == winner else " "
         lines.append(f"{mark} {c.recipe.label:<28} {c.steps:>6} {c.seconds:>7.1f}  {score}")
+        if c.extended:
+            lines.append(f"  {'':<28} continued with the time left: {c.extended}")
     return "\n".join(lines)
 
 
@@ -314,12 +321,13 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
     kept.mkdir(parents=True)
     os.replace(result.adapter_dir, kept / "adapter")
     os.replace(search.work / "history.json", kept / "history.json")
+    os.replace(search.work / "checkpoints", kept / "checkpoints")  # the winner may resume from them
     report = evaluate(Predictor(result.model), search.heldout_ds, search.heldout.eval_config(), label=recipe.label,
                       embeddings=search.cache)
     search.reports[index] = report
     candidate.steps, candidate.adapter_dir = result.steps, kept / "adapter"
     candidate.heldout_dice = guard_score(report)[0]
-    candidate.seconds = time.perf_counter() - started
+    candidate.seconds, candidate.out_of_time = time.perf_counter() - started, result.out_of_time
 
 
 def search_recipes(search: _Search, candidates: list[Candidate]) -> int | None:
@@ -336,6 +344,42 @@ def search_recipes(search: _Search, candidates: list[Candidate]) -> int | None:
             f"{candidate.seconds:.1f} s, {result}")))
     scored = [(c.heldout_dice, -i) for i, c in enumerate(candidates) if c.heldout_dice is not None]
     return -max(scored)[1] if scored else None
+
+
+def extend_winner(search: _Search, index: int, candidate: Candidate) -> None:
+    """Give the winner the time the search left, when its share (not patience) ended it: resume its last
+    checkpoint with that budget (validation keeps choosing its best state), score it on the held-out split
+    again and keep whichever of the two states scores better there (ties: the shorter run)."""
+    left = search.deadline - time.perf_counter() - 2 * search.eval_seconds
+    needed = search.useful_seconds.get(candidate.recipe.method, 0.0)
+    if not candidate.out_of_time or left <= needed or left <= 0:
+        return
+    assert candidate.adapter_dir is not None and candidate.heldout_dice is not None
+    kept, steps_before, started = candidate.adapter_dir.parent, candidate.steps, time.perf_counter()
+    _reset_work(search.work)
+    shutil.copytree(kept / "checkpoints", search.work / "checkpoints")
+    search.emit(ProgressEvent(Phase.TRAINING, steps_before, 0, 0,
+                              message=f"auto: {candidate.recipe.label} continues for the {left:.0f} s left"))
+    cfg = candidate.recipe.train_config(search.spec.train, left)
+    result = train(search.model, search.train_ds, search.val_ds, cfg, search.work, resume=True,
+                   callback=lambda event: None if event.state.final else search.emit(event),
+                   adapter_name=search.spec.adapter_name, parent=search.spec.parent)
+    assert result.model is not None and result.adapter_dir is not None
+    report = evaluate(Predictor(result.model), search.heldout_ds, search.heldout.eval_config(),
+                      label=candidate.recipe.label, embeddings=search.cache)
+    score = guard_score(report)[0]
+    verdict = f"+{result.steps - steps_before} steps, held-out Dice {candidate.heldout_dice:.4f} -> {score:.4f}"
+    candidate.seconds += time.perf_counter() - started
+    if score > candidate.heldout_dice:
+        shutil.rmtree(candidate.adapter_dir)
+        os.replace(result.adapter_dir, candidate.adapter_dir)
+        os.replace(search.work / "history.json", kept / "history.json")
+        candidate.heldout_dice, candidate.steps, search.reports[index] = score, result.steps, report
+        candidate.extended = f"{verdict} (kept)"
+    else:
+        candidate.extended = f"{verdict} (the shorter run kept)"
+    message = f"auto {candidate.recipe.label}: {candidate.extended}"
+    search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=message))
 
 
 def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
@@ -366,6 +410,7 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     if winner is None:
         raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",
                            field="time_budget")
+    extend_winner(search, winner, candidates[winner])
     result = publish_winner(search, candidates, winner, baseline, baseline_label, t0)
     auto = AutoResult(candidates, winner, result, budget)
     atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")

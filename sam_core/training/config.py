@@ -124,6 +124,7 @@ class TrainResult:
     steps: int
     seconds: float
     stopped_early: bool
+    out_of_time: bool = False  # stopped by ``max_seconds`` rather than by patience or the step count
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:

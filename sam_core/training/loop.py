@@ -125,6 +125,7 @@ class TrainingRun:
     t_start: float
     state: RunState = field(default_factory=RunState)
     stopped_early: bool = False
+    out_of_time: bool = False  # stopped by cfg.max_seconds (a resumed call with a new budget continues it)
     loop_start: tuple[float, int] = (0.0, 0)  # (clock, step) when this process started stepping: the ETA's base
 
     @property
@@ -167,7 +168,7 @@ def train(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segmentatio
     return TrainResult(adapter_dir=adapter_dir, model=trained, history=run.state.history,
                        best_val_dice=run.state.best_dice, zero_shot_val_dice=run.state.zero_shot,
                        steps=run.state.step, seconds=time.perf_counter() - run.t_start,
-                       stopped_early=run.stopped_early)
+                       stopped_early=run.stopped_early, out_of_time=run.out_of_time)
 
 
 def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset | None,
@@ -295,9 +296,10 @@ def resume_or_score_base(run: TrainingRun, resume: bool) -> None:
 def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """True when a checkpoint's config is ``cfg`` up to the prefix-cache and gradient-checkpointing switches,
     which change how a step computes, not what (a run resumes across them, and from checkpoints written before
-    they existed)."""
+    they existed), and up to the time budget: a resumed call gets a budget of its own (``--method auto`` gives
+    its winner the time the search left this way)."""
     def what(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k not in ("prefix_cache", "grad_checkpoint")}
+        return {k: v for k, v in config.items() if k not in ("prefix_cache", "grad_checkpoint", "max_seconds")}
 
     return what(saved) == what(cfg.to_json())
 
@@ -321,7 +323,7 @@ def _advance(run: TrainingRun) -> bool:
     if run.info.is_main and (step % cfg.checkpoint_every == 0 or step == run.total_steps or stop or out_of_time):
         save_checkpoint(run)
     if stop or out_of_time:
-        run.stopped_early = True
+        run.stopped_early, run.out_of_time = True, out_of_time and not stop and step < run.total_steps
         if out_of_time:
             log.info("time budget of %.0fs reached at step %d", cfg.max_seconds, step)
         return False

@@ -152,3 +152,36 @@ def test_a_search_with_recommended_crops_scores_the_heldout_split_tiled(tiny_mod
     assert [c.recipe.crop for c in auto.candidates] == [recipe_grid(report)[0].recipe.crop, None]
     split = read_adapter_config(auto.finetune.adapter_dir).heldout_split
     assert split is not None and split["eval"]["tiled"] is True
+
+
+def test_the_winner_continues_with_the_time_the_search_left(tiny_model, blobs, tmp_path, monkeypatch):
+    """Candidates that stop at a quarter of their share leave time: the winner resumes its own checkpoint with it
+    (its steps go on from where it stopped) and keeps the continued state only if the held-out split says so."""
+    import dataclasses
+
+    import sam_core.training.auto as auto_module
+
+    monkeypatch.setattr(auto_module, "LR_FACTORS", (1.0,))
+    monkeypatch.setattr(auto_module, "LORA_RANKS", ())
+    run_one = auto_module.run_candidate
+    monkeypatch.setattr(auto_module, "run_candidate",
+                        lambda search, index, candidate, share, sharing=1: run_one(search, index, candidate, share / 4))
+    spec = auto_spec(blobs, tmp_path / "run", allow_regression=True)
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=10_000))
+    events: list[ProgressEvent] = []
+    auto = run_auto(tiny_model, spec, 40.0, events.append)
+    best = auto.candidates[auto.winner]
+    assert best.out_of_time and best.extended, auto.table()
+    continued = [e for e in events if e.message.startswith(f"auto: {best.recipe.label} continues")]
+    assert len(continued) == 1
+    first_steps = continued[0].step
+    resumed = [e.step for e in events[events.index(continued[0]) + 1:] if e.state is Phase.TRAINING]
+    assert resumed and min(resumed) > first_steps  # resumed, not restarted
+    assert best.extended.startswith(f"+{max(resumed) - first_steps} steps")
+    if best.extended.endswith("(kept)"):
+        assert best.steps == max(resumed)
+    else:
+        assert best.steps == first_steps
+    assert json.loads((tmp_path / "run" / "auto.json").read_text())["candidates"][auto.winner]["extended"] == \
+        best.extended
+    assert "continued with the time left" in auto.table()
