@@ -5,8 +5,11 @@ data diagnostics recommend, else the one that makes their median unresolvable in
 and rank 8, each at two learning rates (the method's ``recommended_lr`` times :data:`LR_FACTORS`). The
 diagnostics prune and order it: no crop recipes when every instance is resolvable, crop recipes first when the
 diagnostics recommend ``--crop``; then a new held-out split is scored with tiled inference (every candidate and
-the baseline alike), the way a crop-trained model is meant to be used. A recipe sets the method, LoRA rank,
-learning rate and crop; everything else comes from the spec's :class:`~sam_core.training.config.TrainConfig`.
+the baseline alike), the way a crop-trained model is meant to be used. Otherwise, when there are crop recipes,
+the baseline is scored on a new split both ways and the split is tiled (crop recipes first) if tiles beat whole
+images by :data:`TILED_GAIN` (:func:`baseline_on_heldout`): on dense data (many cells per image) tiles can help
+although nearly every instance is resolvable on whole images. A recipe sets the method, LoRA rank, learning rate
+and crop; everything else comes from the spec's :class:`~sam_core.training.config.TrainConfig`.
 
 :func:`run_auto` is a plain loop over the grid. Each candidate gets an equal share of what is left of the budget
 (``remaining / candidates left``, so time a candidate does not use goes to the next ones); it is trained by
@@ -78,7 +81,7 @@ from sam_core.training.finetune import (
     settle,
     split,
 )
-from sam_core.training.guard import HeldoutSplit, guard_score, judge
+from sam_core.training.guard import HeldoutSplit, Scorer, guard_score, judge
 from sam_core.training.loop import train
 from sam_core.training.methods import MethodConfig, get_method
 
@@ -86,6 +89,9 @@ LR_FACTORS = (1.0, 3.0)
 """Each method is tried at its ``recommended_lr`` times each factor."""
 LORA_RANKS = (4, 8)
 PROBE_STEPS = 3
+TILED_GAIN = 0.01
+"""How much better (held-out Dice) the baseline must score on native-resolution tiles than on whole images for the
+search to score the held-out split tiled and try crop recipes first."""
 """Steps after which a candidate's measured step time decides whether its useful minimum fits in its share."""
 MIN_USEFUL_STEPS = 100
 """A candidate's useful minimum is one epoch or this many steps, whichever is fewer: on data with many instances
@@ -188,9 +194,11 @@ def crop_plan(report: DataReport) -> tuple[int | None, bool]:
     return recommended_crop(sides[len(sides) // 2], report.img_size), False
 
 
-def recipe_grid(report: DataReport) -> list[Candidate]:
-    """Every recipe as a table row, in search order; crop recipes pruned (skipped) when nothing needs them."""
-    crop, crops_first = crop_plan(report)
+def recipe_grid(report: DataReport, crops_first: bool | None = None) -> list[Candidate]:
+    """Every recipe as a table row, in search order; crop recipes pruned (skipped) when nothing needs them, first
+    when ``crops_first`` (default: when the diagnostics recommend crops)."""
+    crop, recommended = crop_plan(report)
+    crops_first = recommended if crops_first is None else crops_first
     decoder_lrs = [get_method("decoder").recommended_lr * f for f in LR_FACTORS]
     lora_lrs = [get_method("lora").recommended_lr * f for f in LR_FACTORS]
     whole = [Candidate(Recipe("decoder", lr)) for lr in decoder_lrs]
@@ -392,20 +400,19 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     out = Path(spec.out_dir)
     ds = load_dataset(spec.data, min_area=spec.split.min_area)
     report = check_data(ds, model, out, emit)
-    candidates = recipe_grid(report)
     if crop_plan(report)[1]:
         spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True))
-    heldout, heldout_ds, rest = heldout_split(spec, ds)
-    train_ds, val_ds = split(spec, rest)
-    if len(val_ds) == 0:
-        raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
     emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="baseline on the held-out split"))
     cache: dict[str, Any] = {}
     scorer, baseline_label = baseline_scorer(model, spec.guard.baseline, cache)
-    t_eval = time.perf_counter()
-    baseline = scorer(heldout_ds, heldout.eval_config(), "baseline")
-    search = _Search(model, spec, train_ds, val_ds, heldout, heldout_ds, emit, deadline=t0 + budget,
-                     eval_seconds=time.perf_counter() - t_eval, cache=cache)
+    held = baseline_on_heldout(spec, ds, report, scorer, emit)
+    spec, baseline = held.spec, held.report
+    candidates = recipe_grid(report, crops_first=bool(held.split.eval["tiled"]))
+    train_ds, val_ds = split(spec, held.rest)
+    if len(val_ds) == 0:
+        raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
+    search = _Search(model, spec, train_ds, val_ds, held.split, held.images, emit, deadline=t0 + budget,
+                     eval_seconds=held.seconds, cache=cache)
     winner = search_recipes(search, candidates)
     if winner is None:
         raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",
@@ -416,6 +423,43 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")
     result.auto = auto.to_json()
     return auto
+
+
+@dataclass
+class HeldoutBaseline:
+    """The held-out split the search scores on, its images, the rest of the data, and the baseline's score."""
+
+    spec: FinetuneSpec  # evaluates tiled when the split is
+    split: HeldoutSplit
+    images: SegmentationDataset
+    rest: SegmentationDataset
+    report: EvalReport
+    seconds: float  # the baseline's scoring: the estimate of one candidate's
+
+
+def baseline_on_heldout(spec: FinetuneSpec, ds: SegmentationDataset, report: DataReport, scorer: Scorer,
+                        emit: Callable[[ProgressEvent], None]) -> HeldoutBaseline:
+    """The held-out split and the baseline's score on it. A new split of data with crop recipes is scored both
+    ways when the diagnostics did not already ask for tiles: if native-resolution tiles beat whole images by
+    :data:`TILED_GAIN` for the baseline, the split (and so every candidate's score) is tiled, and the crop recipes
+    go first. A stored split keeps its own settings."""
+    def scored(job: FinetuneSpec) -> HeldoutBaseline:
+        split, images, rest = heldout_split(job, ds)
+        started = time.perf_counter()
+        baseline = scorer(images, split.eval_config(), "baseline")
+        return HeldoutBaseline(job, split, images, rest, baseline, time.perf_counter() - started)
+
+    whole = scored(spec)
+    stored = spec.guard.baseline is not None and read_adapter_config(spec.guard.baseline).heldout_split is not None
+    if stored or whole.split.eval["tiled"] or crop_plan(report)[0] is None:
+        return whole
+    tiled = scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))
+    whole_dice, tiled_dice = guard_score(whole.report)[0], guard_score(tiled.report)[0]
+    choice = tiled if tiled_dice - whole_dice >= TILED_GAIN else whole
+    emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
+        f"baseline on the held-out split: whole images {whole_dice:.4f}, tiles {tiled_dice:.4f}: "
+        + ("tiled" if choice is tiled else "whole images"))))
+    return choice
 
 
 def publish_winner(search: _Search, candidates: list[Candidate], winner: int, baseline: EvalReport,

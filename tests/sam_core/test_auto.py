@@ -185,3 +185,31 @@ def test_the_winner_continues_with_the_time_the_search_left(tiny_model, blobs, t
     assert json.loads((tmp_path / "run" / "auto.json").read_text())["candidates"][auto.winner]["extended"] == \
         best.extended
     assert "continued with the time left" in auto.table()
+
+
+@pytest.mark.parametrize(("tiled_dice", "chosen"), [(0.70, True), (0.605, False)])
+def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path, monkeypatch, tiled_dice, chosen):
+    """With crop recipes but no crop recommendation, the baseline is scored both ways on the same images; tiles
+    that beat whole images by TILED_GAIN make the split (and the spec's evaluation) tiled."""
+    import sam_core.training.auto as auto_module
+
+    monkeypatch.setattr(auto_module, "crop_plan", lambda report: (128, False))
+    calls: list[bool] = []
+
+    class Scored:
+        def __init__(self, dice: float) -> None:
+            self.summary = {"n_resolvable": 3, "dice_resolvable_mean": dice}
+
+    def scorer(images, cfg, label):
+        calls.append(cfg.tiled)
+        return Scored(tiled_dice if cfg.tiled else 0.60)
+
+    spec, ds = auto_spec(blobs, tmp_path / "run"), load_dataset(blobs)
+    events: list[ProgressEvent] = []
+    held = auto_module.baseline_on_heldout(spec, ds, None, scorer, events.append)  # type: ignore[arg-type]
+    assert calls == [False, True]
+    assert held.split.eval["tiled"] is held.spec.eval.tiled is chosen
+    assert held.report.summary["dice_resolvable_mean"] == (tiled_dice if chosen else 0.60)
+    assert events[-1].message.endswith("tiled" if chosen else "whole images")
+    assert [r.recipe.crop for r in recipe_grid(diagnose(ds, SPECS["tiny"]), crops_first=chosen)][0] == (
+        128 if chosen else None)
