@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-tiled-zero-shot", action="store_true", help="skip the (slow) tiled zero-shot row")
+    parser.add_argument("--train-images", type=int, default=0,
+                        help="training images (the first ones) instead of the data set's default in SPLITS; the "
+                             "validation images (the last ones) stay the same")
     return parser
 
 
@@ -254,7 +257,8 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
     from sam_core.evaluation.evaluate import EvalConfig
     from sam_core.training.methods import get_method
 
-    train_ds, val_ds = _subset(load_dataset(path), *SPLITS[name])
+    n_train, n_val = SPLITS[name]
+    train_ds, val_ds = _subset(load_dataset(path), args.train_images or n_train, n_val)
     eval_cfgs = {"whole": EvalConfig(max_instances_per_image=MAX_INSTANCES.get(name)),
                  "tiled": EvalConfig(tiled=True, max_instances_per_image=MAX_INSTANCES.get(name))}
     cache: EmbeddingCache = {}
