@@ -2,7 +2,9 @@
 
 ``serve(service, read_settings, services, load)``, the same for the encoder, decoder and trainer:
 
-1. settings from the environment; a bad value logs one line naming the variable and returns exit status 2;
+1. settings from the environment; a bad value logs one line naming the variable and returns exit status 2
+   (before ``services`` and ``load`` import the service's modules, so a misconfigured process fails in a
+   fraction of a second, without importing torch);
 2. the gRPC server starts (:func:`build_server`: interceptors metrics -> auth -> errors, ``grpc.health.v1``,
    reflection, optional TLS, Prometheus ``/metrics``) with a :class:`PendingServicer` registered for each
    service: health answers NOT_SERVING and calls fail UNAVAILABLE while ``load`` builds the real servicers
@@ -202,7 +204,7 @@ class PendingServicer:
         return call
 
 
-def serve(service: str, read_settings: Callable[[], SettingsT], services: Sequence[GrpcService],
+def serve(service: str, read_settings: Callable[[], SettingsT], services: Callable[[], Sequence[GrpcService]],
           load: Callable[[SettingsT], Loaded]) -> int:
     """Run one service process (see the module docstring); returns the exit status (0, 1 or 2)."""
     try:
@@ -216,7 +218,7 @@ def serve(service: str, read_settings: Callable[[], SettingsT], services: Sequen
         import torch
 
         torch.set_num_threads(settings.threads)
-    pending = {grpc_service.name: PendingServicer(grpc_service.name) for grpc_service in services}
+    pending: dict[str, PendingServicer] = {}
     try:
         server = build_server(settings, _register(services, pending))
     except SamforgeError as exc:  # a setting's file holds something invalid (e.g. a tenant name in the tokens)
@@ -237,12 +239,15 @@ def serve(service: str, read_settings: Callable[[], SettingsT], services: Sequen
     return 0
 
 
-def _register(services: Sequence[GrpcService],
-              pending: Mapping[str, PendingServicer]) -> Callable[[grpc.Server], list[str]]:
+def _register(services: Callable[[], Sequence[GrpcService]],
+              pending: dict[str, PendingServicer]) -> Callable[[grpc.Server], list[str]]:
+    """Register a :class:`PendingServicer` (kept in ``pending``) for each of ``services()``: called by
+    :func:`build_server` after the settings' files (tokens, TLS) are read."""
     def add(server: grpc.Server) -> list[str]:
-        for grpc_service in services:
+        for grpc_service in services():
+            pending[grpc_service.name] = PendingServicer(grpc_service.name)
             grpc_service.add_to_server(pending[grpc_service.name], server)
-        return [grpc_service.name for grpc_service in services]
+        return list(pending)
 
     return add
 

@@ -4,22 +4,32 @@
 the weights and exports the base decoder graph (or finds it in ``SAMFORGE_ONNX_CACHE_DIR``), SERVING after.
 The encoder channel is lazy: the decoder starts (and serves cached embeddings) while the encoder is down.
 SIGTERM/SIGINT: NOT_SERVING, stop accepting, drain in-flight calls for SAMFORGE_GRACE_SECONDS, then the
-engine closes (registry watch, encoder channel); exit 0. A bad setting exits 2, a failed load 1.
+engine closes (registry watch, encoder channel); exit 0. A bad setting exits 2, a failed load 1. The service's
+own modules (torch, the engine) are imported only after the settings are read, so a bad setting fails at once.
 """
 
 from __future__ import annotations
 
-from services.common import compute
-from services.common.server import Loaded, exit_now, serve
+from collections.abc import Sequence
+
+from services.common.server import GrpcService, Loaded, exit_now, serve
 from services.common.settings import DecoderSettings
 
-from .encoder_client import EncoderClient, open_channel
-from .engine import build_engine
-from .servicer import SERVICE, DecoderService
+
+def services() -> Sequence[GrpcService]:
+    from .servicer import SERVICE
+
+    return [SERVICE]
 
 
 def load(settings: DecoderSettings) -> Loaded:
     """The engine over a channel to the encoder, built on the process's compute thread (one OpenMP team)."""
+    from services.common import compute
+
+    from .encoder_client import EncoderClient, open_channel
+    from .engine import build_engine
+    from .servicer import SERVICE, DecoderService
+
     client = EncoderClient(open_channel(settings), settings.encoder_timeout_seconds, address=settings.encoder_address)
     try:
         engine = compute.shared().run(build_engine, settings, client)
@@ -31,7 +41,7 @@ def load(settings: DecoderSettings) -> Loaded:
 
 
 def main() -> int:
-    return serve("decoder", DecoderSettings.from_env, [SERVICE], load)
+    return serve("decoder", DecoderSettings.from_env, services, load)
 
 
 if __name__ == "__main__":

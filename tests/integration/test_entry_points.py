@@ -82,6 +82,16 @@ def test_a_bad_setting_exits_2_with_one_line_naming_the_variable(tmp_path, name,
 
 
 @pytest.mark.parametrize("name", SERVICES)
+def test_a_bad_setting_exits_before_the_service_imports_torch(tmp_path, name):
+    """Settings are read before the service's own modules load: a misconfigured pod fails at once."""
+    env = service_env(name, tmp_path, SAMFORGE_LOG_LEVEL="chatty")
+    probe = f"import sys, services.{name}.__main__ as entry; print(entry.main(), 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", SERVICES)
 def test_a_tokens_file_with_an_invalid_tenant_exits_2_naming_it(tmp_path, name):
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"token-a": "alice", "token-b": "../escape"}))
