@@ -129,7 +129,8 @@ def run_auto_row(model: LoadedModel, path: Path, train_ds: SegmentationDataset, 
                  budget: float, work: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache) -> dict[str, Any]:
     """``--method auto`` on the training images only (it splits them into its own training, validation and
     held-out parts) within ``budget`` seconds, its winner evaluated on the grid's validation images like the
-    other rows (tiled when the winning recipe trained on crops). The guard's verdict is recorded, not enforced."""
+    other rows (tiled when the winning recipe trained on crops or the search scored tiled). The guard's verdict is
+    recorded, not enforced."""
     from sam_core.adapters.artifact import load_adapter
     from sam_core.evaluation.evaluate import evaluate
     from sam_core.inference.predictor import Predictor
@@ -145,12 +146,13 @@ def run_auto_row(model: LoadedModel, path: Path, train_ds: SegmentationDataset, 
     auto = run_auto(model, spec, budget)
     t1 = time.perf_counter()
     recipe = auto.candidates[auto.winner].recipe
-    report = evaluate(Predictor(load_adapter(model, auto.finetune.adapter_dir)), val_ds,
-                      eval_cfgs["tiled" if recipe.crop else "whole"], label="auto",
+    split = auto.finetune.adapter.heldout_split or {}
+    mode = "tiled" if recipe.crop or split.get("eval", {}).get("tiled") else "whole"
+    report = evaluate(Predictor(load_adapter(model, auto.finetune.adapter_dir)), val_ds, eval_cfgs[mode], label="auto",
                       embeddings=None if get_method(recipe.method).changes_image_encoder else cache)
     return {"method": f"auto ({recipe.label})", **scores(report), "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "budget_seconds": budget,
-            "trainable_parameters": auto.finetune.adapter.n_parameters, "eval": "tiled" if recipe.crop else "whole",
+            "trainable_parameters": auto.finetune.adapter.n_parameters, "eval": mode,
             "guard_accepted": auto.finetune.accepted, "candidates": auto.to_json()["candidates"]}
 
 
