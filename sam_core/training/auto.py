@@ -39,10 +39,10 @@ evaluation (and the last step of a candidate).
 
 Candidates train one after the other in ``<out>/auto/`` and share its ``embeddings/`` and ``prefix_cache/``
 (the caches are signed, so a recipe that needs other entries computes them); each candidate's adapter and
-history are kept in ``<out>/auto/<slug>/``. The published artifact's metrics record ``auto_recipe`` and
-``auto_candidates`` (every row of the table); ``<out>/auto.json`` holds the same table. Each finished candidate
-(or pruned) is reported as one ``evaluating`` progress event; the candidates' own end-of-training events are not
-forwarded (the job has not ended).
+history are kept in ``<out>/auto/<slug>/`` (with its last checkpoint until the search ends). The published
+artifact's metrics record ``auto_recipe`` and ``auto_candidates`` (every row of the table); ``<out>/auto.json``
+holds the same table. Each finished candidate (or pruned) is reported as one ``evaluating`` progress event; the
+candidates' own end-of-training events are not forwarded (the job has not ended).
 
 Deterministic given the seed apart from the time budget: the grid, its order, the splits, every candidate's
 initialisation, batches and prompts are fixed by the seed; the clock decides only how many steps a candidate
@@ -418,6 +418,9 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
         raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",
                            field="time_budget")
     extend_winner(search, winner, candidates[winner])
+    for candidate in candidates:  # only the winner could resume, and it has
+        if candidate.adapter_dir is not None:
+            shutil.rmtree(candidate.adapter_dir.parent / "checkpoints", ignore_errors=True)
     result = publish_winner(search, candidates, winner, baseline, baseline_label, t0)
     auto = AutoResult(candidates, winner, result, budget)
     atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")
