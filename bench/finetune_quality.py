@@ -22,7 +22,6 @@ Writes bench/results/finetune_quality[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -61,13 +60,14 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
     """Train method ``name`` (``<method>`` or ``<method>-crop``) for at most ``budget`` seconds and evaluate it
     (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot embeddings in ``cache``).
 
-    The decoder method first embeds every training and validation window once (a one-step run into the same
-    folder, whose signed embeddings the budgeted run reuses), outside the budget: on dense data such as isbi's
+    The decoder method first embeds every training and validation window once
+    (:func:`~sam_core.training.loop.cache_encoder_outputs` into the same folder, whose signed embeddings the
+    budgeted run reuses), outside the budget: on dense data such as isbi's
     cells that is hundreds of crops (``cache_seconds``). Encoder-side methods cache only the frozen prefix, which
     costs little, inside their budget."""
     from sam_core.evaluation.evaluate import evaluate
     from sam_core.inference.predictor import Predictor
-    from sam_core.training.loop import train
+    from sam_core.training.loop import cache_encoder_outputs, train
     from sam_core.training.methods import get_method
 
     method = name.removesuffix("-crop")
@@ -76,7 +76,7 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
     cache_seconds = 0.0
     if not get_method(method).changes_image_encoder:  # embed every window once, outside the training budget
         t_cache = time.perf_counter()
-        train(model, train_ds, val_ds, dataclasses.replace(cfg, max_steps=1, max_seconds=None), out / name)
+        cache_encoder_outputs(model, train_ds, val_ds, cfg, out / name)
         cache_seconds = time.perf_counter() - t_cache
     t0 = time.perf_counter()
     result = train(model, train_ds, val_ds, cfg, out / name, resume=False)

@@ -28,7 +28,8 @@ reports progress and publishes the adapter.
 
 :func:`train` is a plain sequence of small steps: :func:`prepare_run`, :func:`embed_frozen`,
 :func:`cache_prefix`, :func:`resume_or_score_base`, then :func:`train_step` / :func:`validate` /
-:func:`save_checkpoint` until done, then :func:`publish`.
+:func:`save_checkpoint` until done, then :func:`publish`. :func:`cache_encoder_outputs` runs only the caching
+steps, for a caller that wants the caches filled before a timed run starts.
 """
 
 from __future__ import annotations
@@ -272,6 +273,18 @@ def cache_prefix(run: TrainingRun) -> None:
         run.emit(ProgressEvent(Phase.EMBEDDING, 0, run.total_steps, 0,
                                message=f"cached the encoder prefix of {data.ds.image_ids[i]}"))
     barrier(run.info)
+
+
+def cache_encoder_outputs(model: LoadedModel, train_ds: SegmentationDataset, val_ds: SegmentationDataset | None,
+                          cfg: TrainConfig, out_dir: str | os.PathLike[str], *,
+                          callback: Callable[[ProgressEvent], None] | None = None,
+                          device: str | torch.device | None = None) -> None:
+    """Fill ``out_dir``'s ``embeddings/`` (frozen encoder) or ``prefix_cache/`` (cached encoder prefix) as
+    :func:`train` with the same arguments would before its first step, and nothing else: a later ``train`` into
+    ``out_dir`` finds every entry (its ``max_seconds`` then counts training only)."""
+    run = prepare_run(model, train_ds, val_ds, cfg, Path(out_dir), callback, device)
+    embed_frozen(run)
+    cache_prefix(run)
 
 
 def resume_or_score_base(run: TrainingRun, resume: bool) -> None:

@@ -298,3 +298,22 @@ def test_model_selection_uses_the_resolvable_dice(tiny_model, speck_ds, tmp_path
                      EvalConfig(prompt=cfg.eval_prompt, seed=cfg.seed))
     assert again.summary["dice_resolvable_mean"] == pytest.approx(result.best_val_dice, abs=1e-9)
     assert again.summary["dice_mean"] != pytest.approx(result.best_val_dice, abs=1e-6)
+
+
+@pytest.mark.parametrize("crop", [None, 32])
+def test_cache_encoder_outputs_leaves_nothing_for_train_to_encode(tiny_model, splits, tmp_path, monkeypatch, crop):
+    """After cache_encoder_outputs, a decoder run into the same folder never runs the image encoder."""
+    from sam_core.training.loop import cache_encoder_outputs
+
+    train_ds, val_ds = splits
+    cfg = TrainConfig(epochs=1, batch_size=2, crop=crop)
+    cache_encoder_outputs(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert list((tmp_path / "run" / "embeddings").iterdir())
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran after the caches were filled")
+
+    monkeypatch.setattr(Predictor, "encode_one", no_encoder)
+    monkeypatch.setattr(Predictor, "encode_tensor", no_encoder)
+    result = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run")
+    assert result.steps == train_ds.n_instances // 2
