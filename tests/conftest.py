@@ -106,6 +106,24 @@ def litemedsam_model():
     return load_model("litemedsam")
 
 
+@pytest.fixture(scope="session")
+def litemedsam_encoder_onnx(litemedsam_model, tmp_path_factory):
+    """LiteMedSAM's image encoder exported to ONNX once per test run: the xdist workers share this run's temporary
+    root, and a file lock lets the first one export while the others wait."""
+    import fcntl
+
+    from sam_core.export.onnx_encoder import export_encoder_onnx
+
+    base = tmp_path_factory.getbasetemp()
+    run_root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = run_root / "litemedsam_encoder.onnx"
+    with open(run_root / "litemedsam_encoder.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            export_encoder_onnx(litemedsam_model, path)
+    return path
+
+
 def synthetic_scene(height: int = 240, width: int = 320, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """A textured background with a few bright ellipses; returns (H x W x 3 uint8, instance masks)."""
     import cv2

@@ -22,7 +22,6 @@ from grpc_health.v1 import health_pb2
 
 from sam_core.adapters.filesystem import FileSystemAdapterStore
 from sam_core.data.prompt_sim import box_from_mask
-from sam_core.export.onnx_encoder import export_encoder_onnx
 from sam_core.inference.predictor import Predictor
 from sam_core.inference.prompts import Prompt
 from sam_core.io.images import decode_image
@@ -57,9 +56,9 @@ def triton_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def triton(triton_python, litemedsam_model, tmp_path_factory):
+def triton(triton_python, litemedsam_encoder_onnx, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
-    onnx_path = export_encoder_onnx(litemedsam_model, root / "sam_encoder.onnx")
+    onnx_path = litemedsam_encoder_onnx
     # 100 ms queue delay: on 2 shared cores the encoder replicas' requests arrive spread out
     server = PyTritonServer(triton_python, onnx_path, root, max_batch=8, max_queue_delay_us=100_000, threads=1)
     with server:

@@ -8,9 +8,7 @@ from sam_core.export.onnx_encoder import OnnxEncoder, export_encoder_onnx
 pytest.importorskip("onnxruntime")
 
 
-def _check(model, tmp_path, tol):
-    path = export_encoder_onnx(model, tmp_path / "encoder.onnx")
-    assert path.exists() and not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary left behind
+def _check(model, path, tol):
     encoder = OnnxEncoder(path, threads=1)
     size = model.spec.img_size
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -23,9 +21,11 @@ def _check(model, tmp_path, tol):
 
 
 def test_tiny_encoder_export(tiny_model, tmp_path):
-    _check(tiny_model, tmp_path, 1e-4)
+    path = export_encoder_onnx(tiny_model, tmp_path / "encoder.onnx")
+    assert path.exists() and not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary left behind
+    _check(tiny_model, path, 1e-4)
 
 
 @pytest.mark.integration
-def test_litemedsam_tinyvit_export_has_a_dynamic_batch(litemedsam_model, tmp_path):
-    _check(litemedsam_model, tmp_path, 1e-4)
+def test_litemedsam_tinyvit_export_has_a_dynamic_batch(litemedsam_model, litemedsam_encoder_onnx):
+    _check(litemedsam_model, litemedsam_encoder_onnx, 1e-4)
