@@ -10,7 +10,8 @@ last 10; ph2_skin_lesions first 40 / last 20 (a subset: CPU time). Eval prompts 
 Methods: ``decoder`` (whole images, cached embeddings), ``decoder-crop`` (native-resolution 256 px crops
 around instances for training, tiled native-resolution inference for evaluation), ``lora``, ``adapter``,
 ``full`` (encoder-side: the encoder runs every step — expensive on CPU; ``lora-crop`` etc. train on crops
-and evaluate tiled like ``decoder-crop``), ``persam`` (one-shot), ``auto`` (``--method auto`` within
+and evaluate tiled like ``decoder-crop``; ``-crop-all``: crops through every grid window holding the instance,
+``TrainConfig.crop_all_windows``), ``persam`` (one-shot), ``auto`` (``--method auto`` within
 ``--auto-budget`` seconds, on the training images only).
 Every row gives Dice over all validation instances and over the resolvable ones (the issue's target metric).
 Protocol: a fixed method trains on the training images and early-stops / keeps its best state on the validation
@@ -22,6 +23,7 @@ Writes bench/results/finetune_quality[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -70,9 +72,9 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
     from sam_core.training.loop import cache_encoder_outputs, train
     from sam_core.training.methods import get_method
 
-    method = name.removesuffix("-crop")
-    crop = 256 if name.endswith("-crop") else None
-    cfg = train_config(method, crop, budget)
+    method, _, variant = name.partition("-")
+    crop = 256 if variant in ("crop", "crop-all") else None
+    cfg = dataclasses.replace(train_config(method, crop, budget), crop_all_windows=variant == "crop-all")
     cache_seconds = 0.0
     if not get_method(method).changes_image_encoder:  # embed every window once, outside the training budget
         t_cache = time.perf_counter()
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     one_shot = [name for name in method_names() if get_method(name).one_shot]
     parser.add_argument("--methods", default=",".join([f"{DEFAULT_METHOD}-crop", DEFAULT_METHOD, *one_shot]),
-                        help=f"any of {', '.join(method_names())}, optionally with -crop (native-resolution crops)")
+                        help=f"any of {', '.join(method_names())}, optionally with -crop "
+                             "(native-resolution crops) or -crop-all (crops through every grid window)")
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per method")
     parser.add_argument("--auto-budget", type=float, default=1800.0,
                         help="seconds for method auto (its search, data check and held-out scoring included)")
@@ -267,13 +270,13 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
     rows = [zero_shot_row(model, val_ds, eval_cfgs["whole"], cache, "zero-shot")]
     print(json.dumps(rows[-1]), flush=True)
     methods = args.methods.split(",")
-    if any(m.endswith("-crop") for m in methods) and not args.no_tiled_zero_shot:
+    if any("-crop" in m for m in methods) and not args.no_tiled_zero_shot:
         rows.append(zero_shot_row(model, val_ds, eval_cfgs["tiled"], cache, "zero-shot (tiled)"))
         print(json.dumps(rows[-1]), flush=True)
     for method in methods:
         if method == "auto":
             rows.append(run_auto_row(model, path, train_ds, val_ds, args.auto_budget, work / name, eval_cfgs, cache))
-        elif get_method(method.removesuffix("-crop")).one_shot:
+        elif get_method(method.partition("-")[0]).one_shot:
             rows.append(run_one_shot(method, model, train_ds, val_ds, eval_cfgs["whole"]))
         else:
             rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))

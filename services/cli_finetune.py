@@ -130,6 +130,9 @@ def add_train_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--crop", type=int, default=0,
                    help="train on native-resolution crops of this size around instances and evaluate on tiles "
                         "(small objects in large images); 0 = whole images")
+    p.add_argument("--crop-all-windows", action="store_true",
+                   help="with --crop, show each instance through any crop of the half-crop grid that contains it, "
+                        "drawn per step, as tiled inference may see it (more crops to embed)")
     p.add_argument("--max-seconds", type=float, help="wall-clock training budget (stops, keeps the best state)")
     p.add_argument("--persam-steps", type=int, default=200)
     p.add_argument("--name", help="adapter name recorded in the artifact")
@@ -218,6 +221,7 @@ def spec_from_args(args: argparse.Namespace, preset: Preset | None = None) -> Fi
         eval_every=args.eval_every, patience=args.patience, prompt=prompt_config(args.prompt, args.box_jitter),
         eval_prompt=prompt_config(args.eval_prompt), crop=args.crop or None, max_seconds=args.max_seconds,
         grad_checkpoint=preset.grad_checkpoint, val_max_instances=args.val_max_instances or None,
+        crop_all_windows=args.crop_all_windows,
     )
     return FinetuneSpec(
         data=args.data, out_dir=args.out, train=train_cfg,

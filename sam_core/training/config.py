@@ -57,6 +57,9 @@ class TrainConfig:
     # Native-resolution crops (pixels) around each instance instead of the whole resized image: train
     # the way tiled inference sees small objects. None = whole images.
     crop: int | None = None
+    # With crops, each step sees an instance through any grid window that contains it (drawn per step), not
+    # only the one that centres it: tiled inference sees instances anywhere in a tile. Embeds more windows.
+    crop_all_windows: bool = False
     # Wall-clock budget: stop (checkpointed, adapter published) once exceeded. Breaks exact
     # reproducibility, so it is for benchmarks and quick trials, not for resumable production jobs.
     max_seconds: float | None = None

@@ -10,7 +10,7 @@ draws it; embeddings of the frozen encoder are cached in memory and, when given,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -75,18 +75,46 @@ def grid_start(lo: int, hi: int, length: int, crop: int) -> int:
     if length <= crop:
         return 0
     centred = min(max((lo + hi + 1) // 2 - crop // 2, 0), length - crop)
-    starts = {*range(0, length - crop + 1, max(1, crop // 2)), length - crop}
-    fitting = [start for start in starts if start <= lo and hi < start + crop]
+    fitting = _fitting_starts(lo, hi, length, crop)
     return min(fitting, key=lambda start: (abs(start - centred), start)) if fitting else centred
+
+
+def grid_windows(mask: np.ndarray, crop: int) -> tuple[Window, ...]:
+    """Every window of :func:`crop_window`'s grid that contains the instance (its most central one first), or
+    just :func:`crop_window`'s window when no grid window does: where tiled inference may see the instance."""
+    h, w = mask.shape
+    central = crop_window(mask, crop)
+    if central == (0, 0, h, w):
+        return (central,)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    y_starts = _fitting_starts(int(ys[0]), int(ys[-1]), h, crop)
+    x_starts = _fitting_starts(int(xs[0]), int(xs[-1]), w, crop)
+    others = [(y0, x0, min(h, y0 + crop), min(w, x0 + crop)) for y0 in y_starts for x0 in x_starts]
+    return (central, *sorted(set(others) - {central}))
+
+
+def _fitting_starts(lo: int, hi: int, length: int, crop: int) -> list[int]:
+    if length <= crop:
+        return [0]
+    starts = {*range(0, length - crop + 1, max(1, crop // 2)), length - crop}
+    return sorted(start for start in starts if start <= lo and hi < start + crop)
 
 
 @dataclass(frozen=True)
 class TrainingItem:
-    """One instance of the split seen through its window."""
+    """One instance of the split seen through its window; ``windows``: the windows a training step may
+    choose from instead (empty: ``window`` only)."""
 
     sample_index: int
     instance_index: int
     window: Window
+    windows: tuple[Window, ...] = ()
+
+    def drawn(self, rng: np.random.Generator) -> TrainingItem:
+        """This item through one of its ``windows`` drawn with ``rng`` (itself without any)."""
+        if len(self.windows) < 2:
+            return self
+        return replace(self, window=self.windows[int(rng.integers(len(self.windows)))])
 
 
 class TrainingData:
@@ -94,7 +122,8 @@ class TrainingData:
     resolution crop around it), with the window's embedding cached for the decoder method."""
 
     def __init__(self, ds: SegmentationDataset, predictor: Predictor, *, cache_embeddings: bool,
-                 store: EmbeddingStore | None, crop: int | None = None, max_instances: int | None = None) -> None:
+                 store: EmbeddingStore | None, crop: int | None = None, max_instances: int | None = None,
+                 all_windows: bool = False) -> None:
         self.ds = ds
         self.predictor = predictor
         self.spec = predictor.spec
@@ -103,7 +132,8 @@ class TrainingData:
         self.items: list[TrainingItem] = []
         for i in range(len(ds)):
             for j, inst in enumerate(ds[i].instances[:max_instances]):
-                self.items.append(TrainingItem(i, j, crop_window(inst.mask, crop)))
+                windows = grid_windows(inst.mask, crop) if all_windows and crop is not None else ()
+                self.items.append(TrainingItem(i, j, crop_window(inst.mask, crop), windows))
         if not self.items:
             raise InvalidInput("the split has no instances", field="data")
         self.embeddings: dict[tuple[int, Window], Embedding] = {}
@@ -114,8 +144,9 @@ class TrainingData:
 
     @property
     def windows(self) -> list[tuple[int, Window]]:
-        """Distinct (sample, window) pairs: what the decoder method embeds once."""
-        return list(dict.fromkeys((it.sample_index, it.window) for it in self.items))
+        """Distinct (sample, window) pairs, every item's ``windows`` included: what the decoder method embeds once."""
+        return list(dict.fromkeys((it.sample_index, window) for it in self.items
+                                  for window in (it.window, *it.windows)))
 
     def view(self, index: int, window: Window) -> np.ndarray:
         y0, x0, y1, x1 = window
@@ -167,6 +198,7 @@ class TrainingData:
         targets: list[np.ndarray] = []
         samples: dict[int, Sample] = {}
         for k, item in items:
+            item = item.drawn(np.random.default_rng([*rng_seed, k, 1]))  # its own stream: prompts stay as they were
             sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
             prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
             if self.cache_embeddings:

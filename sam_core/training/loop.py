@@ -190,7 +190,8 @@ def prepare_run(model: LoadedModel, train_ds: SegmentationDataset, val_ds: Segme
         checkpoint_encoder_blocks(net)
     store = _embedding_store(model, train_ds, val_ds, out, info) if frozen else None
     base = Predictor(model, device=dev)
-    train_data = TrainingData(train_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop)
+    train_data = TrainingData(train_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop,
+                              all_windows=cfg.crop_all_windows)
     val_data = TrainingData(val_ds, base, cache_embeddings=frozen, store=store, crop=cfg.crop,
                             max_instances=cfg.val_max_instances) if val_ds else None
     prefix = _prefix_cache(model, net, train_ds, val_ds, cfg, out, info, dev)

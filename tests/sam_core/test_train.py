@@ -194,6 +194,44 @@ def test_crop_window_snaps_to_the_half_crop_grid_and_clips():
     assert crop_window(mask, 128) == (0, 0, 300, 400)
 
 
+def test_grid_windows_lists_every_grid_window_that_contains_the_instance():
+    from sam_core.training.data import crop_window, grid_windows
+
+    mask = np.zeros((300, 400), bool)
+    mask[140:160, 190:210] = True                     # rows 64 and 128 and column 128 contain it
+    windows = grid_windows(mask, 128)
+    assert windows[0] == crop_window(mask, 128)       # the most central first
+    assert sorted(windows) == [(64, 128, 192, 256), (128, 128, 256, 256)]
+    mask[:] = False
+    mask[100:200, 100:180] = True                     # no grid rows hold it: its centred window only
+    assert grid_windows(mask, 128) == (crop_window(mask, 128),)
+    mask[:] = False
+    mask[0:200, 0:10] = True                          # taller than the crop: the whole image
+    assert grid_windows(mask, 128) == ((0, 0, 300, 400),)
+
+
+def test_crop_training_through_all_grid_windows(tiny_model, splits, tmp_path):
+    """crop_all_windows embeds every grid window holding an instance, draws one per step (reproducibly), and
+    validates on the central windows."""
+    from sam_core.training.data import TrainingData
+
+    train_ds, val_ds = splits
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=2e-3, warmup_steps=1, crop=64, checkpoint_every=100,
+                      crop_all_windows=True)
+    central = TrainingData(train_ds, Predictor(tiny_model), cache_embeddings=False, store=None, crop=64)
+    every = TrainingData(train_ds, Predictor(tiny_model), cache_embeddings=False, store=None, crop=64,
+                         all_windows=True)
+    assert len(every.windows) > len(central.windows)
+    drawn = {it.drawn(np.random.default_rng([0, k, 1])).window for k, it in enumerate(every.items * 8)}
+    assert drawn - {it.window for it in central.items}  # steps see windows besides the central ones
+    first = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "a")
+    again = train(tiny_model, train_ds, val_ds, cfg, tmp_path / "b")
+    assert first.history["loss"] == again.history["loss"]
+    embedded = list((tmp_path / "a" / "embeddings").rglob("*.safetensors"))
+    val_windows = TrainingData(val_ds, Predictor(tiny_model), cache_embeddings=False, store=None, crop=64).windows
+    assert len(embedded) == len({(i, w) for i, w in every.windows}) + len(val_windows)
+
+
 def test_native_resolution_crop_training(tiny_model, splits, tmp_path):
     train_ds, val_ds = splits  # 96 x 128 images; 64 px crops keep objects at native resolution
     cfg = TrainConfig(epochs=4, batch_size=2, lr=2e-3, warmup_steps=1, crop=64, checkpoint_every=100)
