@@ -89,13 +89,13 @@ LR_FACTORS = (1.0, 3.0)
 """Each method is tried at its ``recommended_lr`` times each factor."""
 LORA_RANKS = (4, 8)
 PROBE_STEPS = 3
-TILED_GAIN = 0.01
-"""How much better (held-out Dice) the baseline must score on native-resolution tiles than on whole images for the
-search to score the held-out split tiled and try crop recipes first."""
 """Steps after which a candidate's measured step time decides whether its useful minimum fits in its share."""
 MIN_USEFUL_STEPS = 100
 """A candidate's useful minimum is one epoch or this many steps, whichever is fewer: on data with many instances
 per image an epoch is hundreds of steps, and a part of one still trains."""
+TILED_GAIN = 0.01
+"""How much better (held-out Dice) the baseline must score on native-resolution tiles than on whole images for the
+search to score the held-out split tiled and try crop recipes first."""
 AUTO_METHOD = "auto"  # what CLIs and CreateJob call the search (it is not a method plug-in)
 AUTO_DIR = "auto"
 DEFAULT_TIME_BUDGET = 1200.0  # seconds (``--time-budget 20m``)
