@@ -311,9 +311,12 @@ def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """True when a checkpoint's config is ``cfg`` up to the prefix-cache and gradient-checkpointing switches,
     which change how a step computes, not what (a run resumes across them, and from checkpoints written before
     they existed), and up to the time budget: a resumed call gets a budget of its own (``--method auto`` gives
-    its winner the time the search left this way)."""
+    its winner the time the search left this way). A setting a checkpoint predates counts as its default."""
+    defaults = TrainConfig().to_json()  # a checkpoint written before a setting existed ran with its default
+
     def what(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k not in ("prefix_cache", "grad_checkpoint", "max_seconds")}
+        return {k: v for k, v in {**defaults, **config}.items()
+                if k not in ("prefix_cache", "grad_checkpoint", "max_seconds")}
 
     return what(saved) == what(cfg.to_json())
 

@@ -142,6 +142,30 @@ def test_resume_refuses_a_different_config(tiny_model, splits, tmp_path):
     assert info.value.field == "out"
 
 
+def test_resume_accepts_a_new_time_budget_and_settings_a_checkpoint_predates(tiny_model, splits, tmp_path):
+    """A checkpoint written before a setting existed counts as that setting's default; the budget may differ."""
+    from sam_core.training.checkpoint import latest_checkpoint, load_checkpoint
+    from sam_core.training.config import StopTraining
+
+    train_ds, val_ds = splits
+    cfg = TrainConfig(max_steps=4, batch_size=2, checkpoint_every=1, eval_every=2)
+
+    def stop_at_2(event) -> None:
+        if event.state == "training" and event.step == 2 and event.loss is not None:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train(tiny_model, train_ds, val_ds, cfg, tmp_path / "run", callback=stop_at_2)
+    path = latest_checkpoint(tmp_path / "run")
+    saved = load_checkpoint(path)
+    for newer in ("val_max_instances", "crop_all_windows"):
+        del saved["config"][newer]
+    torch.save(saved, path)
+    resumed = train(tiny_model, train_ds, val_ds, TrainConfig(**{**cfg.__dict__, "max_seconds": 600.0}),
+                    tmp_path / "run")
+    assert resumed.steps == 4 and not resumed.out_of_time
+
+
 def test_persam_is_not_trained_by_the_loop(tiny_model, splits, tmp_path):
     with pytest.raises(InvalidInput) as info:
         train(tiny_model, *splits, TrainConfig(method=MethodConfig("persam")), tmp_path)
