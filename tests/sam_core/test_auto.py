@@ -213,3 +213,18 @@ def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path
     assert events[-1].message.endswith("tiled" if chosen else "whole images")
     assert [r.recipe.crop for r in recipe_grid(diagnose(ds, SPECS["tiny"]), crops_first=chosen)][0] == (
         128 if chosen else None)
+
+
+def test_two_searches_with_the_same_seed_give_the_same_table(tiny_model, blobs, tmp_path, monkeypatch):
+    """Deterministic given the seed when no candidate is stopped by the clock (the module docstring's contract)."""
+    import sam_core.training.auto as auto_module
+
+    monkeypatch.setattr(auto_module, "LR_FACTORS", (1.0,))
+    monkeypatch.setattr(auto_module, "LORA_RANKS", (4,))
+    runs = [run_auto(tiny_model, auto_spec(blobs, tmp_path / name, allow_regression=True), 300.0)
+            for name in ("first", "second")]
+    tables = [[(c.recipe, c.steps, c.heldout_dice, c.skipped, c.out_of_time) for c in run.candidates] for run in runs]
+    assert tables[0] == tables[1] and not any(row[4] for row in tables[0])
+    assert runs[0].winner == runs[1].winner
+    adapters = [read_adapter_config(run.finetune.adapter_dir) for run in runs]
+    assert adapters[0].weights_sha256 == adapters[1].weights_sha256
