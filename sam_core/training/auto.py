@@ -127,9 +127,10 @@ class Recipe:
         return MethodConfig(self.method, rank=rank, alpha=float(rank))
 
     def train_config(self, base: TrainConfig, seconds: float) -> TrainConfig:
-        """``base`` with this recipe's method, lr and crop, bounded by ``seconds`` instead of a step count."""
+        """``base`` with this recipe's method, lr and crop (through every grid window that holds an instance, as
+        tiled inference sees it), bounded by ``seconds`` instead of a step count."""
         return dataclasses.replace(base, method=self.method_config(), lr=self.lr, crop=self.crop, max_steps=None,
-                                   max_seconds=seconds)
+                                   max_seconds=seconds, crop_all_windows=self.crop is not None)
 
 
 @dataclass

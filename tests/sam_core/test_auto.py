@@ -228,3 +228,8 @@ def test_two_searches_with_the_same_seed_give_the_same_table(tiny_model, blobs, 
     assert runs[0].winner == runs[1].winner
     adapters = [read_adapter_config(run.finetune.adapter_dir) for run in runs]
     assert adapters[0].weights_sha256 == adapters[1].weights_sha256
+
+
+def test_crop_recipes_train_through_every_grid_window():
+    assert Recipe("decoder", 1e-4, crop=256).train_config(TrainConfig(), 60.0).crop_all_windows
+    assert not Recipe("decoder", 1e-4).train_config(TrainConfig(), 60.0).crop_all_windows
