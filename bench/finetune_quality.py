@@ -59,8 +59,9 @@ def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[Segmenta
 
 def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
                budget: float, out: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache) -> dict[str, Any]:
-    """Train method ``name`` (``<method>`` or ``<method>-crop``) for at most ``budget`` seconds and evaluate it
-    (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot embeddings in ``cache``).
+    """Train method ``name`` (``<method>``, ``<method>-crop`` or ``<method>-crop-all``) for at most ``budget``
+    seconds and evaluate it (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot
+    embeddings in ``cache``).
 
     The decoder method first embeds every training and validation window once
     (:func:`~sam_core.training.loop.cache_encoder_outputs` into the same folder, whose signed embeddings the
