@@ -114,8 +114,10 @@ def save_adapter(out_dir: str | os.PathLike[str], model: LoadedModel, tensors: d
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         weights = tmp / WEIGHTS_NAME
+        # one metadata key: safetensors writes several in a random order, and the file's sha256 is the adapter's
+        # identity (the method is in adapter_config.json)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights),
-                  metadata={"format": "pt", "method": method.method})
+                  metadata={"format": "pt"})
         config = AdapterConfig(
             method=method.method, base_model=model.spec.name, base_model_id=model.model_id,
             base_weights_sha256=model.weights_sha256, base_family=model.spec.family,

@@ -19,8 +19,10 @@ one early stopping and best-state selection use) is the job's usual one. After :
 measured step time says whether the candidate's useful minimum (one epoch, or :data:`MIN_USEFUL_STEPS` steps when an
 epoch is longer) fits in the share; if not the candidate stops and is recorded as skipped with that reason, and the
 later recipes of the same method are skipped before they start when their share is smaller than that measured
-minimum. Caching encoder outputs (embeddings of whole images or crops, the frozen prefix's activations) serves
-every later recipe of the same method and crop, so the first of them may spend up to their shares together on it.
+minimum. A candidate whose share ends before its useful minimum (caching took most of it, so it never reached the
+probe) is skipped too, not scored. Caching encoder outputs (embeddings of whole images or crops, the frozen
+prefix's activations) serves every later recipe of the same method and crop, so the first of them may spend up to
+their shares together on it.
 Each trained candidate is scored on the job's signed held-out split (:mod:`sam_core.training.guard`, the split's
 own evaluation settings, :func:`~sam_core.training.guard.guard_score`), never on the validation split; the best
 score wins (ties: the earlier recipe). The winner then goes through the normal publishing guard against the
@@ -144,6 +146,7 @@ class Candidate:
     skipped: str = ""
     adapter_dir: Path | None = None
     out_of_time: bool = False  # its share ended its training (not patience): more time would train it further
+    needed_steps: int = 0  # its useful minimum (one epoch, at most MIN_USEFUL_STEPS), known once it steps
     extended: str = ""  # what the time the search left did for it (see :func:`extend_winner`)
 
     def to_json(self) -> dict[str, Any]:
@@ -272,6 +275,7 @@ def _watch(search: _Search, candidate: Candidate, started: float, share: float,
                 raise _OutOfShare(f"caching the encoder outputs took over its {cache_share:.0f} s share")
             return
         candidate.steps = event.step
+        candidate.needed_steps = min(event.total_steps // max(1, search.spec.train.epochs), MIN_USEFUL_STEPS)
         if event.step != PROBE_STEPS or event.eta_seconds is None or event.total_steps <= event.step:
             return
         step_time = event.eta_seconds / (event.total_steps - event.step)
@@ -325,6 +329,11 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
         candidate.skipped, candidate.seconds = stop.reason, time.perf_counter() - started
         return
     assert result.model is not None and result.adapter_dir is not None  # one process
+    if result.out_of_time and result.steps < candidate.needed_steps:  # e.g. caching left it too few steps
+        candidate.skipped = (f"its share ended after {result.steps} of the {candidate.needed_steps} steps it needs "
+                             "(one epoch, or the minimum)")
+        candidate.seconds = time.perf_counter() - started
+        return
     kept = search.work / recipe.slug
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)

@@ -3,6 +3,7 @@ skips with their reason, the best held-out score wins and goes through the publi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -233,3 +234,22 @@ def test_two_searches_with_the_same_seed_give_the_same_table(tiny_model, blobs, 
 def test_crop_recipes_train_through_every_grid_window():
     assert Recipe("decoder", 1e-4, crop=256).train_config(TrainConfig(), 60.0).crop_all_windows
     assert not Recipe("decoder", 1e-4).train_config(TrainConfig(), 60.0).crop_all_windows
+
+
+def test_a_candidate_stopped_by_its_share_before_its_minimum_is_skipped_not_scored(tiny_model, blobs, tmp_path,
+                                                                                    monkeypatch):
+    """A share that ends after a step (caching ate the rest) leaves a candidate untrained: it is skipped with the
+    reason instead of competing with a near-zero-shot score."""
+    import sam_core.training.auto as auto_module
+    from sam_core.training.loop import train
+
+    monkeypatch.setattr(auto_module, "LR_FACTORS", (1.0,))
+    monkeypatch.setattr(auto_module, "LORA_RANKS", ())
+    monkeypatch.setattr(auto_module, "train", lambda model, train_ds, val_ds, cfg, out, **kw: train(
+        model, train_ds, val_ds, dataclasses.replace(cfg, max_seconds=1e-9), out, **kw))  # out of time at step 1
+    spec = auto_spec(blobs, tmp_path / "run", allow_regression=True)
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=1))  # an epoch of several steps
+    with pytest.raises(InvalidInput) as info:
+        run_auto(tiny_model, spec, 300.0)
+    assert info.value.field == "time_budget"
+    assert "its share ended after 1 of the" in info.value.detail and "steps it needs" in info.value.detail
