@@ -67,23 +67,23 @@ from typing import Any
 
 from sam_core.adapters.artifact import read_adapter_config, write_adapter_config
 from sam_core.data.dataset import SegmentationDataset, load_dataset
-from sam_core.data.diagnostics import DataReport, recommended_crop
+from sam_core.data.diagnostics import DataReport
 from sam_core.errors import InvalidInput
 from sam_core.evaluation.evaluate import EvalReport, compare, evaluate, format_table, write_report
 from sam_core.files import atomic_write_text
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
+from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE, baseline_on_heldout, crop_plan
 from sam_core.training.config import Phase, ProgressEvent, StopTraining, TrainConfig
 from sam_core.training.finetune import (
     FinetuneResult,
     FinetuneSpec,
     baseline_scorer,
     check_data,
-    heldout_split,
     settle,
     split,
 )
-from sam_core.training.guard import HeldoutSplit, Scorer, guard_score, judge
+from sam_core.training.guard import HeldoutSplit, guard_score, judge
 from sam_core.training.loop import train
 from sam_core.training.methods import MethodConfig, get_method
 
@@ -95,9 +95,6 @@ PROBE_STEPS = 3
 MIN_USEFUL_STEPS = 100
 """A candidate's useful minimum is one epoch or this many steps, whichever is fewer: on data with many instances
 per image an epoch is hundreds of steps, and a part of one still trains."""
-TILED_GAIN = 0.01
-"""How much better (held-out Dice) the baseline must score on native-resolution tiles than on whole images for the
-search to score the held-out split tiled and try crop recipes first."""
 AUTO_METHOD = "auto"  # what CLIs and CreateJob call the search (it is not a method plug-in)
 AUTO_DIR = "auto"
 DEFAULT_TIME_BUDGET = 1200.0  # seconds (``--time-budget 20m``)
@@ -187,17 +184,6 @@ def parse_time_budget(text: str | float) -> float:
     return seconds
 
 
-def crop_plan(report: DataReport) -> tuple[int | None, bool]:
-    """(the crop size of the crop recipes or None without any, whether crops come first)."""
-    recommended = next((r.value for r in report.recommendations if r.flag == "--crop"), None)
-    if recommended is not None:
-        return recommended, True
-    if not report.unresolvable:
-        return None, False
-    sides = sorted(min(u.height, u.width) for u in report.unresolvable)
-    return recommended_crop(sides[len(sides) // 2], report.img_size), False
-
-
 def recipe_grid(report: DataReport, crops_first: bool | None = None) -> list[Candidate]:
     """Every recipe as a table row, in search order; crop recipes pruned (skipped) when nothing needs them, first
     when ``crops_first`` (default: when the diagnostics recommend crops)."""
@@ -208,11 +194,23 @@ def recipe_grid(report: DataReport, crops_first: bool | None = None) -> list[Can
     whole = [Candidate(Recipe("decoder", lr)) for lr in decoder_lrs]
     if crop is None:
         cropped = [Candidate(Recipe("decoder", lr, crop=report.img_size), skipped="every instance is resolvable "
-                             "at the model's input size") for lr in decoder_lrs]
+                             f"and the images are under {CROP_MIN_DOWNSCALE:g}x the model's input size")
+                   for lr in decoder_lrs]
     else:
         cropped = [Candidate(Recipe("decoder", lr, crop=crop)) for lr in decoder_lrs]
     lora = [Candidate(Recipe("lora", lr, rank=rank)) for rank in LORA_RANKS for lr in lora_lrs]
     return (cropped + whole if crops_first else whole + cropped) + lora
+
+
+def prune_untiled_crops(candidates: list[Candidate], report: DataReport, split: HeldoutSplit) -> list[Candidate]:
+    """Skip the crop recipes when they are there only for large images (every instance is resolvable) and the
+    held-out split is scored on whole images (tiles did not help the base model): nothing would serve them tiled."""
+    if report.unresolvable or split.eval["tiled"]:
+        return candidates
+    for candidate in candidates:
+        if candidate.recipe.crop and not candidate.skipped:
+            candidate.skipped = "every instance is resolvable and tiles do not help the base model on held-out images"
+    return candidates
 
 
 def format_candidates(candidates: list[Candidate], winner: int | None = None) -> str:
@@ -417,7 +415,8 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     scorer, baseline_label = baseline_scorer(model, spec.guard.baseline, cache)
     held = baseline_on_heldout(spec, ds, report, scorer, emit)
     spec, baseline = held.spec, held.report
-    candidates = recipe_grid(report, crops_first=bool(held.split.eval["tiled"]))
+    candidates = prune_untiled_crops(recipe_grid(report, crops_first=bool(held.split.eval["tiled"])), report,
+                                     held.split)
     train_ds, val_ds = split(spec, held.rest)
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
@@ -436,43 +435,6 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")
     result.auto = auto.to_json()
     return auto
-
-
-@dataclass
-class HeldoutBaseline:
-    """The held-out split the search scores on, its images, the rest of the data, and the baseline's score."""
-
-    spec: FinetuneSpec  # evaluates tiled when the split is
-    split: HeldoutSplit
-    images: SegmentationDataset
-    rest: SegmentationDataset
-    report: EvalReport
-    seconds: float  # the baseline's scoring: the estimate of one candidate's
-
-
-def baseline_on_heldout(spec: FinetuneSpec, ds: SegmentationDataset, report: DataReport, scorer: Scorer,
-                        emit: Callable[[ProgressEvent], None]) -> HeldoutBaseline:
-    """The held-out split and the baseline's score on it. A new split of data with crop recipes is scored both
-    ways when the diagnostics did not already ask for tiles: if native-resolution tiles beat whole images by
-    :data:`TILED_GAIN` for the baseline, the split (and so every candidate's score) is tiled, and the crop recipes
-    go first. A stored split keeps its own settings."""
-    def scored(job: FinetuneSpec) -> HeldoutBaseline:
-        split, images, rest = heldout_split(job, ds)
-        started = time.perf_counter()
-        baseline = scorer(images, split.eval_config(), "baseline")
-        return HeldoutBaseline(job, split, images, rest, baseline, time.perf_counter() - started)
-
-    whole = scored(spec)
-    stored = spec.guard.baseline is not None and read_adapter_config(spec.guard.baseline).heldout_split is not None
-    if stored or whole.split.eval["tiled"] or crop_plan(report)[0] is None:
-        return whole
-    tiled = scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))
-    whole_dice, tiled_dice = guard_score(whole.report)[0], guard_score(tiled.report)[0]
-    choice = tiled if tiled_dice - whole_dice >= TILED_GAIN else whole
-    emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
-        f"baseline on the held-out split: whole images {whole_dice:.4f}, tiles {tiled_dice:.4f}: "
-        + ("tiled" if choice is tiled else "whole images"))))
-    return choice
 
 
 def publish_winner(search: _Search, candidates: list[Candidate], winner: int, baseline: EvalReport,

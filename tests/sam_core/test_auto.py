@@ -67,6 +67,30 @@ def test_grid_tries_crops_first_when_the_diagnostics_recommend_them(tmp_path):
     assert [r.recipe.crop for r in rows[2:]] == [None] * 6
 
 
+def test_large_images_get_crop_recipes_that_tiles_must_earn(tmp_path):
+    """Every instance resolvable but images over twice the input: crop recipes at the input size, kept only when
+    the held-out split is tiled (tiles helped the base model)."""
+    from sam_core.training.auto import prune_untiled_crops
+    from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE
+
+    spec = SPECS["tiny"]
+    side = int(CROP_MIN_DOWNSCALE * spec.img_size)
+    report = diagnose(load_dataset(write_blob_dataset(tmp_path / "big", n_images=3, height=side, width=side)), spec)
+    assert not report.unresolvable and not report.recommendations
+    rows = recipe_grid(report)
+    assert [r.recipe.crop for r in rows[2:4]] == [spec.img_size] * 2 and not any(r.skipped for r in rows)
+
+    class Split:
+        def __init__(self, tiled: bool) -> None:
+            self.eval = {"tiled": tiled}
+
+    kept = prune_untiled_crops(recipe_grid(report), report, Split(True))  # type: ignore[arg-type]
+    assert not any(r.skipped for r in kept)
+    pruned = prune_untiled_crops(recipe_grid(report), report, Split(False))  # type: ignore[arg-type]
+    assert [bool(r.skipped) for r in pruned] == [False, False, True, True, False, False, False, False]
+    assert "tiles do not help the base model" in pruned[2].skipped
+
+
 def _probe(share: float, epochs: int, eta: float, total: int) -> None:
     search = _Search(None, FinetuneSpec("d", "o", train=TrainConfig(epochs=epochs)), None, None, None, None,  # type: ignore[arg-type]
                      lambda event: None, deadline=0.0, eval_seconds=0.0)
@@ -192,9 +216,9 @@ def test_the_winner_continues_with_the_time_the_search_left(tiny_model, blobs, t
 def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path, monkeypatch, tiled_dice, chosen):
     """With crop recipes but no crop recommendation, the baseline is scored both ways on the same images; tiles
     that beat whole images by TILED_GAIN make the split (and the spec's evaluation) tiled."""
-    import sam_core.training.auto as auto_module
+    import sam_core.training.auto_tiling as tiling
 
-    monkeypatch.setattr(auto_module, "crop_plan", lambda report: (128, False))
+    monkeypatch.setattr(tiling, "crop_plan", lambda report: (128, False))
     calls: list[bool] = []
 
     class Scored:
@@ -207,7 +231,7 @@ def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path
 
     spec, ds = auto_spec(blobs, tmp_path / "run"), load_dataset(blobs)
     events: list[ProgressEvent] = []
-    held = auto_module.baseline_on_heldout(spec, ds, None, scorer, events.append)  # type: ignore[arg-type]
+    held = tiling.baseline_on_heldout(spec, ds, None, scorer, events.append)  # type: ignore[arg-type]
     assert calls == [False, True]
     assert held.split.eval["tiled"] is held.spec.eval.tiled is chosen
     assert held.report.summary["dice_resolvable_mean"] == (tiled_dice if chosen else 0.60)
