@@ -246,6 +246,7 @@ class _Search:
     emit: Callable[[ProgressEvent], None]
     deadline: float
     eval_seconds: float  # one held-out evaluation, measured on the baseline
+    cached_eval_seconds: float  # the same with the base encoder's embeddings cached (frozen-encoder candidates)
     cache: dict[str, Any] = field(default_factory=dict)
     useful_seconds: dict[str, float] = field(default_factory=dict)  # method -> measured useful minimum, seconds
     reports: dict[int, EvalReport] = field(default_factory=dict)
@@ -253,6 +254,10 @@ class _Search:
     @property
     def work(self) -> Path:
         return Path(self.spec.out_dir) / AUTO_DIR
+
+    def eval_estimate(self, recipe: Recipe) -> float:
+        """Seconds of one evaluation of ``recipe``'s candidate: a frozen encoder reuses the cached embeddings."""
+        return self.eval_seconds if get_method(recipe.method).changes_image_encoder else self.cached_eval_seconds
 
 
 def _watch(search: _Search, candidate: Candidate, started: float, share: float,
@@ -303,8 +308,8 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
     """Train ``candidate`` within ``share`` seconds and score it on the held-out split (fills the row);
     ``sharing``: how many candidates, this one included, will use the encoder outputs it caches."""
     recipe, started = candidate.recipe, time.perf_counter()
-    measured = search.useful_seconds.get(recipe.method)
-    training_seconds = share - 2 * search.eval_seconds  # its closing validation and its held-out scoring
+    measured, eval_seconds = search.useful_seconds.get(recipe.method), search.eval_estimate(recipe)
+    training_seconds = share - 2 * eval_seconds  # its closing validation and its held-out scoring
     if share <= 0:
         candidate.skipped = "the time budget is spent"
         return
@@ -314,7 +319,7 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
         return
     if training_seconds <= 0:
         candidate.skipped = (f"its {share:.1f} s share does not cover a validation and a held-out evaluation "
-                             f"(2 x {search.eval_seconds:.1f} s)")
+                             f"(2 x {eval_seconds:.1f} s)")
         return
     _reset_work(search.work)
     cfg = recipe.train_config(search.spec.train, training_seconds)
@@ -366,7 +371,7 @@ def extend_winner(search: _Search, index: int, candidate: Candidate) -> None:
     """Give the winner the time the search left, when its share (not patience) ended it: resume its last
     checkpoint with that budget (validation keeps choosing its best state), score it on the held-out split
     again and keep whichever of the two states scores better there (ties: the shorter run)."""
-    left = search.deadline - time.perf_counter() - 2 * search.eval_seconds
+    left = search.deadline - time.perf_counter() - 2 * search.eval_estimate(candidate.recipe)
     needed = search.useful_seconds.get(candidate.recipe.method, 0.0)
     if not candidate.out_of_time or left <= needed or left <= 0:
         return
@@ -421,7 +426,7 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
     search = _Search(model, spec, train_ds, val_ds, held.split, held.images, emit, deadline=t0 + budget,
-                     eval_seconds=held.seconds, cache=cache)
+                     eval_seconds=held.seconds, cached_eval_seconds=held.cached_seconds, cache=cache)
     winner = search_recipes(search, candidates)
     if winner is None:
         raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",

@@ -93,7 +93,7 @@ def test_large_images_get_crop_recipes_that_tiles_must_earn(tmp_path):
 
 def _probe(share: float, epochs: int, eta: float, total: int) -> None:
     search = _Search(None, FinetuneSpec("d", "o", train=TrainConfig(epochs=epochs)), None, None, None, None,  # type: ignore[arg-type]
-                     lambda event: None, deadline=0.0, eval_seconds=0.0)
+                     lambda event: None, deadline=0.0, eval_seconds=0.0, cached_eval_seconds=0.0)
     watch = _watch(search, Candidate(Recipe("lora", 3e-4, rank=4)), started=__import__("time").perf_counter(),
                    share=share)
     for step in (1, 2, 3):
@@ -115,7 +115,7 @@ def test_a_long_epoch_needs_only_the_minimum_of_steps_to_fit():
 
 def test_caching_may_use_the_shares_of_the_later_recipes_it_serves():
     search = _Search(None, FinetuneSpec("d", "o"), None, None, None, None,  # type: ignore[arg-type]
-                     lambda event: None, deadline=0.0, eval_seconds=0.0)
+                     lambda event: None, deadline=0.0, eval_seconds=0.0, cached_eval_seconds=0.0)
     started = __import__("time").perf_counter() - 10.0  # 10 s into caching
     embedding = ProgressEvent(Phase.EMBEDDING, 1, 5, 0)
     _watch(search, Candidate(Recipe("decoder", 1e-4, crop=256)), started, share=5.0, cache_share=20.0)(embedding)
@@ -232,7 +232,8 @@ def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path
     spec, ds = auto_spec(blobs, tmp_path / "run"), load_dataset(blobs)
     events: list[ProgressEvent] = []
     held = tiling.baseline_on_heldout(spec, ds, None, scorer, events.append)  # type: ignore[arg-type]
-    assert calls == [False, True]
+    assert calls == [False, True, chosen]  # the chosen split once more, embeddings cached: the decoder's estimate
+    assert held.cached_seconds > 0
     assert held.split.eval["tiled"] is held.spec.eval.tiled is chosen
     assert held.report.summary["dice_resolvable_mean"] == (tiled_dice if chosen else 0.60)
     assert events[-1].message.endswith("tiled" if chosen else "whole images")
@@ -277,3 +278,10 @@ def test_a_candidate_stopped_by_its_share_before_its_minimum_is_skipped_not_scor
         run_auto(tiny_model, spec, 300.0)
     assert info.value.field == "time_budget"
     assert "its share ended after 1 of the" in info.value.detail and "steps it needs" in info.value.detail
+
+
+def test_frozen_encoder_candidates_are_budgeted_with_the_cached_scoring():
+    search = _Search(None, FinetuneSpec("d", "o"), None, None, None, None,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0, eval_seconds=80.0, cached_eval_seconds=12.0)
+    assert search.eval_estimate(Recipe("decoder", 1e-4, crop=256)) == 12.0
+    assert search.eval_estimate(Recipe("lora", 3e-4, rank=4)) == 80.0
