@@ -29,3 +29,17 @@ def test_tiny_encoder_export(tiny_model, tmp_path):
 @pytest.mark.integration
 def test_litemedsam_tinyvit_export_has_a_dynamic_batch(litemedsam_model, litemedsam_encoder_onnx):
     _check(litemedsam_model, litemedsam_encoder_onnx, 1e-4)
+
+
+def test_state_dict_hash_takes_zero_dim_tensors_and_keeps_earlier_digests():
+    """LiteMedSAM's encoder holds 0-dim BatchNorm counters; hashing them failed, and with it the encoder's keyed
+    ONNX cache path (SAMFORGE_ENCODER_BACKEND=onnx). Tensors of one or more dims hash as before."""
+    import hashlib
+
+    from sam_core.modeling.registry import state_dict_sha256
+
+    weight = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    before = hashlib.sha256(f"w|{weight.dtype}|{tuple(weight.shape)}|".encode() + weight.numpy().tobytes())
+    assert state_dict_sha256({"w": weight}) == before.hexdigest()
+    counters = {"n": torch.tensor(7)}
+    assert state_dict_sha256(counters) != state_dict_sha256({"n": torch.tensor(8)})
