@@ -112,11 +112,11 @@ def litemedsam_encoder_onnx(litemedsam_model, tmp_path_factory):
     root, and a file lock lets the first one export while the others wait."""
     import fcntl
 
-    from sam_core.export.onnx_encoder import export_encoder_onnx
+    from sam_core.export.onnx_encoder import encoder_export_path, export_encoder_onnx
 
     base = tmp_path_factory.getbasetemp()
     run_root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = run_root / "litemedsam_encoder.onnx"
+    path = encoder_export_path(litemedsam_model, run_root)  # the services' keyed cache name
     with open(run_root / "litemedsam_encoder.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():

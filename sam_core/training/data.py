@@ -198,7 +198,8 @@ class TrainingData:
         targets: list[np.ndarray] = []
         samples: dict[int, Sample] = {}
         for k, item in items:
-            item = item.drawn(np.random.default_rng([*rng_seed, k, 1]))  # its own stream: prompts stay as they were
+            if item.windows:  # its own stream: prompts stay as they were
+                item = item.drawn(np.random.default_rng([*rng_seed, k, 1]))
             sample = samples.setdefault(item.sample_index, self.ds[item.sample_index])
             prompt, mask = self.prompt_and_mask(item, np.random.default_rng([*rng_seed, k]), prompt_cfg, sample)
             if self.cache_embeddings:
