@@ -132,7 +132,7 @@ def run_auto_row(model: LoadedModel, path: Path, train_ds: SegmentationDataset, 
                  budget: float, work: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache) -> dict[str, Any]:
     """``--method auto`` on the training images only (it splits them into its own training, validation and
     held-out parts) within ``budget`` seconds, its winner evaluated on the grid's validation images like the
-    other rows (tiled when the winning recipe trained on crops or the search scored tiled). The guard's verdict is
+    other rows, served the way it won on the held-out split (whole images or tiles). The guard's verdict is
     recorded, not enforced."""
     from sam_core.adapters.artifact import load_adapter
     from sam_core.evaluation.evaluate import evaluate
@@ -150,7 +150,7 @@ def run_auto_row(model: LoadedModel, path: Path, train_ds: SegmentationDataset, 
     t1 = time.perf_counter()
     recipe = auto.candidates[auto.winner].recipe
     split = auto.finetune.adapter.heldout_split or {}
-    mode = "tiled" if recipe.crop or split.get("eval", {}).get("tiled") else "whole"
+    mode = "tiled" if split.get("eval", {}).get("tiled") else "whole"  # the mode the winner won (and was judged) in
     report = evaluate(Predictor(load_adapter(model, auto.finetune.adapter_dir)), val_ds, eval_cfgs[mode], label="auto",
                       embeddings=None if get_method(recipe.method).changes_image_encoder else cache)
     return {"method": f"auto ({recipe.label})", **scores(report), "train_seconds": round(t1 - t0, 1),

@@ -128,7 +128,9 @@ class EvalReport:
 
     scores: one InstanceScore per evaluated instance, in data set order. summary: :func:`metrics.summarize`.
     per_image: image_id -> {"dice": mean, "iou": mean, "n": count}. worst: lowest Dice first.
-    config: the EvalConfig as a dict (for the record).
+    config: the EvalConfig as a dict (for the record). seconds: the whole run; encode_seconds: the part of it
+    spent computing image embeddings (those not found in the ``embeddings`` cache), so a run with every embedding
+    cached costs about ``seconds - encode_seconds``.
     """
 
     scores: list[InstanceScore]
@@ -139,6 +141,7 @@ class EvalReport:
     label: str
     seconds: float
     config: dict[str, object] = field(default_factory=dict)
+    encode_seconds: float = 0.0
 
     def dice_values(self) -> np.ndarray:
         """(N,) float64 per-instance Dice."""
@@ -150,6 +153,7 @@ class EvalReport:
             "label": self.label,
             "model_id": self.model_id,
             "seconds": self.seconds,
+            "encode_seconds": self.encode_seconds,
             "config": self.config,
             "summary": self.summary,
             "per_image": self.per_image,
@@ -309,11 +313,17 @@ def _evaluate_loop(segmenter: _Segmenter, dataset: Sequence[Sample], cfg: EvalCo
 # predictor path
 
 
+@dataclass
+class _Stopwatch:
+    seconds: float = 0.0
+
+
 def _embedding_for(predictor: Predictor, sample: Sample, cfg: EvalConfig,
-                   cache: EmbeddingCache | None) -> Embedding | TiledEmbedding:
+                   cache: EmbeddingCache | None, spent: _Stopwatch) -> Embedding | TiledEmbedding:
     key = eval_cache_key(predictor, sample.image_id, cfg)
     if cache is not None and key in cache:
         return cache[key]
+    started = time.perf_counter()
     image = sample.load_image()
     if cfg.tiled:
         embedding: Embedding | TiledEmbedding = encode_tiled(predictor, image, overlap=cfg.tile_overlap)
@@ -321,6 +331,7 @@ def _embedding_for(predictor: Predictor, sample: Sample, cfg: EvalConfig,
         embedding = predictor.encode_one(image)
     if cache is not None:
         cache[key] = embedding
+    spent.seconds += time.perf_counter() - started
     return embedding
 
 
@@ -345,9 +356,10 @@ def decode_masks(predictor: Predictor, embedding: Embedding | TiledEmbedding, pr
     return np.concatenate(chunks)
 
 
-def _predictor_segmenter(predictor: Predictor, cfg: EvalConfig, cache: EmbeddingCache | None) -> _Segmenter:
+def _predictor_segmenter(predictor: Predictor, cfg: EvalConfig, cache: EmbeddingCache | None,
+                         spent: _Stopwatch) -> _Segmenter:
     def segment(sample: Sample, prompts: list[PromptDict]) -> np.ndarray:
-        embedding = _embedding_for(predictor, sample, cfg, cache)
+        embedding = _embedding_for(predictor, sample, cfg, cache, spent)
         return decode_masks(predictor, embedding, [prompt_from_dict(p) for p in prompts], multimask=cfg.multimask)
 
     return segment
@@ -362,10 +374,11 @@ def evaluate(predictor: Predictor, dataset: Sequence[Sample], cfg: EvalConfig | 
     second run with the same dict encodes nothing. The key holds the model id and the encoder adapter, so
     a decoder-only adapter reuses the base model's embeddings and an encoder adapter gets its own.
     """
-    cfg = cfg or EvalConfig()
-    segmenter = _predictor_segmenter(predictor, cfg, embeddings)
-    return _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=predictor.model_id, progress=progress,
-                          img_size=predictor.spec)
+    cfg, spent = cfg or EvalConfig(), _Stopwatch()
+    segmenter = _predictor_segmenter(predictor, cfg, embeddings, spent)
+    report = _evaluate_loop(segmenter, dataset, cfg, label=label, model_id=predictor.model_id, progress=progress,
+                            img_size=predictor.spec)
+    return dataclasses.replace(report, encode_seconds=spent.seconds)
 
 
 def evaluate_fn(segment: SegmentFn, dataset: Sequence[Sample], cfg: EvalConfig | None = None, *,

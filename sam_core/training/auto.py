@@ -3,18 +3,21 @@
 The grid (:func:`recipe_grid`) is decoder on whole images, decoder on native-resolution crops (the crop size the
 data diagnostics recommend, else the one that makes their median unresolvable instance resolvable), LoRA rank 4
 and rank 8, each at two learning rates (the method's ``recommended_lr`` times :data:`LR_FACTORS`). The
-diagnostics prune and order it: no crop recipes when every instance is resolvable, crop recipes first when the
-diagnostics recommend ``--crop``; then a new held-out split is scored with tiled inference (every candidate and
-the baseline alike), the way a crop-trained model is meant to be used. Otherwise, when there are crop recipes,
-the baseline is scored on a new split both ways and the split is tiled (crop recipes first) if tiles beat whole
-images by :data:`TILED_GAIN` (:func:`baseline_on_heldout`): on dense data (many cells per image) tiles can help
-although nearly every instance is resolvable on whole images. A recipe sets the method, LoRA rank, learning rate
-and crop; everything else comes from the spec's :class:`~sam_core.training.config.TrainConfig`.
+diagnostics prune and order it: no crop recipes when every instance is resolvable and the images are small
+(:func:`~sam_core.training.auto_tiling.crop_plan`). When there are crop recipes, a new held-out split has two
+*modes*: the baseline and every candidate are scored both on whole images and on native-resolution tiles
+(:func:`~sam_core.training.auto_tiling.baseline_on_heldout`), since a crop-trained decoder is meant to be served
+tiled and on dense data a whole-image one can serve better tiled too. A candidate's score is its better mode. Crop
+recipes go first when the diagnostics recommend ``--crop`` or tiles beat whole images by
+:data:`~sam_core.training.auto_tiling.TILED_GAIN` for the baseline. A stored (champion's) split keeps its one mode.
+A recipe sets the method, LoRA rank, learning rate and crop; everything else comes from the spec's
+:class:`~sam_core.training.config.TrainConfig`.
 
 :func:`run_auto` is a plain loop over the grid. Each candidate gets an equal share of what is left of the budget
 (``remaining / candidates left``, so time a candidate does not use goes to the next ones); it is trained by
 :func:`sam_core.training.loop.train` with ``max_seconds`` = that share minus two evaluations (its closing
-validation and its held-out scoring, each estimated by the baseline's held-out scoring). Its validation split (the
+validation and its held-out scoring, each estimated by the baseline's held-out scoring in every mode, without the
+encoding for a candidate that keeps the base encoder). Its validation split (the
 one early stopping and best-state selection use) is the job's usual one. After :data:`PROBE_STEPS` steps the loop's
 measured step time says whether the candidate's useful minimum (one epoch, or :data:`MIN_USEFUL_STEPS` steps when an
 epoch is longer) fits in the share; if not the candidate stops and is recorded as skipped with that reason, and the
@@ -25,9 +28,10 @@ prefix's activations) serves every later recipe of the same method and crop, so 
 their shares together on it.
 Each trained candidate is scored on the job's signed held-out split (:mod:`sam_core.training.guard`, the split's
 own evaluation settings, :func:`~sam_core.training.guard.guard_score`), never on the validation split; the best
-score wins (ties: the earlier recipe). The winner then goes through the normal publishing guard against the
-baseline, scored once on the same split before the search: accepted in ``<out>/adapter/``, rejected in
-``<out>/rejected/``.
+score wins (ties: the earlier recipe, then whole images). The winner then goes through the normal publishing guard
+against the baseline in the winner's mode, scored on the same split before the search: accepted in
+``<out>/adapter/``, rejected in ``<out>/rejected/``; the split stored with it is that mode's, so every later
+version of the name is compared served the same way.
 
 Budget accounting: the budget starts when :func:`run_auto` starts (data check, splits and the baseline's
 held-out score count against it). The loop stops a candidate after the first step that ends past its training
@@ -73,7 +77,13 @@ from sam_core.evaluation.evaluate import EvalReport, compare, evaluate, format_t
 from sam_core.files import atomic_write_text
 from sam_core.inference.predictor import Predictor
 from sam_core.modeling.registry import LoadedModel
-from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE, baseline_on_heldout, crop_plan
+from sam_core.training.auto_tiling import (
+    CROP_MIN_DOWNSCALE,
+    HeldoutBaseline,
+    HeldoutMode,
+    baseline_on_heldout,
+    crop_plan,
+)
 from sam_core.training.config import Phase, ProgressEvent, StopTraining, TrainConfig
 from sam_core.training.finetune import (
     FinetuneResult,
@@ -83,7 +93,7 @@ from sam_core.training.finetune import (
     settle,
     split,
 )
-from sam_core.training.guard import HeldoutSplit, guard_score, judge
+from sam_core.training.guard import guard_score, judge
 from sam_core.training.loop import train
 from sam_core.training.methods import MethodConfig, get_method
 
@@ -145,11 +155,12 @@ class Candidate:
     out_of_time: bool = False  # its share ended its training (not patience): more time would train it further
     needed_steps: int = 0  # its useful minimum (one epoch, at most MIN_USEFUL_STEPS), known once it steps
     extended: str = ""  # what the time the search left did for it (see :func:`extend_winner`)
+    served: str = ""  # the held-out mode of its score: "whole images" or "tiles"
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe.label, "method": self.recipe.method, "rank": self.recipe.rank,
                 "lr": self.recipe.lr, "crop": self.recipe.crop, "steps": self.steps,
-                "seconds": round(self.seconds, 2), "heldout_dice": self.heldout_dice,
+                "seconds": round(self.seconds, 2), "heldout_dice": self.heldout_dice, "heldout_mode": self.served,
                 "result": f"skipped: {self.skipped}" if self.skipped else "trained", "extended": self.extended}
 
 
@@ -202,22 +213,22 @@ def recipe_grid(report: DataReport, crops_first: bool | None = None) -> list[Can
     return (cropped + whole if crops_first else whole + cropped) + lora
 
 
-def prune_untiled_crops(candidates: list[Candidate], report: DataReport, split: HeldoutSplit) -> list[Candidate]:
+def prune_untiled_crops(candidates: list[Candidate], report: DataReport, held: HeldoutBaseline) -> list[Candidate]:
     """Skip the crop recipes when they are there only for large images (every instance is resolvable) and the
-    held-out split is scored on whole images (tiles did not help the base model): nothing would serve them tiled."""
-    if report.unresolvable or split.eval["tiled"]:
+    held-out split is scored on whole images only (a champion's stored split): nothing would serve them tiled."""
+    if report.unresolvable or any(mode.tiled for mode in held.modes):
         return candidates
     for candidate in candidates:
         if candidate.recipe.crop and not candidate.skipped:
-            candidate.skipped = "every instance is resolvable and tiles do not help the base model on held-out images"
+            candidate.skipped = "every instance is resolvable and the stored held-out split is scored on whole images"
     return candidates
 
 
 def format_candidates(candidates: list[Candidate], winner: int | None = None) -> str:
     """The search table: one line per recipe (``*`` marks the winner)."""
-    lines = [f"  {'recipe':<28} {'steps':>6} {'time s':>7}  held-out Dice", "  " + "-" * 58]
+    lines = [f"  {'recipe':<28} {'steps':>6} {'time s':>7}  held-out Dice (served on)", "  " + "-" * 70]
     for i, c in enumerate(candidates):
-        score = f"skipped: {c.skipped}" if c.skipped else f"{c.heldout_dice:.4f}"
+        score = f"skipped: {c.skipped}" if c.skipped else f"{c.heldout_dice:.4f} ({c.served})"
         mark = "*" if i == winner else " "
         lines.append(f"{mark} {c.recipe.label:<28} {c.steps:>6} {c.seconds:>7.1f}  {score}")
         if c.extended:
@@ -241,23 +252,34 @@ class _Search:
     spec: FinetuneSpec
     train_ds: SegmentationDataset
     val_ds: SegmentationDataset
-    heldout: HeldoutSplit
-    heldout_ds: SegmentationDataset
+    held: HeldoutBaseline
     emit: Callable[[ProgressEvent], None]
     deadline: float
-    eval_seconds: float  # one held-out evaluation, measured on the baseline
-    cached_eval_seconds: float  # the same with the base encoder's embeddings cached (frozen-encoder candidates)
     cache: dict[str, Any] = field(default_factory=dict)
     useful_seconds: dict[str, float] = field(default_factory=dict)  # method -> measured useful minimum, seconds
-    reports: dict[int, EvalReport] = field(default_factory=dict)
+    reports: dict[int, tuple[HeldoutMode, EvalReport]] = field(default_factory=dict)  # a candidate's best mode
 
     @property
     def work(self) -> Path:
         return Path(self.spec.out_dir) / AUTO_DIR
 
     def eval_estimate(self, recipe: Recipe) -> float:
-        """Seconds of one evaluation of ``recipe``'s candidate: a frozen encoder reuses the cached embeddings."""
-        return self.eval_seconds if get_method(recipe.method).changes_image_encoder else self.cached_eval_seconds
+        """Seconds of one held-out scoring of ``recipe``'s candidate (every mode): a frozen encoder reuses the
+        cached embeddings."""
+        return self.held.seconds if get_method(recipe.method).changes_image_encoder else self.held.cached_seconds
+
+
+def score_heldout(search: _Search, model: LoadedModel, label: str) -> tuple[float, HeldoutMode, EvalReport]:
+    """(score, mode, report) of ``model``'s best mode on the held-out images (ties: the earlier mode)."""
+    best: tuple[float, HeldoutMode, EvalReport] | None = None
+    for mode in search.held.modes:
+        report = evaluate(Predictor(model), search.held.images, mode.split.eval_config(), label=label,
+                          embeddings=search.cache)
+        score = guard_score(report)[0]
+        if best is None or score > best[0]:
+            best = (score, mode, report)
+    assert best is not None  # a split has at least one mode
+    return best
 
 
 def _watch(search: _Search, candidate: Candidate, started: float, share: float,
@@ -343,11 +365,9 @@ def run_candidate(search: _Search, index: int, candidate: Candidate, share: floa
     os.replace(result.adapter_dir, kept / "adapter")
     os.replace(search.work / "history.json", kept / "history.json")
     os.replace(search.work / "checkpoints", kept / "checkpoints")  # the winner may resume from them
-    report = evaluate(Predictor(result.model), search.heldout_ds, search.heldout.eval_config(), label=recipe.label,
-                      embeddings=search.cache)
-    search.reports[index] = report
+    candidate.heldout_dice, mode, report = score_heldout(search, result.model, recipe.label)
+    search.reports[index], candidate.served = (mode, report), mode.name
     candidate.steps, candidate.adapter_dir = result.steps, kept / "adapter"
-    candidate.heldout_dice = guard_score(report)[0]
     candidate.seconds, candidate.out_of_time = time.perf_counter() - started, result.out_of_time
 
 
@@ -386,16 +406,16 @@ def extend_winner(search: _Search, index: int, candidate: Candidate) -> None:
                    callback=lambda event: None if event.state.final else search.emit(event),
                    adapter_name=search.spec.adapter_name, parent=search.spec.parent)
     assert result.model is not None and result.adapter_dir is not None
-    report = evaluate(Predictor(result.model), search.heldout_ds, search.heldout.eval_config(),
-                      label=candidate.recipe.label, embeddings=search.cache)
-    score = guard_score(report)[0]
-    verdict = f"+{result.steps - steps_before} steps, held-out Dice {candidate.heldout_dice:.4f} -> {score:.4f}"
+    score, mode, report = score_heldout(search, result.model, candidate.recipe.label)
+    verdict = (f"+{result.steps - steps_before} steps, held-out Dice {candidate.heldout_dice:.4f} ({candidate.served}) "
+               f"-> {score:.4f} ({mode.name})")
     candidate.seconds += time.perf_counter() - started
     if score > candidate.heldout_dice:
         shutil.rmtree(candidate.adapter_dir)
         os.replace(result.adapter_dir, candidate.adapter_dir)
         os.replace(search.work / "history.json", kept / "history.json")
-        candidate.heldout_dice, candidate.steps, search.reports[index] = score, result.steps, report
+        candidate.heldout_dice, candidate.steps, candidate.served = score, result.steps, mode.name
+        search.reports[index] = (mode, report)
         candidate.extended = f"{verdict} (kept)"
     else:
         candidate.extended = f"{verdict} (the shorter run kept)"
@@ -413,20 +433,15 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     out = Path(spec.out_dir)
     ds = load_dataset(spec.data, min_area=spec.split.min_area)
     report = check_data(ds, model, out, emit)
-    if crop_plan(report)[1]:
-        spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True))
     emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="baseline on the held-out split"))
     cache: dict[str, Any] = {}
     scorer, baseline_label = baseline_scorer(model, spec.guard.baseline, cache)
     held = baseline_on_heldout(spec, ds, report, scorer, emit)
-    spec, baseline = held.spec, held.report
-    candidates = prune_untiled_crops(recipe_grid(report, crops_first=bool(held.split.eval["tiled"])), report,
-                                     held.split)
+    candidates = prune_untiled_crops(recipe_grid(report, crops_first=held.crops_first), report, held)
     train_ds, val_ds = split(spec, held.rest)
     if len(val_ds) == 0:
         raise InvalidInput("the validation split is empty; lower val_fraction or add data", field="split")
-    search = _Search(model, spec, train_ds, val_ds, held.split, held.images, emit, deadline=t0 + budget,
-                     eval_seconds=held.seconds, cached_eval_seconds=held.cached_seconds, cache=cache)
+    search = _Search(model, spec, train_ds, val_ds, held, emit, deadline=t0 + budget, cache=cache)
     winner = search_recipes(search, candidates)
     if winner is None:
         raise InvalidInput(f"no recipe could train within {budget:g} s:\n{format_candidates(candidates)}",
@@ -435,18 +450,20 @@ def run_auto(model: LoadedModel, spec: FinetuneSpec, budget: float,
     for candidate in candidates:  # only the winner could resume, and it has
         if candidate.adapter_dir is not None:
             shutil.rmtree(candidate.adapter_dir.parent / "checkpoints", ignore_errors=True)
-    result = publish_winner(search, candidates, winner, baseline, baseline_label, t0)
+    result = publish_winner(search, candidates, winner, baseline_label, t0)
     auto = AutoResult(candidates, winner, result, budget)
     atomic_write_text(out / "auto.json", json.dumps(auto.to_json(), indent=1, allow_nan=False) + "\n")
     result.auto = auto.to_json()
     return auto
 
 
-def publish_winner(search: _Search, candidates: list[Candidate], winner: int, baseline: EvalReport,
-                   baseline_label: str, t0: float) -> FinetuneResult:
-    """Copy the winner to ``<out>/adapter`` with the table in its metrics, report it on the validation split,
-    and let the guard accept it there or move it to ``<out>/rejected``."""
-    best, out = candidates[winner], Path(search.spec.out_dir)
+def publish_winner(search: _Search, candidates: list[Candidate], winner: int, baseline_label: str,
+                   t0: float) -> FinetuneResult:
+    """Copy the winner to ``<out>/adapter`` with the table in its metrics, report it on the validation split
+    served the way it won, and let the guard (the baseline in that mode) accept it there or move it to
+    ``<out>/rejected``."""
+    best, out, (mode, heldout_report) = candidates[winner], Path(search.spec.out_dir), search.reports[winner]
+    eval_cfg = dataclasses.replace(search.spec.eval, tiled=mode.tiled)
     assert best.adapter_dir is not None
     adapter_dir = out / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -459,14 +476,13 @@ def publish_winner(search: _Search, candidates: list[Candidate], winner: int, ba
     tuned_model = load_adapter(search.model, adapter_dir)
     search.emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message="zero-shot vs fine-tuned on the validation split"))
     val_cache: dict[str, Any] = {}
-    reports = [evaluate(Predictor(search.model), search.val_ds, search.spec.eval, label="zero-shot",
-                        embeddings=val_cache),
-               evaluate(Predictor(tuned_model), search.val_ds, search.spec.eval,
+    reports = [evaluate(Predictor(search.model), search.val_ds, eval_cfg, label="zero-shot", embeddings=val_cache),
+               evaluate(Predictor(tuned_model), search.val_ds, eval_cfg,
                         label=f"fine-tuned (auto: {best.recipe.label})", embeddings=val_cache)]
     history = json.loads((best.adapter_dir.parent / "history.json").read_text())
     files = write_report(out / "eval", reports, history=history, dataset=search.val_ds)
-    verdict = judge(search.reports[winner], baseline, baseline_label, search.heldout, search.spec.guard)
-    settled = settle(adapter_dir, verdict, search.heldout)
+    verdict = judge(heldout_report, mode.baseline, baseline_label, mode.split, search.spec.guard)
+    settled = settle(adapter_dir, verdict, mode.split)
     return FinetuneResult(adapter_dir=settled, adapter=read_adapter_config(settled), reports=reports,
                           table=format_table(compare(reports)), seconds=time.perf_counter() - t0,
                           report_files=files, guard=verdict)

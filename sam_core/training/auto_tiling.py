@@ -1,12 +1,12 @@
 """Whether ``--method auto`` works on native-resolution tiles: the crop size of its crop recipes
-(:func:`crop_plan`) and the held-out split's evaluation mode, measured on the base model
-(:func:`baseline_on_heldout`): a new split of data with crop recipes is scored both whole and on tiles, and tiles
-that win by :data:`TILED_GAIN` make the split tiled."""
+(:func:`crop_plan`) and the ways the held-out split is scored (:func:`baseline_on_heldout`): a new split of data
+with crop recipes is scored both on whole images and on tiles, for the baseline and for every candidate, since a
+crop-trained decoder is meant to be served tiled and a whole-image one may serve best either way. Tiles that help
+the base model by :data:`TILED_GAIN` put the crop recipes first."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,10 +20,10 @@ from sam_core.training.guard import HeldoutSplit, Scorer, guard_score
 
 CROP_MIN_DOWNSCALE = 2.0
 """With every instance resolvable, crop recipes (at the input size, so a tile is never resized) are still tried when
-the median image's longest side is at least this many times the model's input size, if tiles help the base model."""
+the median image's longest side is at least this many times the model's input size."""
 TILED_GAIN = 0.01
 """How much better (held-out Dice) the baseline must score on native-resolution tiles than on whole images for the
-search to score the held-out split tiled and try crop recipes first."""
+search to try crop recipes first."""
 
 
 def crop_plan(report: DataReport) -> tuple[int | None, bool]:
@@ -38,41 +38,65 @@ def crop_plan(report: DataReport) -> tuple[int | None, bool]:
     return recommended_crop(sides[len(sides) // 2], report.img_size), False
 
 
+@dataclass(frozen=True)
+class HeldoutMode:
+    """The held-out split with one way of serving (whole images or native-resolution tiles; the split's signature
+    covers it) and the baseline's score that way."""
+
+    split: HeldoutSplit
+    baseline: EvalReport
+
+    @property
+    def tiled(self) -> bool:
+        return bool(self.split.eval["tiled"])
+
+    @property
+    def name(self) -> str:
+        return "tiles" if self.tiled else "whole images"
+
+
 @dataclass
 class HeldoutBaseline:
-    """The held-out split the search scores on, its images, the rest of the data, and the baseline's score."""
+    """The held-out images, the rest of the data, the ways the search scores on them (:class:`HeldoutMode`, one or
+    two) and whether crop recipes go first."""
 
-    spec: FinetuneSpec  # evaluates tiled when the split is
-    split: HeldoutSplit
     images: SegmentationDataset
     rest: SegmentationDataset
-    report: EvalReport
-    seconds: float  # the baseline's scoring: the estimate of an encoder-side candidate's
-    cached_seconds: float = 0.0  # the same with its embeddings cached: the estimate for frozen-encoder candidates
+    modes: tuple[HeldoutMode, ...]
+    crops_first: bool
+
+    @property
+    def seconds(self) -> float:
+        """Scoring a candidate in every mode, measured on the baseline: the estimate for an encoder-side one."""
+        return sum(mode.baseline.seconds for mode in self.modes)
+
+    @property
+    def cached_seconds(self) -> float:
+        """The same without encoding: the estimate for a candidate that keeps the base encoder, whose scoring
+        reuses the embeddings the baseline cached."""
+        return sum(mode.baseline.seconds - mode.baseline.encode_seconds for mode in self.modes)
 
 
 def baseline_on_heldout(spec: FinetuneSpec, ds: SegmentationDataset, report: DataReport, scorer: Scorer,
                         emit: Callable[[ProgressEvent], None]) -> HeldoutBaseline:
-    """The held-out split and the baseline's score on it. A new split of data with crop recipes is scored both
-    ways when the diagnostics did not already ask for tiles: if native-resolution tiles beat whole images by
-    :data:`TILED_GAIN` for the baseline, the split (and so every candidate's score) is tiled, and the crop recipes
-    go first. A stored split keeps its own settings. The chosen split is scored once more with the embeddings
-    cached, to time what a candidate that keeps the base encoder (whose scoring reuses them) costs."""
-    def scored(job: FinetuneSpec) -> HeldoutBaseline:
+    """The held-out split and the baseline's score on it. A new split of data with crop recipes (and no tiling
+    asked for) is scored both ways, whole images and native-resolution tiles, and every candidate will be scored
+    both ways too; crop recipes go first when the diagnostics recommend crops or when tiles beat whole images by
+    :data:`TILED_GAIN` for the baseline. A stored split, or a job without crop recipes, has one mode: the split's
+    own settings."""
+    def scored(job: FinetuneSpec) -> tuple[HeldoutMode, SegmentationDataset, SegmentationDataset]:
         split, images, rest = heldout_split(job, ds)
-        started = time.perf_counter()
-        baseline = scorer(images, split.eval_config(), "baseline")
-        return HeldoutBaseline(job, split, images, rest, baseline, time.perf_counter() - started)
+        return HeldoutMode(split, scorer(images, split.eval_config(), "baseline")), images, rest
 
-    choice = whole = scored(spec)
+    whole, images, rest = scored(spec)
+    crop, recommended = crop_plan(report)
     stored = spec.guard.baseline is not None and read_adapter_config(spec.guard.baseline).heldout_split is not None
-    if not (stored or whole.split.eval["tiled"] or crop_plan(report)[0] is None):
-        tiled = scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))
-        whole_dice, tiled_dice = guard_score(whole.report)[0], guard_score(tiled.report)[0]
-        choice = tiled if tiled_dice - whole_dice >= TILED_GAIN else whole
-        emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
-            f"baseline on the held-out split: whole images {whole_dice:.4f}, tiles {tiled_dice:.4f}: "
-            + ("tiled" if choice is tiled else "whole images"))))
-    started = time.perf_counter()
-    scorer(choice.images, choice.split.eval_config(), "baseline")
-    return dataclasses.replace(choice, cached_seconds=time.perf_counter() - started)
+    if stored or whole.tiled or crop is None:
+        return HeldoutBaseline(images, rest, (whole,), crops_first=recommended)
+    tiled = scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))[0]
+    whole_dice, tiled_dice = guard_score(whole.baseline)[0], guard_score(tiled.baseline)[0]
+    crops_first = recommended or tiled_dice - whole_dice >= TILED_GAIN
+    emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
+        f"baseline on the held-out split: whole images {whole_dice:.4f}, tiles {tiled_dice:.4f}; every candidate is "
+        f"scored both ways, {'crop' if crops_first else 'whole-image'} recipes first")))
+    return HeldoutBaseline(images, rest, (whole, tiled), crops_first)

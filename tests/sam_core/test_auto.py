@@ -13,6 +13,7 @@ from sam_core.adapters.artifact import read_adapter_config
 from sam_core.data.dataset import load_dataset
 from sam_core.data.diagnostics import diagnose
 from sam_core.errors import InvalidInput
+from sam_core.evaluation.evaluate import EvalReport
 from sam_core.modeling.registry import SPECS
 from sam_core.training.auto import (
     Candidate,
@@ -67,9 +68,9 @@ def test_grid_tries_crops_first_when_the_diagnostics_recommend_them(tmp_path):
     assert [r.recipe.crop for r in rows[2:]] == [None] * 6
 
 
-def test_large_images_get_crop_recipes_that_tiles_must_earn(tmp_path):
-    """Every instance resolvable but images over twice the input: crop recipes at the input size, kept only when
-    the held-out split is tiled (tiles helped the base model)."""
+def test_large_images_get_crop_recipes_pruned_only_on_a_whole_image_split(tmp_path):
+    """Every instance resolvable but images over twice the input: crop recipes at the input size, pruned only when
+    no mode of the held-out split is tiled (a champion's stored whole-image split)."""
     from sam_core.training.auto import prune_untiled_crops
     from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE
 
@@ -80,20 +81,24 @@ def test_large_images_get_crop_recipes_that_tiles_must_earn(tmp_path):
     rows = recipe_grid(report)
     assert [r.recipe.crop for r in rows[2:4]] == [spec.img_size] * 2 and not any(r.skipped for r in rows)
 
-    class Split:
+    class Mode:
         def __init__(self, tiled: bool) -> None:
-            self.eval = {"tiled": tiled}
+            self.tiled = tiled
 
-    kept = prune_untiled_crops(recipe_grid(report), report, Split(True))  # type: ignore[arg-type]
+    class Held:
+        def __init__(self, *tiled: bool) -> None:
+            self.modes = [Mode(t) for t in tiled]
+
+    kept = prune_untiled_crops(recipe_grid(report), report, Held(False, True))  # type: ignore[arg-type]
     assert not any(r.skipped for r in kept)
-    pruned = prune_untiled_crops(recipe_grid(report), report, Split(False))  # type: ignore[arg-type]
+    pruned = prune_untiled_crops(recipe_grid(report), report, Held(False))  # type: ignore[arg-type]
     assert [bool(r.skipped) for r in pruned] == [False, False, True, True, False, False, False, False]
-    assert "tiles do not help the base model" in pruned[2].skipped
+    assert "stored held-out split is scored on whole images" in pruned[2].skipped
 
 
 def _probe(share: float, epochs: int, eta: float, total: int) -> None:
-    search = _Search(None, FinetuneSpec("d", "o", train=TrainConfig(epochs=epochs)), None, None, None, None,  # type: ignore[arg-type]
-                     lambda event: None, deadline=0.0, eval_seconds=0.0, cached_eval_seconds=0.0)
+    search = _Search(None, FinetuneSpec("d", "o", train=TrainConfig(epochs=epochs)), None, None, None,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0)
     watch = _watch(search, Candidate(Recipe("lora", 3e-4, rank=4)), started=__import__("time").perf_counter(),
                    share=share)
     for step in (1, 2, 3):
@@ -114,8 +119,8 @@ def test_a_long_epoch_needs_only_the_minimum_of_steps_to_fit():
 
 
 def test_caching_may_use_the_shares_of_the_later_recipes_it_serves():
-    search = _Search(None, FinetuneSpec("d", "o"), None, None, None, None,  # type: ignore[arg-type]
-                     lambda event: None, deadline=0.0, eval_seconds=0.0, cached_eval_seconds=0.0)
+    search = _Search(None, FinetuneSpec("d", "o"), None, None, None,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0)
     started = __import__("time").perf_counter() - 10.0  # 10 s into caching
     embedding = ProgressEvent(Phase.EMBEDDING, 1, 5, 0)
     _watch(search, Candidate(Recipe("decoder", 1e-4, crop=256)), started, share=5.0, cache_share=20.0)(embedding)
@@ -212,33 +217,67 @@ def test_the_winner_continues_with_the_time_the_search_left(tiny_model, blobs, t
     assert "continued with the time left" in auto.table()
 
 
-@pytest.mark.parametrize(("tiled_dice", "chosen"), [(0.70, True), (0.605, False)])
-def test_the_heldout_split_is_tiled_when_tiles_help_the_baseline(blobs, tmp_path, monkeypatch, tiled_dice, chosen):
-    """With crop recipes but no crop recommendation, the baseline is scored both ways on the same images; tiles
-    that beat whole images by TILED_GAIN make the split (and the spec's evaluation) tiled."""
+@pytest.mark.parametrize(("tiled_dice", "crops_first"), [(0.70, True), (0.605, False)])
+def test_a_new_split_with_crop_recipes_is_scored_both_ways(blobs, tmp_path, monkeypatch, tiled_dice, crops_first):
+    """With crop recipes but no crop recommendation, the baseline is scored on the same images whole and tiled
+    (two modes, each with its own signed split); tiles that beat whole images by TILED_GAIN put crops first."""
     import sam_core.training.auto_tiling as tiling
 
     monkeypatch.setattr(tiling, "crop_plan", lambda report: (128, False))
     calls: list[bool] = []
 
-    class Scored:
-        def __init__(self, dice: float) -> None:
-            self.summary = {"n_resolvable": 3, "dice_resolvable_mean": dice}
-
     def scorer(images, cfg, label):
         calls.append(cfg.tiled)
-        return Scored(tiled_dice if cfg.tiled else 0.60)
+        return EvalReport([], {"n_resolvable": 3, "dice_resolvable_mean": tiled_dice if cfg.tiled else 0.60}, {}, [],
+                          "m", label, seconds=10.0, encode_seconds=8.0)
 
     spec, ds = auto_spec(blobs, tmp_path / "run"), load_dataset(blobs)
     events: list[ProgressEvent] = []
     held = tiling.baseline_on_heldout(spec, ds, None, scorer, events.append)  # type: ignore[arg-type]
-    assert calls == [False, True, chosen]  # the chosen split once more, embeddings cached: the decoder's estimate
-    assert held.cached_seconds > 0
-    assert held.split.eval["tiled"] is held.spec.eval.tiled is chosen
-    assert held.report.summary["dice_resolvable_mean"] == (tiled_dice if chosen else 0.60)
-    assert events[-1].message.endswith("tiled" if chosen else "whole images")
-    assert [r.recipe.crop for r in recipe_grid(diagnose(ds, SPECS["tiny"]), crops_first=chosen)][0] == (
-        128 if chosen else None)
+    assert calls == [False, True]  # no extra scoring: the estimates come from the two runs' timings
+    assert [m.tiled for m in held.modes] == [False, True] and held.crops_first is crops_first
+    assert [m.split.images for m in held.modes][0] == held.modes[1].split.images
+    assert held.modes[0].split.signature != held.modes[1].split.signature
+    assert (held.seconds, held.cached_seconds) == pytest.approx((20.0, 4.0))
+    assert events[-1].message.endswith(("crop" if crops_first else "whole-image") + " recipes first")
+    assert [r.recipe.crop for r in recipe_grid(diagnose(ds, SPECS["tiny"]), crops_first=crops_first)][0] == (
+        128 if crops_first else None)
+
+
+def test_candidates_are_scored_in_both_modes_and_the_guard_judges_the_winners(tiny_model, tmp_path, monkeypatch):
+    """Large images: each candidate's held-out score is its better mode (whole images or tiles); the published
+    adapter stores the split of the winner's mode, and the guard compared it with the baseline served that way."""
+    import sam_core.training.auto as auto_module
+    from sam_core.adapters.artifact import load_adapter
+    from sam_core.evaluation.evaluate import evaluate
+    from sam_core.inference.predictor import Predictor
+    from sam_core.training.guard import HeldoutSplit, guard_score
+
+    monkeypatch.setattr(auto_module, "LR_FACTORS", (1.0,))
+    monkeypatch.setattr(auto_module, "LORA_RANKS", ())
+    side = 2 * SPECS["tiny"].img_size
+    data = write_blob_dataset(tmp_path / "big", n_images=6, height=side, width=side)
+    auto = run_auto(tiny_model, auto_spec(data, tmp_path / "run", allow_regression=True), 300.0)
+    rows = auto.candidates
+    assert [r.recipe.crop for r in rows] in ([128, None], [None, 128]) and all(r.heldout_dice for r in rows)
+    config = read_adapter_config(auto.finetune.adapter_dir)
+    stored = HeldoutSplit.from_json(config.heldout_split, "test")
+    held, _ = stored.select(load_dataset(data))
+
+    def both_ways(model):
+        return [guard_score(evaluate(Predictor(model), held, dataclasses.replace(stored.eval_config(), tiled=t)))[0]
+                for t in (False, True)]
+
+    for row in rows:
+        scores = both_ways(load_adapter(tiny_model, row.adapter_dir))
+        assert row.heldout_dice == pytest.approx(max(scores))
+        assert row.served == ("tiles" if scores[1] > scores[0] else "whole images")
+    winner = rows[auto.winner]
+    assert stored.eval["tiled"] is (winner.served == "tiles")
+    baseline = both_ways(tiny_model)[int(stored.eval["tiled"])]
+    assert config.metrics["heldout_baseline_dice"] == pytest.approx(baseline)
+    assert config.metrics["auto_candidates"][auto.winner]["heldout_mode"] == winner.served
+    assert f"({winner.served})" in auto.table()
 
 
 def test_two_searches_with_the_same_seed_give_the_same_table(tiny_model, blobs, tmp_path, monkeypatch):
@@ -281,7 +320,14 @@ def test_a_candidate_stopped_by_its_share_before_its_minimum_is_skipped_not_scor
 
 
 def test_frozen_encoder_candidates_are_budgeted_with_the_cached_scoring():
-    search = _Search(None, FinetuneSpec("d", "o"), None, None, None, None,  # type: ignore[arg-type]
-                     lambda event: None, deadline=0.0, eval_seconds=80.0, cached_eval_seconds=12.0)
+    from sam_core.training.auto_tiling import HeldoutBaseline, HeldoutMode
+
+    def mode(seconds: float, encode: float) -> HeldoutMode:
+        return HeldoutMode(None, EvalReport([], {}, {}, [], "m", "baseline", seconds,  # type: ignore[arg-type]
+                                            encode_seconds=encode))
+
+    held = HeldoutBaseline(None, None, (mode(20.0, 15.0), mode(60.0, 53.0)), crops_first=True)  # type: ignore[arg-type]
+    search = _Search(None, FinetuneSpec("d", "o"), None, None, held,  # type: ignore[arg-type]
+                     lambda event: None, deadline=0.0)
     assert search.eval_estimate(Recipe("decoder", 1e-4, crop=256)) == 12.0
     assert search.eval_estimate(Recipe("lora", 3e-4, rank=4)) == 80.0

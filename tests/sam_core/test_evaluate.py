@@ -158,6 +158,7 @@ def test_predictor_eval_is_deterministic_and_reuses_embeddings(dataset, predicto
 
     b = evaluate(predictor, dataset, label="again", embeddings=cache)
     assert len(calls) == len(dataset)  # nothing encoded the second time
+    assert 0 < a.encode_seconds < a.seconds and b.encode_seconds == 0.0  # what a cached run saves
     assert [dataclasses.astuple(s) for s in a.scores] == [dataclasses.astuple(s) for s in b.scores]
     assert [w.prompt for w in a.worst] == [w.prompt for w in b.worst]
     # another kind of model sees the very same prompts (keep_worst=8 >= 6 instances keeps them all)
