@@ -58,16 +58,20 @@ def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[Segmenta
 
 
 def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
-               budget: float, out: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache) -> dict[str, Any]:
+               budget: float, out: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache,
+               select_fraction: float = 0.0) -> dict[str, Any]:
     """Train method ``name`` (``<method>``, ``<method>-crop`` or ``<method>-crop-all``) for at most ``budget``
     seconds and evaluate it (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot
-    embeddings in ``cache``).
+    embeddings in ``cache``). The training loop's validation (best state, patience) runs on ``val_ds``, the
+    images that score the row, unless ``select_fraction`` > 0: then on that seeded fraction of the training
+    images, which are not trained on, so the row's score is unbiased by model selection.
 
     The decoder method first embeds every training and validation window once
     (:func:`~sam_core.training.loop.cache_encoder_outputs` into the same folder, whose signed embeddings the
     budgeted run reuses), outside the budget: on dense data such as isbi's
     cells that is hundreds of crops (``cache_seconds``). Encoder-side methods cache only the frozen prefix, which
     costs little, inside their budget."""
+    from sam_core.data.splits import split_dataset
     from sam_core.evaluation.evaluate import evaluate
     from sam_core.inference.predictor import Predictor
     from sam_core.training.loop import cache_encoder_outputs, train
@@ -76,13 +80,14 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
     method, _, variant = name.partition("-")
     crop = 256 if variant in ("crop", "crop-all") else None
     cfg = dataclasses.replace(train_config(method, crop, budget), crop_all_windows=variant == "crop-all")
+    fit_ds, select_ds = split_dataset(train_ds, val_fraction=select_fraction) if select_fraction else (train_ds, val_ds)
     cache_seconds = 0.0
     if not get_method(method).changes_image_encoder:  # embed every window once, outside the training budget
         t_cache = time.perf_counter()
-        cache_encoder_outputs(model, train_ds, val_ds, cfg, out / name)
+        cache_encoder_outputs(model, fit_ds, select_ds, cfg, out / name)
         cache_seconds = time.perf_counter() - t_cache
     t0 = time.perf_counter()
-    result = train(model, train_ds, val_ds, cfg, out / name, resume=False)
+    result = train(model, fit_ds, select_ds, cfg, out / name, resume=False)
     t1 = time.perf_counter()
     if result.model is None:
         raise RuntimeError(f"{name}: training returned no model (not the rank-0 process)")
@@ -93,7 +98,8 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
             "cache_seconds": round(cache_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
             "budget_seconds": budget, "steps": result.steps,
             "trainable_parameters": result.model.adapter.n_parameters, "eval": "tiled" if crop else "whole",
-            "best_val_proxy": result.best_val_dice}
+            "best_val_proxy": result.best_val_dice,
+            "selected_on": f"{len(select_ds)} training images" if select_fraction else "the validation images"}
 
 
 def scores(report: EvalReport) -> dict[str, Any]:
@@ -241,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=int, default=0,
                         help="training images (the first ones) instead of the data set's default in SPLITS; the "
                              "validation images (the last ones) stay the same")
+    parser.add_argument("--select-fraction", type=float, default=0.0,
+                        help="fixed-method rows choose their best state on this seeded fraction of the training "
+                             "images (not trained on) instead of the validation images that score them")
     return parser
 
 
@@ -280,7 +289,8 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
         elif get_method(method.partition("-")[0]).one_shot:
             rows.append(run_one_shot(method, model, train_ds, val_ds, eval_cfgs["whole"]))
         else:
-            rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache))
+            rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache,
+                                   args.select_fraction))
         print(json.dumps(rows[-1]), flush=True)
     entry = {"train": len(train_ds), "val": len(val_ds), "val_instances": val_ds.n_instances, "rows": rows}
     if args.speed:
