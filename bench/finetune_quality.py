@@ -59,7 +59,7 @@ def _subset(ds: SegmentationDataset, n_train: int, n_val: int) -> tuple[Segmenta
 
 def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val_ds: SegmentationDataset,
                budget: float, out: Path, eval_cfgs: dict[str, EvalConfig], cache: EmbeddingCache,
-               select_fraction: float = 0.0) -> dict[str, Any]:
+               select_fraction: float = 0.0, patience: int = 6) -> dict[str, Any]:
     """Train method ``name`` (``<method>``, ``<method>-crop`` or ``<method>-crop-all``) for at most ``budget``
     seconds and evaluate it (tiled for crop-trained methods; decoder-method evaluations reuse the zero-shot
     embeddings in ``cache``). The training loop's validation (best state, patience) runs on ``val_ds``, the
@@ -79,7 +79,7 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
 
     method, _, variant = name.partition("-")
     crop = 256 if variant in ("crop", "crop-all") else None
-    cfg = dataclasses.replace(train_config(method, crop, budget), crop_all_windows=variant == "crop-all")
+    cfg = dataclasses.replace(train_config(method, crop, budget, patience), crop_all_windows=variant == "crop-all")
     fit_ds, select_ds = split_dataset(train_ds, val_fraction=select_fraction) if select_fraction else (train_ds, val_ds)
     cache_seconds = 0.0
     if not get_method(method).changes_image_encoder:  # embed every window once, outside the training budget
@@ -99,7 +99,8 @@ def run_method(model: LoadedModel, name: str, train_ds: SegmentationDataset, val
             "budget_seconds": budget, "steps": result.steps,
             "trainable_parameters": result.model.adapter.n_parameters, "eval": "tiled" if crop else "whole",
             "best_val_proxy": result.best_val_dice,
-            "selected_on": f"{len(select_ds)} training images" if select_fraction else "the validation images"}
+            "selected_on": f"{len(select_ds)} training images" if select_fraction else "the validation images",
+            "patience": patience}
 
 
 def scores(report: EvalReport) -> dict[str, Any]:
@@ -110,14 +111,15 @@ def scores(report: EvalReport) -> dict[str, Any]:
             "val_iou": summary["iou_mean"]}
 
 
-def train_config(method: str, crop: int | None, budget: float):
-    """The grid's training settings: batch 4, the method's recommended lr, early stopping, ``budget`` seconds."""
+def train_config(method: str, crop: int | None, budget: float, patience: int = 6):
+    """The grid's training settings: batch 4, the method's recommended lr, early stopping after ``patience``
+    validations without gain (0: never), ``budget`` seconds."""
     from sam_core.data.prompt_sim import PromptConfig
     from sam_core.training.config import TrainConfig
     from sam_core.training.methods import MethodConfig, get_method
 
     return TrainConfig(method=MethodConfig(method), epochs=200, batch_size=4, lr=get_method(method).recommended_lr,
-                       warmup_steps=5, crop=crop, checkpoint_every=10_000, max_seconds=budget, patience=6,
+                       warmup_steps=5, crop=crop, checkpoint_every=10_000, max_seconds=budget, patience=patience,
                        prompt=PromptConfig(box_jitter=0.1, box_jitter_max_px=5))
 
 
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=int, default=0,
                         help="training images (the first ones) instead of the data set's default in SPLITS; the "
                              "validation images (the last ones) stay the same")
+    parser.add_argument("--patience", type=int, default=6,
+                        help="fixed-method rows stop after this many validations without gain (0: never)")
     parser.add_argument("--select-fraction", type=float, default=0.0,
                         help="fixed-method rows choose their best state on this seeded fraction of the training "
                              "images (not trained on) instead of the validation images that score them")
@@ -290,7 +294,7 @@ def run_dataset(model: LoadedModel, name: str, path: Path, args: argparse.Namesp
             rows.append(run_one_shot(method, model, train_ds, val_ds, eval_cfgs["whole"]))
         else:
             rows.append(run_method(model, method, train_ds, val_ds, args.budget, work / name, eval_cfgs, cache,
-                                   args.select_fraction))
+                                   args.select_fraction, args.patience))
         print(json.dumps(rows[-1]), flush=True)
     entry = {"train": len(train_ds), "val": len(val_ds), "val_instances": val_ds.n_instances, "rows": rows}
     if args.speed:
