@@ -88,12 +88,12 @@ def baseline_on_heldout(spec: FinetuneSpec, ds: SegmentationDataset, report: Dat
         split, images, rest = heldout_split(job, ds)
         return HeldoutMode(split, scorer(images, split.eval_config(), "baseline")), images, rest
 
-    whole, images, rest = scored(spec)
+    first, images, rest = scored(spec)  # the job's own settings: whole images unless it asked for tiles
     crop, recommended = crop_plan(report)
     stored = spec.guard.baseline is not None and read_adapter_config(spec.guard.baseline).heldout_split is not None
-    if stored or whole.tiled or crop is None:
-        return HeldoutBaseline(images, rest, (whole,), crops_first=recommended)
-    tiled = scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))[0]
+    if stored or first.tiled or crop is None:
+        return HeldoutBaseline(images, rest, (first,), crops_first=recommended)
+    whole, tiled = first, scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))[0]
     whole_dice, tiled_dice = guard_score(whole.baseline)[0], guard_score(tiled.baseline)[0]
     crops_first = recommended or tiled_dice - whole_dice >= TILED_GAIN
     emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(
