@@ -84,16 +84,16 @@ def baseline_on_heldout(spec: FinetuneSpec, ds: SegmentationDataset, report: Dat
     both ways too; crop recipes go first when the diagnostics recommend crops or when tiles beat whole images by
     :data:`TILED_GAIN` for the baseline. A stored split, or a job without crop recipes, has one mode: the split's
     own settings."""
-    def scored(job: FinetuneSpec) -> tuple[HeldoutMode, SegmentationDataset, SegmentationDataset]:
-        split, images, rest = heldout_split(job, ds)
-        return HeldoutMode(split, scorer(images, split.eval_config(), "baseline")), images, rest
+    def scored(split: HeldoutSplit) -> HeldoutMode:
+        return HeldoutMode(split, scorer(images, split.eval_config(), "baseline"))
 
-    first, images, rest = scored(spec)  # the job's own settings: whole images unless it asked for tiles
+    split, images, rest = heldout_split(spec, ds)
+    first = scored(split)  # the job's own settings: whole images unless it asked for tiles
     crop, recommended = crop_plan(report)
     stored = spec.guard.baseline is not None and read_adapter_config(spec.guard.baseline).heldout_split is not None
     if stored or first.tiled or crop is None:
         return HeldoutBaseline(images, rest, (first,), crops_first=recommended)
-    whole, tiled = first, scored(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True)))[0]
+    whole, tiled = first, scored(split.with_eval(dataclasses.replace(spec.eval, tiled=True)))
     whole_dice, tiled_dice = guard_score(whole.baseline)[0], guard_score(tiled.baseline)[0]
     crops_first = recommended or tiled_dice - whole_dice >= TILED_GAIN
     emit(ProgressEvent(Phase.EVALUATING, 0, 0, 0, message=(

@@ -142,6 +142,11 @@ class HeldoutSplit:
             raise InvalidInput(f"{source}: the held-out split's signature does not match its content", field=SPLIT_KEY)
         return split
 
+    def with_eval(self, cfg: EvalConfig) -> HeldoutSplit:
+        """The same images and ``min_area`` scored with ``cfg``'s settings: another split, signed anew."""
+        settings = _eval_settings(cfg)
+        return HeldoutSplit(self.images, self.min_area, settings, _signature(self.images, self.min_area, settings))
+
     def eval_config(self) -> EvalConfig:
         """The evaluation settings the split is scored with (whatever the current job's are)."""
         values = dict(self.eval)

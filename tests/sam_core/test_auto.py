@@ -26,7 +26,7 @@ from sam_core.training.auto import (
     run_auto,
 )
 from sam_core.training.config import Phase, ProgressEvent, TrainConfig
-from sam_core.training.finetune import FinetuneSpec, SplitSpec, run_finetune
+from sam_core.training.finetune import FinetuneSpec, SplitSpec, heldout_split, run_finetune
 from sam_core.training.guard import GuardOptions
 from tests.conftest import write_blob_dataset
 from tests.sam_core.test_diagnostics import write_speck_dataset
@@ -71,27 +71,29 @@ def test_grid_tries_crops_first_when_the_diagnostics_recommend_them(tmp_path):
 def test_large_images_get_crop_recipes_pruned_only_on_a_whole_image_split(tmp_path):
     """Every instance resolvable but images over twice the input: crop recipes at the input size, pruned only when
     no mode of the held-out split is tiled (a champion's stored whole-image split)."""
+    from sam_core.evaluation.evaluate import EvalConfig
     from sam_core.training.auto import prune_untiled_crops
-    from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE
+    from sam_core.training.auto_tiling import CROP_MIN_DOWNSCALE, HeldoutBaseline, HeldoutMode
+    from sam_core.training.guard import HeldoutSplit
 
     spec = SPECS["tiny"]
     side = int(CROP_MIN_DOWNSCALE * spec.img_size)
-    report = diagnose(load_dataset(write_blob_dataset(tmp_path / "big", n_images=3, height=side, width=side)), spec)
+    ds = load_dataset(write_blob_dataset(tmp_path / "big", n_images=3, height=side, width=side))
+    report = diagnose(ds, spec)
     assert not report.unresolvable and not report.recommendations
     rows = recipe_grid(report)
     assert [r.recipe.crop for r in rows[2:4]] == [spec.img_size] * 2 and not any(r.skipped for r in rows)
 
-    class Mode:
-        def __init__(self, tiled: bool) -> None:
-            self.tiled = tiled
+    split = HeldoutSplit.create(ds, fraction=0.34, seed=0, min_area=0, eval_cfg=EvalConfig())
+    unscored = EvalReport([], {}, {}, [], "m", "baseline", 0.0)  # pruning reads only the modes' settings
 
-    class Held:
-        def __init__(self, *tiled: bool) -> None:
-            self.modes = [Mode(t) for t in tiled]
+    def held(*tiled: bool) -> HeldoutBaseline:
+        modes = tuple(HeldoutMode(split.with_eval(EvalConfig(tiled=t)), unscored) for t in tiled)
+        return HeldoutBaseline(ds, ds, modes, crops_first=False)
 
-    kept = prune_untiled_crops(recipe_grid(report), report, Held(False, True))  # type: ignore[arg-type]
+    kept = prune_untiled_crops(recipe_grid(report), report, held(False, True))
     assert not any(r.skipped for r in kept)
-    pruned = prune_untiled_crops(recipe_grid(report), report, Held(False))  # type: ignore[arg-type]
+    pruned = prune_untiled_crops(recipe_grid(report), report, held(False))
     assert [bool(r.skipped) for r in pruned] == [False, False, True, True, False, False, False, False]
     assert "stored held-out split is scored on whole images" in pruned[2].skipped
 
@@ -238,6 +240,8 @@ def test_a_new_split_with_crop_recipes_is_scored_both_ways(blobs, tmp_path, monk
     assert [m.tiled for m in held.modes] == [False, True] and held.crops_first is crops_first
     assert [m.split.images for m in held.modes][0] == held.modes[1].split.images
     assert held.modes[0].split.signature != held.modes[1].split.signature
+    tiled_spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tiled=True))
+    assert held.modes[1].split == heldout_split(tiled_spec, ds)[0]  # as a job asking for tiles would draw it
     assert (held.seconds, held.cached_seconds) == pytest.approx((20.0, 4.0))
     assert events[-1].message.endswith(("crop" if crops_first else "whole-image") + " recipes first")
     assert [r.recipe.crop for r in recipe_grid(diagnose(ds, SPECS["tiny"]), crops_first=crops_first)][0] == (
